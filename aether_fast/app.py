@@ -1,0 +1,146 @@
+"""The composition root: builds every part of one worker from a Config and wires them.
+
+What it owns: start-up order (logs, store, hub, broker, node, HTTP front, metrics port),
+signal handling and graceful shutdown. Rule: this is the only module that constructs the
+parts; everything else receives what it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+
+from aether_fast import logs
+from aether_fast._core import Hub
+from aether_fast.auth import Authenticator
+from aether_fast.brokers.memory import MemoryBroker
+from aether_fast.config import Config
+from aether_fast.http.front import front_factory
+from aether_fast.http.routes import Router
+from aether_fast.http.upgrade import WebSocketUpgrader
+from aether_fast.metrics import Metrics, PrometheusRouter
+from aether_fast.node import Node
+from aether_fast.store import ChannelStore
+
+
+@dataclass(slots=True)
+class Worker:
+    """A started worker: what `serve` needs to stop it again."""
+
+    config: Config
+    hub: Hub
+    node: Node
+    store: ChannelStore
+    servers: list[asyncio.Server]
+
+    @property
+    def port(self) -> int:
+        sock = self.servers[0].sockets[0]
+        return int(sock.getsockname()[1])
+
+
+def _tls(config: Config) -> ssl.SSLContext | None:
+    if not config.tls_cert_file or not config.tls_key_file:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    return ctx
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+async def start(config: Config) -> Worker:
+    """Open the store and both ports; raises StoreError/OSError when that is impossible."""
+    loop = asyncio.get_running_loop()
+    store = ChannelStore(config.data_dir)
+    store.open()
+    hub = Hub(
+        loop,
+        send_buffer_limit=config.send_buffer_limit_bytes,
+        max_message_bytes=config.max_message_bytes,
+        conn_capacity=float(config.rate_limit_messages),
+        conn_window=float(config.rate_limit_window_s),
+        global_rate=float(config.rate_limit_global_messages),
+        refresh_notice=float(config.token_refresh_notice_s),
+    )
+    broker = MemoryBroker(hub, history_ttl_s=config.history_ttl_s, dedup_ttl_s=config.dedup_ttl_s)
+    await broker.start()
+    auth = Authenticator(config)
+    node = Node(config, hub, broker, store, auth)
+    metrics = Metrics(hub, node)
+    router = Router(config, node, auth, metrics)
+    upgrader = WebSocketUpgrader(config, hub, node, auth)
+    tls = _tls(config)
+    servers = [
+        await loop.create_server(
+            front_factory(router, upgrader, config.max_http_body_bytes, config.handshake_timeout_s),
+            sock=_listen(config.ws_host, config.ws_port),
+            ssl=tls,
+            backlog=4096,
+        )
+    ]
+    if config.enable_metrics:
+        prom = PrometheusRouter(hub, node)
+        servers.append(
+            await loop.create_server(
+                front_factory(prom, None, 1024, config.handshake_timeout_s),
+                sock=_listen(config.metrics_host, config.metrics_port),
+            )
+        )
+    node.start()
+    worker = Worker(config, hub, node, store, servers)
+    logs.log(
+        "info",
+        "server_started",
+        "app",
+        host=config.ws_host,
+        port=worker.port,
+        ws_path=config.ws_path,
+        metrics_port=config.metrics_port if config.enable_metrics else None,
+        tls=tls is not None,
+        broker=broker.name,
+    )
+    return worker
+
+
+async def stop(worker: Worker) -> None:
+    """Graceful shutdown: stop accepting, notice + close 1001 to every client, flush, wait
+    for them to go (at most SHUTDOWN_TIMEOUT_S), then close the store."""
+    for server in worker.servers:
+        server.close()
+    n = worker.node.begin_shutdown()
+    worker.hub.flush()
+    deadline = time.monotonic() + worker.config.shutdown_timeout_s
+    while worker.hub.active_connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for s in worker.hub.session_list():
+        s.transport.disconnect(False)
+    await worker.node.stop()
+    worker.store.close()
+    logs.log("info", "server_stopped", "app", closed_connections=n)
+
+
+async def serve(config: Config) -> int:
+    """Run one worker until SIGTERM/SIGINT; returns the exit status."""
+    loop = asyncio.get_running_loop()
+    worker = await start(config)
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    logs.log("info", "shutdown_requested", "app")
+    await stop(worker)
+    return 0

@@ -1,0 +1,232 @@
+"""JWT verification, channel permissions and development tokens (no I/O).
+
+Rule: the algorithm comes from the Config, never from the token's header, and `none` is never
+accepted. Every verification either returns `Claims` or raises `AuthError` with one of the
+protocol's codes and a short reason that never contains the token. A verified token is cached
+so repeated use skips the signature check, but its expiry is checked again on every call.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import jwt
+import jwt.algorithms
+import jwt.exceptions
+
+from aether_fast.config import HMAC_ALGORITHMS, Config
+
+AUTH_INVALID: Final = "AUTH_INVALID"
+TOKEN_EXPIRED: Final = "TOKEN_EXPIRED"
+AUTH_REQUIRED: Final = "AUTH_REQUIRED"
+
+#: Longest token accepted; longer ones are refused before any parsing.
+MAX_TOKEN_CHARS: Final = 8192
+#: Verified tokens remembered; the oldest is dropped first.
+CACHE_SIZE: Final = 10000
+
+
+class AuthError(Exception):
+    """A token was refused. `code` is AUTH_INVALID, TOKEN_EXPIRED or AUTH_REQUIRED."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """What the server uses from a verified token."""
+
+    user_id: str
+    expires_at: float
+    admin: bool
+    channels: tuple[str, ...] | None
+
+
+# PyJWT exception -> our reason. Fixed texts: PyJWT messages are not promised to be token-free.
+_REASONS: Final[tuple[tuple[type[Exception], str], ...]] = (
+    (jwt.exceptions.InvalidSignatureError, "signature verification failed"),
+    (jwt.exceptions.InvalidAlgorithmError, "algorithm not allowed"),
+    (jwt.exceptions.InvalidAudienceError, "invalid audience"),
+    (jwt.exceptions.InvalidIssuerError, "invalid issuer"),
+    (jwt.exceptions.InvalidSubjectError, "claim sub must be a string"),
+    (jwt.exceptions.InvalidJTIError, "claim jti must be a string"),
+    (jwt.exceptions.InvalidKeyError, "key refused"),
+    (jwt.exceptions.DecodeError, "malformed token"),
+)
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, jwt.exceptions.MissingRequiredClaimError):
+        return f"missing claim: {error.claim}"
+    for kind, reason in _REASONS:
+        if isinstance(error, kind):
+            return reason
+    return "invalid token"
+
+
+def _number(payload: dict[str, Any], claim: str) -> float | None:
+    value = payload.get(claim)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AuthError(AUTH_INVALID, f"claim {claim} must be a number")
+    return float(value)
+
+
+class Authenticator:
+    """Verifies tokens against one Config's key, algorithm, audience, issuer and leeway."""
+
+    def __init__(self, config: Config) -> None:
+        self._algorithm = config.jwt_algorithm
+        raw_key = (
+            config.jwt_secret
+            if config.jwt_algorithm in HMAC_ALGORITHMS
+            else (config.jwt_public_key or "")
+        )
+        # Parse the key once; PyJWT would otherwise load the PEM on every verification.
+        algorithm = jwt.algorithms.get_default_algorithms()[config.jwt_algorithm]
+        if not raw_key:
+            raise ValueError(f"no verification key configured for {config.jwt_algorithm}")
+        try:
+            self._key: Any = algorithm.prepare_key(raw_key)
+        except (jwt.exceptions.PyJWTError, TypeError) as e:
+            raise ValueError(f"unusable verification key for {config.jwt_algorithm}: {e}") from None
+        self._audience = config.jwt_audience
+        self._issuer = config.jwt_issuer
+        self._leeway = config.jwt_leeway_s
+        self._cache: dict[str, Claims] = {}
+
+    def verify(self, token: str, now: float | None = None) -> Claims:
+        """Return the token's Claims, or raise AuthError.
+
+        `now` defaults to time.time(). A cached token is still refused once expired.
+        """
+        if now is None:
+            now = time.time()
+        if not token:
+            raise AuthError(AUTH_REQUIRED, "no token")
+        cached = self._cache.get(token)
+        if cached is not None:
+            if cached.expires_at <= now - self._leeway:
+                del self._cache[token]
+                raise AuthError(TOKEN_EXPIRED, "token expired")
+            return cached
+        if len(token) > MAX_TOKEN_CHARS:
+            raise AuthError(AUTH_INVALID, "token too long")
+        claims = self._decode(token, now)
+        if len(self._cache) >= CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]
+        self._cache[token] = claims
+        return claims
+
+    def _decode(self, token: str, now: float) -> Claims:
+        try:
+            payload: dict[str, Any] = jwt.decode(
+                token,
+                self._key,
+                algorithms=[self._algorithm],
+                audience=self._audience,
+                issuer=self._issuer,
+                options={
+                    "require": ["exp", "sub"],
+                    # Time claims are checked below against `now`, so tests and the cache
+                    # path share one clock.
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "enforce_minimum_key_length": True,
+                },
+            )
+        except jwt.exceptions.PyJWTError as e:
+            raise AuthError(AUTH_INVALID, _reason(e)) from None
+        except (ValueError, TypeError):
+            raise AuthError(AUTH_INVALID, "malformed token") from None
+
+        exp = _number(payload, "exp")
+        if exp is None:  # "require" already refused this; kept for the type checker
+            raise AuthError(AUTH_INVALID, "missing claim: exp")
+        nbf = _number(payload, "nbf")
+        iat = _number(payload, "iat")
+        if exp <= now - self._leeway:
+            raise AuthError(TOKEN_EXPIRED, "token expired")
+        if nbf is not None and nbf > now + self._leeway:
+            raise AuthError(AUTH_INVALID, "token not yet valid (nbf)")
+        if iat is not None and iat > now + self._leeway:
+            raise AuthError(AUTH_INVALID, "token issued in the future (iat)")
+
+        sub = payload.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise AuthError(AUTH_INVALID, "claim sub must be a non-empty string")
+
+        channels: tuple[str, ...] | None = None
+        raw_channels = payload.get("channels")
+        if raw_channels is not None:
+            if not isinstance(raw_channels, list) or not all(
+                isinstance(p, str) and p for p in raw_channels
+            ):
+                raise AuthError(AUTH_INVALID, "claim channels must be a list of strings")
+            channels = tuple(raw_channels)
+
+        admin = payload.get("admin") is True or payload.get("role") == "admin"
+        return Claims(user_id=sub, expires_at=exp, admin=admin, channels=channels)
+
+
+def channel_allowed(claims: Claims | None, channel: str) -> bool:
+    """May these claims join/publish to `channel`? Anonymous (None) is decided elsewhere."""
+    if claims is None or claims.channels is None:
+        return True
+    return any(fnmatch.fnmatchcase(channel, pattern) for pattern in claims.channels)
+
+
+def mint_token(
+    config: Config,
+    sub: str,
+    *,
+    admin: bool = False,
+    channels: Sequence[str] | None = None,
+    ttl_s: float | None = None,
+    now: float | None = None,
+) -> str:
+    """Sign a token with the configured key (for `aether-fast token`, tests and benchmarks).
+
+    Raises ValueError when the configuration cannot sign (no private key for RS*/ES*/EdDSA)
+    or the arguments are unusable.
+    """
+    if not sub:
+        raise ValueError("sub must be a non-empty string")
+    if config.jwt_algorithm in HMAC_ALGORITHMS:
+        if not config.jwt_secret:
+            raise ValueError(f"JWT_SECRET is required to sign {config.jwt_algorithm} tokens")
+        key: str = config.jwt_secret
+    else:
+        if not config.jwt_private_key:
+            raise ValueError(
+                "JWT_PRIVATE_KEY or JWT_PRIVATE_KEY_FILE is required to sign "
+                f"{config.jwt_algorithm} tokens"
+            )
+        key = config.jwt_private_key
+    ttl = config.jwt_expires_s if ttl_s is None else ttl_s
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise ValueError("ttl must be a positive number of seconds")
+    issued = time.time() if now is None else now
+    # Round exp up so the token lives at least ttl seconds.
+    payload: dict[str, Any] = {"sub": sub, "iat": int(issued), "exp": math.ceil(issued + ttl)}
+    if admin:
+        payload["admin"] = True
+    if channels is not None:
+        if isinstance(channels, str):
+            raise ValueError("channels must be a sequence of patterns, not one string")
+        payload["channels"] = list(channels)
+    if config.jwt_audience is not None:
+        payload["aud"] = config.jwt_audience
+    if config.jwt_issuer is not None:
+        payload["iss"] = config.jwt_issuer
+    return jwt.encode(payload, key, algorithm=config.jwt_algorithm)

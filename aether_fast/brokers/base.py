@@ -1,0 +1,64 @@
+"""The broker contract: what every broker guarantees to the Hub and the Node.
+
+A broker owns, per channel: the offset counter, the epoch, the history and the dedupe window.
+
+Guarantees (every implementation keeps all of them):
+- Ordering: publications of one channel are delivered to local members in offset order, and
+  offsets are 1, 2, 3, ... without gaps for as long as the epoch stays the same.
+- Exactly once per member: a publication is handed to `Hub.deliver` once per worker that has
+  members of the channel; a (user, client_id, channel, sequence) already accepted within the
+  dedupe window is not published again, and its original offset is returned.
+- Atomicity: offset assignment, the history append and the dedupe record happen together;
+  a publish that cannot be made durable raises instead of returning an offset.
+- The epoch changes exactly when a channel's history is lost (a restart of the memory
+  broker, a flushed Redis). Recovery compares it with the client's.
+
+`publish` returns a `PublishResult` tuple for a synchronous broker, or an awaitable of one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+#: (offset, timestamp, duplicate): what the sender's ack carries.
+PublishResult = tuple[int, str, bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What a join with `since`/`epoch` gets back."""
+
+    frames: list[bytes]  # encoded publication frames after `since`, in offset order
+    offset: int  # the channel's current offset
+    epoch: str  # the channel's current epoch
+    recovered: bool  # True when every missed publication is in `frames`
+
+
+class Broker(Protocol):
+    """One interface for the memory and the Redis broker (see the module docstring)."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def publish(
+        self, channel: Any, sender: Any, sequence: int, content: str
+    ) -> PublishResult | Awaitable[PublishResult]: ...
+
+    def position(self, channel: str) -> tuple[int, str]:
+        """The channel's current (offset, epoch)."""
+        ...
+
+    def recover(self, channel: str, since: int | None, epoch: str | None) -> Recovery: ...
+
+    def forget(self, channel: str) -> None:
+        """Drop a deleted channel's history (its offsets restart under a new epoch)."""
+        ...
+
+    def health(self) -> tuple[str, str]:
+        """("healthy" | "degraded" | "down", reason)."""
+        ...

@@ -1,0 +1,205 @@
+"""The REST routes of SPEC §2: status, health, channels, broadcast and the JSON metrics.
+
+What it owns: the route table, admin authentication of the admin routes, request body
+validation and the JSON error answers. Rule: a route reads or changes state only through
+the Node (or, for the figures, the Metrics view); no route touches a session.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from aether_fast.auth import AuthError, Authenticator
+from aether_fast.config import Config
+from aether_fast.http.front import Request, Response
+from aether_fast.metrics import Metrics
+from aether_fast.node import Node
+from aether_fast.protocol import ErrorCode, SEVERITIES, valid_channel
+from aether_fast.store import FieldError, parse_channel_config, valid_channel_name
+
+Handler = Callable[[Request, str], Response]
+
+
+class Router:
+    def __init__(self, config: Config, node: Node, auth: Authenticator, metrics: Metrics) -> None:
+        self._config = config
+        self._node = node
+        self._auth = auth
+        self._metrics = metrics
+        #: path (or prefix ending in "/") -> {method: handler}
+        self._exact: dict[str, dict[str, Handler]] = {
+            "/health": {"GET": self.health},
+            "/ws/status": {"GET": self.status},
+            "/ws/channels": {"GET": self.list_channels, "POST": self.put_channel},
+            "/ws/broadcast": {"POST": self.broadcast},
+            "/metrics/connections": {"GET": self.metric("connections")},
+            "/metrics/messages": {"GET": self.metric("messages")},
+            "/metrics/channels": {"GET": self.metric("channels")},
+            "/metrics/errors": {"GET": self.metric("errors")},
+        }
+        self._prefixed: dict[str, dict[str, Handler]] = {
+            "/ws/channels/": {"GET": self.get_channel, "DELETE": self.delete_channel},
+        }
+
+    def handle(self, request: Request) -> Response:
+        methods = self._exact.get(request.path)
+        arg = ""
+        if methods is None:
+            for prefix, table in self._prefixed.items():
+                if request.path.startswith(prefix) and len(request.path) > len(prefix):
+                    methods, arg = table, request.path[len(prefix) :]
+                    break
+        if methods is None:
+            if request.path == self._config.ws_path:
+                return Response.error(
+                    426,
+                    ErrorCode.INVALID_MESSAGE,
+                    "WebSocket upgrade required",
+                    "send a WebSocket upgrade request",
+                    (("Upgrade", "websocket"),),
+                )
+            return Response.error(404, ErrorCode.INVALID_MESSAGE, "not found", "no such route", path=request.path)
+        method = "GET" if request.method == "HEAD" else request.method
+        handler = methods.get(method)
+        if handler is None:
+            allow = ", ".join(sorted(methods))
+            return Response.error(
+                405,
+                ErrorCode.INVALID_MESSAGE,
+                "method not allowed",
+                f"{request.method} is not allowed here; allowed: {allow}",
+                (("Allow", allow),),
+            )
+        return handler(request, arg)
+
+    # -- auth ------------------------------------------------------------------------------
+
+    def _admin(self, request: Request) -> Response | None:
+        """None when the request carries admin credentials, else the error to answer."""
+        header = request.header("authorization") or ""
+        if header[:7].lower() != "bearer " or not header[7:].strip():
+            return Response.error(
+                401,
+                ErrorCode.AUTH_REQUIRED,
+                "admin credentials required",
+                "send Authorization: Bearer <admin token>",
+                (("WWW-Authenticate", "Bearer"),),
+            )
+        token = header[7:].strip()
+        admin_token = self._config.admin_token
+        if admin_token and hmac.compare_digest(token.encode(), admin_token.encode()):
+            return None
+        try:
+            claims = self._auth.verify(token)
+        except AuthError as err:
+            return Response.error(401, err.code, "invalid credentials", err.reason, (("WWW-Authenticate", "Bearer"),))
+        if not claims.admin:
+            return Response.error(403, ErrorCode.FORBIDDEN, "admin rights required", "token is not an admin token")
+        return None
+
+    @staticmethod
+    def _json_body(request: Request) -> Any:
+        try:
+            return orjson.loads(request.body)
+        except orjson.JSONDecodeError as exc:
+            raise _BadBody(
+                Response.error(400, ErrorCode.INVALID_JSON, "body is not valid JSON", str(exc).split(":")[0])
+            ) from None
+
+    # -- routes ----------------------------------------------------------------------------
+
+    def health(self, request: Request, _: str) -> Response:
+        state, reason = self._node.health()
+        body: dict[str, Any] = {"status": state}
+        if reason:
+            body["reason"] = reason
+        return Response.json(200 if state == "healthy" else 503, body)
+
+    def status(self, request: Request, _: str) -> Response:
+        return Response.json(200, self._node.status())
+
+    def list_channels(self, request: Request, _: str) -> Response:
+        denied = self._admin(request)
+        if denied is not None:
+            return denied
+        return Response.json(200, {"channels": self._node.channel_views()})
+
+    def get_channel(self, request: Request, name: str) -> Response:
+        denied = self._admin(request)
+        if denied is not None:
+            return denied
+        view = self._node.channel_view(name) if valid_channel_name(name) else None
+        if view is None:
+            return Response.error(404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name)
+        return Response.json(200, view)
+
+    def put_channel(self, request: Request, _: str) -> Response:
+        denied = self._admin(request)
+        if denied is not None:
+            return denied
+        try:
+            body = self._json_body(request)
+        except _BadBody as bad:
+            return bad.response
+        existing = None
+        if isinstance(body, dict) and isinstance(body.get("name"), str):
+            existing = self._node.store.get(body["name"])
+        try:
+            cfg = parse_channel_config(body, self._config, existing)
+        except FieldError as err:
+            return Response.error(400, ErrorCode.INVALID_MESSAGE, "invalid channel config", err.reason, field=err.field)
+        created = self._node.configure_channel(cfg)
+        return Response.json(201 if created else 200, cfg.to_json())
+
+    def delete_channel(self, request: Request, name: str) -> Response:
+        denied = self._admin(request)
+        if denied is not None:
+            return denied
+        if not valid_channel_name(name) or not self._node.delete_channel(name):
+            return Response.error(404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name)
+        return Response.json(200, {"deleted": name})
+
+    def broadcast(self, request: Request, _: str) -> Response:
+        denied = self._admin(request)
+        if denied is not None:
+            return denied
+        try:
+            body = self._json_body(request)
+        except _BadBody as bad:
+            return bad.response
+        if not isinstance(body, dict):
+            return _field_error("body", "body must be a JSON object")
+        message = body.get("message")
+        if not isinstance(message, str) or not message:
+            return _field_error("message", "message must be a non-empty string")
+        severity = body.get("severity", "info")
+        if severity not in SEVERITIES:
+            return _field_error("severity", "severity must be info, warning or error")
+        channel = body.get("channel")
+        if channel is not None and not valid_channel(channel):
+            return _field_error("channel", "channel must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        unknown = set(body) - {"message", "severity", "channel"}
+        if unknown:
+            return _field_error(sorted(unknown)[0], "unknown field")
+        sent = self._node.broadcast(message, severity, channel)
+        return Response.json(200, {"sent": sent, "channel": channel})
+
+    def metric(self, name: str) -> Handler:
+        def handler(request: Request, _: str) -> Response:
+            return Response.json(200, self._metrics.view(name))
+
+        return handler
+
+
+def _field_error(field: str, reason: str) -> Response:
+    return Response.error(400, ErrorCode.INVALID_MESSAGE, "invalid request body", reason, field=field)
+
+
+class _BadBody(Exception):
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response

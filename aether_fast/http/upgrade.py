@@ -1,0 +1,183 @@
+"""The WebSocket upgrade on WS_PATH: admission, authentication, and the hand-off to picows.
+
+What it owns: the checks made before a WebSocket exists (MAX_CONNECTIONS -> 503, Origin ->
+403, malformed query -> 400), reading the token from the query or the Authorization header,
+and building the `Session` with the outcome. A bad token still gets its upgrade: the
+session then sends AUTH_* and closes 4001, as SPEC §3 says.
+Rule: after `upgrade` returns None, picows owns the socket: it is fed the rebuilt request
+head and whatever bytes followed it, and performs the handshake itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import parse_qs
+
+from picows import WSAutoPingStrategy
+from picows.picows import WSProtocol
+
+from aether_fast import logs
+from aether_fast._core import Hub, Session
+from aether_fast.auth import AuthError, Authenticator
+from aether_fast.config import Config
+from aether_fast.http.front import Request, Response
+from aether_fast.protocol import CHANNEL_NAME_RE, ErrorCode
+
+#: Initial per-connection read buffer; picows grows it on demand for larger frames.
+READ_BUFFER_INIT = 2048
+
+
+class _PicowsLog:
+    """A logger-like object for picows: its per-connection info lines are dropped (they would
+    cost a Logger per connection), its warnings and errors go to our JSON log."""
+
+    name = "picows"
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 (logging's name)
+        return level >= 30
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        if level >= 30:
+            logs.log("warn", "picows", "websocket", message=msg % args if args else msg)
+
+    def debug(self, msg: str, *args: object) -> None:
+        return None
+
+    def info(self, msg: str, *args: object) -> None:
+        return None
+
+    def warning(self, msg: str, *args: object) -> None:
+        self.log(30, msg, *args)
+
+    def error(self, msg: str, *args: object) -> None:
+        logs.log("error", "picows", "websocket", message=msg % args if args else msg)
+
+    def exception(self, msg: str, *args: object) -> None:
+        self.error(msg, *args)
+
+
+class WebSocketUpgrader:
+    def __init__(self, config: Config, hub: Hub, node: Any, auth: Authenticator) -> None:
+        self._config = config
+        self._hub = hub
+        self._node = node
+        self._auth = auth
+        self._log = _PicowsLog()
+        self._max_frame = max(config.max_message_bytes * 4, 1 << 20)
+
+    def wants(self, request: Request) -> bool:
+        return request.path == self._config.ws_path
+
+    def upgrade(self, request: Request, transport: asyncio.Transport, rest: bytes) -> Response | None:
+        refused = self._admit(request)
+        if refused is not None:
+            return refused
+        query = parse_qs(request.query, keep_blank_values=True)
+
+        def one(name: str) -> str | None:
+            values = query.get(name)
+            return values[-1] if values else None
+
+        client_id = one("client_id")
+        if client_id is not None and not CHANNEL_NAME_RE.fullmatch(client_id):
+            return _bad("client_id", "client_id must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        channel = one("channel")
+        if channel is not None and not CHANNEL_NAME_RE.fullmatch(channel):
+            return _bad("channel", "channel must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        since_text = one("since")
+        since: int | None = None
+        if since_text is not None:
+            if not since_text.isdigit():
+                return _bad("since", "since must be a non-negative integer")
+            since = int(since_text)
+        epoch = one("epoch")
+
+        token = one("token")
+        if not token:
+            auth_header = request.header("authorization") or ""
+            if auth_header[:7].lower() == "bearer ":
+                token = auth_header[7:].strip()
+        claims = None
+        auth_error: tuple[str, str] | None = None
+        if token:
+            try:
+                claims = self._auth.verify(token)
+            except AuthError as err:
+                auth_error = (err.code, err.reason)
+
+        session = Session(self._hub, client_id or self._node.new_client_id(), claims, request.peer)
+        session.auth_error = auth_error
+        session.echo = one("echo") in ("1", "true")
+        if channel is not None:
+            session.initial = {"channel": channel, "since": since, "epoch": epoch}
+
+        protocol = WSProtocol(
+            None,
+            None,
+            False,
+            lambda _request: session,
+            self._log,
+            True,
+            self._config.handshake_timeout_s,
+            False,
+            20,
+            20,
+            WSAutoPingStrategy.PING_WHEN_IDLE,
+            True,
+            self._max_frame,
+            None,
+            READ_BUFFER_INIT,
+        )
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        _feed(protocol, _rebuild_head(request) + rest)
+        return None
+
+    def _admit(self, request: Request) -> Response | None:
+        if self._node.shutting_down:
+            return Response.error(503, ErrorCode.SERVER_BUSY, "server shutting down", "shutdown")
+        if self._hub.active_connections >= self._config.max_connections:
+            logs.log("warn", "connection_refused", "security", peer=request.peer, reason="max_connections")
+            return Response.error(
+                503,
+                ErrorCode.SERVER_BUSY,
+                "server is at MAX_CONNECTIONS",
+                "max_connections",
+                (("Retry-After", "1"),),
+                limit=self._config.max_connections,
+            )
+        origins = self._config.allowed_origins
+        origin = request.header("origin")
+        if origins and origin is not None and origin not in origins:
+            logs.log("warn", "origin_refused", "security", peer=request.peer, origin=origin)
+            return Response.error(403, ErrorCode.FORBIDDEN, "origin not allowed", "origin", origin=origin)
+        return None
+
+
+def _bad(field: str, reason: str) -> Response:
+    return Response.error(400, ErrorCode.INVALID_MESSAGE, "bad WebSocket request", reason, field=field)
+
+
+def _rebuild_head(request: Request) -> bytes:
+    """The request head for picows, from the parsed pieces. `Connection` is normalised to
+    `Upgrade` (Firefox sends `keep-alive, Upgrade`, which picows would refuse)."""
+    target = request.path + ("?" + request.query if request.query else "")
+    lines = [f"GET {target} HTTP/1.1".encode("latin-1")]
+    for name, value in request.raw_headers:
+        if name.lower() == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            if b"upgrade" in tokens:
+                value = b"Upgrade"
+        lines.append(name + b": " + value)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def _feed(protocol: WSProtocol, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        buf = protocol.get_buffer(len(view))
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]

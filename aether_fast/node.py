@@ -1,0 +1,468 @@
+"""The Node: one worker's control plane, between the compiled Hub and the Python parts.
+
+What it owns: everything a session does that is not `message/send` (open, join with ACLs
+and recovery, leave, refresh, status, admin broadcast, close), the per-user connection
+counts, presence notices, the once-a-second timer, and the operations the REST routes call.
+Rule: the Node never touches a socket; it talks to clients only through `Session.send_*`,
+`Session.close` and `Hub.deliver`, so every frame keeps its place in the member's outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aether_fast import logs
+from aether_fast._core import Channel, Hub, Session, encode_json_frame
+from aether_fast.auth import AuthError, Authenticator, Claims, channel_allowed
+from aether_fast.brokers.base import Broker
+from aether_fast.config import Config
+from aether_fast.protocol import (
+    CLIENT_MESSAGES,
+    CloseCode,
+    ErrorCode,
+    Invalid,
+    optional_offset,
+    optional_str,
+    require_channel,
+    require_severity,
+    require_str,
+)
+from aether_fast.store import ChannelConfig, ChannelStore, default_channel_config
+
+_CONTROL = CLIENT_MESSAGES - {("message", "send"), ("message", "retry")}
+
+
+@dataclass(slots=True)
+class Rates:
+    """Messages per second, measured by the Node's timer from the Hub's counters."""
+
+    published_prev: int = 0
+    stamp: float = field(default_factory=time.monotonic)
+    per_second: float = 0.0
+
+
+class Node:
+    def __init__(
+        self,
+        config: Config,
+        hub: Hub,
+        broker: Broker,
+        store: ChannelStore,
+        auth: Authenticator,
+    ) -> None:
+        self.config = config
+        self.hub = hub
+        self.broker = broker
+        self.store = store
+        self.auth = auth
+        self.started_at = time.time()
+        self.rates = Rates()
+        self.shutting_down = False
+        self._per_key: dict[str, int] = {}
+        self._live: dict[tuple[object, str], Session] = {}
+        self._timer: asyncio.Task[None] | None = None
+        hub.node = self
+        hub.broker = broker
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._timer = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            await asyncio.gather(self._timer, return_exceptions=True)
+
+    async def _tick_forever(self) -> None:
+        ticks = 0
+        ping_every = int(self.config.ping_interval_s)
+        while True:
+            await asyncio.sleep(1.0)
+            ticks += 1
+            ping_round = ping_every > 0 and ticks % ping_every == 0
+            try:
+                self.hub.tick(time.time(), ping_round)
+                self._measure_rates()
+                if ticks % 10 == 0:
+                    sweep = getattr(self.broker, "sweep", None)
+                    if sweep is not None:
+                        sweep()
+            except Exception as exc:  # the timer must survive a bug in one round
+                logs.log("error", "timer_failed", "node", error=repr(exc))
+
+    def _measure_rates(self) -> None:
+        now = time.monotonic()
+        published = self.hub.messages_published
+        dt = now - self.rates.stamp
+        if dt > 0:
+            self.rates.per_second = (published - self.rates.published_prev) / dt
+        self.rates.published_prev = published
+        self.rates.stamp = now
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def new_client_id(self) -> str:
+        return secrets.token_hex(8)
+
+    def on_open(self, s: Session) -> None:
+        if s.auth_error is not None:
+            code, reason = s.auth_error
+            self._refuse(s, code, "authentication failed", reason, CloseCode.AUTH)
+            return
+        if self.shutting_down:
+            s.send_error(ErrorCode.SERVER_BUSY, "server is shutting down", "node", "shutdown", None)
+            s.close(CloseCode.GOING_AWAY, "server shutting down")
+            return
+        key = s.user_id if s.user_id is not None else f"ip:{s.peer}"
+        count = self._per_key.get(key, 0)
+        if count >= self.config.rate_limit_connections:
+            self.security_event(s, "connection_limit", f"{count} connections")
+            s.send_error(
+                ErrorCode.CONNECTION_LIMIT,
+                "too many connections",
+                "ratelimit",
+                "connections",
+                {"limit": self.config.rate_limit_connections},
+            )
+            s.close(CloseCode.CONNECTION_LIMIT, "connection limit")
+            return
+        self._per_key[key] = count + 1
+        s.limit_key = key
+        live_key = (s.user_id, s.client_id)
+        old = self._live.get(live_key)
+        if old is not None:
+            old.send_json(
+                {
+                    "type": "system",
+                    "action": "status",
+                    "data": {"message": "replaced by a newer connection", "severity": "warning"},
+                }
+            )
+            old.close(CloseCode.REPLACED, "replaced by a newer connection")
+        self._live[live_key] = s
+        logs.log(
+            "debug", "connection_opened", "node", client_id=s.client_id, user_id=s.user_id
+        )
+        initial: dict[str, Any] | None = s.initial
+        if initial is not None:
+            if not self.join(s, initial["channel"], initial.get("since"), initial.get("epoch")):
+                if s.claims is None and not s.closing:
+                    s.close(CloseCode.AUTH, "authentication required")
+            return
+        s.send_json(
+            {
+                "type": "connection",
+                "action": "connect",
+                "data": {
+                    "client_id": s.client_id,
+                    "user_id": s.user_id,
+                    "channel": None,
+                    "offset": None,
+                    "epoch": None,
+                },
+            }
+        )
+
+    def on_close(self, s: Session) -> None:
+        for name in s.joined():
+            ch = self.hub.channel(name)
+            if ch is not None and ch.presence:
+                self._presence(ch, s, "disconnect")
+        key = s.limit_key
+        if key is not None:
+            left = self._per_key.get(key, 1) - 1
+            if left > 0:
+                self._per_key[key] = left
+            else:
+                self._per_key.pop(key, None)
+            live_key = (s.user_id, s.client_id)
+            if self._live.get(live_key) is s:
+                del self._live[live_key]
+
+    def _refuse(self, s: Session, code: str, message: str, reason: str, close: int) -> None:
+        self.security_event(s, "auth_failed", reason)
+        s.send_error(code, message, "auth", reason, None)
+        s.close(close, message)
+
+    def security_event(self, s: Session, event: str, reason: str) -> None:
+        logs.log(
+            "warn",
+            event,
+            "security",
+            client_id=s.client_id,
+            user_id=s.user_id,
+            peer=s.peer,
+            reason=reason,
+        )
+
+    # -- control messages ------------------------------------------------------------------
+
+    def on_control(self, s: Session, mtype: object, action: object, data: dict[str, Any]) -> None:
+        pair = (mtype, action)
+        if pair not in _CONTROL:
+            if not isinstance(mtype, str) or not isinstance(action, str):
+                reason = "type and action must be strings"
+            else:
+                reason = f"unknown type/action: {mtype}/{action}"
+            s.send_error(
+                ErrorCode.INVALID_MESSAGE, "invalid message", "protocol", reason, {"field": "type"}
+            )
+            return
+        try:
+            if pair == ("connection", "connect"):
+                channel = require_channel(data)
+                self.join(s, channel, optional_offset(data, "since"), optional_str(data, "epoch"))
+            elif pair == ("connection", "disconnect"):
+                self.leave(s, require_channel(data))
+            elif pair == ("connection", "refresh"):
+                self.refresh(s, require_str(data, "token", 16384))
+            elif pair == ("system", "status"):
+                s.send_json(
+                    {
+                        "type": "system",
+                        "action": "status",
+                        "data": {"message": "ok", "severity": "info", **self.status_counts()},
+                    }
+                )
+            else:
+                self.client_broadcast(s, data)
+        except Invalid as bad:
+            details: dict[str, object] = {"field": bad.field}
+            if isinstance(data.get("channel"), str):
+                details["channel"] = data["channel"]
+            s.send_error(bad.code, "invalid message", "protocol", bad.reason, details)
+
+    def channel_config(self, name: str) -> ChannelConfig | None:
+        """The config of channel `name`: live, stored, or the defaults if auto-create is on."""
+        live: Channel | None = self.hub.channel(name)
+        if live is not None:
+            cfg: ChannelConfig = live.config
+            return cfg
+        stored = self.store.get(name)
+        if stored is not None:
+            return stored
+        if self.config.channel_auto_create:
+            return default_channel_config(name, self.config)
+        return None
+
+    def join(self, s: Session, name: str, since: int | None, epoch: str | None) -> bool:
+        """Join `s` to channel `name` and reply connection/connect (with recovery when
+        `since` is given); on refusal an error is sent and False returned."""
+        cfg = self.channel_config(name)
+        details = {"channel": name}
+        if cfg is None:
+            s.send_error(ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "channel", "not configured", details)
+            return False
+        claims: Claims | None = s.claims
+        if cfg.require_auth and claims is None:
+            self.security_event(s, "auth_required", name)
+            s.send_error(ErrorCode.AUTH_REQUIRED, "this channel requires a token", "auth", "no token", details)
+            return False
+        if not channel_allowed(claims, name):
+            self.security_event(s, "forbidden", name)
+            s.send_error(ErrorCode.FORBIDDEN, "token does not allow this channel", "auth", "channels claim", details)
+            return False
+        ch: Channel = self.hub.add_channel(name, cfg) if self.hub.channel(name) is None else self.hub.channel(name)
+        if not s.is_member(name):
+            if 0 < ch.max_connections <= ch.member_count:
+                s.send_error(ErrorCode.CHANNEL_FULL, "channel is full", "channel", "max_connections", {**details, "limit": ch.max_connections})
+                return False
+            self.hub.join(s, ch)
+            if ch.presence:
+                self._presence(ch, s, "connect")
+        recovery = self.broker.recover(name, since, epoch)
+        reply: dict[str, Any] = {
+            "client_id": s.client_id,
+            "user_id": s.user_id,
+            "channel": name,
+            "offset": recovery.offset,
+            "epoch": recovery.epoch,
+        }
+        if since is not None:
+            reply["recovered"] = recovery.recovered
+        s.send_json({"type": "connection", "action": "connect", "data": reply})
+        for frame in recovery.frames:
+            s.send_frame(frame)
+        return True
+
+    def leave(self, s: Session, name: str) -> None:
+        if not s.is_member(name):
+            s.send_error(ErrorCode.NOT_A_MEMBER, "not a member of this channel", "channel", "not a member", {"channel": name})
+            return
+        ch = self.hub.channel(name)
+        if ch is not None and ch.presence:
+            self._presence(ch, s, "disconnect")
+        self.hub.leave(s, name)
+        s.send_json(
+            {
+                "type": "connection",
+                "action": "disconnect",
+                "data": {"client_id": s.client_id, "user_id": s.user_id, "channel": name},
+            }
+        )
+
+    def _presence(self, ch: Channel, s: Session, action: str) -> None:
+        frame = encode_json_frame(
+            {
+                "type": "connection",
+                "action": action,
+                "data": {"client_id": s.client_id, "user_id": s.user_id, "channel": ch.name},
+            }
+        )
+        self.hub.deliver(ch, frame, s)
+
+    def refresh(self, s: Session, token: str) -> None:
+        try:
+            claims = self.auth.verify(token)
+        except AuthError as err:
+            self.security_event(s, "refresh_failed", err.reason)
+            s.send_error(err.code, "refresh token refused", "auth", err.reason, None)
+            return
+        if s.claims is not None and claims.user_id != s.user_id:
+            self.security_event(s, "refresh_failed", "sub differs")
+            s.send_error(ErrorCode.AUTH_INVALID, "refresh token refused", "auth", "the new token has another sub", None)
+            return
+        if s.claims is None:
+            s.send_error(ErrorCode.AUTH_INVALID, "refresh token refused", "auth", "an anonymous connection cannot refresh", None)
+            return
+        s.claims = claims
+        s.expires_at = claims.expires_at
+        s.warned = False
+        s.send_json(
+            {"type": "connection", "action": "refresh", "data": {"expires_at": claims.expires_at}}
+        )
+
+    def client_broadcast(self, s: Session, data: dict[str, Any]) -> None:
+        claims: Claims | None = s.claims
+        if claims is None or not claims.admin:
+            self.security_event(s, "forbidden", "broadcast without admin")
+            s.send_error(ErrorCode.FORBIDDEN, "broadcast needs an admin token", "auth", "not admin", None)
+            return
+        message = require_str(data, "message")
+        severity = require_severity(data)
+        channel = data.get("channel")
+        if channel is not None:
+            channel = require_channel(data)
+        self.broadcast(message, severity, channel)
+
+    # -- operations (REST and shutdown) ----------------------------------------------------
+
+    def broadcast(self, message: str, severity: str, channel: str | None) -> int:
+        """Send a system/broadcast notice to every connection, or to one channel's members.
+        Returns how many connections it was queued for."""
+        frame = encode_json_frame(
+            {
+                "type": "system",
+                "action": "broadcast",
+                "data": {"message": message, "severity": severity, "channel": channel},
+            }
+        )
+        if channel is None:
+            n: int = self.hub.deliver_all(frame)
+            return n
+        ch = self.hub.channel(channel)
+        if ch is None:
+            return 0
+        count: int = ch.member_count
+        self.hub.deliver(ch, frame, None)
+        return count
+
+    def configure_channel(self, cfg: ChannelConfig) -> bool:
+        created = self.store.put(cfg)
+        if self.hub.channel(cfg.name) is not None:
+            self.hub.add_channel(cfg.name, cfg)
+        return created
+
+    def delete_channel(self, name: str) -> bool:
+        existed = self.store.delete(name)
+        removed: list[Session] = self.hub.drop_channel(name)
+        for s in removed:
+            s.send_json(
+                {
+                    "type": "connection",
+                    "action": "disconnect",
+                    "data": {
+                        "client_id": s.client_id,
+                        "user_id": s.user_id,
+                        "channel": name,
+                        "reason": "channel deleted",
+                    },
+                }
+            )
+            s.send_json(
+                {
+                    "type": "system",
+                    "action": "status",
+                    "data": {"message": f"channel {name} was deleted", "severity": "warning"},
+                }
+            )
+        if existed or removed:
+            self.broker.forget(name)
+        return existed or bool(removed)
+
+    def channel_view(self, name: str) -> dict[str, Any] | None:
+        stored = self.store.get(name)
+        live: Channel | None = self.hub.channel(name)
+        if stored is None and live is None:
+            return None
+        cfg: ChannelConfig = stored if stored is not None else live.config  # type: ignore[union-attr]
+        offset, epoch = self.broker.position(name)
+        return {
+            **cfg.to_json(),
+            "configured": stored is not None,
+            "members": live.member_count if live is not None else 0,
+            "messages": live.published if live is not None else 0,
+            "offset": offset,
+            "epoch": epoch,
+        }
+
+    def channel_views(self) -> list[dict[str, Any]]:
+        names = {c.name for c in self.store.list()} | set(self.hub.channel_names())
+        views = [self.channel_view(n) for n in sorted(names)]
+        return [v for v in views if v is not None]
+
+    def health(self) -> tuple[str, str]:
+        if self.shutting_down:
+            return ("down", "shutting down")
+        return self.broker.health()
+
+    def status_counts(self) -> dict[str, Any]:
+        return {
+            "connections": {
+                "active": self.hub.active_connections,
+                "total": self.hub.connections_total,
+            },
+            "channels": {
+                "active": len(self.hub.channel_names()),
+                "messages_per_second": round(self.rates.per_second, 2),
+            },
+        }
+
+    def status(self) -> dict[str, Any]:
+        state, reason = self.health()
+        body: dict[str, Any] = {"status": state, **self.status_counts()}
+        body["uptime_s"] = round(time.time() - self.started_at, 3)
+        body["broker"] = self.broker.name
+        if reason:
+            body["reason"] = reason
+        return body
+
+    def begin_shutdown(self) -> int:
+        """Tell every client the server is going away and close each with 1001."""
+        self.shutting_down = True
+        sessions: list[Session] = self.hub.session_list()
+        for s in sessions:
+            s.send_json(
+                {
+                    "type": "system",
+                    "action": "status",
+                    "data": {"message": "server shutting down", "severity": "warning"},
+                }
+            )
+            s.close(CloseCode.GOING_AWAY, "server shutting down")
+        return len(sessions)

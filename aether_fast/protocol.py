@@ -1,0 +1,171 @@
+"""The wire protocol's vocabulary: message kinds, error codes, close codes, limits (no I/O).
+
+Rule: every code a client can see is defined here, once, with its meaning. The compiled hot
+path (`aether_fast._core`) and the Python control path both import these tables; neither
+invents a code of its own. Validation of the rarely used control messages lives here too; the
+per-message `message/send` validation is compiled (ext/session.pxi) and checked against the
+same rules by the tests.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+# -- message kinds -------------------------------------------------------------------------
+
+#: (type, action) pairs a client may send.
+CLIENT_MESSAGES: Final[frozenset[tuple[str, str]]] = frozenset(
+    {
+        ("connection", "connect"),
+        ("connection", "disconnect"),
+        ("connection", "refresh"),
+        ("message", "send"),
+        ("message", "retry"),
+        ("system", "status"),
+        ("system", "broadcast"),
+    }
+)
+
+SEVERITIES: Final[frozenset[str]] = frozenset({"info", "warning", "error"})
+
+CHANNEL_NAME_RE: Final[re.Pattern[str]] = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+
+# -- error codes ---------------------------------------------------------------------------
+
+
+class ErrorCode:
+    """Error codes sent as `{"type":"error","code":...}`; the meaning is the docstring."""
+
+    INVALID_JSON: Final = "INVALID_JSON"  # the frame is not JSON
+    INVALID_MESSAGE: Final = "INVALID_MESSAGE"  # JSON, but not a valid message
+    MESSAGE_TOO_LARGE: Final = "MESSAGE_TOO_LARGE"  # over MAX_MESSAGE_BYTES
+    AUTH_REQUIRED: Final = "AUTH_REQUIRED"  # no token where one is needed
+    AUTH_INVALID: Final = "AUTH_INVALID"  # token bad: signature, claims, algorithm
+    TOKEN_EXPIRED: Final = "TOKEN_EXPIRED"  # token past its exp
+    FORBIDDEN: Final = "FORBIDDEN"  # token valid, but not allowed this
+    CHANNEL_NOT_FOUND: Final = "CHANNEL_NOT_FOUND"  # not configured, no auto-create
+    CHANNEL_FULL: Final = "CHANNEL_FULL"  # max_connections reached
+    NOT_A_MEMBER: Final = "NOT_A_MEMBER"  # publish/leave without joining
+    RATE_LIMITED: Final = "RATE_LIMITED"  # a token bucket is empty
+    CONNECTION_LIMIT: Final = "CONNECTION_LIMIT"  # too many connections for the user/IP
+    SERVER_BUSY: Final = "SERVER_BUSY"  # global message limit or no capacity
+    INTERNAL_ERROR: Final = "INTERNAL_ERROR"  # a bug or a failed dependency
+
+
+ERROR_CODES: Final[frozenset[str]] = frozenset(
+    v for k, v in vars(ErrorCode).items() if not k.startswith("_")
+)
+
+#: HTTP status for each error code on the REST routes.
+HTTP_STATUS: Final[dict[str, int]] = {
+    ErrorCode.INVALID_JSON: 400,
+    ErrorCode.INVALID_MESSAGE: 400,
+    ErrorCode.MESSAGE_TOO_LARGE: 413,
+    ErrorCode.AUTH_REQUIRED: 401,
+    ErrorCode.AUTH_INVALID: 401,
+    ErrorCode.TOKEN_EXPIRED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.CHANNEL_NOT_FOUND: 404,
+    ErrorCode.CHANNEL_FULL: 409,
+    ErrorCode.NOT_A_MEMBER: 409,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.CONNECTION_LIMIT: 429,
+    ErrorCode.SERVER_BUSY: 503,
+    ErrorCode.INTERNAL_ERROR: 500,
+}
+
+# -- close codes ---------------------------------------------------------------------------
+
+
+class CloseCode:
+    """WebSocket close codes. 1000-2999: RFC 6455. 4000-4999: aether-fast's own."""
+
+    NORMAL: Final = 1000  # the client or the server is done
+    GOING_AWAY: Final = 1001  # the server is shutting down
+    PROTOCOL_ERROR: Final = 1002  # RFC 6455 framing violation
+    INVALID_DATA: Final = 1007  # text frame that is not UTF-8
+    POLICY: Final = 1008  # Origin refused
+    TOO_BIG: Final = 1009  # frame or message over the hard limit
+    INTERNAL: Final = 1011  # unexpected server error
+    AUTH: Final = 4001  # auth failed or token expired: do not reconnect with this token
+    FORBIDDEN: Final = 4003  # not allowed
+    SLOW_READER: Final = 4008  # send buffer over SEND_BUFFER_LIMIT_BYTES
+    REPLACED: Final = 4009  # a newer connection with the same user and client_id
+    CONNECTION_LIMIT: Final = 4029  # too many connections for this user/IP
+
+
+# -- validation of control messages ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid(Exception):
+    """A message that fails validation: the error code, the field and why."""
+
+    code: str
+    field: str
+    reason: str
+
+
+def valid_channel(name: object) -> bool:
+    return isinstance(name, str) and CHANNEL_NAME_RE.fullmatch(name) is not None
+
+
+def require_channel(data: dict[str, Any]) -> str:
+    channel = data.get("channel")
+    if not valid_channel(channel):
+        raise Invalid(
+            ErrorCode.INVALID_MESSAGE,
+            "channel",
+            "channel must be 1-128 characters of A-Z a-z 0-9 _ . : -",
+        )
+    assert isinstance(channel, str)
+    return channel
+
+
+def optional_offset(data: dict[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise Invalid(ErrorCode.INVALID_MESSAGE, key, f"{key} must be a non-negative integer")
+    return value
+
+
+def optional_str(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise Invalid(ErrorCode.INVALID_MESSAGE, key, f"{key} must be a string")
+    return value
+
+
+def require_str(data: dict[str, Any], key: str, max_len: int = 65536) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise Invalid(ErrorCode.INVALID_MESSAGE, key, f"{key} must be a non-empty string")
+    return value
+
+
+def require_severity(data: dict[str, Any]) -> str:
+    severity = data.get("severity", "info")
+    if severity not in SEVERITIES:
+        raise Invalid(
+            ErrorCode.INVALID_MESSAGE, "severity", "severity must be info, warning or error"
+        )
+    assert isinstance(severity, str)
+    return severity
+
+
+def error_body(
+    code: str, message: str, component: str, reason: str, **details: object
+) -> dict[str, object]:
+    """The error shape of SPEC §4, used on the WebSocket and by every REST error."""
+    return {
+        "type": "error",
+        "code": code,
+        "message": message,
+        "details": {"component": component, "reason": reason, **details},
+    }

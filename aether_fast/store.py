@@ -1,0 +1,413 @@
+"""Channel configurations: validation of REST bodies and their embedded SQLite store.
+
+Rule: a ChannelConfig is only ever built by `parse_channel_config` (from a REST body) or
+`default_channel_config` (auto-create), so every stored config is valid. The store writes
+synchronously, one small transaction per REST call or first join, in
+`DATA_DIR/channels.sqlite3` (WAL mode); any SQLite or filesystem failure surfaces as one
+StoreError naming the file and the cause, never as a half-open store.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import os
+import re
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from aether_fast.config import Config
+
+DB_FILE: Final = "channels.sqlite3"
+SCHEMA_VERSION: Final = 1
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+# Limits the compiled hot path can hold in C ints/doubles.
+_MAX_CONNECTIONS: Final = 2**31 - 1
+_MAX_RATE: Final = 1e9
+_MAX_HISTORY: Final = 100000
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelConfig:
+    """One channel's settings; 0 means "no limit" for max_connections and message_rate_limit."""
+
+    name: str
+    max_connections: int
+    message_rate_limit: float
+    require_auth: bool
+    history_size: int
+    presence: bool
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "max_connections": self.max_connections,
+            "message_rate_limit": self.message_rate_limit,
+            "require_auth": self.require_auth,
+            "history_size": self.history_size,
+            "presence": self.presence,
+        }
+
+
+class StoreError(Exception):
+    """The channel store cannot be used; the message names the file and the cause."""
+
+
+class FieldError(ValueError):
+    """A REST body field is missing or invalid (answered with 400)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def valid_channel_name(name: object) -> bool:
+    """A str of 1-128 characters from [A-Za-z0-9_.:-]."""
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
+
+
+def default_channel_config(name: str, config: Config) -> ChannelConfig:
+    """The config a channel gets when auto-created on first join."""
+    return ChannelConfig(
+        name=name,
+        max_connections=config.channel_default_max_connections,
+        message_rate_limit=float(config.channel_default_message_rate_limit),
+        require_auth=config.channel_default_require_auth,
+        history_size=config.history_size,
+        presence=config.channel_default_presence,
+    )
+
+
+def _int_field(body: dict[str, object], field: str, fallback: int, hi: int) -> int:
+    if field not in body:
+        return fallback
+    value = body[field]
+    # bool is an int subclass in Python but not a count in JSON.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= hi:
+        raise FieldError(field, f"must be an integer in 0..{hi}")
+    return value
+
+
+def _number_field(body: dict[str, object], field: str, fallback: float, hi: float) -> float:
+    if field not in body:
+        return fallback
+    value = body[field]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= hi
+    ):
+        raise FieldError(field, f"must be a number in 0..{hi:g}")
+    return float(value)
+
+
+def _bool_field(body: dict[str, object], field: str, fallback: bool) -> bool:
+    if field not in body:
+        return fallback
+    value = body[field]
+    if not isinstance(value, bool):
+        raise FieldError(field, "must be true or false")
+    return value
+
+
+_FIELDS: Final = frozenset(
+    {"name", "max_connections", "message_rate_limit", "require_auth", "history_size", "presence"}
+)
+
+
+def parse_channel_config(
+    body: object, config: Config, existing: ChannelConfig | None = None
+) -> ChannelConfig:
+    """Validate a `POST /ws/channels` body into a ChannelConfig, or raise FieldError.
+
+    Fields left out keep `existing`'s values (an update) or take the Config defaults (a new
+    channel). Unknown fields are refused so a typo is not silently ignored.
+    """
+    if not isinstance(body, dict):
+        raise FieldError("body", "must be a JSON object")
+    for key in sorted(str(k) for k in body):
+        if key not in _FIELDS:
+            raise FieldError(key, "unknown field")
+    if "name" not in body:
+        raise FieldError("name", "is required")
+    name = body["name"]
+    if not isinstance(name, str) or not valid_channel_name(name):
+        raise FieldError("name", "must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+    if existing is not None and existing.name != name:
+        raise FieldError("name", "does not match the channel being updated")
+    base = existing if existing is not None else default_channel_config(name, config)
+    return ChannelConfig(
+        name=name,
+        max_connections=_int_field(body, "max_connections", base.max_connections, _MAX_CONNECTIONS),
+        message_rate_limit=_number_field(
+            body, "message_rate_limit", base.message_rate_limit, _MAX_RATE
+        ),
+        require_auth=_bool_field(body, "require_auth", base.require_auth),
+        history_size=_int_field(body, "history_size", base.history_size, _MAX_HISTORY),
+        presence=_bool_field(body, "presence", base.presence),
+    )
+
+
+_COLUMNS: Final = (
+    "name",
+    "max_connections",
+    "message_rate_limit",
+    "require_auth",
+    "history_size",
+    "presence",
+)
+
+_CREATE: Final = """
+CREATE TABLE IF NOT EXISTS channels (
+    name TEXT PRIMARY KEY NOT NULL,
+    max_connections INTEGER NOT NULL,
+    message_rate_limit REAL NOT NULL,
+    require_auth INTEGER NOT NULL,
+    history_size INTEGER NOT NULL,
+    presence INTEGER NOT NULL
+) WITHOUT ROWID
+"""
+
+_SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM channels"
+
+
+def _row(row: tuple[Any, ...]) -> ChannelConfig:
+    name, max_conn, rate, require_auth, history, presence = row
+    return ChannelConfig(
+        name=str(name),
+        max_connections=int(max_conn),
+        message_rate_limit=float(rate),
+        require_auth=bool(require_auth),
+        history_size=int(history),
+        presence=bool(presence),
+    )
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return str(error)
+
+
+class ChannelStore:
+    """Channel configs in `data_dir/channels.sqlite3`. Call `open()` before anything else."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.data_dir = data_dir
+        self.path = os.path.join(data_dir, DB_FILE)
+        self._conn: sqlite3.Connection | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the directory and database if needed and check them.
+
+        After calling this method the store is readable and writable, or StoreError was
+        raised (corrupt or foreign file, unwritable directory or file) and nothing is open.
+        """
+        if self._conn is not None:
+            return
+        if os.path.exists(self.data_dir) and not os.path.isdir(self.data_dir):
+            raise StoreError(f"{self.data_dir}: DATA_DIR exists and is not a directory")
+        try:
+            os.makedirs(self.data_dir, exist_ok=True)
+        except OSError as e:
+            raise StoreError(
+                f"{self.data_dir}: cannot create data directory: {_describe(e)}"
+            ) from None
+        try:
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: cannot open: {_describe(e)}") from None
+        try:
+            self._check_and_prepare(conn)
+        except sqlite3.Error as e:
+            conn.close()
+            raise StoreError(f"{self.path}: {self._explain(e)}") from None
+        except StoreError:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _explain(self, error: sqlite3.Error) -> str:
+        text = str(error)
+        if isinstance(error, sqlite3.DatabaseError) and (
+            "not a database" in text or "malformed" in text
+        ):
+            return f"corrupt or not an SQLite database ({text}); restore it from a backup"
+        if "readonly" in text or "read-only" in text or "unable to open" in text:
+            return f"not writable ({text})"
+        return text
+
+    def _check_and_prepare(self, conn: sqlite3.Connection) -> None:
+        (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{self.path}: cannot switch to WAL mode (got {mode})")
+        # Config writes are rare and must survive a crash: pay for a full sync.
+        conn.execute("PRAGMA synchronous=FULL")
+        problems = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise StoreError(
+                f"{self.path}: corrupt database ({'; '.join(problems[:3])}); "
+                "restore it from a backup"
+            )
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if int(version) > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: written by a newer aether-fast (schema {version} > {SCHEMA_VERSION})"
+            )
+        _check_schema(self.path, conn)
+        # This write also proves the file and directory are writable.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(_CREATE)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Close the database; the store may be opened again."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"{self.path}: store is not open")
+        return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._db()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: write failed: {self._explain(e)}") from None
+
+    def get(self, name: str) -> ChannelConfig | None:
+        """The stored config of `name`, or None."""
+        try:
+            row = self._db().execute(f"{_SELECT} WHERE name = ?", (name,)).fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: read failed: {self._explain(e)}") from None
+        return None if row is None else _row(row)
+
+    def list(self) -> builtins.list[ChannelConfig]:
+        """Every stored config, sorted by name."""
+        try:
+            rows = self._db().execute(f"{_SELECT} ORDER BY name").fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: read failed: {self._explain(e)}") from None
+        return [_row(r) for r in rows]
+
+    def put(self, cfg: ChannelConfig) -> bool:
+        """Store `cfg`; True if the channel was created, False if it was updated."""
+        values = (
+            cfg.name,
+            cfg.max_connections,
+            cfg.message_rate_limit,
+            int(cfg.require_auth),
+            cfg.history_size,
+            int(cfg.presence),
+        )
+        with self._write() as conn:
+            created = (
+                conn.execute(
+                    f"INSERT OR IGNORE INTO channels ({', '.join(_COLUMNS)}) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    values,
+                ).rowcount
+                == 1
+            )
+            if not created:
+                conn.execute(
+                    "UPDATE channels SET max_connections = ?, message_rate_limit = ?, "
+                    "require_auth = ?, history_size = ?, presence = ? WHERE name = ?",
+                    (*values[1:], cfg.name),
+                )
+        return created
+
+    def delete(self, name: str) -> bool:
+        """Remove `name`; True if it existed."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM channels WHERE name = ?", (name,)).rowcount == 1
+
+    # -- backup ------------------------------------------------------------------------------
+
+    def _not_self(self, path: str) -> None:
+        if os.path.realpath(path) == os.path.realpath(self.path):
+            raise StoreError(f"{path}: is the live database itself")
+
+    def backup(self, path: str) -> None:
+        """Copy the live database to `path` (an SQLite file) with SQLite's online backup."""
+        conn = self._db()
+        self._not_self(path)
+        try:
+            dest = sqlite3.connect(path)
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: cannot create backup: {_describe(e)}") from None
+        try:
+            conn.backup(dest)
+            # A backup is one self-contained file: no -wal/-shm beside it.
+            dest.execute("PRAGMA journal_mode=DELETE")
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: backup failed: {self._explain(e)}") from None
+        finally:
+            dest.close()
+
+    def restore(self, path: str) -> None:
+        """Replace every stored config with those of the backup at `path`.
+
+        The backup is checked first (a readable SQLite file of our schema); a bad one raises
+        StoreError and leaves the store unchanged.
+        """
+        conn = self._db()
+        self._not_self(path)
+        if not os.path.isfile(path):
+            raise StoreError(f"{path}: no such backup file")
+        try:
+            src = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: cannot open backup: {_describe(e)}") from None
+        try:
+            problems = [str(r[0]) for r in src.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise StoreError(f"{path}: corrupt backup ({'; '.join(problems[:3])})")
+            (version,) = src.execute("PRAGMA user_version").fetchone()
+            if int(version) != SCHEMA_VERSION:
+                raise StoreError(f"{path}: not a channel store backup (schema {version})")
+            _check_schema(path, src, required=True)
+            src.backup(conn)
+        except sqlite3.Error as e:
+            raise StoreError(f"{path}: restore failed: {self._explain(e)}") from None
+        finally:
+            src.close()
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: {self._explain(e)}") from None
+
+
+def _check_schema(path: str, conn: sqlite3.Connection, *, required: bool = False) -> None:
+    columns = [str(r[1]) for r in conn.execute("PRAGMA table_info(channels)").fetchall()]
+    if not columns and not required:
+        return
+    if tuple(columns) != _COLUMNS:
+        raise StoreError(f"{path}: unexpected schema of table channels: {columns}")

@@ -1,0 +1,114 @@
+# codec.pxi: WebSocket frame assembly for server frames and the fixed JSON shapes of the hot
+# path. Server frames are unmasked, so one encoded frame is valid for every member.
+
+cdef extern from "time.h" nogil:
+    struct tm:
+        int tm_sec
+        int tm_min
+        int tm_hour
+        int tm_mday
+        int tm_mon
+        int tm_year
+    tm* gmtime_r(const time_t* timep, tm* result)
+    int clock_gettime(int clk_id, void* tp)
+
+cdef extern from *:
+    """
+    #include <time.h>
+    static double aether_wall_time(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
+    static double aether_monotonic(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
+    """
+    double aether_wall_time() nogil
+    double aether_monotonic() nogil
+
+
+cdef bytes frame_bytes(uint8_t opcode, const char* payload, Py_ssize_t n):
+    """One final, unmasked frame: the header written once in front of the payload."""
+    cdef Py_ssize_t hl = 2 if n < 126 else (4 if n < 65536 else 10)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, hl + n)
+    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+    cdef uint64_t ln = <uint64_t>n
+    cdef int i
+    p[0] = 0x80 | opcode
+    if n < 126:
+        p[1] = <uint8_t>n
+    elif n < 65536:
+        p[1] = 126
+        p[2] = <uint8_t>(n >> 8)
+        p[3] = <uint8_t>(n & 0xFF)
+    else:
+        p[1] = 127
+        for i in range(8):
+            p[2 + i] = <uint8_t>((ln >> (56 - 8 * i)) & 0xFF)
+    memcpy(p + hl, payload, n)
+    return out
+
+
+cdef inline bytes text_frame(bytes payload):
+    return frame_bytes(0x1, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+
+
+cdef inline bytes json_frame(object obj):
+    return text_frame(_dumps(obj))
+
+
+cdef str iso_now():
+    """The server's ISO-8601 UTC time with milliseconds, without datetime objects."""
+    cdef double now = aether_wall_time()
+    cdef time_t secs = <time_t>now
+    cdef int millis = <int>((now - <double>secs) * 1000.0)
+    cdef tm t
+    cdef char buf[32]
+    gmtime_r(&secs, &t)
+    cdef int n = snprintf(buf, 32, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
+                          t.tm_year + 1900, t.tm_mon + 1, t.tm_mday,
+                          t.tm_hour, t.tm_min, t.tm_sec, millis)
+    return PyUnicode_DecodeUTF8(buf, n, NULL)
+
+
+def encode_text_frame(bytes payload) -> bytes:
+    """A final unmasked text frame carrying `payload` (for tests, the broker and the bench)."""
+    return text_frame(payload)
+
+
+def encode_json_frame(object obj) -> bytes:
+    """`obj` as JSON (orjson) in a final unmasked text frame."""
+    return json_frame(obj)
+
+
+def encode_publication(str channel, str content, object sequence, str timestamp,
+                       long long offset, str client_id, object user_id) -> bytes:
+    """The fan-out frame of one accepted message: encoded once, sent to every member."""
+    return json_frame({
+        "type": "message",
+        "action": "send",
+        "data": {
+            "channel": channel,
+            "content": content,
+            "metadata": {
+                "sequence": sequence,
+                "timestamp": timestamp,
+                "offset": offset,
+                "client_id": client_id,
+                "user_id": user_id,
+            },
+        },
+    })
+
+
+def utc_timestamp() -> str:
+    """The server's current time as the ISO-8601 UTC string used in messages."""
+    return iso_now()
+
+
+def monotonic() -> float:
+    """The clock the hot path uses for rate buckets and timers (CLOCK_MONOTONIC)."""
+    return aether_monotonic()

@@ -1,0 +1,39 @@
+# cython: language_level=3
+"""aether_fast._core: the compiled hot path, one extension module built from included files.
+
+What it owns: the WebSocket session (frames in, messages out), channel membership, fan-out,
+rate buckets and the counters that metrics read. Everything that is not per message (config,
+auth, stores, REST, the control messages) is plain Python in aether_fast/ and is called from
+here only through the `Node` and `Broker` objects the composition root hands in.
+
+Rule: per subscriber per message, nothing here creates a Python object. A publication is
+encoded once (JSON + WebSocket frame header, server frames are unmasked), appended to each
+member's outbox, and each outbox is written with one write per loop pass.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytearray cimport (
+    PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize,
+)
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.string cimport memcpy
+from libc.stdint cimport uint8_t, uint64_t
+from libc.stdio cimport snprintf
+from libc.time cimport time_t
+
+from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType, WSCloseCode
+
+import asyncio
+import time as _time
+
+from orjson import JSONDecodeError
+from orjson import dumps as _dumps
+from orjson import loads as _loads
+
+from aether_fast.protocol import CloseCode, ErrorCode, error_body
+
+include "codec.pxi"
+include "ratelimit.pxi"
+include "hub.pxi"
+include "session.pxi"

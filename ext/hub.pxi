@@ -1,0 +1,257 @@
+# hub.pxi: channels, their members, fan-out and the per-loop-pass flush.
+#
+# Rule: a publication reaches a member only through `Hub.deliver` (or `Session.send_frame`),
+# which appends the already-encoded frame to the member's outbox; the outboxes are written in
+# `Hub.flush`, once per loop pass, one write per member. Nothing here waits on a member.
+
+cdef class Session
+cdef class Hub
+
+
+cdef class Channel:
+    """One channel's live state on this worker: members, rate bucket, limits."""
+    cdef readonly str name
+    cdef list members
+    cdef Bucket bucket
+    cdef public object config
+    cdef public bint presence
+    cdef public Py_ssize_t max_connections
+    cdef readonly unsigned long long published
+    cdef readonly unsigned long long delivered
+
+    def __init__(self, str name, object config):
+        self.name = name
+        self.members = []
+        self.published = 0
+        self.delivered = 0
+        self.configure(config)
+
+    cpdef configure(self, object config):
+        """Apply a ChannelConfig (limits take effect for the next message or join)."""
+        self.config = config
+        self.presence = bool(config.presence)
+        self.max_connections = int(config.max_connections)
+        bucket_init(&self.bucket, float(config.message_rate_limit), 1.0, aether_monotonic())
+
+    @property
+    def member_count(self) -> int:
+        return PyList_GET_SIZE(self.members)
+
+    def member_list(self) -> list:
+        return list(self.members)
+
+
+cdef class Hub:
+    """Every session and channel of this worker, the fan-out and the counters metrics read."""
+    cdef dict channels
+    cdef set sessions
+    cdef list dirty
+    cdef bint flush_scheduled
+    cdef object loop
+    cdef object _flush_cb
+    cdef Bucket global_bucket
+    cdef public object node
+    cdef public object broker
+    cdef public Py_ssize_t send_buffer_limit
+    cdef public Py_ssize_t max_message_bytes
+    cdef public double conn_capacity
+    cdef public double conn_window
+    cdef public double refresh_notice
+    cdef public double close_timeout
+    cdef public dict error_counts
+    # counters kept in C, read by metrics at scrape time
+    cdef readonly unsigned long long connections_total
+    cdef readonly unsigned long long messages_in
+    cdef readonly unsigned long long messages_published
+    cdef readonly unsigned long long deliveries
+    cdef readonly unsigned long long bytes_out
+    cdef readonly unsigned long long slow_reader_closes
+    cdef readonly unsigned long long rate_limited
+    cdef readonly unsigned long long errors_total
+
+    def __init__(self, object loop, *, Py_ssize_t send_buffer_limit, Py_ssize_t max_message_bytes,
+                 double conn_capacity, double conn_window, double global_rate,
+                 double refresh_notice, double close_timeout=2.0):
+        self.channels = {}
+        self.sessions = set()
+        self.dirty = []
+        self.flush_scheduled = False
+        self.loop = loop
+        self._flush_cb = self.flush
+        self.node = None
+        self.broker = None
+        self.send_buffer_limit = send_buffer_limit
+        self.max_message_bytes = max_message_bytes
+        self.conn_capacity = conn_capacity
+        self.conn_window = conn_window
+        self.refresh_notice = refresh_notice
+        self.close_timeout = close_timeout
+        self.error_counts = {}
+        bucket_init(&self.global_bucket, global_rate, 1.0, aether_monotonic())
+
+    # -- channels ---------------------------------------------------------------------------
+
+    def channel(self, str name):
+        """The live Channel called `name`, or None."""
+        return self.channels.get(name)
+
+    def add_channel(self, str name, object config) -> Channel:
+        cdef Channel ch = self.channels.get(name)
+        if ch is None:
+            ch = Channel(name, config)
+            self.channels[name] = ch
+        else:
+            ch.configure(config)
+        return ch
+
+    def channel_names(self) -> list:
+        return list(self.channels)
+
+    def drop_channel(self, str name) -> list:
+        """Forget a channel; returns its former members (already removed from it)."""
+        cdef Channel ch = self.channels.pop(name, None)
+        if ch is None:
+            return []
+        members = ch.members
+        ch.members = []
+        for s in members:
+            (<Session>s).channels.pop(name, None)
+        return members
+
+    cpdef bint join(self, Session s, Channel ch):
+        """Add `s` to `ch`; False when it was already a member."""
+        if ch.name in s.channels:
+            return False
+        ch.members.append(s)
+        s.channels[ch.name] = ch
+        return True
+
+    cpdef bint leave(self, Session s, str name):
+        """Remove `s` from channel `name`; False when it was not a member."""
+        cdef Channel ch = s.channels.pop(name, None)
+        if ch is None:
+            return False
+        ch.members.remove(s)
+        if not ch.members and ch.name in self.channels and ch.config is not None \
+                and getattr(ch.config, "ephemeral", False):
+            del self.channels[ch.name]
+        return True
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    cdef void add_session(self, Session s):
+        self.sessions.add(s)
+        self.connections_total += 1
+
+    cdef void remove_session(self, Session s):
+        self.sessions.discard(s)
+        for name in list(s.channels):
+            self.leave(s, name)
+
+    @property
+    def active_connections(self) -> int:
+        return len(self.sessions)
+
+    def session_list(self) -> list:
+        return list(self.sessions)
+
+    # -- fan-out ----------------------------------------------------------------------------
+
+    cpdef void deliver(self, Channel ch, bytes frame, Session exclude):
+        """Append `frame` to every member's outbox but `exclude` (may be None)."""
+        cdef list members = ch.members
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(members), sent = 0
+        cdef const char* p = PyBytes_AS_STRING(frame)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+        cdef Session s
+        for i in range(n):
+            s = <Session>PyList_GET_ITEM(members, i)
+            if s is exclude:
+                continue
+            s.enqueue(p, size)
+            sent += 1
+        ch.published += 1
+        ch.delivered += sent
+        self.messages_published += 1
+        self.deliveries += sent
+        self.bytes_out += sent * size
+
+    def deliver_all(self, bytes frame) -> int:
+        """Append `frame` to every session's outbox (system broadcasts)."""
+        cdef const char* p = PyBytes_AS_STRING(frame)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+        cdef Py_ssize_t n = 0
+        for s in self.sessions:
+            (<Session>s).enqueue(p, size)
+            n += 1
+        self.deliveries += n
+        self.bytes_out += n * size
+        return n
+
+    cdef inline void mark_dirty(self, Session s):
+        self.dirty.append(s)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush_cb)
+
+    def flush(self):
+        """Write each dirty outbox: one write per member for everything queued this pass."""
+        cdef list dirty = self.dirty
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(dirty)
+        cdef Session s
+        self.dirty = []
+        self.flush_scheduled = False
+        for i in range(n):
+            s = <Session>PyList_GET_ITEM(dirty, i)
+            s.dirty = False
+            s.flush_outbox()
+
+    cdef inline bint take_global(self, double now, double* wait):
+        wait[0] = bucket_wait(&self.global_bucket, now)
+        return wait[0] == 0.0
+
+    cdef void count_error(self, str code):
+        self.errors_total += 1
+        self.error_counts[code] = self.error_counts.get(code, 0) + 1
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def tick(self, double wall_now, bint ping_round):
+        """Once a second: token expiry (warning, then close 4001) and, on a ping round,
+        pings to silent sessions and closing of those that did not answer the last one."""
+        cdef Session s
+        cdef list expired = []
+        cdef list warn = []
+        cdef list dead = []
+        for o in self.sessions:
+            s = <Session>o
+            if s.closing:
+                continue
+            if s.expires_at > 0.0:
+                if wall_now >= s.expires_at:
+                    expired.append(s)
+                    continue
+                if not s.warned and wall_now >= s.expires_at - self.refresh_notice:
+                    warn.append(s)
+            if ping_round:
+                if s.frames_seen == 0:
+                    if s.ping_outstanding:
+                        dead.append(s)
+                        continue
+                    s.ping_outstanding = True
+                    s.transport.send_ping()
+                s.frames_seen = 0
+        for o in warn:
+            s = <Session>o
+            s.warned = True
+            s.send_json({"type": "system", "action": "status", "data": {
+                "message": "token expires soon; send connection/refresh with a new token",
+                "severity": "warning", "expires_at": s.expires_at}})
+        for o in expired:
+            (<Session>o).expire()
+        for o in dead:
+            (<Session>o).close(CloseCode.GOING_AWAY, "ping timeout")
+        return len(expired), len(dead)
+
+    def error_counts_snapshot(self) -> dict:
+        return dict(self.error_counts)

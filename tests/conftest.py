@@ -1,0 +1,199 @@
+"""Shared fixtures: a real aether-fast server process on free ports of 127.0.0.1.
+
+`server` is one server for a test module; `make_server(**env)` starts a server with its own
+settings for one test. Each server writes its JSON log to a file; at teardown the log must
+hold no error-level line unless the test said it expects some (`srv.allow_errors = True`):
+an unhandled exception in the loop fails the test that caused it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-secret-test-secret-test-secret-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A running `aether-fast serve` and the helpers tests use to talk to it."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.data_dir = tmp / "data"
+        self.log_path = tmp / f"server-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "WS_HOST": "127.0.0.1",
+            "WS_PORT": str(self.port),
+            "METRICS_PORT": str(self.metrics_port),
+            "JWT_SECRET": SECRET,
+            "DATA_DIR": str(self.data_dir),
+            "LOG_LEVEL": "info",
+            **env,
+        }
+        self.allow_errors = False
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    # -- process ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aether_fast", "serve"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.tmp,
+        )
+        log.close()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start: " + self.log_text())
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def restart(self) -> None:
+        assert self.stop() == 0
+        self.start()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"level": "raw", "event": line})
+        return out
+
+    def check_log(self) -> None:
+        bad = [
+            line
+            for line in self.log_lines()
+            if line.get("level") in ("error", "raw") or "Traceback" in json.dumps(line)
+        ]
+        if bad and not self.allow_errors:
+            raise AssertionError(f"server logged errors: {bad[:5]}")
+
+    # -- clients ---------------------------------------------------------------------------
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def token(
+        self,
+        sub: str = "alice",
+        *,
+        admin: bool = False,
+        channels: list[str] | None = None,
+        ttl: float = 3600,
+        secret: str = SECRET,
+        **claims: Any,
+    ) -> str:
+        import jwt
+
+        now = int(time.time())
+        payload: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl, **claims}
+        if admin:
+            payload["admin"] = True
+        if channels is not None:
+            payload["channels"] = channels
+        return jwt.encode(payload, secret, algorithm="HS256")
+
+    def http(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = None,
+        raw: bytes | None = None,
+        port: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any, dict[str, str]]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port or self.port}{path}", data=data, method=method
+        )
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token}")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                text = resp.read()
+                status, hdrs = resp.status, dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            text = err.read()
+            status, hdrs = err.code, dict(err.headers)
+        ctype = hdrs.get("Content-Type", "")
+        return status, (json.loads(text) if "json" in ctype else text.decode()), hdrs
+
+    def admin(self) -> str:
+        return self.token("root", admin=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("srv"), {})
+    yield srv
+    code = srv.stop()
+    srv.check_log()
+    assert code == 0, srv.log_text()[-2000:]
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    made: list[Server] = []
+
+    def make(**env: str) -> Server:
+        srv = Server(tmp_path, {k: str(v) for k, v in env.items()})
+        made.append(srv)
+        return srv
+
+    yield make
+    for srv in made:
+        srv.stop()
+        srv.check_log()

@@ -1,0 +1,319 @@
+"""auth.py with real PyJWT tokens: algorithms, required claims, time, cache, channel globs."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from aether_fast.auth import (
+    CACHE_SIZE,
+    Authenticator,
+    AuthError,
+    Claims,
+    channel_allowed,
+    mint_token,
+)
+from aether_fast.config import Config, load_config
+
+SECRET = "k" * 32
+NOW = 1_700_000_000.0
+
+
+def hs_config(**env: str) -> Config:
+    return load_config({"JWT_SECRET": SECRET, **{k.upper(): v for k, v in env.items()}})
+
+
+def hs_token(payload: dict[str, Any], secret: str = SECRET, alg: str = "HS256") -> str:
+    return jwt.encode(payload, secret, algorithm=alg)
+
+
+def good(**extra: Any) -> dict[str, Any]:
+    return {"sub": "alice", "exp": int(NOW) + 600, "iat": int(NOW), **extra}
+
+
+def refused(auth: Authenticator, token: str, now: float = NOW) -> AuthError:
+    with pytest.raises(AuthError) as info:
+        auth.verify(token, now=now)
+    if token:
+        assert token not in info.value.reason and token not in str(info.value)
+    return info.value
+
+
+@pytest.fixture(scope="module")
+def rsa_pems() -> tuple[str, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return private, public
+
+
+def test_hs256_roundtrip() -> None:
+    auth = Authenticator(hs_config())
+    claims = auth.verify(hs_token(good()), now=NOW)
+    assert claims == Claims(user_id="alice", expires_at=NOW + 600, admin=False, channels=None)
+
+
+def test_admin_claims() -> None:
+    auth = Authenticator(hs_config())
+    assert auth.verify(hs_token(good(admin=True)), now=NOW).admin is True
+    assert auth.verify(hs_token(good(role="admin")), now=NOW).admin is True
+    assert auth.verify(hs_token(good(admin="true")), now=NOW).admin is False
+    assert auth.verify(hs_token(good(role="user")), now=NOW).admin is False
+
+
+def test_wrong_secret() -> None:
+    auth = Authenticator(hs_config())
+    e = refused(auth, hs_token(good(), secret="x" * 32))
+    assert (e.code, e.reason) == ("AUTH_INVALID", "signature verification failed")
+
+
+def test_garbage_and_empty() -> None:
+    auth = Authenticator(hs_config())
+    assert refused(auth, "not.a.jwt").code == "AUTH_INVALID"
+    assert refused(auth, "abc").reason == "malformed token"
+    assert refused(auth, "").code == "AUTH_REQUIRED"
+    assert refused(auth, "e" * 9000).reason == "token too long"
+
+
+def _b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def test_alg_none_refused() -> None:
+    auth = Authenticator(hs_config())
+    token = f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(good())}."
+    e = refused(auth, token)
+    assert e.code == "AUTH_INVALID"
+    token = jwt.encode(good(), "", algorithm="none")
+    assert refused(auth, token).reason == "algorithm not allowed"
+
+
+def test_other_hmac_algorithm_refused() -> None:
+    auth = Authenticator(hs_config())
+    token = hs_token(good(), secret="k" * 64, alg="HS512")
+    assert refused(auth, token).reason == "algorithm not allowed"
+
+
+def test_rs256(rsa_pems: tuple[str, str]) -> None:
+    private, public = rsa_pems
+    config = load_config({"JWT_ALGORITHM": "RS256", "JWT_PUBLIC_KEY": public})
+    auth = Authenticator(config)
+    token = jwt.encode(good(), private, algorithm="RS256")
+    assert auth.verify(token, now=NOW).user_id == "alice"
+
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    forged = jwt.encode(good(), other, algorithm="RS256")
+    assert refused(auth, forged).reason == "signature verification failed"
+
+
+def test_algorithm_confusion_refused(rsa_pems: tuple[str, str]) -> None:
+    """An HS256 token signed with the public key as HMAC secret must not pass an RS256 server."""
+    _, public = rsa_pems
+    auth = Authenticator(load_config({"JWT_ALGORITHM": "RS256", "JWT_PUBLIC_KEY": public}))
+    header = _b64({"alg": "HS256", "typ": "JWT"})
+    body = _b64(good())
+    sig = hmac.new(public.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest()
+    token = f"{header}.{body}.{base64.urlsafe_b64encode(sig).rstrip(b'=').decode()}"
+    e = refused(auth, token)
+    assert (e.code, e.reason) == ("AUTH_INVALID", "algorithm not allowed")
+    # and a plain HS256 token with any secret
+    assert refused(auth, hs_token(good())).code == "AUTH_INVALID"
+
+
+def test_es256() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    auth = Authenticator(load_config({"JWT_ALGORITHM": "ES256", "JWT_PUBLIC_KEY": public}))
+    assert auth.verify(jwt.encode(good(), key, algorithm="ES256"), now=NOW).user_id == "alice"
+
+
+@pytest.mark.parametrize("claim", ["exp", "sub"])
+def test_missing_required_claim(claim: str) -> None:
+    auth = Authenticator(hs_config())
+    payload = good()
+    del payload[claim]
+    e = refused(auth, hs_token(payload))
+    assert (e.code, e.reason) == ("AUTH_INVALID", f"missing claim: {claim}")
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"sub": ""}, "claim sub must be a non-empty string"),
+        ({"sub": 42}, "claim sub must be a string"),
+        ({"exp": "soon"}, "claim exp must be a number"),
+        ({"exp": True}, "claim exp must be a number"),
+        ({"nbf": int(NOW) + 60}, "token not yet valid (nbf)"),
+        ({"iat": int(NOW) + 60}, "token issued in the future (iat)"),
+        ({"channels": "chat.*"}, "claim channels must be a list of strings"),
+        ({"channels": ["chat.*", 3]}, "claim channels must be a list of strings"),
+    ],
+)
+def test_bad_claims(extra: dict[str, Any], reason: str) -> None:
+    auth = Authenticator(hs_config())
+    e = refused(auth, hs_token(good(**extra)))
+    assert (e.code, e.reason) == ("AUTH_INVALID", reason)
+
+
+def test_expired() -> None:
+    auth = Authenticator(hs_config())
+    token = hs_token(good(exp=int(NOW) - 1))
+    e = refused(auth, token)
+    assert (e.code, e.reason) == ("TOKEN_EXPIRED", "token expired")
+    # exactly at exp is expired too
+    assert refused(auth, hs_token(good(exp=int(NOW)))).code == "TOKEN_EXPIRED"
+
+
+def test_leeway() -> None:
+    token = hs_token(good(exp=int(NOW) - 5, nbf=int(NOW) + 5))
+    assert refused(Authenticator(hs_config()), token).code == "TOKEN_EXPIRED"
+    lenient = Authenticator(hs_config(jwt_leeway_s="10"))
+    assert lenient.verify(token, now=NOW).expires_at == NOW - 5
+    assert refused(lenient, token, now=NOW + 6).code == "TOKEN_EXPIRED"
+
+
+def test_audience_and_issuer() -> None:
+    auth = Authenticator(hs_config(jwt_audience="aether", jwt_issuer="https://id.example"))
+    ok = good(aud="aether", iss="https://id.example")
+    assert auth.verify(hs_token(ok), now=NOW).user_id == "alice"
+    assert auth.verify(hs_token({**ok, "aud": ["x", "aether"]}), now=NOW).user_id == "alice"
+    assert refused(auth, hs_token({**ok, "aud": "other"})).reason == "invalid audience"
+    assert refused(auth, hs_token({**ok, "iss": "evil"})).reason == "invalid issuer"
+    no_aud = dict(ok)
+    del no_aud["aud"]
+    assert refused(auth, hs_token(no_aud)).reason == "missing claim: aud"
+    no_iss = dict(ok)
+    del no_iss["iss"]
+    assert refused(auth, hs_token(no_iss)).reason == "missing claim: iss"
+    # a server without an audience refuses tokens that name one (PyJWT's rule)
+    plain = Authenticator(hs_config())
+    assert refused(plain, hs_token(good(aud="aether"))).reason == "invalid audience"
+
+
+def test_cache_still_checks_expiry() -> None:
+    auth = Authenticator(hs_config())
+    token = hs_token(good(exp=int(NOW) + 10))
+    first = auth.verify(token, now=NOW)
+    assert auth.verify(token, now=NOW + 9) is first  # served from the cache
+    e = refused(auth, token, now=NOW + 10)
+    assert e.code == "TOKEN_EXPIRED"
+    assert refused(auth, token, now=NOW + 11).code == "TOKEN_EXPIRED"
+
+
+def test_cache_skips_signature_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    auth = Authenticator(hs_config())
+    token = hs_token(good())
+    auth.verify(token, now=NOW)
+    calls: list[str] = []
+
+    def boom(*args: object, **kwargs: object) -> None:
+        calls.append("decode")
+        raise AssertionError("decode called")
+
+    monkeypatch.setattr(jwt, "decode", boom)
+    assert auth.verify(token, now=NOW + 1).user_id == "alice"
+    assert calls == []
+
+
+def test_cache_is_bounded() -> None:
+    auth = Authenticator(hs_config())
+    first = hs_token(good(n=-1))
+    auth.verify(first, now=NOW)
+    for i in range(CACHE_SIZE):
+        auth.verify(hs_token(good(n=i)), now=NOW)
+    assert len(auth._cache) == CACHE_SIZE
+    assert first not in auth._cache
+
+
+def test_verify_uses_wall_clock_by_default() -> None:
+    auth = Authenticator(hs_config())
+    now = time.time()
+    assert auth.verify(hs_token({"sub": "a", "exp": int(now) + 60})).user_id == "a"
+    with pytest.raises(AuthError) as info:
+        auth.verify(hs_token({"sub": "a", "exp": int(now) - 60}))
+    assert info.value.code == "TOKEN_EXPIRED"
+
+
+def test_channel_globs() -> None:
+    auth = Authenticator(hs_config())
+    claims = auth.verify(hs_token(good(channels=["chat.*", "news"])), now=NOW)
+    assert claims.channels == ("chat.*", "news")
+    assert channel_allowed(claims, "chat.lobby")
+    assert channel_allowed(claims, "news")
+    assert not channel_allowed(claims, "news.sport")
+    assert not channel_allowed(claims, "CHAT.lobby")  # case-sensitive
+    assert not channel_allowed(claims, "private")
+    assert channel_allowed(None, "anything")
+    assert channel_allowed(auth.verify(hs_token(good()), now=NOW), "anything")
+    nothing = auth.verify(hs_token(good(channels=[])), now=NOW)
+    assert not channel_allowed(nothing, "chat.lobby")
+
+
+def test_mint_token_hs_roundtrip() -> None:
+    config = hs_config(jwt_audience="aud", jwt_issuer="iss", jwt_expires_s="120")
+    token = mint_token(config, "bob", admin=True, channels=["chat.*"], now=NOW)
+    payload = jwt.decode(token, options={"verify_signature": False})
+    assert payload == {
+        "sub": "bob",
+        "iat": int(NOW),
+        "exp": int(NOW) + 120,
+        "admin": True,
+        "channels": ["chat.*"],
+        "aud": "aud",
+        "iss": "iss",
+    }
+    claims = Authenticator(config).verify(token, now=NOW + 1)
+    assert claims == Claims("bob", NOW + 120, True, ("chat.*",))
+    plain = jwt.decode(
+        mint_token(config, "c", ttl_s=5, now=NOW), options={"verify_signature": False}
+    )
+    assert "admin" not in plain and "channels" not in plain and plain["exp"] == int(NOW) + 5
+
+
+def test_mint_token_generated_secret() -> None:
+    config = load_config({})
+    assert Authenticator(config).verify(mint_token(config, "x")).user_id == "x"
+
+
+def test_mint_token_rs256(rsa_pems: tuple[str, str]) -> None:
+    private, public = rsa_pems
+    verify_only = load_config({"JWT_ALGORITHM": "RS256", "JWT_PUBLIC_KEY": public})
+    with pytest.raises(ValueError, match="JWT_PRIVATE_KEY"):
+        mint_token(verify_only, "alice")
+    config = load_config(
+        {"JWT_ALGORITHM": "RS256", "JWT_PUBLIC_KEY": public, "JWT_PRIVATE_KEY": private}
+    )
+    token = mint_token(config, "alice", now=NOW)
+    assert jwt.get_unverified_header(token)["alg"] == "RS256"
+    assert Authenticator(config).verify(token, now=NOW).user_id == "alice"
+
+
+def test_mint_token_bad_arguments() -> None:
+    config = hs_config()
+    with pytest.raises(ValueError):
+        mint_token(config, "")
+    with pytest.raises(ValueError):
+        mint_token(config, "a", ttl_s=0)
+    with pytest.raises(ValueError):
+        mint_token(config, "a", channels="chat.*")
