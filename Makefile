@@ -33,7 +33,7 @@ test-integration:
 lint:  ## ruff, mypy --strict on aether_fast/, cython-lint on ext/
 	$(BIN)/ruff check aether_fast tests
 	$(BIN)/mypy
-	$(BIN)/cython-lint ext
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/cython-lint ext
 
 clean:
 	rm -rf build aether_fast/*.so ext/*.c *.egg-info

@@ -7,7 +7,6 @@ the composition root; a bad setting is one line on stderr naming the variable, e
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence

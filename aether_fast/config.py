@@ -602,7 +602,7 @@ def _mask_url(url: str) -> str:
         if ":" in userinfo:
             userinfo = userinfo.split(":", 1)[0] + ":***"
         elif userinfo:
-            # redis://secret@host: a lone userinfo is the password to redis-py.
+            # redis://x@host: some clients read a lone userinfo as the password.
             userinfo = "***"
         netloc = f"{userinfo}@{host}"
     query = parts.query
@@ -619,13 +619,13 @@ _SECRET_FIELDS: Final = frozenset({"jwt_secret", "jwt_private_key", "admin_token
 
 
 def masked(config: Config) -> dict[str, object]:
-    """Every field, with secrets replaced by "***" (None stays None): for check-config."""
+    """Every field, with secrets replaced by "***" (None and "" stay): for check-config."""
     result: dict[str, object] = {}
     for f in fields(config):
         value = getattr(config, f.name)
-        if value is not None and f.name in _SECRET_FIELDS:
+        if value and f.name in _SECRET_FIELDS:
             value = "***"
-        elif value is not None and f.name == "broker_url":
+        elif value and f.name == "broker_url":
             value = _mask_url(str(value))
         result[f.name] = value
     return result

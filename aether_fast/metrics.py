@@ -81,25 +81,43 @@ class HubCollector:
             g.add_metric(worker, value)
             return g
 
-        yield gauge("aether_connections_active", "Open WebSocket connections.", hub.active_connections)
-        yield counter("aether_connections", "WebSocket connections accepted.", hub.connections_total)
+        yield gauge(
+            "aether_connections_active", "Open WebSocket connections.", hub.active_connections
+        )
+        yield counter(
+            "aether_connections", "WebSocket connections accepted.", hub.connections_total
+        )
         yield gauge("aether_channels_active", "Channels with live state.", len(hub.channel_names()))
         yield counter("aether_messages_received", "Client messages received.", hub.messages_in)
-        yield counter("aether_messages_published", "Messages accepted and published.", hub.messages_published)
+        yield counter(
+            "aether_messages_published", "Messages accepted and published.", hub.messages_published
+        )
         yield counter("aether_deliveries", "Frames queued to members by fan-out.", hub.deliveries)
         yield counter("aether_bytes_out", "Bytes of fan-out frames queued.", hub.bytes_out)
         yield counter("aether_rate_limited", "Messages refused by a rate limit.", hub.rate_limited)
         yield counter(
-            "aether_slow_reader_disconnects", "Connections closed 4008 (send buffer over limit).", hub.slow_reader_closes
+            "aether_slow_reader_disconnects",
+            "Connections closed 4008 (send buffer over limit).",
+            hub.slow_reader_closes,
         )
-        errors = CounterMetricFamily("aether_errors", "Error messages sent, by code.", labels=["worker", "code"])
+        errors = CounterMetricFamily(
+            "aether_errors", "Error messages sent, by code.", labels=["worker", "code"]
+        )
         counts = hub.error_counts_snapshot()
         for code in sorted({*counts, ErrorCode.INTERNAL_ERROR}):
             errors.add_metric([worker[0], code], counts.get(code, 0))
         yield errors
         state, _ = self._node.health()
-        yield gauge("aether_up", "1 when the node is healthy, 0 when degraded or down.", 1 if state == "healthy" else 0)
-        yield gauge("aether_uptime_seconds", "Seconds since the worker started.", time.time() - self._node.started_at)
+        yield gauge(
+            "aether_up",
+            "1 when the node is healthy, 0 when degraded or down.",
+            1 if state == "healthy" else 0,
+        )
+        yield gauge(
+            "aether_uptime_seconds",
+            "Seconds since the worker started.",
+            time.time() - self._node.started_at,
+        )
 
 
 class PrometheusRouter:
@@ -107,11 +125,17 @@ class PrometheusRouter:
 
     def __init__(self, hub: Hub, node: Any) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(HubCollector(hub, node))  # type: ignore[arg-type]
+        self.registry.register(HubCollector(hub, node))
 
     def handle(self, request: Request) -> Response:
         if request.path != "/metrics":
             return Response.error(404, ErrorCode.INVALID_MESSAGE, "not found", "only /metrics here")
         if request.method not in ("GET", "HEAD"):
-            return Response.error(405, ErrorCode.INVALID_MESSAGE, "method not allowed", "GET only", (("Allow", "GET"),))
+            return Response.error(
+                405,
+                ErrorCode.INVALID_MESSAGE,
+                "method not allowed",
+                "GET only",
+                (("Allow", "GET"),),
+            )
         return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)

@@ -17,7 +17,7 @@ from typing import Any
 
 from aether_fast import logs
 from aether_fast._core import Channel, Hub, Session, encode_json_frame
-from aether_fast.auth import AuthError, Authenticator, Claims, channel_allowed
+from aether_fast.auth import Authenticator, AuthError, Claims, channel_allowed
 from aether_fast.brokers.base import Broker
 from aether_fast.config import Config
 from aether_fast.protocol import (
@@ -120,7 +120,8 @@ class Node:
             return
         key = s.user_id if s.user_id is not None else f"ip:{s.peer}"
         count = self._per_key.get(key, 0)
-        if count >= self.config.rate_limit_connections:
+        limit = self.config.rate_limit_connections
+        if 0 < limit <= count:
             self.security_event(s, "connection_limit", f"{count} connections")
             s.send_error(
                 ErrorCode.CONNECTION_LIMIT,
@@ -145,14 +146,15 @@ class Node:
             )
             old.close(CloseCode.REPLACED, "replaced by a newer connection")
         self._live[live_key] = s
-        logs.log(
-            "debug", "connection_opened", "node", client_id=s.client_id, user_id=s.user_id
-        )
+        logs.log("debug", "connection_opened", "node", client_id=s.client_id, user_id=s.user_id)
         initial: dict[str, Any] | None = s.initial
         if initial is not None:
-            if not self.join(s, initial["channel"], initial.get("since"), initial.get("epoch")):
-                if s.claims is None and not s.closing:
-                    s.close(CloseCode.AUTH, "authentication required")
+            refused = self.join(s, initial["channel"], initial.get("since"), initial.get("epoch"))
+            # the URL's channel is part of the upgrade: an auth refusal ends the connection
+            if refused == ErrorCode.AUTH_REQUIRED:
+                s.close(CloseCode.AUTH, "authentication required")
+            elif refused == ErrorCode.FORBIDDEN:
+                s.close(CloseCode.FORBIDDEN, "channel not allowed")
             return
         s.send_json(
             {
@@ -250,28 +252,21 @@ class Node:
             return default_channel_config(name, self.config)
         return None
 
-    def join(self, s: Session, name: str, since: int | None, epoch: str | None) -> bool:
+    def join(self, s: Session, name: str, since: int | None, epoch: str | None) -> str | None:
         """Join `s` to channel `name` and reply connection/connect (with recovery when
-        `since` is given); on refusal an error is sent and False returned."""
+        `since` is given). On refusal the error is sent and its code returned."""
         cfg = self.channel_config(name)
-        details = {"channel": name}
         if cfg is None:
-            s.send_error(ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "channel", "not configured", details)
-            return False
+            return self._refuse_join(s, name, ErrorCode.CHANNEL_NOT_FOUND, "no such channel")
         claims: Claims | None = s.claims
         if cfg.require_auth and claims is None:
-            self.security_event(s, "auth_required", name)
-            s.send_error(ErrorCode.AUTH_REQUIRED, "this channel requires a token", "auth", "no token", details)
-            return False
+            return self._refuse_join(s, name, ErrorCode.AUTH_REQUIRED, "this channel needs a token")
         if not channel_allowed(claims, name):
-            self.security_event(s, "forbidden", name)
-            s.send_error(ErrorCode.FORBIDDEN, "token does not allow this channel", "auth", "channels claim", details)
-            return False
-        ch: Channel = self.hub.add_channel(name, cfg) if self.hub.channel(name) is None else self.hub.channel(name)
+            return self._refuse_join(s, name, ErrorCode.FORBIDDEN, "token does not allow it")
+        ch = self.hub.channel(name) or self.hub.add_channel(name, cfg)
         if not s.is_member(name):
             if 0 < ch.max_connections <= ch.member_count:
-                s.send_error(ErrorCode.CHANNEL_FULL, "channel is full", "channel", "max_connections", {**details, "limit": ch.max_connections})
-                return False
+                return self._refuse_join(s, name, ErrorCode.CHANNEL_FULL, "max_connections")
             self.hub.join(s, ch)
             if ch.presence:
                 self._presence(ch, s, "connect")
@@ -288,11 +283,23 @@ class Node:
         s.send_json({"type": "connection", "action": "connect", "data": reply})
         for frame in recovery.frames:
             s.send_frame(frame)
-        return True
+        return None
+
+    def _refuse_join(self, s: Session, name: str, code: str, reason: str) -> str:
+        if code in (ErrorCode.AUTH_REQUIRED, ErrorCode.FORBIDDEN):
+            self.security_event(s, code.lower(), name)
+        s.send_error(code, f"cannot join channel: {reason}", "channel", reason, {"channel": name})
+        return code
 
     def leave(self, s: Session, name: str) -> None:
         if not s.is_member(name):
-            s.send_error(ErrorCode.NOT_A_MEMBER, "not a member of this channel", "channel", "not a member", {"channel": name})
+            s.send_error(
+                ErrorCode.NOT_A_MEMBER,
+                "not a member of this channel",
+                "channel",
+                "not a member",
+                {"channel": name},
+            )
             return
         ch = self.hub.channel(name)
         if ch is not None and ch.presence:
@@ -325,10 +332,22 @@ class Node:
             return
         if s.claims is not None and claims.user_id != s.user_id:
             self.security_event(s, "refresh_failed", "sub differs")
-            s.send_error(ErrorCode.AUTH_INVALID, "refresh token refused", "auth", "the new token has another sub", None)
+            s.send_error(
+                ErrorCode.AUTH_INVALID,
+                "refresh token refused",
+                "auth",
+                "the new token has another sub",
+                None,
+            )
             return
         if s.claims is None:
-            s.send_error(ErrorCode.AUTH_INVALID, "refresh token refused", "auth", "an anonymous connection cannot refresh", None)
+            s.send_error(
+                ErrorCode.AUTH_INVALID,
+                "refresh token refused",
+                "auth",
+                "an anonymous connection cannot refresh",
+                None,
+            )
             return
         s.claims = claims
         s.expires_at = claims.expires_at
@@ -341,7 +360,9 @@ class Node:
         claims: Claims | None = s.claims
         if claims is None or not claims.admin:
             self.security_event(s, "forbidden", "broadcast without admin")
-            s.send_error(ErrorCode.FORBIDDEN, "broadcast needs an admin token", "auth", "not admin", None)
+            s.send_error(
+                ErrorCode.FORBIDDEN, "broadcast needs an admin token", "auth", "not admin", None
+            )
             return
         message = require_str(data, "message")
         severity = require_severity(data)

@@ -25,7 +25,6 @@ from libc.time cimport time_t
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType, WSCloseCode
 
 import asyncio
-import time as _time
 
 from orjson import JSONDecodeError
 from orjson import dumps as _dumps

@@ -25,7 +25,7 @@ cdef inline double bucket_wait(Bucket* b, double now) noexcept:
         if b.tokens > b.capacity:
             b.tokens = b.capacity
         b.stamp = now
-    if b.tokens >= 1.0:
+    if b.tokens >= 1.0 - 1e-9:  # float refill may land a hair below a whole token
         return 0.0
     return (1.0 - b.tokens) / b.rate
 

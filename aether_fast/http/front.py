@@ -83,7 +83,9 @@ class Router(Protocol):
 class Upgrader(Protocol):
     def wants(self, request: Request) -> bool: ...
 
-    def upgrade(self, request: Request, transport: asyncio.Transport, rest: bytes) -> Response | None:
+    def upgrade(
+        self, request: Request, transport: asyncio.Transport, rest: bytes
+    ) -> Response | None:
         """Hand the socket to picows (return None), or refuse with a response."""
         ...
 
@@ -94,6 +96,7 @@ class HttpFront(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_body_size",
+        "_done",
         "_head_size",
         "_headers",
         "_idle",
@@ -105,7 +108,6 @@ class HttpFront(asyncio.Protocol):
         "_transport",
         "_upgrader",
         "_url",
-        "_done",
     )
 
     def __init__(
@@ -241,7 +243,9 @@ class HttpFront(asyncio.Protocol):
             value = v.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         method = self._parser.get_method().decode("latin-1")
-        return Request(method, path, query, headers, b"".join(self._body), self._peer, self._headers)
+        return Request(
+            method, path, query, headers, b"".join(self._body), self._peer, self._headers
+        )
 
     def _on_upgrade(self, rest: bytes) -> None:
         request = self._request()

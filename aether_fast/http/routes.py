@@ -13,12 +13,12 @@ from typing import Any
 
 import orjson
 
-from aether_fast.auth import AuthError, Authenticator
+from aether_fast.auth import Authenticator, AuthError
 from aether_fast.config import Config
 from aether_fast.http.front import Request, Response
 from aether_fast.metrics import Metrics
 from aether_fast.node import Node
-from aether_fast.protocol import ErrorCode, SEVERITIES, valid_channel
+from aether_fast.protocol import SEVERITIES, ErrorCode, valid_channel
 from aether_fast.store import FieldError, parse_channel_config, valid_channel_name
 
 Handler = Callable[[Request, str], Response]
@@ -62,7 +62,9 @@ class Router:
                     "send a WebSocket upgrade request",
                     (("Upgrade", "websocket"),),
                 )
-            return Response.error(404, ErrorCode.INVALID_MESSAGE, "not found", "no such route", path=request.path)
+            return Response.error(
+                404, ErrorCode.INVALID_MESSAGE, "not found", "no such route", path=request.path
+            )
         method = "GET" if request.method == "HEAD" else request.method
         handler = methods.get(method)
         if handler is None:
@@ -96,9 +98,13 @@ class Router:
         try:
             claims = self._auth.verify(token)
         except AuthError as err:
-            return Response.error(401, err.code, "invalid credentials", err.reason, (("WWW-Authenticate", "Bearer"),))
+            return Response.error(
+                401, err.code, "invalid credentials", err.reason, (("WWW-Authenticate", "Bearer"),)
+            )
         if not claims.admin:
-            return Response.error(403, ErrorCode.FORBIDDEN, "admin rights required", "token is not an admin token")
+            return Response.error(
+                403, ErrorCode.FORBIDDEN, "admin rights required", "token is not an admin token"
+            )
         return None
 
     @staticmethod
@@ -107,7 +113,9 @@ class Router:
             return orjson.loads(request.body)
         except orjson.JSONDecodeError as exc:
             raise _BadBody(
-                Response.error(400, ErrorCode.INVALID_JSON, "body is not valid JSON", str(exc).split(":")[0])
+                Response.error(
+                    400, ErrorCode.INVALID_JSON, "body is not valid JSON", str(exc).split(":")[0]
+                )
             ) from None
 
     # -- routes ----------------------------------------------------------------------------
@@ -134,7 +142,9 @@ class Router:
             return denied
         view = self._node.channel_view(name) if valid_channel_name(name) else None
         if view is None:
-            return Response.error(404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name)
+            return Response.error(
+                404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name
+            )
         return Response.json(200, view)
 
     def put_channel(self, request: Request, _: str) -> Response:
@@ -151,7 +161,13 @@ class Router:
         try:
             cfg = parse_channel_config(body, self._config, existing)
         except FieldError as err:
-            return Response.error(400, ErrorCode.INVALID_MESSAGE, "invalid channel config", err.reason, field=err.field)
+            return Response.error(
+                400,
+                ErrorCode.INVALID_MESSAGE,
+                "invalid channel config",
+                err.reason,
+                field=err.field,
+            )
         created = self._node.configure_channel(cfg)
         return Response.json(201 if created else 200, cfg.to_json())
 
@@ -160,7 +176,9 @@ class Router:
         if denied is not None:
             return denied
         if not valid_channel_name(name) or not self._node.delete_channel(name):
-            return Response.error(404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name)
+            return Response.error(
+                404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name
+            )
         return Response.json(200, {"deleted": name})
 
     def broadcast(self, request: Request, _: str) -> Response:
@@ -181,7 +199,9 @@ class Router:
             return _field_error("severity", "severity must be info, warning or error")
         channel = body.get("channel")
         if channel is not None and not valid_channel(channel):
-            return _field_error("channel", "channel must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+            return _field_error(
+                "channel", "channel must be 1-128 characters of A-Z a-z 0-9 _ . : -"
+            )
         unknown = set(body) - {"message", "severity", "channel"}
         if unknown:
             return _field_error(sorted(unknown)[0], "unknown field")
@@ -196,7 +216,9 @@ class Router:
 
 
 def _field_error(field: str, reason: str) -> Response:
-    return Response.error(400, ErrorCode.INVALID_MESSAGE, "invalid request body", reason, field=field)
+    return Response.error(
+        400, ErrorCode.INVALID_MESSAGE, "invalid request body", reason, field=field
+    )
 
 
 class _BadBody(Exception):

@@ -15,11 +15,11 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from picows import WSAutoPingStrategy
-from picows.picows import WSProtocol
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # internal, pinned
 
 from aether_fast import logs
 from aether_fast._core import Hub, Session
-from aether_fast.auth import AuthError, Authenticator
+from aether_fast.auth import Authenticator, AuthError
 from aether_fast.config import Config
 from aether_fast.http.front import Request, Response
 from aether_fast.protocol import CHANNEL_NAME_RE, ErrorCode
@@ -34,7 +34,7 @@ class _PicowsLog:
 
     name = "picows"
 
-    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 (logging's name)
+    def isEnabledFor(self, level: int) -> bool:
         return level >= 30
 
     def log(self, level: int, msg: str, *args: object) -> None:
@@ -69,7 +69,9 @@ class WebSocketUpgrader:
     def wants(self, request: Request) -> bool:
         return request.path == self._config.ws_path
 
-    def upgrade(self, request: Request, transport: asyncio.Transport, rest: bytes) -> Response | None:
+    def upgrade(
+        self, request: Request, transport: asyncio.Transport, rest: bytes
+    ) -> Response | None:
         refused = self._admit(request)
         if refused is not None:
             return refused
@@ -138,7 +140,13 @@ class WebSocketUpgrader:
         if self._node.shutting_down:
             return Response.error(503, ErrorCode.SERVER_BUSY, "server shutting down", "shutdown")
         if self._hub.active_connections >= self._config.max_connections:
-            logs.log("warn", "connection_refused", "security", peer=request.peer, reason="max_connections")
+            logs.log(
+                "warn",
+                "connection_refused",
+                "security",
+                peer=request.peer,
+                reason="max_connections",
+            )
             return Response.error(
                 503,
                 ErrorCode.SERVER_BUSY,
@@ -151,12 +159,16 @@ class WebSocketUpgrader:
         origin = request.header("origin")
         if origins and origin is not None and origin not in origins:
             logs.log("warn", "origin_refused", "security", peer=request.peer, origin=origin)
-            return Response.error(403, ErrorCode.FORBIDDEN, "origin not allowed", "origin", origin=origin)
+            return Response.error(
+                403, ErrorCode.FORBIDDEN, "origin not allowed", "origin", origin=origin
+            )
         return None
 
 
 def _bad(field: str, reason: str) -> Response:
-    return Response.error(400, ErrorCode.INVALID_MESSAGE, "bad WebSocket request", reason, field=field)
+    return Response.error(
+        400, ErrorCode.INVALID_MESSAGE, "bad WebSocket request", reason, field=field
+    )
 
 
 def _rebuild_head(request: Request) -> bytes:

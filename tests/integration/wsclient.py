@@ -43,7 +43,9 @@ class Client:
     def send(self, obj: Any) -> None:
         self.ws.send(obj if isinstance(obj, (str, bytes)) else json.dumps(obj))
 
-    def publish(self, channel: str, content: str, sequence: int | None = None, action: str = "send") -> int:
+    def publish(
+        self, channel: str, content: str, sequence: int | None = None, action: str = "send"
+    ) -> int:
         if sequence is None:
             self.sequence += 1
             sequence = self.sequence
@@ -51,13 +53,19 @@ class Client:
             {
                 "type": "message",
                 "action": action,
-                "data": {"channel": channel, "content": content, "metadata": {"sequence": sequence}},
+                "data": {
+                    "channel": channel,
+                    "content": content,
+                    "metadata": {"sequence": sequence},
+                },
             }
         )
         return sequence
 
     def join(self, channel: str, **extra: Any) -> None:
-        self.send({"type": "connection", "action": "connect", "data": {"channel": channel, **extra}})
+        self.send(
+            {"type": "connection", "action": "connect", "data": {"channel": channel, **extra}}
+        )
 
     def leave(self, channel: str) -> None:
         self.send({"type": "connection", "action": "disconnect", "data": {"channel": channel}})

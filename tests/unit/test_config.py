@@ -303,7 +303,7 @@ def test_masked() -> None:
     m = masked(c)
     assert list(m) == [f.name for f in dataclasses.fields(Config)]
     assert m["jwt_private_key"] == "***" and m["admin_token"] == "***"
-    assert m["jwt_secret"] == "***"
+    assert m["jwt_secret"] == ""  # RS256: no HMAC secret at all
     assert m["broker_url"] == "redis://user:***@redis:6379/0?password=***&db=1"
     assert m["jwt_public_key"] == public and m["workers"] == 2
     text = repr(m)
@@ -312,4 +312,5 @@ def test_masked() -> None:
     plain = masked(load_config({"BROKER_URL": "redis://:pw@h/0"}))
     assert plain["broker_url"] == "redis://:***@h/0"
     assert plain["admin_token"] is None and plain["jwt_private_key"] is None
+    assert plain["jwt_secret"] == "***"
     assert masked(load_config({"BROKER_URL": "redis://h:1"}))["broker_url"] == "redis://h:1"

@@ -1,0 +1,193 @@
+"""The compiled hot path's pure parts: frames, publications, timestamps, rate buckets, and the
+memory broker's offsets, history, recovery and dedupe (a real Hub, no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import struct
+
+import pytest
+
+from aether_fast._core import (
+    Hub,
+    RateBucket,
+    Session,
+    encode_json_frame,
+    encode_publication,
+    encode_text_frame,
+    utc_timestamp,
+)
+from aether_fast.auth import Claims
+from aether_fast.brokers.memory import DEDUP_WINDOW, MemoryBroker
+from aether_fast.config import load_config
+from aether_fast.store import default_channel_config
+
+
+def parse_frame(frame: bytes) -> tuple[int, bool, bytes]:
+    """Reference decoder for one unmasked server frame (RFC 6455 §5.2)."""
+    b0, b1 = frame[0], frame[1]
+    assert b1 & 0x80 == 0, "server frames are never masked"
+    n = b1 & 0x7F
+    pos = 2
+    if n == 126:
+        (n,) = struct.unpack(">H", frame[2:4])
+        pos = 4
+    elif n == 127:
+        (n,) = struct.unpack(">Q", frame[2:10])
+        pos = 10
+    payload = frame[pos:]
+    assert len(payload) == n
+    return b0 & 0x0F, bool(b0 & 0x80), payload
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frame_header_for_every_length_class(size: int) -> None:
+    payload = b"x" * size
+    opcode, fin, body = parse_frame(encode_text_frame(payload))
+    assert (opcode, fin, body) == (1, True, payload)
+
+
+def test_smallest_header_is_used() -> None:
+    assert len(encode_text_frame(b"a" * 125)) == 125 + 2
+    assert len(encode_text_frame(b"a" * 126)) == 126 + 4
+    assert len(encode_text_frame(b"a" * 65536)) == 65536 + 10
+
+
+def test_publication_is_the_fan_out_shape() -> None:
+    frame = encode_publication("chat", "hé", 7, "2026-01-01T00:00:00.000Z", 3, "c1", "alice")
+    _, _, payload = parse_frame(frame)
+    assert json.loads(payload) == {
+        "type": "message",
+        "action": "send",
+        "data": {
+            "channel": "chat",
+            "content": "hé",
+            "metadata": {
+                "sequence": 7,
+                "timestamp": "2026-01-01T00:00:00.000Z",
+                "offset": 3,
+                "client_id": "c1",
+                "user_id": "alice",
+            },
+        },
+    }
+
+
+def test_json_frame() -> None:
+    assert json.loads(parse_frame(encode_json_frame({"a": [1, 2]}))[2]) == {"a": [1, 2]}
+
+
+def test_utc_timestamp_is_iso_8601_utc_with_millis() -> None:
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", utc_timestamp())
+
+
+def test_bucket_allows_capacity_then_refuses_with_wait() -> None:
+    b = RateBucket(3, 1.0, 100.0)
+    assert [b.try_take(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = b.try_take(100.0)
+    assert wait == pytest.approx(1 / 3)
+    assert b.try_take(100.0 + wait) == 0.0  # refilled exactly one token
+
+
+def test_bucket_refills_to_capacity_only() -> None:
+    b = RateBucket(2, 10.0, 0.0)
+    assert b.try_take(0.0) == 0.0 and b.try_take(0.0) == 0.0
+    assert b.try_take(1000.0) == 0.0
+    assert b.try_take(1000.0) == 0.0
+    assert b.try_take(1000.0) > 0.0
+
+
+def test_zero_capacity_means_no_limit() -> None:
+    b = RateBucket(0, 1.0, 0.0)
+    assert all(b.try_take(0.0) == 0.0 for _ in range(10000))
+
+
+def sender(hub: Hub, user: str, client_id: str) -> Session:
+    """A session that is not connected: publishing needs only who sent it."""
+    return Session(hub, client_id, Claims(user, 2e9, False, None), "127.0.0.1")
+
+
+@pytest.fixture
+def broker() -> tuple[MemoryBroker, Hub, object]:
+    loop = asyncio.new_event_loop()
+    hub = Hub(
+        loop,
+        send_buffer_limit=1 << 20,
+        max_message_bytes=65536,
+        conn_capacity=0,
+        conn_window=1,
+        global_rate=0,
+        refresh_notice=60,
+    )
+    config = load_config({"JWT_SECRET": "x" * 40, "HISTORY_SIZE": "5"})
+    channel = hub.add_channel("chat", default_channel_config("chat", config))
+    yield MemoryBroker(hub, history_ttl_s=3600, dedup_ttl_s=300), hub, channel
+    loop.close()
+
+
+def test_offsets_are_gapless_and_counted(broker: tuple[MemoryBroker, Hub, object]) -> None:
+    b, hub, ch = broker
+    alice = sender(hub, "alice", "a1")
+    offsets = [b.publish(ch, alice, seq, f"m{seq}")[0] for seq in range(1, 6)]
+    assert offsets == [1, 2, 3, 4, 5]
+    assert hub.messages_published == 5
+    assert b.position("chat")[0] == 5
+
+
+def test_duplicate_sequence_returns_the_original_offset(
+    broker: tuple[MemoryBroker, Hub, object],
+) -> None:
+    b, hub, ch = broker
+    alice = sender(hub, "alice", "a1")
+    first = b.publish(ch, alice, 1, "x")
+    b.publish(ch, sender(hub, "bob", "b1"), 1, "y")  # another client's sequence 1 is its own
+    again = b.publish(ch, alice, 1, "x")
+    assert again == (first[0], first[1], True)
+    assert hub.messages_published == 2
+
+
+def test_dedupe_window_is_bounded(broker: tuple[MemoryBroker, Hub, object]) -> None:
+    b, hub, ch = broker
+    alice = sender(hub, "alice", "a1")
+    for seq in range(DEDUP_WINDOW + 1):
+        b.publish(ch, alice, seq, "x")
+    assert b.publish(ch, alice, DEDUP_WINDOW, "x")[2] is True
+    assert b.publish(ch, alice, 0, "x")[2] is False  # fell out of the window
+
+
+def test_recovery_replays_missed_in_order(broker: tuple[MemoryBroker, Hub, object]) -> None:
+    b, hub, ch = broker
+    alice = sender(hub, "alice", "a1")
+    for seq in range(1, 5):
+        b.publish(ch, alice, seq, f"m{seq}")
+    _offset, epoch = b.position("chat")
+    rec = b.recover("chat", 2, epoch)
+    assert rec.recovered and rec.offset == 4 and rec.epoch == epoch
+    assert [json.loads(parse_frame(f)[2])["data"]["content"] for f in rec.frames] == ["m3", "m4"]
+    assert b.recover("chat", 4, epoch).recovered is True
+    assert b.recover("chat", 4, epoch).frames == []
+
+
+def test_recovery_fails_on_other_epoch_or_trimmed_history(
+    broker: tuple[MemoryBroker, Hub, object],
+) -> None:
+    b, hub, ch = broker
+    alice = sender(hub, "alice", "a1")
+    for seq in range(1, 9):  # history_size is 5
+        b.publish(ch, alice, seq, "x")
+    _, epoch = b.position("chat")
+    assert b.recover("chat", 1, epoch).recovered is False
+    assert b.recover("chat", 3, epoch).recovered is True
+    other = b.recover("chat", 7, "not-" + epoch)
+    assert (other.recovered, other.frames, other.offset, other.epoch) == (False, [], 8, epoch)
+
+
+def test_forget_starts_a_new_epoch(broker: tuple[MemoryBroker, Hub, object]) -> None:
+    b, hub, ch = broker
+    b.publish(ch, sender(hub, "alice", "a1"), 1, "x")
+    _, epoch = b.position("chat")
+    b.forget("chat")
+    offset, new_epoch = b.position("chat")
+    assert offset == 0 and new_epoch != epoch
