@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aether_fast import logs
-from aether_fast._core import Channel, Hub, Session, encode_json_frame
+from aether_fast._core import Channel, Connection, Hub, Session, encode_json_frame
 from aether_fast.auth import Authenticator, AuthError, Claims, channel_allowed
 from aether_fast.brokers.base import Broker
 from aether_fast.config import Config
@@ -191,13 +191,13 @@ class Node:
         s.send_error(code, message, "auth", reason, None)
         s.close(close, message)
 
-    def security_event(self, s: Session, event: str, reason: str) -> None:
+    def security_event(self, s: Connection, event: str, reason: str) -> None:
         logs.log(
             "warn",
             event,
             "security",
-            client_id=s.client_id,
-            user_id=s.user_id,
+            client_id=getattr(s, "client_id", None),
+            user_id=getattr(s, "user_id", None),
             peer=s.peer,
             reason=reason,
         )
@@ -476,14 +476,14 @@ class Node:
     def begin_shutdown(self) -> int:
         """Tell every client the server is going away and close each with 1001."""
         self.shutting_down = True
-        sessions: list[Session] = self.hub.session_list()
-        for s in sessions:
-            s.send_json(
-                {
-                    "type": "system",
-                    "action": "status",
-                    "data": {"message": "server shutting down", "severity": "warning"},
-                }
-            )
-            s.close(CloseCode.GOING_AWAY, "server shutting down")
-        return len(sessions)
+        connections = self.hub.session_list()
+        notice = {
+            "type": "system",
+            "action": "status",
+            "data": {"message": "server shutting down", "severity": "warning"},
+        }
+        for c in connections:
+            if isinstance(c, Session):
+                c.send_json(notice)
+            c.close(CloseCode.GOING_AWAY, "server shutting down")
+        return len(connections)

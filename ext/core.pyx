@@ -35,4 +35,6 @@ from aether_fast.protocol import CloseCode, ErrorCode, error_body
 include "codec.pxi"
 include "ratelimit.pxi"
 include "hub.pxi"
+include "connection.pxi"
 include "session.pxi"
+include "echo.pxi"

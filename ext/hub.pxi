@@ -4,6 +4,7 @@
 # which appends the already-encoded frame to the member's outbox; the outboxes are written in
 # `Hub.flush`, once per loop pass, one write per member. Nothing here waits on a member.
 
+cdef class Connection
 cdef class Session
 cdef class Hub
 
@@ -139,14 +140,15 @@ cdef class Hub:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    cdef void add_session(self, Session s):
+    cdef void add_session(self, Connection s):
         self.sessions.add(s)
         self.connections_total += 1
 
-    cdef void remove_session(self, Session s):
-        self.sessions.discard(s)
-        for name in list(s.channels):
-            self.leave(s, name)
+    cdef void remove_session(self, Connection c):
+        self.sessions.discard(c)
+        if isinstance(c, Session):
+            for name in list((<Session>c).channels):
+                self.leave(<Session>c, name)
 
     @property
     def active_connections(self) -> int:
@@ -182,13 +184,13 @@ cdef class Hub:
         cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
         cdef Py_ssize_t n = 0
         for s in self.sessions:
-            (<Session>s).enqueue(p, size)
+            (<Connection>s).enqueue(p, size)
             n += 1
         self.deliveries += n
         self.bytes_out += n * size
         return n
 
-    cdef inline void mark_dirty(self, Session s):
+    cdef inline void mark_dirty(self, Connection s):
         self.dirty.append(s)
         if not self.flush_scheduled:
             self.flush_scheduled = True
@@ -198,11 +200,11 @@ cdef class Hub:
         """Write each dirty outbox: one write per member for everything queued this pass."""
         cdef list dirty = self.dirty
         cdef Py_ssize_t i, n = PyList_GET_SIZE(dirty)
-        cdef Session s
+        cdef Connection s
         self.dirty = []
         self.flush_scheduled = False
         for i in range(n):
-            s = <Session>PyList_GET_ITEM(dirty, i)
+            s = <Connection>PyList_GET_ITEM(dirty, i)
             s.dirty = False
             s.flush_outbox()
 
@@ -219,12 +221,12 @@ cdef class Hub:
     def tick(self, double wall_now, bint ping_round):
         """Once a second: token expiry (warning, then close 4001) and, on a ping round,
         pings to silent sessions and closing of those that did not answer the last one."""
-        cdef Session s
+        cdef Connection s
         cdef list expired = []
         cdef list warn = []
         cdef list dead = []
         for o in self.sessions:
-            s = <Session>o
+            s = <Connection>o
             if s.closing:
                 continue
             if s.expires_at > 0.0:
@@ -242,15 +244,15 @@ cdef class Hub:
                     s.transport.send_ping()
                 s.frames_seen = 0
         for o in warn:
-            s = <Session>o
+            s = <Connection>o
             s.warned = True
             s.send_json({"type": "system", "action": "status", "data": {
                 "message": "token expires soon; send connection/refresh with a new token",
                 "severity": "warning", "expires_at": s.expires_at}})
         for o in expired:
-            (<Session>o).expire()
+            (<Connection>o).expire()
         for o in dead:
-            (<Session>o).close(CloseCode.GOING_AWAY, "ping timeout")
+            (<Connection>o).close(CloseCode.GOING_AWAY, "ping timeout")
         return len(expired), len(dead)
 
     def error_counts_snapshot(self) -> dict:

@@ -11,6 +11,7 @@ head and whatever bytes followed it, and performs the handshake itself.
 from __future__ import annotations
 
 import asyncio
+import traceback
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -18,7 +19,7 @@ from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # internal, pinned
 
 from aether_fast import logs
-from aether_fast._core import Hub, Session
+from aether_fast._core import Connection, EchoSession, Hub, Session
 from aether_fast.auth import Authenticator, AuthError
 from aether_fast.config import Config
 from aether_fast.http.front import Request, Response
@@ -51,10 +52,18 @@ class _PicowsLog:
         self.log(30, msg, *args)
 
     def error(self, msg: str, *args: object) -> None:
-        logs.log("error", "picows", "websocket", message=msg % args if args else msg)
+        # picows reports a client's protocol violations at error level: they are the
+        # client's fault, so they are warnings here
+        self.log(30, msg, *args)
 
     def exception(self, msg: str, *args: object) -> None:
-        self.error(msg, *args)
+        logs.log(
+            "error",
+            "picows_callback_failed",
+            "websocket",
+            message=msg % args if args else msg,
+            exception=traceback.format_exc(),
+        )
 
 
 class WebSocketUpgrader:
@@ -67,7 +76,7 @@ class WebSocketUpgrader:
         self._max_frame = max(config.max_message_bytes * 4, 1 << 20)
 
     def wants(self, request: Request) -> bool:
-        return request.path == self._config.ws_path
+        return request.path in (self._config.ws_path, self._config.echo_path)
 
     def upgrade(
         self, request: Request, transport: asyncio.Transport, rest: bytes
@@ -75,6 +84,10 @@ class WebSocketUpgrader:
         refused = self._admit(request)
         if refused is not None:
             return refused
+        if request.path == self._config.echo_path:
+            echo = EchoSession(self._hub, request.peer, self._config.max_message_bytes)
+            self._hand_off(echo, request, transport, rest)
+            return None
         query = parse_qs(request.query, keep_blank_values=True)
 
         def one(name: str) -> str | None:
@@ -114,11 +127,18 @@ class WebSocketUpgrader:
         if channel is not None:
             session.initial = {"channel": channel, "since": since, "epoch": epoch}
 
+        self._hand_off(session, request, transport, rest)
+        return None
+
+    def _hand_off(
+        self, listener: Connection, request: Request, transport: asyncio.Transport, rest: bytes
+    ) -> None:
+        """Give the socket to picows with `listener` as its WSListener."""
         protocol = WSProtocol(
             None,
             None,
             False,
-            lambda _request: session,
+            lambda _request: listener,
             self._log,
             True,
             self._config.handshake_timeout_s,
@@ -126,7 +146,7 @@ class WebSocketUpgrader:
             20,
             20,
             WSAutoPingStrategy.PING_WHEN_IDLE,
-            True,
+            False,  # pings are answered by Connection.on_ws_frame, in outbox order
             self._max_frame,
             None,
             READ_BUFFER_INIT,
@@ -134,7 +154,6 @@ class WebSocketUpgrader:
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         _feed(protocol, _rebuild_head(request) + rest)
-        return None
 
     def _admit(self, request: Request) -> Response | None:
         if self._node.shutting_down:

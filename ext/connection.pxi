@@ -1,0 +1,268 @@
+# connection.pxi: the frame layer every WebSocket of ours shares: message assembly
+# (fragments, size limit, RSV bits), the close handshake and its code checks, the outbox and
+# its flush, the slow-reader rule. Subclasses (Session, EchoSession) get whole messages in
+# `on_message` and decide what they mean.
+#
+# Rule: every frame the server sends goes through the outbox, so order is kept and each
+# member gets one write per loop pass.
+
+cdef inline bint valid_close_code(int code):
+    if code >= 3000 and code <= 4999:
+        return True
+    return (code >= 1000 and code <= 1003) or (code >= 1007 and code <= 1014)
+
+
+cdef class Connection(WSListener):
+    """One accepted WebSocket: frames in, whole messages to `on_message`, frames out."""
+    cdef readonly WSTransport transport
+    cdef object raw
+    cdef Hub hub
+    cdef bytearray outbox
+    cdef Py_ssize_t kernel_pending
+    cdef bint dirty
+    cdef readonly bint closing
+    cdef readonly bint connected
+    cdef Py_ssize_t max_message
+    cdef bytearray frag
+    cdef int frag_opcode
+    cdef Py_ssize_t frag_count
+    cdef bint frag_overflow
+    cdef unsigned long frames_seen
+    cdef bint ping_outstanding
+    cdef object close_timer
+    cdef public double expires_at
+    cdef public bint warned
+    cdef public str peer
+    cdef public double connected_at
+    cdef public int close_code
+
+    def __init__(self, Hub hub, str peer, Py_ssize_t max_message):
+        self.hub = hub
+        self.outbox = bytearray()
+        self.kernel_pending = 0
+        self.dirty = False
+        self.closing = False
+        self.connected = False
+        self.max_message = max_message
+        self.frag = None
+        self.frag_opcode = 0
+        self.frag_count = 0
+        self.frag_overflow = False
+        self.frames_seen = 0
+        self.ping_outstanding = False
+        self.close_timer = None
+        self.expires_at = 0.0
+        self.warned = False
+        self.peer = peer
+        self.connected_at = 0.0
+        self.close_code = 0
+
+    # -- hooks for subclasses ---------------------------------------------------------------
+
+    cdef void opened(self):
+        pass
+
+    cdef void closed(self):
+        pass
+
+    cdef void on_message(self, int opcode, bytes payload):
+        pass
+
+    cdef void too_large(self, Py_ssize_t size):
+        self.close(CloseCode.TOO_BIG, "message too big")
+
+    # -- picows callbacks -------------------------------------------------------------------
+
+    cpdef on_ws_connected(self, WSTransport transport):
+        self.transport = transport
+        self.raw = transport.underlying_transport
+        self.connected = True
+        self.connected_at = aether_wall_time()
+        self.hub.add_session(self)
+        self.opened()
+
+    cpdef on_ws_disconnected(self, WSTransport transport):
+        self.connected = False
+        self.closing = True
+        self.outbox = None
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = None
+        self.closed()
+        self.hub.remove_session(self)
+
+    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
+        cdef WSMsgType t = frame.msg_type
+        cdef bytes pong
+        self.frames_seen += 1
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            if not self.closing:
+                self.close(CloseCode.PROTOCOL_ERROR, "reserved bits set without an extension")
+            return
+        if t == WSMsgType.CLOSE:
+            self.on_close_frame(frame)
+            return
+        if t == WSMsgType.PONG:
+            self.ping_outstanding = False
+            return
+        if self.closing:
+            return
+        if t == WSMsgType.PING:
+            # answered here, not by picows, so the pong keeps its place behind queued frames
+            pong = frame_bytes(0xA, frame.payload_ptr, frame.payload_size)
+            self.enqueue(PyBytes_AS_STRING(pong), PyBytes_GET_SIZE(pong))
+            return
+        if t == WSMsgType.CONTINUATION:
+            if self.frag_opcode == 0:
+                self.close(CloseCode.PROTOCOL_ERROR, "continuation without a message")
+                return
+            self.add_fragment(frame)
+            if frame.fin:
+                self.end_fragments()
+            return
+        if self.frag_opcode != 0:
+            self.close(CloseCode.PROTOCOL_ERROR, "new message inside a fragmented one")
+            return
+        if not frame.fin:
+            self.frag_opcode = <int>t
+            self.frag = bytearray()
+            self.frag_count = 0
+            self.frag_overflow = False
+            self.add_fragment(frame)
+            return
+        if frame.payload_size > self.max_message:
+            self.too_large(frame.payload_size)
+            return
+        self.on_message(<int>t, frame.get_payload_as_bytes())
+
+    cpdef pause_writing(self):
+        pass  # the send buffer limit (too_slow) is our backpressure rule, not pausing
+
+    cpdef resume_writing(self):
+        pass
+
+    # -- message assembly -------------------------------------------------------------------
+
+    cdef void add_fragment(self, WSFrame frame):
+        self.frag_count += 1
+        if self.frag_overflow:
+            return
+        if PyByteArray_GET_SIZE(self.frag) + frame.payload_size > self.max_message:
+            self.frag_overflow = True
+            self.frag = bytearray()
+            return
+        self.frag += frame.get_payload_as_memoryview()
+
+    cdef void end_fragments(self):
+        cdef int opcode = self.frag_opcode
+        cdef bytes payload = bytes(self.frag)
+        cdef bint overflow = self.frag_overflow
+        self.frag_opcode = 0
+        self.frag = None
+        if overflow:
+            self.too_large(-1)
+            return
+        self.on_message(opcode, payload)
+
+    cdef void on_close_frame(self, WSFrame frame):
+        cdef int code
+        if self.closing:
+            self.transport.disconnect()
+            return
+        if frame.payload_size == 0:
+            self.close(CloseCode.NORMAL, "")
+            return
+        if frame.payload_size == 1:
+            self.close(CloseCode.PROTOCOL_ERROR, "close payload of one byte")
+            return
+        code = <int>frame.get_close_code()
+        if not valid_close_code(code):
+            self.close(CloseCode.PROTOCOL_ERROR, "invalid close code")
+            return
+        try:
+            frame.get_close_reason()
+        except UnicodeDecodeError:
+            self.close(CloseCode.INVALID_DATA, "close reason is not UTF-8")
+            return
+        self.close(code, "")
+        self.transport.disconnect()
+
+    # -- sending ----------------------------------------------------------------------------
+
+    cdef inline void enqueue(self, const char* p, Py_ssize_t n):
+        if self.closing:
+            return
+        cdef bytearray out = self.outbox
+        cdef Py_ssize_t old = PyByteArray_GET_SIZE(out)
+        PyByteArray_Resize(out, old + n)
+        memcpy(PyByteArray_AS_STRING(out) + old, p, n)
+        if old + n + self.kernel_pending > self.hub.send_buffer_limit:
+            # kernel_pending was read at the last flush; the transport may have drained since
+            self.kernel_pending = self.raw.get_write_buffer_size() if self.raw is not None else 0
+            if old + n + self.kernel_pending > self.hub.send_buffer_limit:
+                self.too_slow()
+                return
+        if not self.dirty:
+            self.dirty = True
+            self.hub.mark_dirty(self)
+
+    cdef void flush_outbox(self):
+        cdef bytearray out = self.outbox
+        if out is None or PyByteArray_GET_SIZE(out) == 0 or not self.connected:
+            return
+        if self.raw.is_closing():
+            self.outbox = bytearray()
+            return
+        self.raw.write(out)
+        self.kernel_pending = self.raw.get_write_buffer_size()
+        if self.kernel_pending:
+            # the transport may keep a reference to `out` until it is sent: start a new one
+            self.outbox = bytearray()
+            if self.kernel_pending > self.hub.send_buffer_limit:
+                self.too_slow()
+        else:
+            try:
+                PyByteArray_Resize(out, 0)
+            except BufferError:
+                # the transport still holds a view of `out` (a write in flight)
+                self.outbox = bytearray()
+
+    cdef void too_slow(self):
+        self.hub.slow_reader_closes += 1
+        self.outbox = bytearray()
+        self.hub.node.security_event(self, "slow_reader", "send buffer over limit")
+        self.close(CloseCode.SLOW_READER, "send buffer over its limit")
+
+    cpdef send_frame(self, bytes frame):
+        """Queue one encoded frame; it is written with everything else this loop pass."""
+        self.enqueue(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+
+    cpdef send_json(self, object obj):
+        """Queue `obj` as a JSON text frame."""
+        cdef bytes frame = json_frame(obj)
+        self.enqueue(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+
+    cpdef expire(self):
+        """The credentials this connection was admitted with have expired."""
+        self.close(CloseCode.AUTH, "token expired")
+
+    cpdef close(self, int code, str reason=""):
+        """Flush what is queued, send CLOSE with `code`, and drop the TCP connection once
+        the client answers (or after the hub's close timeout)."""
+        if self.closing or self.transport is None:
+            return
+        if self.outbox is not None and PyByteArray_GET_SIZE(self.outbox):
+            self.flush_outbox()
+        self.closing = True
+        self.close_code = code
+        self.transport.send_close(<WSCloseCode>code, reason.encode()[:120])
+        self.close_timer = self.hub.loop.call_later(self.hub.close_timeout, self._drop)
+
+    def _drop(self):
+        self.close_timer = None
+        if self.transport is not None:
+            self.transport.disconnect(False)
+
+    @property
+    def outbox_size(self) -> int:
+        return 0 if self.outbox is None else PyByteArray_GET_SIZE(self.outbox)

@@ -1,0 +1,21 @@
+# echo.pxi: a plain echo WebSocket on ECHO_PATH, through the same frame layer as WS_PATH.
+# It exists so the frame layer can be checked against the Autobahn TestSuite (kosoku):
+# fragments, UTF-8, RSV bits, close codes and the close handshake, ping/pong, size limits.
+
+cdef class EchoSession(Connection):
+    """Echoes every whole message with its own opcode. No auth, no channels."""
+
+    def __init__(self, Hub hub, str peer, Py_ssize_t max_message):
+        Connection.__init__(self, hub, peer, max_message)
+
+    cdef void on_message(self, int opcode, bytes payload):
+        if opcode == WSMsgType.TEXT:
+            try:
+                PyUnicode_DecodeUTF8(PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload),
+                                     NULL)
+            except UnicodeDecodeError:
+                self.close(CloseCode.INVALID_DATA, "text message is not valid UTF-8")
+                return
+        cdef bytes frame = frame_bytes(<uint8_t>opcode, PyBytes_AS_STRING(payload),
+                                       PyBytes_GET_SIZE(payload))
+        self.enqueue(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
