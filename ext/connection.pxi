@@ -76,6 +76,9 @@ cdef class Connection(WSListener):
     cpdef on_ws_connected(self, WSTransport transport):
         self.transport = transport
         self.raw = transport.underlying_transport
+        # the parsed upgrade request (headers and all) is not needed once we run: an idle
+        # connection should cost as little as possible
+        transport.request = None
         self.connected = True
         self.connected_at = aether_wall_time()
         self.hub.add_session(self)

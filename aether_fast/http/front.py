@@ -263,6 +263,11 @@ class HttpFront(asyncio.Protocol):
         if refused is not None:
             self._done = False
             self._send(refused, keep_alive=False)
+        else:
+            # picows owns the socket now; break the parser <-> protocol cycle so this object
+            # is freed at once rather than by the cycle collector
+            self._parser = None  # type: ignore[assignment]
+            self._transport = None
 
     def _send(self, response: Response, keep_alive: bool) -> None:
         transport = self._transport
