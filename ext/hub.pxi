@@ -159,8 +159,10 @@ cdef class Hub:
 
     # -- fan-out ----------------------------------------------------------------------------
 
-    cpdef void deliver(self, Channel ch, bytes frame, Session exclude):
-        """Append `frame` to every member's outbox but `exclude` (may be None)."""
+    cpdef void deliver(self, Channel ch, bytes frame, Session exclude, long long offset=-1):
+        """Append `frame` to every member's outbox but `exclude` (may be None). `offset` is
+        the publication's offset (-1 for other frames): a member still recovering this
+        channel holds the frame until its replay is sent (`Session.release`)."""
         cdef list members = ch.members
         cdef Py_ssize_t i, n = PyList_GET_SIZE(members), sent = 0
         cdef const char* p = PyBytes_AS_STRING(frame)
@@ -169,6 +171,8 @@ cdef class Hub:
         for i in range(n):
             s = <Session>PyList_GET_ITEM(members, i)
             if s is exclude:
+                continue
+            if s.holding is not None and s.hold_frame(ch.name, offset, frame):
                 continue
             s.enqueue(p, size)
             sent += 1

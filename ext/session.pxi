@@ -33,6 +33,7 @@ cdef class Session(Connection):
     cdef public object auth_error
     cdef public object initial
     cdef public str limit_key
+    cdef dict holding
 
     def __init__(self, Hub hub, str client_id, object claims, str peer):
         Connection.__init__(self, hub, peer, hub.max_message_bytes)
@@ -45,6 +46,7 @@ cdef class Session(Connection):
         self.auth_error = None
         self.initial = None
         self.limit_key = None
+        self.holding = None
         bucket_init(&self.bucket, hub.conn_capacity, hub.conn_window, aether_monotonic())
 
     cdef void opened(self):
@@ -192,6 +194,35 @@ cdef class Session(Connection):
         self.send_error(ErrorCode.TOKEN_EXPIRED, "token has expired", "auth", "token expired",
                         None)
         self.close(CloseCode.AUTH, "token expired")
+
+    # -- recovery with an asynchronous broker ---------------------------------------------
+
+    cdef bint hold_frame(self, str channel, long long offset, bytes frame):
+        cdef list held = self.holding.get(channel)
+        if held is None:
+            return False
+        held.append((offset, frame))
+        return True
+
+    def hold(self, str channel):
+        """Hold live frames of `channel` until `release`: its replay is still being read."""
+        if self.holding is None:
+            self.holding = {}
+        self.holding[channel] = []
+
+    def release(self, str channel, long long replayed_up_to):
+        """Send the frames held for `channel`, skipping publications the replay already
+        carried (offset <= `replayed_up_to`), and stop holding."""
+        if self.holding is None:
+            return
+        held = self.holding.pop(channel, None)
+        if not self.holding:
+            self.holding = None
+        if held is None:
+            return
+        for offset, frame in held:
+            if offset < 0 or offset > replayed_up_to:
+                self.send_frame(frame)
 
     def joined(self) -> list:
         return list(self.channels)

@@ -90,7 +90,7 @@ class MemoryBroker:
         window.seen[sequence] = (log.offset, ts)
         if len(window.seen) > DEDUP_WINDOW:
             window.seen.popitem(last=False)
-        self._hub.deliver(channel, frame, None if sender.echo else sender)
+        self._hub.deliver(channel, frame, None if sender.echo else sender, log.offset)
         return (log.offset, ts, False)
 
     def position(self, channel: str) -> tuple[int, str]:

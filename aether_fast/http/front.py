@@ -24,6 +24,8 @@ from aether_fast.protocol import ErrorCode, error_body
 MAX_HEAD_BYTES = 16 * 1024
 #: Keep-alive connections idle this long are closed.
 KEEPALIVE_IDLE_S = 30.0
+#: After a final answer, how long unread request bytes are drained before the close.
+LINGER_S = 2.0
 
 
 @dataclass(slots=True)
@@ -63,7 +65,8 @@ class Response:
     ) -> Response:
         return cls.json(status, error_body(code, message, "http", reason, **details), headers)
 
-    def encode(self, keep_alive: bool) -> bytes:
+    def encode(self, keep_alive: bool, head: bool = False) -> bytes:
+        """The response bytes; `head`: the answer to a HEAD request (headers only)."""
         phrase = HTTPStatus(self.status).phrase
         lines = [
             f"HTTP/1.1 {self.status} {phrase}",
@@ -73,7 +76,7 @@ class Response:
             "Cache-Control: no-store",
         ]
         lines.extend(f"{k}: {v}" for k, v in self.headers)
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else self.body)
 
 
 class Router(Protocol):
@@ -148,6 +151,11 @@ class HttpFront(asyncio.Protocol):
         self._done = True
         self._cancel_idle()
 
+    def eof_received(self) -> bool | None:
+        if self._done and self._transport is not None:
+            self._transport.close()  # the client finished while we lingered
+        return None
+
     def data_received(self, data: bytes) -> None:
         if self._done:
             return
@@ -165,9 +173,6 @@ class HttpFront(asyncio.Protocol):
                 Response.error(400, ErrorCode.INVALID_MESSAGE, "bad HTTP request", str(exc)),
                 keep_alive=False,
             )
-
-    def eof_received(self) -> bool | None:
-        return None
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -202,7 +207,9 @@ class HttpFront(asyncio.Protocol):
             response = self._router.handle(request)
         except Exception as exc:  # a route bug must not take the connection's peers down
             response = Response.error(500, ErrorCode.INTERNAL_ERROR, "internal error", repr(exc))
-        self._send(response, keep_alive=self._parser.should_keep_alive())
+        self._send(
+            response, keep_alive=self._parser.should_keep_alive(), head=request.method == "HEAD"
+        )
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -269,15 +276,22 @@ class HttpFront(asyncio.Protocol):
             self._parser = None  # type: ignore[assignment]
             self._transport = None
 
-    def _send(self, response: Response, keep_alive: bool) -> None:
+    def _send(self, response: Response, keep_alive: bool, head: bool = False) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        transport.write(response.encode(keep_alive))
+        transport.write(response.encode(keep_alive, head))
         if keep_alive:
             self._idle = self._loop.call_later(KEEPALIVE_IDLE_S, self._on_idle)
+            return
+        self._done = True
+        # A lingering close: say we are done writing, then read and discard what the client
+        # is still sending (a refused body) for a moment. Closing at once with unread data
+        # makes the kernel send a reset, and the client would never read our answer.
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._idle = self._loop.call_later(LINGER_S, transport.close)
         else:
-            self._done = True
             transport.close()
 
     def _cancel_idle(self) -> None:

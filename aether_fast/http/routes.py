@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from aether_fast import logs
 from aether_fast.auth import Authenticator, AuthError
 from aether_fast.config import Config
 from aether_fast.http.front import Request, Response
@@ -81,7 +82,21 @@ class Router:
     # -- auth ------------------------------------------------------------------------------
 
     def _admin(self, request: Request) -> Response | None:
-        """None when the request carries admin credentials, else the error to answer."""
+        """None when the request carries admin credentials, else the error to answer
+        (logged at warn: a refused admin request is a security event)."""
+        refused = self._check_admin(request)
+        if refused is not None:
+            logs.log(
+                "warn",
+                "admin_auth_failed",
+                "security",
+                peer=request.peer,
+                path=request.path,
+                status=refused.status,
+            )
+        return refused
+
+    def _check_admin(self, request: Request) -> Response | None:
         header = request.header("authorization") or ""
         if header[:7].lower() != "bearer " or not header[7:].strip():
             return Response.error(

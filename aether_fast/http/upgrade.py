@@ -11,6 +11,7 @@ head and whatever bytes followed it, and performs the handshake itself.
 from __future__ import annotations
 
 import asyncio
+import base64
 import traceback
 from typing import Any
 from urllib.parse import parse_qs
@@ -156,6 +157,17 @@ class WebSocketUpgrader:
         _feed(protocol, _rebuild_head(request) + rest)
 
     def _admit(self, request: Request) -> Response | None:
+        version = request.header("sec-websocket-version")
+        if version != "13":
+            return Response.error(
+                426 if version else 400,
+                ErrorCode.INVALID_MESSAGE,
+                "unsupported WebSocket version",
+                "Sec-WebSocket-Version must be 13",
+                (("Sec-WebSocket-Version", "13"),),
+            )
+        if not _valid_key(request.header("sec-websocket-key")):
+            return _bad("sec-websocket-key", "Sec-WebSocket-Key must be 16 bytes in base64")
         if self._node.shutting_down:
             return Response.error(503, ErrorCode.SERVER_BUSY, "server shutting down", "shutdown")
         if self._hub.active_connections >= self._config.max_connections:
@@ -182,6 +194,15 @@ class WebSocketUpgrader:
                 403, ErrorCode.FORBIDDEN, "origin not allowed", "origin", origin=origin
             )
         return None
+
+
+def _valid_key(key: str | None) -> bool:
+    if key is None or len(key) != 24:
+        return False
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        return False
 
 
 def _bad(field: str, reason: str) -> Response:
