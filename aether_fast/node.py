@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aether_fast import logs
 from aether_fast._core import Channel, Connection, Hub, Session, encode_json_frame
 from aether_fast.auth import Authenticator, AuthError, Claims, channel_allowed
-from aether_fast.brokers.base import Broker
+from aether_fast.brokers.base import Broker, Recovery
 from aether_fast.config import Config
 from aether_fast.protocol import (
     CLIENT_MESSAGES,
@@ -34,6 +35,16 @@ from aether_fast.protocol import (
 from aether_fast.store import ChannelConfig, ChannelStore, default_channel_config
 
 _CONTROL = CLIENT_MESSAGES - {("message", "send"), ("message", "retry")}
+
+T = TypeVar("T")
+
+
+async def _maybe(value: T | Awaitable[T]) -> T:
+    """The value of a call that a synchronous part answers at once and an asynchronous
+    part (the Redis broker) answers later."""
+    if isinstance(value, Awaitable):
+        return await value
+    return value
 
 
 @dataclass(slots=True)
@@ -65,6 +76,7 @@ class Node:
         self._per_key: dict[str, int] = {}
         self._live: dict[tuple[object, str], Session] = {}
         self._timer: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         hub.node = self
         hub.broker = broker
 
@@ -271,6 +283,36 @@ class Node:
             if ch.presence:
                 self._presence(ch, s, "connect")
         recovery = self.broker.recover(name, since, epoch)
+        if isinstance(recovery, Recovery):
+            self._joined(s, name, since, recovery)
+        else:
+            # an asynchronous broker: live frames are held until the replay is sent
+            s.hold(name)
+            self._spawn(self._join_later(s, name, since, recovery))
+        return None
+
+    async def _join_later(
+        self, s: Session, name: str, since: int | None, pending: Awaitable[Recovery]
+    ) -> None:
+        try:
+            recovery = await pending
+        except Exception as exc:
+            s.release(name, -1)
+            self.hub.leave(s, name)
+            s.send_error(
+                ErrorCode.INTERNAL_ERROR,
+                "cannot join channel: broker unavailable",
+                "broker",
+                str(exc) or type(exc).__name__,
+                {"channel": name},
+            )
+            return
+        if s.is_member(name):
+            self._joined(s, name, since, recovery)
+            s.release(name, recovery.offset)
+
+    def _joined(self, s: Session, name: str, since: int | None, recovery: Recovery) -> None:
+        """The reply to a join, then the replay of missed publications."""
         reply: dict[str, Any] = {
             "client_id": s.client_id,
             "user_id": s.user_id,
@@ -283,7 +325,11 @@ class Node:
         s.send_json({"type": "connection", "action": "connect", "data": reply})
         for frame in recovery.frames:
             s.send_frame(frame)
-        return None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _refuse_join(self, s: Session, name: str, code: str, reason: str) -> str:
         if code in (ErrorCode.AUTH_REQUIRED, ErrorCode.FORBIDDEN):
@@ -393,14 +439,27 @@ class Node:
         self.hub.deliver(ch, frame, None)
         return count
 
-    def configure_channel(self, cfg: ChannelConfig) -> bool:
-        created = self.store.put(cfg)
-        if self.hub.channel(cfg.name) is not None:
-            self.hub.add_channel(cfg.name, cfg)
+    async def configure_channel(self, cfg: ChannelConfig) -> bool:
+        """Store `cfg` (True: created) and apply it to the live channel."""
+        created = await _maybe(self.store.put(cfg))
+        self.apply_config(cfg)
         return created
 
-    def delete_channel(self, name: str) -> bool:
-        existed = self.store.delete(name)
+    def apply_config(self, cfg: ChannelConfig) -> None:
+        """A config changed (here, or on another worker): the live channel takes it."""
+        if self.hub.channel(cfg.name) is not None:
+            self.hub.add_channel(cfg.name, cfg)
+
+    async def delete_channel(self, name: str) -> bool:
+        """Delete the config, remove this worker's members (they are told), drop history."""
+        existed = await _maybe(self.store.delete(name))
+        removed = self.remove_members(name)
+        if existed or removed:
+            await _maybe(self.broker.forget(name))
+        return existed or removed
+
+    def remove_members(self, name: str) -> bool:
+        """Remove every local member of channel `name`, telling each; False if none."""
         removed: list[Session] = self.hub.drop_channel(name)
         for s in removed:
             s.send_json(
@@ -422,17 +481,15 @@ class Node:
                     "data": {"message": f"channel {name} was deleted", "severity": "warning"},
                 }
             )
-        if existed or removed:
-            self.broker.forget(name)
-        return existed or bool(removed)
+        return bool(removed)
 
-    def channel_view(self, name: str) -> dict[str, Any] | None:
+    async def channel_view(self, name: str) -> dict[str, Any] | None:
         stored = self.store.get(name)
         live: Channel | None = self.hub.channel(name)
         if stored is None and live is None:
             return None
         cfg: ChannelConfig = stored if stored is not None else live.config  # type: ignore[union-attr]
-        offset, epoch = self.broker.position(name)
+        offset, epoch = await _maybe(self.broker.position(name))
         return {
             **cfg.to_json(),
             "configured": stored is not None,
@@ -442,9 +499,9 @@ class Node:
             "epoch": epoch,
         }
 
-    def channel_views(self) -> list[dict[str, Any]]:
+    async def channel_views(self) -> list[dict[str, Any]]:
         names = {c.name for c in self.store.list()} | set(self.hub.channel_names())
-        views = [self.channel_view(n) for n in sorted(names)]
+        views = [await self.channel_view(n) for n in sorted(names)]
         return [v for v in views if v is not None]
 
     def health(self) -> tuple[str, str]:

@@ -49,13 +49,19 @@ class Broker(Protocol):
         self, channel: Any, sender: Any, sequence: int, content: str
     ) -> PublishResult | Awaitable[PublishResult]: ...
 
-    def position(self, channel: str) -> tuple[int, str]:
+    def position(self, channel: str) -> tuple[int, str] | Awaitable[tuple[int, str]]:
         """The channel's current (offset, epoch)."""
         ...
 
-    def recover(self, channel: str, since: int | None, epoch: str | None) -> Recovery: ...
+    def recover(
+        self, channel: str, since: int | None, epoch: str | None
+    ) -> Recovery | Awaitable[Recovery]:
+        """The channel's position and, with `since`, the publications after it. An
+        asynchronous broker also makes sure this worker receives the channel's live
+        publications before it reads the position, so nothing falls in between."""
+        ...
 
-    def forget(self, channel: str) -> None:
+    def forget(self, channel: str) -> Awaitable[None] | None:
         """Drop a deleted channel's history (its offsets restart under a new epoch)."""
         ...
 

@@ -10,7 +10,8 @@ after `transport.set_protocol(...)` this object no longer sees a byte.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Protocol, cast
@@ -18,6 +19,7 @@ from typing import Protocol, cast
 import httptools
 import orjson
 
+from aether_fast import logs
 from aether_fast.protocol import ErrorCode, error_body
 
 #: Largest request head (request line + headers) accepted.
@@ -80,7 +82,7 @@ class Response:
 
 
 class Router(Protocol):
-    def handle(self, request: Request) -> Response: ...
+    def handle(self, request: Request) -> Response | Awaitable[Response]: ...
 
 
 class Upgrader(Protocol):
@@ -108,6 +110,7 @@ class HttpFront(asyncio.Protocol):
         "_parser",
         "_peer",
         "_router",
+        "_slots",
         "_transport",
         "_upgrader",
         "_url",
@@ -131,6 +134,7 @@ class HttpFront(asyncio.Protocol):
         )
         self._peer = ""
         self._done = False
+        self._slots: deque[_Slot] = deque()
         self._reset()
 
     def _reset(self) -> None:
@@ -203,13 +207,35 @@ class HttpFront(asyncio.Protocol):
         if self._parser.should_upgrade():
             return  # handled by HttpParserUpgrade in data_received
         request = self._request()
+        # answers leave in request order, whichever route finishes first (pipelining)
+        slot = _Slot(self._parser.should_keep_alive(), request.method == "HEAD")
+        self._slots.append(slot)
         try:
             response = self._router.handle(request)
         except Exception as exc:  # a route bug must not take the connection's peers down
-            response = Response.error(500, ErrorCode.INTERNAL_ERROR, "internal error", repr(exc))
-        self._send(
-            response, keep_alive=self._parser.should_keep_alive(), head=request.method == "HEAD"
-        )
+            response = _internal_error(exc)
+        if isinstance(response, Response):
+            slot.response = response
+            self._drain()
+            return
+        task = self._loop.create_task(self._answer_later(slot, response))
+        _PENDING.add(task)
+        task.add_done_callback(_PENDING.discard)
+
+    async def _answer_later(self, slot: _Slot, pending: Awaitable[Response]) -> None:
+        try:
+            slot.response = await pending
+        except Exception as exc:
+            slot.response = _internal_error(exc)
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._slots and self._slots[0].response is not None:
+            slot = self._slots.popleft()
+            assert slot.response is not None
+            self._send(slot.response, slot.keep_alive, slot.head)
+            if not slot.keep_alive:
+                self._slots.clear()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -304,6 +330,24 @@ class HttpFront(asyncio.Protocol):
         if self._transport is not None and not self._done:
             self._done = True
             self._transport.close()
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One request's place in the answer order."""
+
+    keep_alive: bool
+    head: bool
+    response: Response | None = None
+
+
+#: Tasks of asynchronous routes still running (kept so they are not garbage collected).
+_PENDING: set[asyncio.Task[None]] = set()
+
+
+def _internal_error(exc: Exception) -> Response:
+    logs.log("error", "route_failed", "http", error=repr(exc))
+    return Response.error(500, ErrorCode.INTERNAL_ERROR, "internal error", type(exc).__name__)
 
 
 class _Refused(Exception):

@@ -8,7 +8,7 @@ the Node (or, for the figures, the Metrics view); no route touches a session.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -22,7 +22,7 @@ from aether_fast.node import Node
 from aether_fast.protocol import SEVERITIES, ErrorCode, valid_channel
 from aether_fast.store import FieldError, parse_channel_config, valid_channel_name
 
-Handler = Callable[[Request, str], Response]
+Handler = Callable[[Request, str], Response | Awaitable[Response]]
 
 
 class Router:
@@ -46,7 +46,7 @@ class Router:
             "/ws/channels/": {"GET": self.get_channel, "DELETE": self.delete_channel},
         }
 
-    def handle(self, request: Request) -> Response:
+    def handle(self, request: Request) -> Response | Awaitable[Response]:
         methods = self._exact.get(request.path)
         arg = ""
         if methods is None:
@@ -145,24 +145,24 @@ class Router:
     def status(self, request: Request, _: str) -> Response:
         return Response.json(200, self._node.status())
 
-    def list_channels(self, request: Request, _: str) -> Response:
+    async def list_channels(self, request: Request, _: str) -> Response:
         denied = self._admin(request)
         if denied is not None:
             return denied
-        return Response.json(200, {"channels": self._node.channel_views()})
+        return Response.json(200, {"channels": await self._node.channel_views()})
 
-    def get_channel(self, request: Request, name: str) -> Response:
+    async def get_channel(self, request: Request, name: str) -> Response:
         denied = self._admin(request)
         if denied is not None:
             return denied
-        view = self._node.channel_view(name) if valid_channel_name(name) else None
+        view = await self._node.channel_view(name) if valid_channel_name(name) else None
         if view is None:
             return Response.error(
                 404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name
             )
         return Response.json(200, view)
 
-    def put_channel(self, request: Request, _: str) -> Response:
+    async def put_channel(self, request: Request, _: str) -> Response:
         denied = self._admin(request)
         if denied is not None:
             return denied
@@ -183,14 +183,14 @@ class Router:
                 err.reason,
                 field=err.field,
             )
-        created = self._node.configure_channel(cfg)
+        created = await self._node.configure_channel(cfg)
         return Response.json(201 if created else 200, cfg.to_json())
 
-    def delete_channel(self, request: Request, name: str) -> Response:
+    async def delete_channel(self, request: Request, name: str) -> Response:
         denied = self._admin(request)
         if denied is not None:
             return denied
-        if not valid_channel_name(name) or not self._node.delete_channel(name):
+        if not valid_channel_name(name) or not await self._node.delete_channel(name):
             return Response.error(
                 404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name
             )
