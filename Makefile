@@ -31,7 +31,8 @@ test-integration:
 	$(BIN)/python -m pytest -q tests/integration
 
 lint:  ## ruff, mypy --strict on aether_fast/, cython-lint on ext/
-	$(BIN)/ruff check aether_fast tests
+	$(BIN)/ruff check aether_fast tests bench
+	$(BIN)/ruff format --check aether_fast tests
 	$(BIN)/mypy
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/cython-lint ext
 

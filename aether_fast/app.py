@@ -17,14 +17,16 @@ from dataclasses import dataclass
 from aether_fast import logs
 from aether_fast._core import Hub
 from aether_fast.auth import Authenticator
+from aether_fast.brokers.base import Broker
 from aether_fast.brokers.memory import MemoryBroker
+from aether_fast.brokers.redis import RedisBroker, RedisChannelStore
 from aether_fast.config import Config
 from aether_fast.http.front import front_factory
 from aether_fast.http.routes import Router
 from aether_fast.http.upgrade import WebSocketUpgrader
 from aether_fast.metrics import Metrics, PrometheusRouter
 from aether_fast.node import Node
-from aether_fast.store import ChannelStore
+from aether_fast.store import ChannelStore, Store
 
 
 @dataclass(slots=True)
@@ -34,7 +36,7 @@ class Worker:
     config: Config
     hub: Hub
     node: Node
-    store: ChannelStore
+    store: Store
     servers: list[asyncio.Server]
 
     @property
@@ -68,8 +70,6 @@ def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
 async def start(config: Config) -> Worker:
     """Open the store and both ports; raises StoreError/OSError when that is impossible."""
     loop = asyncio.get_running_loop()
-    store = ChannelStore(config.data_dir)
-    store.open()
     hub = Hub(
         loop,
         send_buffer_limit=config.send_buffer_limit_bytes,
@@ -79,8 +79,26 @@ async def start(config: Config) -> Worker:
         global_rate=float(config.rate_limit_global_messages),
         refresh_notice=float(config.token_refresh_notice_s),
     )
-    broker = MemoryBroker(hub, history_ttl_s=config.history_ttl_s, dedup_ttl_s=config.dedup_ttl_s)
-    await broker.start()
+    broker: Broker
+    store: Store
+    if config.broker_url:
+        redis_broker = RedisBroker(
+            hub,
+            config.broker_url,
+            history_ttl_s=config.history_ttl_s,
+            dedup_ttl_s=config.dedup_ttl_s,
+            node_id=config.node_id,
+        )
+        await redis_broker.start()
+        broker, store = redis_broker, RedisChannelStore(redis_broker)
+    else:
+        broker = MemoryBroker(
+            hub, history_ttl_s=config.history_ttl_s, dedup_ttl_s=config.dedup_ttl_s
+        )
+        await broker.start()
+        sqlite_store = ChannelStore(config.data_dir)
+        sqlite_store.open()
+        store = sqlite_store
     auth = Authenticator(config)
     node = Node(config, hub, broker, store, auth)
     metrics = Metrics(hub, node)
@@ -90,7 +108,7 @@ async def start(config: Config) -> Worker:
     servers = [
         await loop.create_server(
             front_factory(router, upgrader, config.max_http_body_bytes, config.handshake_timeout_s),
-            sock=_listen(config.ws_host, config.ws_port),
+            sock=_listen(config.ws_host, config.ws_port, reuse_port=config.workers > 1),
             ssl=tls,
             backlog=4096,
         )
@@ -100,7 +118,7 @@ async def start(config: Config) -> Worker:
         servers.append(
             await loop.create_server(
                 front_factory(prom, None, 1024, config.handshake_timeout_s),
-                sock=_listen(config.metrics_host, config.metrics_port),
+                sock=_listen(config.metrics_host, config.metrics_port, config.workers > 1),
             )
         )
     node.start()
@@ -132,6 +150,7 @@ async def stop(worker: Worker) -> None:
     for s in worker.hub.session_list():
         s.transport.disconnect(False)
     await worker.node.stop()
+    await worker.node.broker.close()
     worker.store.close()
     logs.log("info", "server_stopped", "app", closed_connections=n)
 

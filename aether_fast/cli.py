@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             overrides = {dest: getattr(args, dest) for _, dest, _, _ in _SERVE_FLAGS}
-            return _serve(_config(overrides))
+            return _serve(_config(overrides), list(argv if argv is not None else sys.argv[2:]))
         if args.command == "token":
             return _token(_config(), args)
         print(orjson.dumps(masked(_config()), option=orjson.OPT_INDENT_2).decode())
@@ -81,12 +81,14 @@ def _token(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(config: Config) -> int:
+def _serve(config: Config, argv: list[str]) -> int:
     import uvloop
+    from redis.exceptions import RedisError
 
     from aether_fast import logs
     from aether_fast.app import serve
     from aether_fast.store import StoreError
+    from aether_fast.workers import is_worker, supervise
 
     logs.setup_logging(config.log_level)
     if config.jwt_secret_generated:
@@ -97,13 +99,15 @@ def _serve(config: Config) -> int:
             reason="JWT_SECRET is not set; a random secret was generated for this process, so "
             "tokens from `aether-fast token` will not be accepted. Set JWT_SECRET.",
         )
-    if config.workers > 1:
-        print("aether-fast: WORKERS: more than one worker is not supported yet", file=sys.stderr)
-        return 2
+    if config.workers > 1 and not is_worker():
+        return supervise(config, argv[1:] if argv[:1] == ["serve"] else argv)
     try:
         return uvloop.run(serve(config))
     except StoreError as err:
         print(f"aether-fast: DATA_DIR: {err}", file=sys.stderr)
+        return 2
+    except RedisError as err:
+        print(f"aether-fast: BROKER_URL: cannot use Redis: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"aether-fast: cannot listen: {err}", file=sys.stderr)

@@ -71,6 +71,7 @@ class Config:
     shutdown_timeout_s: float = 10.0
     workers: int = 1
     broker_url: str | None = None
+    node_id: str | None = None
     log_level: str = "info"
     admin_token: str | None = None
     tls_cert_file: str | None = None
@@ -399,6 +400,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         default_text="",
         secret=True,
     ),
+    Setting(
+        "node_id",
+        _text,
+        None,
+        "this machine's name in the cluster (status, metrics); default: the host name",
+        default_text="host name",
+    ),
     Setting("log_level", _log_level, "info", f"{'|'.join(LOG_LEVELS)}"),
     Setting(
         "admin_token",
@@ -578,6 +586,13 @@ def load_config(env: Mapping[str, str], overrides: Mapping[str, object] | None =
         raise ConfigError(
             "WORKERS",
             "more than one worker needs a shared broker: set BROKER_URL=redis://...",
+        )
+    if generated and (
+        values["broker_url"] is not None or (isinstance(workers, int) and workers > 1)
+    ):
+        # each process would generate its own secret: a token would work on one worker only
+        raise ConfigError(
+            "JWT_SECRET", "must be set when WORKERS > 1 or BROKER_URL is set (shared by all)"
         )
 
     cert, cert_key = values["tls_cert_file"], values["tls_key_file"]

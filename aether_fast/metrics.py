@@ -7,8 +7,6 @@ message; counters are kept in C by the hot path and read only at scrape or reque
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,6 +57,27 @@ class Metrics:
         return {"total": hub.errors_total, "by_code": hub.error_counts_snapshot()}
 
 
+#: (kind, name, help, field of Node.local_stats): every per-worker figure on METRICS_PORT.
+_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
+    ("gauge", "aether_connections_active", "Open WebSocket connections.", "connections_active"),
+    ("counter", "aether_connections", "WebSocket connections accepted.", "connections_total"),
+    ("gauge", "aether_channels_active", "Channels with live state.", "channels"),
+    ("counter", "aether_messages_received", "Client messages received.", "messages_received"),
+    ("counter", "aether_messages_published", "Messages accepted.", "messages_published"),
+    ("counter", "aether_deliveries", "Frames queued to members by fan-out.", "deliveries"),
+    ("counter", "aether_bytes_out", "Bytes of fan-out frames queued.", "bytes_out"),
+    ("counter", "aether_rate_limited", "Messages refused by a rate limit.", "rate_limited"),
+    (
+        "counter",
+        "aether_slow_reader_disconnects",
+        "Connections closed 4008 (send buffer over limit).",
+        "slow_reader_closes",
+    ),
+    ("gauge", "aether_uptime_seconds", "Seconds since the worker started.", "uptime_s"),
+    ("gauge", "aether_up", "1 when the worker is healthy, 0 when degraded or down.", "healthy"),
+)
+
+
 class HubCollector:
     """Reads the hot path's counters at scrape time."""
 
@@ -67,57 +86,33 @@ class HubCollector:
         self._node = node
 
     def collect(self) -> Iterator[Metric]:
-        hub = self._hub
-        labels = ["worker"]
-        worker = [str(os.getpid())]
+        # every worker of this node: this one from its C counters, the others from the
+        # cluster table they publish each second (a scrape may land on any worker)
+        workers = [w["stats"] for w in self._node.node_workers()]
+        node = str(self._node.node_id)
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=labels)
-            c.add_metric(worker, value)
-            return c
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=labels)
-            g.add_metric(worker, value)
-            return g
-
-        yield gauge(
-            "aether_connections_active", "Open WebSocket connections.", hub.active_connections
-        )
-        yield counter(
-            "aether_connections", "WebSocket connections accepted.", hub.connections_total
-        )
-        yield gauge("aether_channels_active", "Channels with live state.", len(hub.channel_names()))
-        yield counter("aether_messages_received", "Client messages received.", hub.messages_in)
-        yield counter(
-            "aether_messages_published", "Messages accepted and published.", hub.messages_published
-        )
-        yield counter("aether_deliveries", "Frames queued to members by fan-out.", hub.deliveries)
-        yield counter("aether_bytes_out", "Bytes of fan-out frames queued.", hub.bytes_out)
-        yield counter("aether_rate_limited", "Messages refused by a rate limit.", hub.rate_limited)
-        yield counter(
-            "aether_slow_reader_disconnects",
-            "Connections closed 4008 (send buffer over limit).",
-            hub.slow_reader_closes,
-        )
+        for kind, name, doc, field in _FAMILIES:
+            metric = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                name, doc, labels=["node", "worker"]
+            )
+            for w in workers:
+                metric.add_metric([node, str(w["worker"])], float(w.get(field, 0)))
+            yield metric
         errors = CounterMetricFamily(
-            "aether_errors", "Error messages sent, by code.", labels=["worker", "code"]
+            "aether_errors", "Error messages sent, by code.", labels=["node", "worker", "code"]
         )
-        counts = hub.error_counts_snapshot()
-        for code in sorted({*counts, ErrorCode.INTERNAL_ERROR}):
-            errors.add_metric([worker[0], code], counts.get(code, 0))
+        for w in workers:
+            counts = w.get("errors_by_code", {})
+            for code in sorted({*counts, ErrorCode.INTERNAL_ERROR}):
+                errors.add_metric([node, str(w["worker"]), code], counts.get(code, 0))
         yield errors
-        state, _ = self._node.health()
-        yield gauge(
-            "aether_up",
-            "1 when the node is healthy, 0 when degraded or down.",
-            1 if state == "healthy" else 0,
-        )
-        yield gauge(
-            "aether_uptime_seconds",
-            "Seconds since the worker started.",
-            time.time() - self._node.started_at,
-        )
+        yield _workers(node, len(workers))
+
+
+def _workers(node: str, n: int) -> Metric:
+    metric = GaugeMetricFamily("aether_workers", "Live workers of this node.", labels=["node"])
+    metric.add_metric([node], n)
+    return metric
 
 
 class PrometheusRouter:

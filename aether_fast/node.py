@@ -10,7 +10,9 @@ Rule: the Node never touches a socket; it talks to clients only through `Session
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
@@ -32,11 +34,14 @@ from aether_fast.protocol import (
     require_severity,
     require_str,
 )
-from aether_fast.store import ChannelConfig, ChannelStore, default_channel_config
+from aether_fast.store import ChannelConfig, Store, default_channel_config
 
 _CONTROL = CLIENT_MESSAGES - {("message", "send"), ("message", "retry")}
 
 T = TypeVar("T")
+
+#: A connection's rate-limit refusals are logged at most this often.
+RATE_LOG_EVERY_S = 10.0
 
 
 async def _maybe(value: T | Awaitable[T]) -> T:
@@ -62,7 +67,7 @@ class Node:
         config: Config,
         hub: Hub,
         broker: Broker,
-        store: ChannelStore,
+        store: Store,
         auth: Authenticator,
     ) -> None:
         self.config = config
@@ -71,14 +76,18 @@ class Node:
         self.store = store
         self.auth = auth
         self.started_at = time.time()
+        self.node_id: str = getattr(broker, "node_id", socket.gethostname())
+        self.worker_id: str = getattr(broker, "worker_id", f"{self.node_id}:{os.getpid()}")
         self.rates = Rates()
         self.shutting_down = False
         self._per_key: dict[str, int] = {}
         self._live: dict[tuple[object, str], Session] = {}
         self._timer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rate_logged: dict[int, float] = {}
         hub.node = self
         hub.broker = broker
+        broker.bind(self)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -92,18 +101,20 @@ class Node:
 
     async def _tick_forever(self) -> None:
         ticks = 0
-        ping_every = int(self.config.ping_interval_s)
+        interval = self.config.ping_interval_s
+        last_ping = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             ticks += 1
-            ping_round = ping_every > 0 and ticks % ping_every == 0
+            ping_round = interval > 0 and time.monotonic() - last_ping >= interval - 0.5
+            if ping_round:
+                last_ping = time.monotonic()
             try:
                 self.hub.tick(time.time(), ping_round)
                 self._measure_rates()
                 if ticks % 10 == 0:
-                    sweep = getattr(self.broker, "sweep", None)
-                    if sweep is not None:
-                        sweep()
+                    self.broker.sweep()
+                    self.hub.drop_empty()
             except Exception as exc:  # the timer must survive a bug in one round
                 logs.log("error", "timer_failed", "node", error=repr(exc))
 
@@ -130,25 +141,12 @@ class Node:
             s.send_error(ErrorCode.SERVER_BUSY, "server is shutting down", "node", "shutdown", None)
             s.close(CloseCode.GOING_AWAY, "server shutting down")
             return
-        key = s.user_id if s.user_id is not None else f"ip:{s.peer}"
-        count = self._per_key.get(key, 0)
-        limit = self.config.rate_limit_connections
-        if 0 < limit <= count:
-            self.security_event(s, "connection_limit", f"{count} connections")
-            s.send_error(
-                ErrorCode.CONNECTION_LIMIT,
-                "too many connections",
-                "ratelimit",
-                "connections",
-                {"limit": self.config.rate_limit_connections},
-            )
-            s.close(CloseCode.CONNECTION_LIMIT, "connection limit")
-            return
-        self._per_key[key] = count + 1
-        s.limit_key = key
+        if s.claims is not None:
+            s.expires_at = s.claims.expires_at + self.config.jwt_leeway_s
         live_key = (s.user_id, s.client_id)
         old = self._live.get(live_key)
         if old is not None:
+            # the newer connection replaces the older one before limits are counted
             old.send_json(
                 {
                     "type": "system",
@@ -157,17 +155,40 @@ class Node:
                 }
             )
             old.close(CloseCode.REPLACED, "replaced by a newer connection")
+            self._release_key(old)
+        key = s.user_id if s.user_id is not None else f"ip:{s.peer}"
+        count = self._per_key.get(key, 0) + self.broker.remote_connections(key)
+        limit = self.config.rate_limit_connections
+        if 0 < limit <= count:
+            self.security_event(s, "connection_limit", f"{count} connections")
+            s.send_error(
+                ErrorCode.CONNECTION_LIMIT,
+                "too many connections",
+                "ratelimit",
+                "connections",
+                {"limit": limit},
+            )
+            s.close(CloseCode.CONNECTION_LIMIT, "connection limit")
+            return
+        self._per_key[key] = self._per_key.get(key, 0) + 1
+        s.limit_key = key
         self._live[live_key] = s
         logs.log("debug", "connection_opened", "node", client_id=s.client_id, user_id=s.user_id)
         initial: dict[str, Any] | None = s.initial
         if initial is not None:
-            refused = self.join(s, initial["channel"], initial.get("since"), initial.get("epoch"))
+            refused = self.join(
+                s, initial["channel"], initial.get("since"), initial.get("epoch"), opening=True
+            )
             # the URL's channel is part of the upgrade: an auth refusal ends the connection
             if refused == ErrorCode.AUTH_REQUIRED:
                 s.close(CloseCode.AUTH, "authentication required")
             elif refused == ErrorCode.FORBIDDEN:
                 s.close(CloseCode.FORBIDDEN, "channel not allowed")
             return
+        self._greet(s)
+
+    def _greet(self, s: Session) -> None:
+        """The first frame after open when no channel was joined with it."""
         s.send_json(
             {
                 "type": "connection",
@@ -182,21 +203,47 @@ class Node:
             }
         )
 
+    def _release_key(self, s: Session) -> None:
+        key = s.limit_key
+        if key is None:
+            return
+        s.limit_key = None
+        left = self._per_key.get(key, 1) - 1
+        if left > 0:
+            self._per_key[key] = left
+        else:
+            self._per_key.pop(key, None)
+
+    def local_session(self, user_id: str | None, client_id: str) -> Session | None:
+        """The live local session of (user, client_id), if this worker has it."""
+        return self._live.get((user_id, client_id))
+
+    def local_figures(self) -> dict[str, Any]:
+        """What this worker tells the cluster table each second."""
+        members = {}
+        for name in self.hub.channel_names():
+            ch = self.hub.channel(name)
+            if ch is not None and ch.member_count:
+                members[name] = ch.member_count
+        return {"stats": self.local_stats(), "conns": dict(self._per_key), "members": members}
+
+    def on_config_change(self, name: str, cfg: ChannelConfig | None) -> None:
+        """Another worker changed (cfg) or deleted (None) channel `name`."""
+        if cfg is not None:
+            self.apply_config(cfg)
+        else:
+            self.remove_members(name)
+
     def on_close(self, s: Session) -> None:
         for name in s.joined():
             ch = self.hub.channel(name)
             if ch is not None and ch.presence:
                 self._presence(ch, s, "disconnect")
-        key = s.limit_key
-        if key is not None:
-            left = self._per_key.get(key, 1) - 1
-            if left > 0:
-                self._per_key[key] = left
-            else:
-                self._per_key.pop(key, None)
-            live_key = (s.user_id, s.client_id)
-            if self._live.get(live_key) is s:
-                del self._live[live_key]
+        self._release_key(s)
+        live_key = (s.user_id, s.client_id)
+        if self._live.get(live_key) is s:
+            del self._live[live_key]
+        self._rate_logged.pop(id(s), None)
 
     def _refuse(self, s: Session, code: str, message: str, reason: str, close: int) -> None:
         self.security_event(s, "auth_failed", reason)
@@ -204,6 +251,13 @@ class Node:
         s.close(close, message)
 
     def security_event(self, s: Connection, event: str, reason: str) -> None:
+        """Log a security event at warn. Rate-limit refusals are logged at most once per
+        connection every RATE_LOG_EVERY_S, so a flooding client cannot flood the log."""
+        if event == "rate_limited":
+            now = time.monotonic()
+            if now - self._rate_logged.get(id(s), -RATE_LOG_EVERY_S) < RATE_LOG_EVERY_S:
+                return
+            self._rate_logged[id(s)] = now
         logs.log(
             "warn",
             event,
@@ -218,7 +272,7 @@ class Node:
 
     def on_control(self, s: Session, mtype: object, action: object, data: dict[str, Any]) -> None:
         pair = (mtype, action)
-        if pair not in _CONTROL:
+        if not isinstance(mtype, str) or not isinstance(action, str) or pair not in _CONTROL:
             if not isinstance(mtype, str) or not isinstance(action, str):
                 reason = "type and action must be strings"
             else:
@@ -264,12 +318,21 @@ class Node:
             return default_channel_config(name, self.config)
         return None
 
-    def join(self, s: Session, name: str, since: int | None, epoch: str | None) -> str | None:
+    def join(
+        self,
+        s: Session,
+        name: str,
+        since: int | None,
+        epoch: str | None,
+        opening: bool = False,
+    ) -> str | None:
         """Join `s` to channel `name` and reply connection/connect (with recovery when
         `since` is given). On refusal the error is sent and its code returned."""
         cfg = self.channel_config(name)
         if cfg is None:
-            return self._refuse_join(s, name, ErrorCode.CHANNEL_NOT_FOUND, "no such channel")
+            return self._refuse_join(
+                s, name, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", opening
+            )
         claims: Claims | None = s.claims
         if cfg.require_auth and claims is None:
             return self._refuse_join(s, name, ErrorCode.AUTH_REQUIRED, "this channel needs a token")
@@ -277,8 +340,11 @@ class Node:
             return self._refuse_join(s, name, ErrorCode.FORBIDDEN, "token does not allow it")
         ch = self.hub.channel(name) or self.hub.add_channel(name, cfg)
         if not s.is_member(name):
-            if 0 < ch.max_connections <= ch.member_count:
-                return self._refuse_join(s, name, ErrorCode.CHANNEL_FULL, "max_connections")
+            members = ch.member_count + self.broker.remote_members(name)
+            if 0 < ch.max_connections <= members:
+                return self._refuse_join(
+                    s, name, ErrorCode.CHANNEL_FULL, "max_connections", opening
+                )
             self.hub.join(s, ch)
             if ch.presence:
                 self._presence(ch, s, "connect")
@@ -331,9 +397,13 @@ class Node:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _refuse_join(self, s: Session, name: str, code: str, reason: str) -> str:
+    def _refuse_join(
+        self, s: Session, name: str, code: str, reason: str, opening: bool = False
+    ) -> str:
         if code in (ErrorCode.AUTH_REQUIRED, ErrorCode.FORBIDDEN):
             self.security_event(s, code.lower(), name)
+        elif opening:
+            self._greet(s)  # the connection stays open: it still gets its first frame
         s.send_error(code, f"cannot join channel: {reason}", "channel", reason, {"channel": name})
         return code
 
@@ -396,7 +466,7 @@ class Node:
             )
             return
         s.claims = claims
-        s.expires_at = claims.expires_at
+        s.expires_at = claims.expires_at + self.config.jwt_leeway_s
         s.warned = False
         s.send_json(
             {"type": "connection", "action": "refresh", "data": {"expires_at": claims.expires_at}}
@@ -509,15 +579,49 @@ class Node:
             return ("down", "shutting down")
         return self.broker.health()
 
+    def local_stats(self) -> dict[str, Any]:
+        """This worker's figures (also what it publishes to the cluster table)."""
+        return {
+            "node": self.node_id,
+            "worker": self.worker_id,
+            "pid": os.getpid(),
+            "connections_active": self.hub.active_connections,
+            "connections_total": self.hub.connections_total,
+            "messages_per_second": round(self.rates.per_second, 2),
+            "messages_received": self.hub.messages_in,
+            "messages_published": self.hub.messages_published,
+            "deliveries": self.hub.deliveries,
+            "bytes_out": self.hub.bytes_out,
+            "rate_limited": self.hub.rate_limited,
+            "slow_reader_closes": self.hub.slow_reader_closes,
+            "errors": self.hub.errors_total,
+            "errors_by_code": self.hub.error_counts_snapshot(),
+            "channels": len(self.hub.channel_names()),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "healthy": self.health()[0] == "healthy",
+        }
+
+    def node_workers(self) -> list[dict[str, Any]]:
+        """The figures of every live worker of this node (this one first)."""
+        others = self.broker.remote_table()
+        mine = [w for w in others.values() if w["stats"].get("node") == self.node_id]
+        return [self.local_figures(), *mine]
+
     def status_counts(self) -> dict[str, Any]:
+        workers = self.node_workers()
+        channels = set(self.hub.channel_names())
+        for w in workers[1:]:
+            channels.update(w["members"])
         return {
             "connections": {
-                "active": self.hub.active_connections,
-                "total": self.hub.connections_total,
+                "active": sum(w["stats"]["connections_active"] for w in workers),
+                "total": sum(w["stats"]["connections_total"] for w in workers),
             },
             "channels": {
-                "active": len(self.hub.channel_names()),
-                "messages_per_second": round(self.rates.per_second, 2),
+                "active": len(channels),
+                "messages_per_second": round(
+                    sum(w["stats"]["messages_per_second"] for w in workers), 2
+                ),
             },
         }
 
@@ -526,6 +630,17 @@ class Node:
         body: dict[str, Any] = {"status": state, **self.status_counts()}
         body["uptime_s"] = round(time.time() - self.started_at, 3)
         body["broker"] = self.broker.name
+        body["node"] = self.node_id
+        body["answered_by"] = self.worker_id
+        body["workers"] = [w["stats"] for w in self.node_workers()]
+        cluster = self.broker.remote_table()
+        if cluster:
+            body["cluster"] = {
+                "workers": len(cluster) + 1,
+                "nodes": len({w["stats"].get("node") for w in cluster.values()} | {self.node_id}),
+                "connections": self.hub.active_connections
+                + sum(w["stats"]["connections_active"] for w in cluster.values()),
+            }
         if reason:
             body["reason"] = reason
         return body

@@ -14,11 +14,11 @@ import math
 import os
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aether_fast.config import Config
 
@@ -411,3 +411,18 @@ def _check_schema(path: str, conn: sqlite3.Connection, *, required: bool = False
         return
     if tuple(columns) != _COLUMNS:
         raise StoreError(f"{path}: unexpected schema of table channels: {columns}")
+
+
+class Store(Protocol):
+    """What the Node needs of a channel store: reads answered at once, writes that a
+    remote store (Redis) may answer later."""
+
+    def get(self, name: str) -> ChannelConfig | None: ...
+
+    def list(self) -> builtins.list[ChannelConfig]: ...
+
+    def put(self, cfg: ChannelConfig) -> bool | Awaitable[bool]: ...
+
+    def delete(self, name: str) -> bool | Awaitable[bool]: ...
+
+    def close(self) -> None: ...

@@ -32,7 +32,14 @@ cdef class Channel:
         self.config = config
         self.presence = bool(config.presence)
         self.max_connections = int(config.max_connections)
-        bucket_init(&self.bucket, float(config.message_rate_limit), 1.0, aether_monotonic())
+        cdef double rate = float(config.message_rate_limit)
+        # a burst of at least one message, refilled at `rate` per second (a rate below 1
+        # still lets one message through every 1/rate seconds)
+        cdef double burst = rate if rate >= 1.0 else 1.0
+        if rate > 0:
+            bucket_init(&self.bucket, burst, burst / rate, aether_monotonic())
+        else:
+            bucket_init(&self.bucket, 0.0, 1.0, aether_monotonic())
 
     @property
     def member_count(self) -> int:
@@ -133,10 +140,16 @@ cdef class Hub:
         if ch is None:
             return False
         ch.members.remove(s)
-        if not ch.members and ch.name in self.channels and ch.config is not None \
-                and getattr(ch.config, "ephemeral", False):
-            del self.channels[ch.name]
         return True
+
+    def drop_empty(self) -> int:
+        """Forget the live state of channels without members (their configs and history
+        stay with the store and the broker); returns how many were dropped."""
+        empty = [name for name, ch in self.channels.items()
+                 if PyList_GET_SIZE((<Channel>ch).members) == 0]
+        for name in empty:
+            del self.channels[name]
+        return len(empty)
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -176,9 +189,10 @@ cdef class Hub:
                 continue
             s.enqueue(p, size)
             sent += 1
-        ch.published += 1
+        if offset >= 0:  # a publication, not a presence notice or a broadcast
+            ch.published += 1
+            self.messages_published += 1
         ch.delivered += sent
-        self.messages_published += 1
         self.deliveries += sent
         self.bytes_out += sent * size
 

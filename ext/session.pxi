@@ -229,4 +229,3 @@ cdef class Session(Connection):
 
     def is_member(self, str name) -> bool:
         return name in self.channels
-

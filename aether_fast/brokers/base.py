@@ -68,3 +68,24 @@ class Broker(Protocol):
     def health(self) -> tuple[str, str]:
         """("healthy" | "degraded" | "down", reason)."""
         ...
+
+    def bind(self, node: Any) -> None:
+        """Called once by the Node: the broker may call node.local_session(user, client_id),
+        node.on_config_change(name, cfg) and node.local_figures()."""
+        ...
+
+    def remote_connections(self, key: str) -> int:
+        """Connections of user/IP `key` on other workers (0 with one worker)."""
+        ...
+
+    def remote_members(self, channel: str) -> int:
+        """Members of `channel` on other workers (0 with one worker)."""
+        ...
+
+    def remote_table(self) -> dict[str, dict[str, Any]]:
+        """Every other live worker's latest figures, by worker id ({} with one worker)."""
+        ...
+
+    def sweep(self) -> None:
+        """Periodic housekeeping (called by the Node's timer every few seconds)."""
+        ...

@@ -45,7 +45,6 @@ class MemoryBroker:
         self._hub = hub
         self._history_ttl = history_ttl_s
         self._dedup_ttl = dedup_ttl_s
-        self._boot_epoch = secrets.token_hex(4)
         self._logs: dict[str, _Log] = {}
         self._windows: dict[tuple[object, str, str], _Window] = {}
 
@@ -58,10 +57,24 @@ class MemoryBroker:
     def health(self) -> tuple[str, str]:
         return ("healthy", "")
 
+    def bind(self, node: Any) -> None:
+        return None
+
+    def remote_connections(self, key: str) -> int:
+        return 0
+
+    def remote_members(self, channel: str) -> int:
+        return 0
+
+    def remote_table(self) -> dict[str, dict[str, Any]]:
+        return {}
+
     def _log(self, channel: str) -> _Log:
         log = self._logs.get(channel)
         if log is None:
-            log = self._logs[channel] = _Log(epoch=self._boot_epoch)
+            # a log made anew (first use, or after `sweep` forgot an idle one) has an epoch
+            # of its own, so offsets it hands out again are never mistaken for old ones
+            log = self._logs[channel] = _Log(epoch=secrets.token_hex(4))
         return log
 
     def publish(self, channel: Any, sender: Any, sequence: int, content: str) -> PublishResult:
@@ -111,17 +124,28 @@ class MemoryBroker:
         return Recovery(missed if complete else [], log.offset, log.epoch, complete)
 
     def forget(self, channel: str) -> None:
-        self._logs.pop(channel, None)
         self._logs[channel] = _Log(epoch=secrets.token_hex(4))
+        for key in [k for k in self._windows if k[2] == channel]:
+            del self._windows[key]
 
     def _expire_history(self, log: _Log, now: float) -> None:
+        if self._history_ttl <= 0:
+            return  # HISTORY_TTL_S=0: no expiry
         limit = now - self._history_ttl
         while log.history and log.history[0][1] < limit:
             log.history.popleft()
 
     def sweep(self) -> None:
-        """Drop dedupe windows idle for longer than DEDUP_TTL_S (called by the Node's timer)."""
-        limit = time.monotonic() - self._dedup_ttl
+        """Drop dedupe windows idle for longer than DEDUP_TTL_S, and the logs of channels
+        that have no member here and no history left (called by the Node's timer)."""
+        now = time.monotonic()
+        limit = now - self._dedup_ttl
         stale = [k for k, w in self._windows.items() if w.touched < limit]
         for k in stale:
             del self._windows[k]
+        for name in list(self._logs):
+            log = self._logs[name]
+            self._expire_history(log, now)
+            ch = self._hub.channel(name)
+            if not log.history and (ch is None or ch.member_count == 0):
+                del self._logs[name]

@@ -188,7 +188,7 @@ class WebSocketUpgrader:
             )
         origins = self._config.allowed_origins
         origin = request.header("origin")
-        if origins and origin is not None and origin not in origins:
+        if origins and origin is not None and origin.lower() not in origins:
             logs.log("warn", "origin_refused", "security", peer=request.peer, origin=origin)
             return Response.error(
                 403, ErrorCode.FORBIDDEN, "origin not allowed", "origin", origin=origin

@@ -5,8 +5,10 @@ from tests.integration.wsclient import Client
 
 
 def test_two_clients_exchange_a_message(server: Server) -> None:
-    with Client(server.ws_url, token=server.token("alice"), client_id="a", channel="room") as a, \
-         Client(server.ws_url, token=server.token("bob"), client_id="b", channel="room") as b:
+    with (
+        Client(server.ws_url, token=server.token("alice"), client_id="a", channel="room") as a,
+        Client(server.ws_url, token=server.token("bob"), client_id="b", channel="room") as b,
+    ):
         assert a.recv()["data"]["channel"] == "room"
         assert b.recv()["data"]["channel"] == "room"
         a.publish("room", "hello")

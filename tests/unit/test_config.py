@@ -187,10 +187,18 @@ def test_metrics_port_conflict_only_when_metrics_enabled_and_hosts_overlap() -> 
 
 
 def test_workers_with_broker() -> None:
-    c = load_config({"WORKERS": "4", "BROKER_URL": "redis://localhost:6379/0"})
+    secret = {"JWT_SECRET": "s" * 32}
+    c = load_config({"WORKERS": "4", "BROKER_URL": "redis://localhost:6379/0", **secret})
     assert c.workers == 4 and c.broker_url == "redis://localhost:6379/0"
-    assert load_config({"BROKER_URL": "unix:///tmp/redis.sock"}).broker_url
-    assert load_config({"BROKER_URL": "rediss://h:6380"}).broker_url
+    assert load_config({"BROKER_URL": "unix:///tmp/redis.sock", **secret}).broker_url
+    assert load_config({"BROKER_URL": "rediss://h:6380", **secret}).broker_url
+
+
+def test_shared_deployments_need_a_shared_secret() -> None:
+    for env in ({"WORKERS": "2", "BROKER_URL": "redis://h"}, {"BROKER_URL": "redis://h"}):
+        with pytest.raises(ConfigError) as err:
+            load_config(env)
+        assert err.value.variable == "JWT_SECRET"
 
 
 def test_overrides_win_and_none_is_ignored() -> None:
@@ -309,8 +317,9 @@ def test_masked() -> None:
     text = repr(m)
     assert "hunter" not in text and "adm1n" not in text and "PRIVATE" not in text
 
-    plain = masked(load_config({"BROKER_URL": "redis://:pw@h/0"}))
+    plain = masked(load_config({"BROKER_URL": "redis://:pw@h/0", "JWT_SECRET": "k" * 32}))
     assert plain["broker_url"] == "redis://:***@h/0"
     assert plain["admin_token"] is None and plain["jwt_private_key"] is None
     assert plain["jwt_secret"] == "***"
-    assert masked(load_config({"BROKER_URL": "redis://h:1"}))["broker_url"] == "redis://h:1"
+    bare = load_config({"BROKER_URL": "redis://h:1", "JWT_SECRET": "k" * 32})
+    assert masked(bare)["broker_url"] == "redis://h:1"

@@ -1,0 +1,347 @@
+"""SPEC §6 over real sockets: message rate limits (connection, channel, global), connection
+limits per user and per worker, allowed origins, slow readers, and the Firefox upgrade."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import Server
+from tests.integration.helpers import (
+    HClient,
+    RawWS,
+    drain,
+    expect,
+    expect_error,
+    wait_for,
+)
+from tests.integration.wsclient import Client
+
+
+def _joined(c: Client) -> dict[str, Any]:
+    data: dict[str, Any] = expect(c, "connection", "connect")["data"]
+    return data
+
+
+def _status_ok(c: Client) -> None:
+    c.send({"type": "system", "action": "status", "data": {}})
+    expect(c, "system", "status")
+
+
+def _limited(c: Client, code: str, reason: str, channel: str, seq: int) -> dict[str, Any]:
+    err = expect_error(c, code)
+    d = err["details"]
+    assert d["reason"] == reason, err
+    assert d["channel"] == channel and d["sequence"] == seq, err
+    assert isinstance(d["retry_after_ms"], int) and d["retry_after_ms"] > 0, err
+    return err
+
+
+def _create(server: Server, **cfg: Any) -> None:
+    status, body, _ = server.http("POST", "/ws/channels", cfg, token=server.admin())
+    assert status in (200, 201), body
+
+
+# -- message rates -------------------------------------------------------------------------------
+
+
+def test_rate_limit_per_connection(make_server: Callable[..., Server]) -> None:
+    # 3 messages per 3 s: a bucket of 3 that refills one token a second
+    srv = make_server(RATE_LIMIT_MESSAGES="3", RATE_LIMIT_WINDOW_S="3")
+    ch = "lim.conn"
+    with (
+        Client(srv.ws_url, token=srv.token("alice"), client_id="a1", channel=ch) as a,
+        Client(srv.ws_url, token=srv.token("alice"), client_id="a2", channel=ch) as a2,
+        Client(srv.ws_url, token=srv.token("bob"), channel=ch) as peer,
+    ):
+        for c in (a, a2, peer):
+            _joined(c)
+        for i in range(3):  # sent back to back: well inside one refill period
+            a.publish(ch, f"m{i}")
+        seq = a.publish(ch, "one too many")
+        for _ in range(3):
+            expect(a, "message", "ack")
+        err = _limited(a, "RATE_LIMITED", "connection", ch, seq)
+        assert err["details"]["retry_after_ms"] <= 1001, err  # one token a second
+        got = [expect(peer, "message", "send")["data"]["content"] for _ in range(3)]
+        assert got == ["m0", "m1", "m2"]
+        peer.nothing(0.1)  # the limited message was not published
+        for _ in range(3):
+            expect(a2, "message", "send")
+
+        # the connection stays open and is still served
+        _status_ok(a)
+        # another connection of the same user has its own budget
+        a2.publish(ch, "from a2")
+        expect(a2, "message", "ack")
+        assert expect(peer, "message", "send")["data"]["content"] == "from a2"
+        expect(a, "message", "send")
+
+        # after retry_after_ms the refused message may pass; it was never accepted, so the
+        # retry is a new publication
+        time.sleep(err["details"]["retry_after_ms"] / 1000 + 0.05)
+        a.publish(ch, "one too many", sequence=seq, action="retry")
+        ack = expect(a, "message", "ack")["data"]["metadata"]
+        assert ack["sequence"] == seq and ack["offset"] == 5
+        assert expect(peer, "message", "send")["data"]["content"] == "one too many"
+
+
+def test_rate_limit_per_channel_across_publishers(server: Server) -> None:
+    ch = "lim.chan"
+    _create(server, name=ch, message_rate_limit=1)  # 1 message a second, all publishers
+    with (
+        Client(server.ws_url, token=server.token("alice"), channel=ch) as a,
+        Client(server.ws_url, token=server.token("bob"), channel=ch) as b,
+        Client(server.ws_url, token=server.token("carol"), channel=ch) as reader,
+    ):
+        for c in (a, b, reader):
+            _joined(c)
+        a.publish(ch, "a1")
+        expect(a, "message", "ack")
+        seq_b = b.publish(ch, "b1")  # bob's first message, but the channel's second
+        err = b.recv_until("error", limit=3)
+        d = err["details"]
+        assert err["code"] == "RATE_LIMITED", err
+        assert d["reason"] == "channel" and d["channel"] == ch and d["sequence"] == seq_b, d
+        assert 0 < d["retry_after_ms"] <= 1001, d
+        seq_a = a.publish(ch, "a2")
+        _limited(a, "RATE_LIMITED", "channel", ch, seq_a)
+        assert reader.recv()["data"]["content"] == "a1"
+        reader.nothing(0.1)
+        _status_ok(a)
+        _status_ok(b)
+        # the channel's limit is per channel: another channel is not limited
+        a.join("lim.other")
+        _joined(a)
+        a.publish("lim.other", "elsewhere")
+        expect(a, "message", "ack")
+        time.sleep(d["retry_after_ms"] / 1000 + 0.05)
+        b.publish(ch, "b1", sequence=seq_b, action="retry")
+        b.recv_until("message", "ack", limit=3)
+        assert reader.recv()["data"]["content"] == "b1"
+
+
+def test_fractional_channel_rate_limit(server: Server) -> None:
+    # message_rate_limit is a number of messages per second (REST accepts 0..1e9): 0.5 is one
+    # message every two seconds, not "never".
+    ch = "lim.half"
+    _create(server, name=ch, message_rate_limit=0.5)
+    with (
+        Client(server.ws_url, token=server.token("alice"), channel=ch) as a,
+        Client(server.ws_url, token=server.token("carol"), channel=ch) as reader,
+    ):
+        _joined(a)
+        _joined(reader)
+        a.publish(ch, "first")
+        ack = a.recv()
+        assert (ack["type"], ack.get("action")) == ("message", "ack"), ack
+        assert reader.recv()["data"]["content"] == "first"
+        seq = a.publish(ch, "second")
+        err = _limited(a, "RATE_LIMITED", "channel", ch, seq)
+        assert err["details"]["retry_after_ms"] <= 2001, err
+        time.sleep(err["details"]["retry_after_ms"] / 1000 + 0.05)
+        a.publish(ch, "second", sequence=seq, action="retry")
+        ack = a.recv()
+        assert (ack["type"], ack.get("action")) == ("message", "ack"), ack
+        assert reader.recv()["data"]["content"] == "second"
+
+
+def test_global_rate_limit_is_server_busy(make_server: Callable[..., Server]) -> None:
+    srv = make_server(RATE_LIMIT_GLOBAL_MESSAGES="1")  # 1 message a second, whole server
+    with (
+        Client(srv.ws_url, token=srv.token("alice"), channel="g.one") as a,
+        Client(srv.ws_url, token=srv.token("bob"), channel="g.two") as b,
+        Client(srv.ws_url, token=srv.token("carol"), channel="g.one") as reader,
+    ):
+        for c in (a, b, reader):
+            _joined(c)
+        a.publish("g.one", "a")
+        expect(a, "message", "ack")
+        # another user, another channel: the same server-wide budget
+        seq = b.publish("g.two", "over the server's budget")
+        err = expect_error(b, "SERVER_BUSY")
+        assert err["details"]["channel"] == "g.two" and err["details"]["sequence"] == seq
+        assert 0 < err["details"]["retry_after_ms"] <= 1001
+        seq = a.publish("g.one", "also over")
+        err = expect_error(a, "SERVER_BUSY")
+        assert err["details"]["sequence"] == seq
+        assert reader.recv()["data"]["content"] == "a"
+        reader.nothing(0.1)
+        _status_ok(a)
+        _status_ok(b)
+        time.sleep(err["details"]["retry_after_ms"] / 1000 + 0.05)
+        a.publish("g.one", "later")
+        expect(a, "message", "ack")
+        assert reader.recv()["data"]["content"] == "later"
+
+
+# -- connection limits ---------------------------------------------------------------------------
+
+
+def test_connection_limit_per_user(make_server: Callable[..., Server]) -> None:
+    srv = make_server(RATE_LIMIT_CONNECTIONS="2")
+    url = srv.ws_url
+    with (
+        Client(url, token=srv.token("alice"), client_id="c1") as c1,
+        Client(url, token=srv.token("alice"), client_id="c2") as c2,
+    ):
+        _joined(c1)
+        _joined(c2)
+        with Client(url, token=srv.token("alice"), client_id="c3") as c3:
+            msgs, close = drain(c3)
+            assert [m.get("code") for m in msgs] == ["CONNECTION_LIMIT"], msgs
+            assert close == 4029
+        # another user is not counted with alice
+        with Client(url, token=srv.token("bob")) as b:
+            _joined(b)
+        _status_ok(c1)
+        # closing one releases its place
+        c1.close()
+
+        def fourth_gets_in() -> bool:
+            with Client(url, token=srv.token("alice"), client_id="c4") as c4:
+                first = c4.recv()
+                return bool(first["type"] == "connection")
+
+        wait_for(fourth_gets_in, timeout=5, interval=0.05)
+        _status_ok(c2)
+
+
+def test_connection_limit_per_ip_for_anonymous(make_server: Callable[..., Server]) -> None:
+    srv = make_server(RATE_LIMIT_CONNECTIONS="2")
+    with Client(srv.ws_url) as a1, Client(srv.ws_url) as a2:
+        _joined(a1)
+        _joined(a2)
+        with Client(srv.ws_url) as a3:
+            msgs, close = drain(a3)
+            assert [m.get("code") for m in msgs] == ["CONNECTION_LIMIT"], msgs
+            assert close == 4029
+        with Client(srv.ws_url, token=srv.token("alice")) as alice:
+            _joined(alice)
+
+
+def test_max_connections_refuses_upgrade_with_503(make_server: Callable[..., Server]) -> None:
+    srv = make_server(MAX_CONNECTIONS="2")
+    with (
+        Client(srv.ws_url, token=srv.token("alice"), channel="mc") as a,
+        Client(srv.ws_url, token=srv.token("bob"), channel="mc") as b,
+    ):
+        _joined(a)
+        _joined(b)
+        with pytest.raises(InvalidStatus) as refused:
+            Client(srv.ws_url, token=srv.token("carol"), channel="mc")
+        assert refused.value.response.status_code == 503
+        body = json.loads(refused.value.response.body or b"{}")
+        assert body.get("type") == "error" and body.get("code") == "SERVER_BUSY", body
+        # the existing clients keep working
+        a.publish("mc", "still fine")
+        expect(a, "message", "ack")
+        assert expect(b, "message", "send")["data"]["content"] == "still fine"
+        # plain HTTP is not a WebSocket: still answered
+        status, _, _ = srv.http("GET", "/health")
+        assert status == 200
+        a.close()
+
+        def third_gets_in() -> bool:
+            try:
+                with Client(srv.ws_url, token=srv.token("carol")) as c:
+                    return bool(c.recv()["type"] == "connection")
+            except InvalidStatus:
+                return False
+
+        wait_for(third_gets_in, timeout=5, interval=0.05)
+
+
+# -- origins -------------------------------------------------------------------------------------
+
+
+def test_allowed_origins(make_server: Callable[..., Server]) -> None:
+    srv = make_server(ALLOWED_ORIGINS="https://app.example.com,http://localhost:3000")
+    tok = srv.token("alice")
+    for bad in (
+        "https://evil.example.com",
+        "https://app.example.com.evil.net",
+        "null",
+        "http://localhost:3001",
+    ):
+        with pytest.raises(InvalidStatus) as refused:
+            HClient(srv.ws_url, origin=bad, token=tok)
+        assert refused.value.response.status_code == 403, bad
+    for good in ("https://app.example.com", "http://localhost:3000"):
+        with HClient(srv.ws_url, origin=good, token=tok, channel="orig") as c:
+            assert _joined(c)["channel"] == "orig"
+    with Client(srv.ws_url, token=tok, channel="orig") as c:  # no Origin header at all
+        assert _joined(c)["channel"] == "orig"
+
+
+# -- slow readers ----------------------------------------------------------------------------------
+
+
+def test_slow_reader_closed_4008_others_keep_receiving(make_server: Callable[..., Server]) -> None:
+    srv = make_server(SEND_BUFFER_LIMIT_BYTES="65536", RATE_LIMIT_MESSAGES="0")
+    ch = "slow.room"
+    content = "y" * 16000
+    with (
+        RawWS(srv.port, query={"token": srv.token("sloth"), "channel": ch}, rcvbuf=4096) as slow,
+        Client(srv.ws_url, token=srv.token("fast"), channel=ch) as fast,
+        Client(srv.ws_url, token=srv.token("pub"), channel=ch) as pub,
+    ):
+        assert slow.status == 101
+        assert slow.recv_json()["action"] == "connect"
+        _joined(fast)
+        _joined(pub)
+        offsets: list[int] = []
+        closed = False
+        for n in range(1, 1201):  # at most ~19 MB
+            pub.publish(ch, content)
+            assert expect(pub, "message", "ack")["data"]["metadata"]["offset"] == n
+            got = expect(fast, "message", "send")["data"]
+            assert got["content"] == content
+            offsets.append(got["metadata"]["offset"])
+            if n % 20 == 0:
+                _, body, _ = srv.http("GET", "/metrics/connections")
+                if body["slow_reader_closes"] >= 1:
+                    closed = True
+                    break
+        assert closed, "the reader that never reads was not closed"
+        assert offsets == list(range(1, len(offsets) + 1))  # the fast one got every message
+        # the slow one now reads what was sent to it: some messages, then CLOSE 4008
+        assert slow.close_code() == 4008
+        # and the others go on
+        for _ in range(5):
+            pub.publish(ch, "after")
+            expect(pub, "message", "ack")
+            assert expect(fast, "message", "send")["data"]["content"] == "after"
+        _, body, _ = srv.http("GET", "/metrics/connections")
+        assert body["slow_reader_closes"] == 1
+
+
+# -- the upgrade request ---------------------------------------------------------------------------
+
+
+def test_firefox_connection_header_is_accepted(server: Server) -> None:
+    with RawWS(
+        server.port,
+        query={"token": server.token("fox"), "channel": "ff.room"},
+        connection="keep-alive, Upgrade",
+    ) as raw:
+        assert raw.status == 101, raw.status_line
+        assert raw.headers["upgrade"].lower() == "websocket"
+        assert raw.headers["sec-websocket-accept"] == raw.expected_accept()
+        first = raw.recv_json()
+        assert (first["type"], first["action"]) == ("connection", "connect"), first
+        assert first["data"]["user_id"] == "fox" and first["data"]["channel"] == "ff.room"
+        raw.send_json(
+            {
+                "type": "message",
+                "action": "send",
+                "data": {"channel": "ff.room", "content": "hi", "metadata": {"sequence": 1}},
+            }
+        )
+        ack = raw.recv_json()
+        assert (ack["type"], ack["action"]) == ("message", "ack"), ack
