@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run dev test test-unit test-integration lint build clean
+.PHONY: install run dev test test-unit test-integration lint build clean fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,6 @@ lint:  ## ruff, mypy --strict on aether_fast/, cython-lint on ext/
 
 clean:
 	rm -rf build aether_fast/*.so ext/*.c *.egg-info
+
+fuzz:  ## a longer fuzzing campaign of the message decoder and the HTTP front
+	AETHER_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/fuzz

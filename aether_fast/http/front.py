@@ -109,6 +109,7 @@ class HttpFront(asyncio.Protocol):
         "_max_body",
         "_parser",
         "_peer",
+        "_request_timeout",
         "_router",
         "_slots",
         "_transport",
@@ -126,6 +127,7 @@ class HttpFront(asyncio.Protocol):
         self._router = router
         self._upgrader = upgrader
         self._max_body = max_body
+        self._request_timeout = first_request_timeout
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
@@ -182,7 +184,9 @@ class HttpFront(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._reset()
+        # a request must arrive whole within the timeout of its first byte (no slowloris)
         self._cancel_idle()
+        self._idle = self._loop.call_later(self._request_timeout, self._on_idle)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -206,6 +210,7 @@ class HttpFront(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._parser.should_upgrade():
             return  # handled by HttpParserUpgrade in data_received
+        self._cancel_idle()
         request = self._request()
         # answers leave in request order, whichever route finishes first (pipelining)
         slot = _Slot(self._parser.should_keep_alive(), request.method == "HEAD")
@@ -304,8 +309,8 @@ class HttpFront(asyncio.Protocol):
 
     def _send(self, response: Response, keep_alive: bool, head: bool = False) -> None:
         transport = self._transport
-        if transport is None or transport.is_closing():
-            return
+        if transport is None or transport.is_closing() or self._done:
+            return  # a final answer was already sent (or the socket is gone)
         transport.write(response.encode(keep_alive, head))
         if keep_alive:
             self._idle = self._loop.call_later(KEEPALIVE_IDLE_S, self._on_idle)

@@ -1,0 +1,153 @@
+"""The security review of issue 4 as tests: TLS on the same port, JWT algorithm confusion
+against an RS256 server, `none`, abuse that must not disturb other clients (ping flood, a
+message in 10k fragments, slow handshakes, idle sockets)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jwt
+import trustme
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from websockets.sync.client import connect
+
+from tests.conftest import Server
+from tests.integration.helpers import OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawWS, wait_for
+from tests.integration.wsclient import Client
+
+MakeServer = Callable[..., Server]
+
+
+def test_tls_serves_https_and_wss_on_one_port(make_server: MakeServer, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    srv = make_server(TLS_CERT_FILE=tmp_path / "cert.pem", TLS_KEY_FILE=tmp_path / "key.pem")
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    import urllib.request
+
+    with urllib.request.urlopen(f"https://127.0.0.1:{srv.port}/health", context=ctx) as r:
+        assert json.loads(r.read()) == {"status": "healthy"}
+    url = f"wss://127.0.0.1:{srv.port}/ws?token={srv.token('alice')}&channel=tls&echo=1"
+    with connect(url, ssl=ctx, open_timeout=5) as ws:
+        assert json.loads(ws.recv(timeout=5))["data"]["channel"] == "tls"
+        ws.send(
+            json.dumps(
+                {
+                    "type": "message",
+                    "action": "send",
+                    "data": {"channel": "tls", "content": "secret", "metadata": {"sequence": 1}},
+                }
+            )
+        )
+        got = [json.loads(ws.recv(timeout=5)) for _ in range(2)]
+        assert {m["action"] for m in got} == {"send", "ack"}
+    # plain text to the TLS port is refused by the handshake, and the server goes on
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as plain:
+        plain.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"healthy" not in plain.recv(4096)
+    with urllib.request.urlopen(f"https://127.0.0.1:{srv.port}/health", context=ctx) as r:
+        assert r.status == 200
+
+
+def _rsa_keys(tmp_path: Path) -> tuple[bytes, Path]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public_path = tmp_path / "public.pem"
+    public_path.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private, public_path
+
+
+def _refused(srv: Server, token: str) -> tuple[str, int | None]:
+    with RawWS(srv.port, query={"token": token, "channel": "x"}) as raw:
+        msg = raw.recv_json()
+        return msg["code"], raw.close_code()
+
+
+def test_algorithm_confusion_and_none_are_refused(make_server: MakeServer, tmp_path: Path) -> None:
+    private, public_path = _rsa_keys(tmp_path)
+    srv = make_server(JWT_ALGORITHM="RS256", JWT_PUBLIC_KEY_FILE=public_path, JWT_SECRET="")
+    now = int(time.time())
+    claims = {"sub": "mallory", "exp": now + 60}
+    good = jwt.encode(claims, private, algorithm="RS256")
+    with Client(srv.ws_url, token=good, channel="x") as c:
+        assert c.recv()["data"]["user_id"] == "mallory"
+    # HS256 signed with the public key as the HMAC secret: the classic confusion attack
+    header = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")
+    body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=")
+    import hashlib
+    import hmac
+
+    signing = header + b"." + body
+    sig = hmac.new(public_path.read_bytes(), signing, hashlib.sha256).digest()
+    forged = (signing + b"." + base64.urlsafe_b64encode(sig).rstrip(b"=")).decode()
+    assert _refused(srv, forged) == ("AUTH_INVALID", 4001)
+    unsigned = (
+        base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=") + b"." + body + b"."
+    ).decode()
+    assert _refused(srv, unsigned) == ("AUTH_INVALID", 4001)
+    no_exp = jwt.encode({"sub": "mallory"}, private, algorithm="RS256")
+    assert _refused(srv, no_exp) == ("AUTH_INVALID", 4001)
+
+
+def test_ping_flood_and_10k_fragments_leave_others_served(server: Server) -> None:
+    with Client(server.ws_url, token=server.token("bob"), client_id="bob", channel="abuse") as bob:
+        bob.recv()
+        with RawWS(server.port, query={"token": server.token("eve"), "channel": "abuse"}) as eve:
+            eve.recv_json()
+            for i in range(5000):
+                eve.send_frame(OP_PING, str(i).encode())
+            pongs = 0
+            while pongs < 5000:
+                _fin, opcode, _payload = eve.recv_frame()
+                pongs += opcode == OP_PONG
+            content = "x" * 10000
+            msg = json.dumps(
+                {
+                    "type": "message",
+                    "action": "send",
+                    "data": {"channel": "abuse", "content": content, "metadata": {"sequence": 1}},
+                }
+            ).encode()
+            step = max(1, len(msg) // 10000)
+            pieces = [msg[i : i + step] for i in range(0, len(msg), step)]
+            assert len(pieces) >= 10000
+            for n, piece in enumerate(pieces):
+                eve.send_frame(OP_TEXT if n == 0 else OP_CONT, piece, fin=n == len(pieces) - 1)
+            ack = eve.recv_json()
+            assert ack["action"] == "ack", ack
+        assert bob.recv()["data"]["content"] == content
+        bob.publish("abuse", "still here")
+        assert bob.recv()["action"] == "ack"
+
+
+def test_slow_handshake_is_timed_out_without_harm(make_server: MakeServer) -> None:
+    srv = make_server(HANDSHAKE_TIMEOUT_S="1")
+    slow = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    slow.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+    idle = socket.create_connection(("127.0.0.1", srv.port), timeout=5)  # sends nothing
+    with Client(srv.ws_url, token=srv.token("ok"), channel="c") as ok:
+        assert ok.recv()["data"]["channel"] == "c"
+    t0 = time.monotonic()
+    assert slow.recv(100) == b"" and idle.recv(100) == b""  # closed by the server
+    assert time.monotonic() - t0 < 3
+    slow.close()
+    idle.close()
+    wait_for(lambda: srv.http("GET", "/health")[0] == 200)
