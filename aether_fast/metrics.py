@@ -29,32 +29,58 @@ class Metrics:
         self._node = node
 
     def view(self, name: str) -> dict[str, Any]:
-        hub = self._hub
+        """The JSON of /metrics/{name} for the whole node: every worker's figures summed
+        (this worker's live, the others' from the cluster table, at most a second old)."""
+        workers = self._node.node_workers()
+        stats = [w["stats"] for w in workers]
+
+        def total(field: str) -> Any:
+            return sum(st.get(field, 0) for st in stats)
+
+        about = {
+            "node": self._node.node_id,
+            "answered_by": self._node.worker_id,
+            "workers": len(workers),
+        }
         if name == "connections":
             return {
-                "active": hub.active_connections,
-                "total": hub.connections_total,
-                "slow_reader_closes": hub.slow_reader_closes,
+                "active": total("connections_active"),
+                "total": total("connections_total"),
+                "slow_reader_closes": total("slow_reader_closes"),
+                **about,
             }
         if name == "messages":
             return {
-                "received": hub.messages_in,
-                "published": hub.messages_published,
-                "delivered": hub.deliveries,
-                "bytes_out": hub.bytes_out,
-                "rate_limited": hub.rate_limited,
-                "messages_per_second": round(self._node.rates.per_second, 2),
+                "received": total("messages_received"),
+                "published": total("messages_published"),
+                "delivered": total("deliveries"),
+                "bytes_out": total("bytes_out"),
+                "rate_limited": total("rate_limited"),
+                "messages_per_second": round(total("messages_per_second"), 2),
+                **about,
             }
         if name == "channels":
+            members: dict[str, int] = {}
+            for w in workers:
+                for cname, count in w["members"].items():
+                    members[cname] = members.get(cname, 0) + count
+            hub = self._hub
             channels = []
-            for cname in sorted(hub.channel_names()):
+            for cname in sorted(set(members) | set(hub.channel_names())):
                 ch = hub.channel(cname)
-                if ch is not None:
-                    channels.append(
-                        {"name": cname, "members": ch.member_count, "messages": ch.published}
-                    )
-            return {"active": len(channels), "channels": channels}
-        return {"total": hub.errors_total, "by_code": hub.error_counts_snapshot()}
+                channels.append(
+                    {
+                        "name": cname,
+                        "members": members.get(cname, 0),
+                        "messages": ch.published if ch is not None else 0,
+                    }
+                )
+            return {"active": len(channels), "channels": channels, **about}
+        by_code: dict[str, int] = {}
+        for st in stats:
+            for code, count in st.get("errors_by_code", {}).items():
+                by_code[code] = by_code.get(code, 0) + count
+        return {"total": total("errors"), "by_code": by_code, **about}
 
 
 #: (kind, name, help, field of Node.local_stats): every per-worker figure on METRICS_PORT.
@@ -106,6 +132,16 @@ class HubCollector:
             for code in sorted({*counts, ErrorCode.INTERNAL_ERROR}):
                 errors.add_metric([node, str(w["worker"]), code], counts.get(code, 0))
         yield errors
+        # MAX_CONNECTIONS is one setting for every worker of a node: the denominator of the
+        # connection-saturation alert, so the rule needs no copy of it
+        limit = GaugeMetricFamily(
+            "aether_connections_limit",
+            "Open WebSocket connections a worker accepts (MAX_CONNECTIONS).",
+            labels=["node", "worker"],
+        )
+        for w in workers:
+            limit.add_metric([node, str(w["worker"])], float(self._node.config.max_connections))
+        yield limit
         yield _workers(node, len(workers))
 
 

@@ -1,13 +1,15 @@
 """Shared fixtures: a real aether-fast server process on free ports of 127.0.0.1.
 
-`server` is one server for a test module; `make_server(**env)` starts a server with its own
-settings for one test. Each server writes its JSON log to a file; at teardown the log must
-hold no error-level line unless the test said it expects some (`srv.allow_errors = True`):
-an unhandled exception in the loop fails the test that caused it.
+`server` is one server for a test module; `make_server(*flags, **env)` starts a server with
+its own settings for one test; `redis_server`/`redis_url` (tests/integration/redis_fixture.py)
+give the cluster tests a real Redis. Each server writes its JSON log to a file; at teardown
+the log must hold no error-level line unless the test said it expects some
+(`srv.allow_errors = True`): an unhandled exception in the loop fails the test that caused it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,11 +19,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.integration.redis_fixture import redis_server, redis_url  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-test-secret-test-secret-0123456789"
@@ -33,13 +37,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` different free ports (held together while chosen, so none is picked twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 class Server:
     """A running `aether-fast serve` and the helpers tests use to talk to it."""
 
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str], args: Sequence[str] = ()) -> None:
         self.tmp = tmp
-        self.port = free_port()
-        self.metrics_port = free_port()
+        self.args = list(args)  # command-line flags of `serve`
+        self.port, self.metrics_port = free_ports(2)
         self.data_dir = tmp / "data"
         self.log_path = tmp / f"server-{self.port}.log"
         self.env = {
@@ -62,7 +78,7 @@ class Server:
     def start(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aether_fast", "serve"],
+            [sys.executable, "-m", "aether_fast", "serve", *self.args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -87,9 +103,21 @@ class Server:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                for child in self.children():  # a supervisor's workers must not outlive it
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+    def children(self) -> list[int]:
+        """PIDs of the server's child processes (a supervisor's workers)."""
+        assert self.proc is not None
+        found: list[int] = []
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                found += [int(pid) for pid in task.read_text().split()]
+        return found
 
     def restart(self) -> None:
         assert self.stop() == 0
@@ -188,12 +216,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     made: list[Server] = []
 
-    def make(**env: str) -> Server:
-        srv = Server(tmp_path, {k: str(v) for k, v in env.items()})
+    def make(*args: str, **env: str) -> Server:
+        """A server with these environment variables (and `serve` flags in `args`)."""
+        srv = Server(tmp_path, {k: str(v) for k, v in env.items()}, args)
         made.append(srv)
         return srv
 
     yield make
+    # stop every server before checking any log: a failed check must not leave one running
     for srv in made:
         srv.stop()
+    for srv in made:
         srv.check_log()

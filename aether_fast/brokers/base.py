@@ -22,6 +22,12 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+
+class BrokerUnavailable(RuntimeError):
+    """The broker did not confirm an operation (Redis unreachable): nothing the caller could
+    rely on was done. REST answers it with 503, a publish with an error instead of an ack."""
+
+
 #: (offset, timestamp, duplicate): what the sender's ack carries.
 PublishResult = tuple[int, str, bool]
 

@@ -35,11 +35,12 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 
 from aether_fast import logs
 from aether_fast._core import encode_text_frame, utc_timestamp
-from aether_fast.brokers.base import PublishResult, Recovery
+from aether_fast.brokers.base import BrokerUnavailable, PublishResult, Recovery
 from aether_fast.brokers.memory import DEDUP_WINDOW
 from aether_fast.store import ChannelConfig
 
@@ -49,6 +50,8 @@ CONFIG_CHANNEL = PREFIX + "config"
 CHANNELS_HASH = PREFIX + "channels"
 WORKERS_ZSET = PREFIX + "workers"
 WORKER_TTL_S = 5
+#: Connections to Redis per worker (a caller waits for a free one rather than failing).
+POOL_SIZE = 32
 
 # KEYS: seq, epoch, hist, dedupe hash, dedupe list
 # ARGV: sequence, history size, history ttl ms, dedupe ttl ms, pubsub channel, sender,
@@ -132,14 +135,21 @@ class RedisBroker:
         self._dedup_ttl_ms = max(1000, int(dedup_ttl_s * 1000))
         self.node_id = node_id or socket.gethostname()
         self.worker_id = f"{self.node_id}:{os.getpid()}:{secrets.token_hex(3)}"
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(url, socket_timeout=5)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_SIZE, timeout=5, socket_timeout=5
+        )
+        self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
         self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
         self._publish = self._redis.register_script(_PUBLISH)
         self._position = self._redis.register_script(_POSITION)
         self._subscribed: set[str] = set()
         self._confirm: dict[str, asyncio.Future[None]] = {}
+        #: publishes waiting for the pipeline, in the order they were made
+        self._outbox: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._state: tuple[str, str] = ("degraded", "redis: not connected yet")
+        #: what is broken, by part ("commands", "pubsub"): healthy only when both work
+        self._faults: dict[str, str] = {"commands": "redis: not connected yet"}
         self._remote: dict[str, dict[str, Any]] = {}
         self._configs: dict[str, ChannelConfig] = {}
         #: set by the Node: local_session(user_id, client_id) and apply_config(cfg)
@@ -160,7 +170,7 @@ class RedisBroker:
         await self._redis.ping()
         await self._load_configs()
         await self._pubsub.subscribe(CONFIG_CHANNEL)
-        self._state = ("healthy", "")
+        self._faults.clear()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._listen_forever()),
@@ -179,18 +189,21 @@ class RedisBroker:
         await self._redis.aclose()
 
     def health(self) -> tuple[str, str]:
-        return self._state
+        for reason in self._faults.values():
+            return ("degraded", reason)
+        return ("healthy", "")
 
-    def _degraded(self, exc: BaseException) -> None:
+    def _degraded(self, exc: BaseException, part: str = "commands") -> None:
         reason = f"redis: {exc.__class__.__name__}: {exc}"
-        if self._state[0] == "healthy":
+        if not self._faults:
             logs.log("error", "broker_degraded", "broker", reason=reason)
-        self._state = ("degraded", reason)
+        self._faults[part] = reason
 
-    def _recovered(self) -> None:
-        if self._state[0] != "healthy":
+    def _recovered(self, part: str) -> None:
+        """`part` works again. The subscriber counts apart from commands: until it is back,
+        publications for this worker's members would be lost, so it is not healthy yet."""
+        if self._faults.pop(part, None) is not None and not self._faults:
             logs.log("info", "broker_recovered", "broker")
-        self._state = ("healthy", "")
 
     # -- publish ---------------------------------------------------------------------------
 
@@ -217,28 +230,83 @@ class RedisBroker:
         )
         seq_key, epoch_key, hist_key = _keys(name)
         dedupe = f"{PREFIX}dedupe:{{{name}}}:{sender_key(sender.user_id, sender.client_id)}"
+        call = [
+            seq_key,
+            epoch_key,
+            hist_key,
+            dedupe,
+            dedupe + ":order",
+            sequence,
+            channel.config.history_size,
+            self._history_ttl_ms,
+            self._dedup_ttl_ms,
+            PUB + name,
+            sender_key(sender.user_id, sender.client_id),
+            head,
+            tail,
+            secrets.token_hex(4),
+            ts,
+            DEDUP_WINDOW,
+        ]
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._outbox.append((call, done))
+        if not self._draining:
+            self._draining = True
+            self._spawn(self._drain_outbox())
         try:
-            seen, _epoch, duplicate = await self._publish(
-                keys=[seq_key, epoch_key, hist_key, dedupe, dedupe + ":order"],
-                args=[
-                    sequence,
-                    channel.config.history_size,
-                    self._history_ttl_ms,
-                    self._dedup_ttl_ms,
-                    PUB + name,
-                    sender_key(sender.user_id, sender.client_id),
-                    head,
-                    tail,
-                    secrets.token_hex(4),
-                    ts,
-                    DEDUP_WINDOW,
-                ],
-            )
+            seen, _epoch, duplicate = await done
         except (RedisError, OSError) as exc:
             self._degraded(exc)
-            raise RuntimeError("broker unavailable: the message was not published") from exc
+            raise BrokerUnavailable("broker unavailable: the message was not published") from exc
         offset, _, stamp = seen.decode().partition("|")
         return (int(offset), stamp, bool(duplicate))
+
+    async def _drain_outbox(self) -> None:
+        """Run the queued publishes as pipelines, one at a time and in the order they were
+        made: a sender's messages get offsets in the order it sent them (concurrent calls
+        on a pool of connections would reach Redis in any order), and a burst needs one
+        connection and one round trip instead of one each."""
+        batch: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        try:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                try:
+                    results = await self._run_publishes([call for call, _ in batch])
+                except (RedisError, OSError) as exc:
+                    results = [exc] * len(batch)
+                for (_, done), result in zip(batch, results, strict=True):
+                    if done.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        done.set_exception(result)
+                    else:
+                        done.set_result(result)
+                batch = []
+        finally:
+            self._draining = False
+            # only when cancelled (the broker is closing): nobody would answer these
+            for _, done in [*batch, *self._outbox]:
+                if not done.done():
+                    done.set_exception(RedisConnectionError("the broker is closing"))
+            self._outbox = []
+
+    async def _run_publishes(self, calls: list[list[Any]]) -> list[Any]:
+        sha = self._publish.sha
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(sha, 5, *call)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            # a restarted Redis has forgotten the script: load it, run those again in order
+            await self._redis.script_load(_PUBLISH)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for i in missing:
+                    pipe.evalsha(sha, 5, *calls[i])
+                again = await pipe.execute(raise_on_error=False)
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
 
     # -- positions and recovery ------------------------------------------------------------
 
@@ -266,24 +334,41 @@ class RedisBroker:
 
     async def position(self, channel: str) -> tuple[int, str]:
         seq_key, epoch_key, hist_key = _keys(channel)
-        offset, epoch, _ = await self._position(
-            keys=[seq_key, epoch_key, hist_key], args=[-1, secrets.token_hex(4)]
-        )
+        try:
+            offset, epoch, _ = await self._position(
+                keys=[seq_key, epoch_key, hist_key], args=[-1, secrets.token_hex(4)]
+            )
+        except (RedisError, OSError) as exc:
+            self._degraded(exc)
+            raise BrokerUnavailable(f"channel position not read: {exc}") from exc
         return (int(offset), epoch.decode())
 
     async def forget(self, channel: str) -> None:
-        await self._redis.delete(*_keys(channel))
+        try:
+            await self._redis.delete(*_keys(channel))
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"channel history not deleted: {exc}") from exc
 
     # -- subscriptions ---------------------------------------------------------------------
 
     async def _subscribe(self, channel: str) -> None:
+        """Subscribe to `channel` and wait until Redis confirms it. An attempt that failed
+        or was never confirmed is forgotten, so the next join asks again."""
         if channel in self._subscribed:
             return
         waiter = self._confirm.get(channel)
-        if waiter is None:
-            waiter = self._confirm[channel] = asyncio.get_running_loop().create_future()
-            await self._pubsub.subscribe(PUB + channel)
-        await asyncio.wait_for(asyncio.shield(waiter), 5)
+        try:
+            if waiter is None:
+                waiter = self._confirm[channel] = asyncio.get_running_loop().create_future()
+                await self._pubsub.subscribe(PUB + channel)
+            await asyncio.wait_for(asyncio.shield(waiter), 5)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if waiter is not None and self._confirm.get(channel) is waiter:
+                del self._confirm[channel]
+                if not waiter.done():
+                    waiter.set_exception(exc)  # the joins waiting on it fail now, too
+                    waiter.exception()  # retrieved: no "never retrieved" warning
+            raise
 
     def sweep(self) -> None:
         """Unsubscribe from channels that no longer have a member on this worker."""
@@ -297,21 +382,25 @@ class RedisBroker:
             self._spawn(self._unsubscribe(idle))
 
     async def _unsubscribe(self, channels: list[str]) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.unsubscribe(*(PUB + c for c in channels))
+        # a join may have asked for one of them again since `sweep` chose them
+        still_idle = [c for c in channels if c not in self._subscribed and c not in self._confirm]
+        if still_idle:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.unsubscribe(*(PUB + c for c in still_idle))
 
     async def _listen_forever(self) -> None:
         backoff = 0.1
         while True:
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
+                self._recovered("pubsub")
                 if message is not None:
                     self._on_message(message)
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                self._degraded(exc)
+                self._degraded(exc, "pubsub")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 await self._resubscribe()
@@ -368,7 +457,7 @@ class RedisBroker:
         while True:
             try:
                 await self._heartbeat()
-                self._recovered()
+                self._recovered("commands")
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -460,14 +549,20 @@ class RedisChannelStore:
 
     async def put(self, cfg: ChannelConfig) -> bool:
         r = self._broker._redis
-        created = bool(await r.hset(CHANNELS_HASH, cfg.name, orjson.dumps(cfg.to_json())))
-        self._broker._configs[cfg.name] = cfg
-        await r.publish(CONFIG_CHANNEL, cfg.name)
+        try:
+            created = bool(await r.hset(CHANNELS_HASH, cfg.name, orjson.dumps(cfg.to_json())))
+            self._broker._configs[cfg.name] = cfg
+            await r.publish(CONFIG_CHANNEL, cfg.name)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"channel config not stored: {exc}") from exc
         return created
 
     async def delete(self, name: str) -> bool:
         r = self._broker._redis
-        existed = bool(await r.hdel(CHANNELS_HASH, name))
-        self._broker._configs.pop(name, None)
-        await r.publish(CONFIG_CHANNEL, name)
+        try:
+            existed = bool(await r.hdel(CHANNELS_HASH, name))
+            self._broker._configs.pop(name, None)
+            await r.publish(CONFIG_CHANNEL, name)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"channel config not deleted: {exc}") from exc
         return existed

@@ -15,11 +15,14 @@ import orjson
 
 from aether_fast import logs
 from aether_fast.auth import Authenticator, AuthError
+from aether_fast.brokers.base import BrokerUnavailable
 from aether_fast.config import Config
 from aether_fast.http.front import Request, Response
+from aether_fast.http.static import FILES as STATIC_FILES
+from aether_fast.http.static import StaticFiles
 from aether_fast.metrics import Metrics
 from aether_fast.node import Node
-from aether_fast.protocol import SEVERITIES, ErrorCode, valid_channel
+from aether_fast.protocol import SEVERITIES, ErrorCode, error_body, valid_channel
 from aether_fast.store import FieldError, parse_channel_config, valid_channel_name
 
 Handler = Callable[[Request, str], Response | Awaitable[Response]]
@@ -31,6 +34,7 @@ class Router:
         self._node = node
         self._auth = auth
         self._metrics = metrics
+        self._static = StaticFiles()
         #: path (or prefix ending in "/") -> {method: handler}
         self._exact: dict[str, dict[str, Handler]] = {
             "/health": {"GET": self.health},
@@ -41,6 +45,8 @@ class Router:
             "/metrics/messages": {"GET": self.metric("messages")},
             "/metrics/channels": {"GET": self.metric("channels")},
             "/metrics/errors": {"GET": self.metric("errors")},
+            # the JS client, /dashboard, /demo and their assets (aether_fast/static/)
+            **{path: {"GET": self._static.serve} for path in STATIC_FILES},
         }
         self._prefixed: dict[str, dict[str, Handler]] = {
             "/ws/channels/": {"GET": self.get_channel, "DELETE": self.delete_channel},
@@ -77,7 +83,10 @@ class Router:
                 f"{request.method} is not allowed here; allowed: {allow}",
                 (("Allow", allow),),
             )
-        return handler(request, arg)
+        answer = handler(request, arg)
+        if isinstance(answer, Response):
+            return answer
+        return _unless_broker_down(answer)
 
     # -- auth ------------------------------------------------------------------------------
 
@@ -228,6 +237,17 @@ class Router:
             return Response.json(200, self._metrics.view(name))
 
         return handler
+
+
+async def _unless_broker_down(pending: Awaitable[Response]) -> Response:
+    """An admin route that needs the broker answers 503 while it is unreachable."""
+    try:
+        return await pending
+    except BrokerUnavailable as exc:
+        body = error_body(
+            ErrorCode.SERVER_BUSY, "broker unavailable, try again", "broker", str(exc)
+        )
+        return Response.json(503, body, (("Retry-After", "1"),))
 
 
 def _field_error(field: str, reason: str) -> Response:

@@ -1,0 +1,215 @@
+"""Redis goes away mid-traffic and comes back (SPEC §7): two machines keep their members
+connected, say `degraded` with the reason on /health and /ws/status, refuse what cannot be
+made durable with an error instead of a false ack, reconnect by themselves with backoff,
+and serve fan-out again to the members that stayed (their subscriptions restored).
+
+Each test stops the session's redis-server and starts it again on the same port; the
+servers log the outage at error level, which these tests expect (`allow_errors`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import Server
+from tests.integration.cluster_helpers import (
+    joined,
+    messages,
+    only_expected_errors,
+    start_pair,
+    status,
+)
+from tests.integration.helpers import collect, expect, expect_error, wait_for
+from tests.integration.redis_fixture import RedisServer
+from tests.integration.wsclient import Client
+
+Pair = tuple[Server, Server]
+
+#: How long Redis stays down in the outage test, from the moment it stops. Long enough for
+#: the reconnect backoff to outgrow the once-a-second heartbeat (0.1 + 0.2 + ... s): a server
+#: that says "healthy" again before its subscriber is back would lose the next publication.
+OUTAGE_S = 4.0
+
+
+@pytest.fixture
+def outage_pair(
+    make_server: Callable[..., Server], redis_url: str, redis_server: RedisServer
+) -> Iterator[Pair]:
+    common = {"BROKER_URL": redis_url, "RATE_LIMIT_MESSAGES": "100000"}
+    a, b = start_pair(make_server, "fault-a", "fault-b", **common)
+    # stopping Redis is logged at error level (broker_degraded): expected here
+    a.allow_errors = b.allow_errors = True
+    try:
+        yield a, b
+    finally:
+        if not redis_server.running:  # a failed test must not leave Redis down
+            redis_server.start()
+
+
+def health(srv: Server) -> tuple[int, dict[str, Any]]:
+    code, body, _ = srv.http("GET", "/health")
+    assert isinstance(body, dict), body
+    return code, body
+
+
+def degraded(srv: Server) -> dict[str, Any] | None:
+    code, body = health(srv)
+    if code == 503 and body.get("status") == "degraded":
+        return body
+    return None
+
+
+def healthy(srv: Server) -> bool:
+    code, body = health(srv)
+    return code == 200 and body.get("status") == "healthy"
+
+
+def ask_status(c: Client) -> dict[str, Any]:
+    """A round trip over the WebSocket: the connection is alive and served."""
+    c.send({"type": "system", "action": "status", "data": {}})
+    return expect(c, "system", "status")
+
+
+def test_redis_outage_degrades_then_recovers_by_itself(
+    outage_pair: Pair, redis_server: RedisServer
+) -> None:
+    a, b = outage_pair
+    ch = "f.ch"
+    with (
+        Client(a.ws_url, token=a.token("pub"), client_id="pub", channel=ch) as pub,
+        Client(a.ws_url, token=a.token("ma"), channel=ch) as ma,
+        Client(b.ws_url, token=b.token("mb"), channel=ch) as mb,
+        Client(a.ws_url, token=a.token("late")) as late,
+    ):
+        for c in (pub, ma, mb):
+            joined(c, ch)
+        joined(late)
+        pub.publish(ch, "before")
+        expect(pub, "message", "ack")
+        for m in (ma, mb):
+            assert messages(m, 1)[0]["data"]["content"] == "before"
+
+        # Redis stops in the middle of a stream of publishes (sent from a thread while this
+        # one stops Redis as soon as the first of them is acked): every publish is answered,
+        # with an ack (before) or an error (after), never silence, and the acks' offsets
+        # follow the sending order
+        burst = list(range(pub.sequence + 1, pub.sequence + 61))
+
+        def stream() -> None:
+            for i in range(len(burst)):
+                pub.publish(ch, f"burst {i}")
+                time.sleep(0.005)
+
+        sender = threading.Thread(target=stream)
+        sender.start()
+        first = pub.recv()
+        redis_server.stop()
+        stopped = time.monotonic()
+        sender.join()
+        answers: dict[int, dict[str, Any]] = {}
+        for i in range(len(burst)):
+            msg = first if i == 0 else pub.recv()
+            if msg["type"] == "error":
+                assert msg["code"] == "INTERNAL_ERROR", msg
+                assert msg["details"]["component"] == "broker", msg
+                seq = msg["details"]["sequence"]
+            else:
+                assert (msg["type"], msg["action"]) == ("message", "ack"), msg
+                seq = msg["data"]["metadata"]["sequence"]
+            assert seq not in answers, (seq, msg)  # exactly one answer each
+            answers[seq] = msg
+        assert sorted(answers) == burst
+        acked = [
+            answers[q]["data"]["metadata"]["offset"] for q in burst if answers[q]["type"] != "error"
+        ]
+        assert acked == list(range(2, 2 + len(acked))), acked
+        assert 0 < len(acked) < len(burst)  # those sent after the stop were refused
+        for m in (ma, mb):  # the members: what they got is in order, once each
+            offsets = [1]
+            for msg in collect(m, 0.5)[0]:
+                assert (msg["type"], msg["action"]) == ("message", "send"), msg
+                offsets.append(msg["data"]["metadata"]["offset"])
+            assert offsets == sorted(set(offsets)), offsets
+
+        for srv in (a, b):
+            body = wait_for(lambda s=srv: degraded(s), timeout=5.0, interval=0.05)
+            assert "redis" in body.get("reason", "").lower(), body
+            st = status(srv)
+            assert st["status"] == "degraded", st
+            assert "redis" in st.get("reason", "").lower(), st
+
+        # every member is still connected and served
+        for c in (pub, ma, mb, late):
+            ask_status(c)
+
+        # a publish that cannot be made durable is refused, not acked, and not delivered
+        seq = pub.publish(ch, "during the outage")
+        err = expect_error(pub, "INTERNAL_ERROR")
+        assert err["details"]["component"] == "broker", err
+        assert err["details"]["channel"] == ch and err["details"]["sequence"] == seq, err
+        pub.nothing(0.3)
+        ma.nothing(0.1)
+        mb.nothing(0.1)
+
+        # so is a join that needs Redis (its position cannot be read)
+        late.join("f.late")
+        err = expect_error(late, "INTERNAL_ERROR")
+        assert err["details"]["channel"] == "f.late", err
+
+        time.sleep(max(0.0, stopped + OUTAGE_S - time.monotonic()))
+        redis_server.start()
+
+        # each server reconnects by itself
+        for srv in (a, b):
+            wait_for(lambda s=srv: healthy(s), timeout=15.0, interval=0.05)
+            assert status(srv)["status"] == "healthy"
+
+        # the refused message is sent again and reaches the members that stayed connected,
+        # on both machines (the subscriptions were restored), exactly once
+        pub.publish(ch, "after the outage", sequence=seq, action="retry")
+        ack = expect(pub, "message", "ack")["data"]["metadata"]
+        assert ack["sequence"] == seq
+        for m in (ma, mb):
+            got = messages(m, 1)
+            assert got[0]["data"]["content"] == "after the outage"
+            assert got[0]["data"]["metadata"]["offset"] == ack["offset"]
+            m.nothing(0.2)
+        pub.nothing(0.1)
+
+        # publishing from machine B works as well
+        mb.publish(ch, "from b")
+        expect(mb, "message", "ack")
+        assert messages(ma, 1)[0]["data"]["content"] == "from b"
+        assert messages(pub, 1)[0]["data"]["content"] == "from b"
+
+        # the channel whose join failed during the outage can be joined now
+        late.join("f.late")
+        assert joined(late, "f.late")["offset"] == 0
+        with Client(b.ws_url, token=b.token("other"), channel="f.late") as other:
+            joined(other, "f.late")
+            other.publish("f.late", "hello late")
+            expect(other, "message", "ack")
+            assert messages(late, 1)[0]["data"]["content"] == "hello late"
+    for srv in (a, b):
+        only_expected_errors(srv, "broker_degraded")
+
+
+def test_channel_admin_during_an_outage_is_refused_with_503(
+    outage_pair: Pair, redis_server: RedisServer
+) -> None:
+    a, _ = outage_pair
+    redis_server.stop()
+    wait_for(lambda: degraded(a), timeout=5.0, interval=0.05)
+    cfg = {"name": "f.admin", "max_connections": 0, "message_rate_limit": 0}
+    code, body, _ = a.http("POST", "/ws/channels", cfg, token=a.admin())
+    assert code == 503, (code, body)  # the broker is not available: not a server bug (500)
+    assert body["details"]["component"] == "broker", body
+    redis_server.start()
+    wait_for(lambda: healthy(a), timeout=15.0, interval=0.05)
+    code, body, _ = a.http("POST", "/ws/channels", cfg, token=a.admin())
+    assert code == 201, body
