@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+URL ?= 127.0.0.1:8000
 
 .PHONY: install run dev test test-unit test-integration lint build clean fuzz
+.PHONY: dev-watch dev-debug load
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +23,14 @@ run:  ## start the server on its embedded defaults (0.0.0.0:8000, metrics on 909
 dev:  ## the server with debug logging
 	LOG_LEVEL=debug $(BIN)/aether-fast serve
 
+dev-watch:  ## `make dev`, restarted on a change under aether_fast/ or ext/ (ext/ rebuilt first)
+	$(BIN)/python tools/dev_watch.py
+
+dev-debug:  ## debug build of ext/ (bounds checks, line tracing) + asyncio debug mode; `make build` undoes
+	AETHER_DEBUG_BUILD=1 $(BIN)/python setup.py -q build_ext --inplace
+	@echo "dev-debug: aether_fast/_core is now a debug build; 'make build' restores the release build"
+	PYTHONASYNCIODEBUG=1 PYTHONDEVMODE=1 LOG_LEVEL=debug $(BIN)/aether-fast serve
+
 test:  ## every test: unit and integration
 	$(BIN)/python -m pytest -q
 
@@ -30,10 +40,14 @@ test-unit:
 test-integration:
 	$(BIN)/python -m pytest -q tests/integration
 
-lint:  ## ruff, mypy --strict on aether_fast/, cython-lint on ext/
-	$(BIN)/ruff check aether_fast tests bench
-	$(BIN)/ruff format --check aether_fast tests
+load:  ## bounded load run (200 connections, 10 s) on the server at $(URL); set JWT_SECRET as it has
+	$(BIN)/python tools/load.py --url $(URL) $(LOAD_ARGS)
+
+lint:  ## ruff, mypy --strict on aether_fast/ and tools/, cython-lint on ext/, hadolint
+	$(BIN)/ruff check aether_fast tests bench tools
+	$(BIN)/ruff format --check aether_fast tests tools
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/cython-lint ext
 
 clean:
@@ -41,3 +55,29 @@ clean:
 
 fuzz:  ## a longer fuzzing campaign of the message decoder and the HTTP front
 	AETHER_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/fuzz
+
+# -- benchmarks: bench/ (docs/performance.md) ---------------------------------------------
+.PHONY: bench bench-quick bench-smoke bench-micro bench-deps
+
+# the packages of pyproject's `bench` extra, read from pyproject.toml
+BENCH_PKGS = $(shell $(BIN)/python -c "import tomllib; print(' '.join(repr(p) for p in tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench']))")
+
+bench-deps: $(BIN)/python  ## the peers' packages (bench extra), Node's ws (if npm exists), the C load generator
+	$(BIN)/python -m pip install -q $(BENCH_PKGS)
+	@if command -v npm >/dev/null 2>&1; then \
+		npm install --prefix bench/peers --no-audit --no-fund --loglevel=error \
+		|| echo "bench: npm install failed: the node-ws peer will be reported unavailable"; \
+	else echo "bench: npm not found: the node-ws peer will be reported unavailable"; fi
+	$(MAKE) -s -C bench
+
+bench: bench-deps  ## every benchmark, 3 runs: bench/results/<time>.json, latest.md, *.png
+	$(BIN)/python bench/run.py
+
+bench-quick: bench-deps  ## the same scenarios, 1 run, shorter (< 3 minutes)
+	$(BIN)/python bench/run.py --quick
+
+bench-smoke: bench-deps  ## every scenario tiny, for CI: it must work (no speed assertions)
+	$(BIN)/python bench/run.py --smoke
+
+bench-micro: $(BIN)/python  ## pytest-benchmark micro benchmarks of the compiled hot path
+	$(BIN)/python -m pytest bench/micro

@@ -4,12 +4,15 @@ Rule: a ChannelConfig is only ever built by `parse_channel_config` (from a REST 
 `default_channel_config` (auto-create), so every stored config is valid. The store writes
 synchronously, one small transaction per REST call or first join, in
 `DATA_DIR/channels.sqlite3` (WAL mode); any SQLite or filesystem failure surfaces as one
-StoreError naming the file and the cause, never as a half-open store.
+StoreError naming the file and the cause, never as a half-open store. An open store holds
+`DATA_DIR/channels.lock` shared; `aether-fast restore` takes it exclusive (DataDirLock), so a
+restore never rewrites the store under a running server.
 """
 
 from __future__ import annotations
 
 import builtins
+import fcntl
 import math
 import os
 import re
@@ -23,6 +26,7 @@ from typing import Any, Final, Protocol
 from aether_fast.config import Config
 
 DB_FILE: Final = "channels.sqlite3"
+LOCK_FILE: Final = "channels.lock"
 SCHEMA_VERSION: Final = 1
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
@@ -56,6 +60,10 @@ class ChannelConfig:
 
 class StoreError(Exception):
     """The channel store cannot be used; the message names the file and the cause."""
+
+
+class StoreLocked(StoreError):
+    """DATA_DIR's lock is held by another process in a conflicting mode."""
 
 
 class FieldError(ValueError):
@@ -196,13 +204,70 @@ def _describe(error: BaseException) -> str:
     return str(error)
 
 
-class ChannelStore:
-    """Channel configs in `data_dir/channels.sqlite3`. Call `open()` before anything else."""
+class DataDirLock:
+    """An advisory lock (flock) on `DATA_DIR/channels.lock`.
+
+    A server holds it shared for as long as its store is open, and so does a backup taken
+    while it runs; `aether-fast restore` holds it exclusive. So a restore never rewrites the
+    store under a running server and a server never starts in the middle of a restore. The
+    kernel drops the lock when its process exits, however it exits: nothing goes stale.
+    """
 
     def __init__(self, data_dir: str) -> None:
+        self.path = os.path.join(data_dir, LOCK_FILE)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, *, exclusive: bool = False) -> None:
+        """Take the lock without waiting, or raise StoreLocked (held by another process in a
+        conflicting mode) or StoreError (the lock file cannot be created)."""
+        if self._fd is not None:
+            return
+        try:
+            # Read-only is enough for flock, and works on a lock file someone else created.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot create lock file: {_describe(e)}") from None
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if exclusive:
+                raise StoreLocked(
+                    f"{os.path.dirname(self.path)}: in use by a running aether-fast (it holds "
+                    f"{self.path}); stop the server first"
+                ) from None
+            raise StoreLocked(
+                f"{os.path.dirname(self.path)}: locked by `aether-fast restore` (it holds "
+                f"{self.path} exclusively); start the server when the restore is done"
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            raise StoreError(f"{self.path}: cannot lock: {_describe(e)}") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor drops the flock
+
+
+class ChannelStore:
+    """Channel configs in `data_dir/channels.sqlite3`. Call `open()` before anything else.
+
+    `open()` takes DATA_DIR's lock shared and `close()` drops it, unless the caller passes a
+    `lock` it already holds (restore holds it exclusive and keeps it across the store's life).
+    """
+
+    def __init__(self, data_dir: str, *, lock: DataDirLock | None = None) -> None:
         self.data_dir = data_dir
         self.path = os.path.join(data_dir, DB_FILE)
         self._conn: sqlite3.Connection | None = None
+        self._own_lock = lock is None
+        self._lock = lock if lock is not None else DataDirLock(data_dir)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -222,19 +287,28 @@ class ChannelStore:
             raise StoreError(
                 f"{self.data_dir}: cannot create data directory: {_describe(e)}"
             ) from None
+        if self._own_lock:
+            self._lock.acquire(exclusive=False)
         try:
             conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
         except sqlite3.Error as e:
+            self._release()
             raise StoreError(f"{self.path}: cannot open: {_describe(e)}") from None
         try:
             self._check_and_prepare(conn)
         except sqlite3.Error as e:
             conn.close()
+            self._release()
             raise StoreError(f"{self.path}: {self._explain(e)}") from None
         except StoreError:
             conn.close()
+            self._release()
             raise
         self._conn = conn
+
+    def _release(self) -> None:
+        if self._own_lock:
+            self._lock.release()
 
     def _explain(self, error: sqlite3.Error) -> str:
         text = str(error)
@@ -279,6 +353,7 @@ class ChannelStore:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        self._release()
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -380,20 +455,8 @@ class ChannelStore:
         """
         conn = self._db()
         self._not_self(path)
-        if not os.path.isfile(path):
-            raise StoreError(f"{path}: no such backup file")
+        src = _open_backup(path)
         try:
-            src = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
-        except sqlite3.Error as e:
-            raise StoreError(f"{path}: cannot open backup: {_describe(e)}") from None
-        try:
-            problems = [str(r[0]) for r in src.execute("PRAGMA quick_check").fetchall()]
-            if problems != ["ok"]:
-                raise StoreError(f"{path}: corrupt backup ({'; '.join(problems[:3])})")
-            (version,) = src.execute("PRAGMA user_version").fetchone()
-            if int(version) != SCHEMA_VERSION:
-                raise StoreError(f"{path}: not a channel store backup (schema {version})")
-            _check_schema(path, src, required=True)
             src.backup(conn)
         except sqlite3.Error as e:
             raise StoreError(f"{path}: restore failed: {self._explain(e)}") from None
@@ -403,6 +466,43 @@ class ChannelStore:
             conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: {self._explain(e)}") from None
+
+
+def _open_backup(path: str) -> sqlite3.Connection:
+    """A read-only connection to the backup at `path`, checked: an intact SQLite file of our
+    schema. Raises StoreError otherwise; the caller closes the connection."""
+    if not os.path.isfile(path):
+        raise StoreError(f"{path}: no such backup file")
+    try:
+        src = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise StoreError(f"{path}: cannot open backup: {_describe(e)}") from None
+    try:
+        problems = [str(r[0]) for r in src.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise StoreError(f"{path}: corrupt backup ({'; '.join(problems[:3])})")
+        (version,) = src.execute("PRAGMA user_version").fetchone()
+        if int(version) != SCHEMA_VERSION:
+            raise StoreError(f"{path}: not a channel store backup (schema {version})")
+        _check_schema(path, src, required=True)
+    except sqlite3.Error as e:
+        src.close()
+        raise StoreError(f"{path}: corrupt or not an SQLite database ({e})") from None
+    except StoreError:
+        src.close()
+        raise
+    return src
+
+
+def read_backup(path: str) -> builtins.list[ChannelConfig]:
+    """The channel configs in the backup at `path`, after the checks `restore` makes."""
+    src = _open_backup(path)
+    try:
+        return [_row(r) for r in src.execute(f"{_SELECT} ORDER BY name").fetchall()]
+    except sqlite3.Error as e:
+        raise StoreError(f"{path}: cannot read backup: {e}") from None
+    finally:
+        src.close()
 
 
 def _check_schema(path: str, conn: sqlite3.Connection, *, required: bool = False) -> None:

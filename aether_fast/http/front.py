@@ -75,8 +75,9 @@ class Response:
             f"Content-Type: {self.content_type}",
             f"Content-Length: {len(self.body)}",
             "Connection: keep-alive" if keep_alive else "Connection: close",
-            "Cache-Control: no-store",
         ]
+        if not any(k.lower() == "cache-control" for k, _ in self.headers):
+            lines.append("Cache-Control: no-store")  # API answers; static files set their own
         lines.extend(f"{k}: {v}" for k, v in self.headers)
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else self.body)
 

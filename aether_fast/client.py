@@ -1,0 +1,979 @@
+"""The Python client of aether-fast: asyncio on picows' client.
+
+What it owns: one *logical* connection that outlives its sockets. It reconnects with
+exponential backoff, jitter and a cap; keeps the `client_id` (the server's dedupe key) across
+sockets; numbers every publication and keeps it until its ack, resending unacked ones with
+`retry` after a reconnect; queues publications while disconnected; rejoins every channel
+with `since` + `epoch` and drops anything it already delivered; refreshes its token before
+expiry through a callback. See docs/clients.md.
+
+Rules it keeps:
+- A message is delivered to the application at most once: per channel, every offset of the
+  current epoch is delivered once, and (sender user, sender client_id, sequence) - which the
+  protocol makes unique - is remembered for a window, which also covers a publication that
+  appears again under a new epoch after the server lost its history.
+- No reconnect after close 4001 (auth) or 4003 (forbidden) unless a new token is supplied
+  (by `token_refresh` or `set_token`); none after 4009 (replaced by a newer connection).
+- Only this module's own task touches the socket; callbacks run on the loop and must not
+  block it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import inspect
+import json
+import logging
+import random
+import struct
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, cast
+from urllib.parse import urlencode
+
+from picows import WSListener, WSMsgType, WSTransport, ws_connect
+
+__all__ = [
+    "Ack",
+    "AetherClient",
+    "AetherError",
+    "ClientClosed",
+    "JoinResult",
+    "Message",
+    "State",
+]
+
+log = logging.getLogger("aether_fast.client")
+
+State = Literal["idle", "connecting", "open", "reconnecting", "closed"]
+TokenSource = Callable[[], str | Awaitable[str | None] | None]
+
+#: Close codes after which the same token must not be used again (SPEC §3, protocol §12).
+AUTH_CLOSE_CODES: Final = frozenset({4001, 4003})
+#: Close codes after which the client stops for good: 1000 is our own close, 4009 means a
+#: newer connection with our user and client_id took over (reconnecting would fight it).
+FINAL_CLOSE_CODES: Final = frozenset({1000, 4009})
+#: Errors about one publication that are worth sending it again after `retry_after_ms`.
+RETRYABLE_CODES: Final = frozenset({"RATE_LIMITED", "SERVER_BUSY", "INTERNAL_ERROR"})
+#: How many (user, client_id, sequence) keys per channel are remembered for dedupe.
+SEEN_WINDOW: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A publication received on a joined channel."""
+
+    channel: str
+    content: str
+    offset: int
+    sequence: int
+    client_id: str | None
+    user_id: str | None
+    timestamp: str
+    replayed: bool = False  #: delivered by recovery after a reconnect
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The server accepted a publication: its place in the channel."""
+
+    channel: str
+    sequence: int
+    offset: int
+    timestamp: str
+
+
+@dataclass(frozen=True, slots=True)
+class JoinResult:
+    """A join reply. `recovered` is None for a first join, True when every missed message
+    was replayed after a reconnect, False when they could not be: reload this channel's
+    state by other means. `new_epoch` says the server lost its history meanwhile (e.g. an
+    in-memory server restarted): every message of the new epoch was asked for, and
+    `recovered` tells whether all of those came; messages of the old epoch that never
+    reached this client cannot be known."""
+
+    channel: str
+    offset: int
+    epoch: str
+    recovered: bool | None
+    new_epoch: bool = False
+
+
+class AetherError(Exception):
+    """An error message of the server (SPEC §4), or a refusal of the client itself."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details: dict[str, Any] = details or {}
+
+
+class ClientClosed(AetherError):
+    """The client stopped (closed by the application, or refused with 4001/4003/4009)."""
+
+    def __init__(self, message: str, close_code: int | None = None) -> None:
+        super().__init__("CLOSED", message, {"close_code": close_code})
+        self.close_code = close_code
+
+
+@dataclass(slots=True)
+class _Pending:
+    sequence: int
+    channel: str
+    content: str
+    future: asyncio.Future[Ack]
+    sent: bool = False  # sent on some socket: a resend is a `retry`
+    socket: int = 0  # the socket (generation) it was last sent on; 0: to be (re)sent
+    not_before: float = 0.0  # monotonic time before which it is not resent (rate limits)
+
+
+@dataclass(slots=True)
+class _Channel:
+    name: str
+    epoch: str | None = None
+    #: every offset <= floor was delivered (or is ours); `above` holds later ones seen
+    floor: int | None = None
+    above: set[int] = field(default_factory=set)
+    seen: OrderedDict[tuple[Any, Any, int], None] = field(default_factory=OrderedDict)
+    #: the join of this socket sent `since` (recovery asked)
+    asked: bool = False
+    #: a second join (since=0 in a new epoch) is under way: hold live messages until its
+    #: reply, then until its replay is in (`replay_until`), then deliver them (deduped)
+    resyncing: bool = False
+    new_epoch: bool = False
+    held: list[dict[str, Any]] = field(default_factory=list)
+    replay_until: int = 0
+
+    def take_offset(self, offset: int) -> bool:
+        """Record `offset`; False when it was already delivered."""
+        if self.floor is None:
+            self.floor = offset - 1
+        if offset <= self.floor or offset in self.above:
+            return False
+        self.above.add(offset)
+        while self.floor + 1 in self.above:
+            self.floor += 1
+            self.above.discard(self.floor)
+        if len(self.above) > SEEN_WINDOW:  # a gap that never fills: give up on it
+            self.floor = max(self.above)
+            self.above.clear()
+        return True
+
+    def take_key(self, key: tuple[Any, Any, int]) -> bool:
+        """Record a (user, client_id, sequence); False when it was already delivered."""
+        if key in self.seen:
+            return False
+        self.seen[key] = None
+        if len(self.seen) > SEEN_WINDOW:
+            self.seen.popitem(last=False)
+        return True
+
+
+class _Listener(WSListener):
+    """picows callbacks for one socket, handed to the client with the socket's number so a
+    late callback of an old socket is ignored."""
+
+    def __init__(self, client: AetherClient, generation: int) -> None:
+        super().__init__()
+        self._client = client
+        self._generation = generation
+        self._parts: list[bytes] = []
+        self.close_code: int | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        # before ws_connect() returns: the server's first frame may come with the handshake
+        if self._generation == self._client._generation:
+            self._client._transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+        kind = frame.msg_type
+        if kind == WSMsgType.TEXT or kind == WSMsgType.CONTINUATION:
+            self._parts.append(frame.get_payload_as_bytes())
+            if frame.fin:
+                payload = b"".join(self._parts)
+                self._parts.clear()
+                self._client._on_frame(self._generation, payload)
+        elif kind == WSMsgType.CLOSE:
+            raw = frame.get_payload_as_bytes()
+            self.close_code = struct.unpack("!H", raw[:2])[0] if len(raw) >= 2 else 1005
+            with contextlib.suppress(Exception):
+                echo = self.close_code if self.close_code != 1005 else 1000
+                transport.send_close(cast(Any, echo))  # WSCloseCode names only RFC codes
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class AetherClient:
+    """A client of one aether-fast server.
+
+    Usage::
+
+        client = AetherClient("ws://127.0.0.1:8000/ws", token=jwt, client_id="bot-1",
+                              channels=["chat"])
+        await client.connect()
+        ack = await client.publish("chat", "hello")
+        async for msg in client.messages():
+            print(msg.channel, msg.user_id, msg.content)
+
+    Callbacks (each optional, called on the loop): `on_message(Message)` (when given,
+    messages go there instead of to `messages()`), `on_system(dict)` for system notices
+    and presence, `on_error(AetherError)` for server errors that answer no pending call,
+    `on_state(State)`, `on_join(JoinResult)`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        client_id: str | None = None,
+        channels: Iterable[str] = (),
+        token_refresh: TokenSource | None = None,
+        echo: bool = False,
+        on_message: Callable[[Message], object] | None = None,
+        on_system: Callable[[dict[str, Any]], object] | None = None,
+        on_error: Callable[[AetherError], object] | None = None,
+        on_state: Callable[[State], object] | None = None,
+        on_join: Callable[[JoinResult], object] | None = None,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        backoff_factor: float = 2.0,
+        jitter: float = 0.5,
+        refresh_before_s: float = 30.0,
+        max_pending: int = 10_000,
+        first_sequence: int | None = None,
+        handshake_timeout: float = 5.0,
+        ping_idle_s: float = 20.0,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self.client_id = client_id
+        self.user_id: str | None = None
+        self._token_refresh = token_refresh
+        self._echo = echo
+        self._on_message = on_message
+        self._on_system = on_system
+        self._on_error = on_error
+        self._on_state = on_state
+        self._on_join = on_join
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.backoff_factor = backoff_factor
+        self.jitter = jitter
+        self.refresh_before_s = refresh_before_s
+        self.max_pending = max_pending
+        self._handshake_timeout = handshake_timeout
+        self._ping_idle_s = ping_idle_s
+        # Sequences start at the clock (µs) so that a restarted process with the same
+        # client_id does not reuse sequences the server still remembers (DEDUP_TTL_S).
+        self._sequence = (
+            first_sequence - 1 if first_sequence is not None else int(time.time() * 1e6)
+        )
+        self._channels: dict[str, _Channel] = {name: _Channel(name) for name in channels}
+        self._pending: dict[int, _Pending] = {}
+        self._joins: dict[str, list[asyncio.Future[JoinResult]]] = {}
+        self._leaves: dict[str, list[asyncio.Future[None]]] = {}
+        self._syncing: set[str] = set()  # joins of this socket still unanswered
+        self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
+        self.state: State = "idle"
+        self.attempts = 0  #: failed connection attempts since the last open
+        self.last_close_code: int | None = None
+        self._generation = 0
+        self._transport: WSTransport | None = None
+        self._listener: _Listener | None = None
+        self._first_frame = False
+        self._ready = False  # joins answered, queue flushed: publishes go straight out
+        self._task: asyncio.Task[None] | None = None
+        self._opened: asyncio.Future[None] | None = None
+        self._closing = False
+        self._wake = asyncio.Event()  # cuts a backoff wait short (close, reconnect, token)
+        self._now = False  # reconnect() asked for the next attempt without a wait
+        self._refused_token: str | None = None
+        self._refresh_timer: asyncio.TimerHandle | None = None
+        self._refreshing = False
+        self._resend_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self._channels)
+
+    @property
+    def pending(self) -> int:
+        """Publications not acknowledged yet (queued or in flight)."""
+        return len(self._pending)
+
+    def position(self, channel: str) -> tuple[int | None, str | None]:
+        """(last offset delivered without a gap, epoch) of a joined channel."""
+        ch = self._channels[channel]
+        return ch.floor, ch.epoch
+
+    async def connect(self, timeout: float | None = None) -> None:
+        """Start the client and wait until it is connected and joined (reconnecting with
+        backoff meanwhile). Raises ClientClosed when it is refused for good (4001/4003 with
+        no new token), TimeoutError after `timeout`."""
+        if self.state == "closed" and not self._restart():
+            raise ClientClosed("client is closed", self.last_close_code)
+        loop = asyncio.get_running_loop()
+        if self._opened is None or self._opened.done():
+            self._opened = loop.create_future()
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+        opened = self._opened
+        if self.state == "open":
+            return
+        await asyncio.wait_for(asyncio.shield(opened), timeout)
+
+    async def publish(self, channel: str, content: str) -> Ack:
+        """Publish `content` to `channel` (joined) and wait for its ack. While the client
+        is disconnected the message is queued; a message sent but not acked when its
+        socket dropped is resent with `retry` on the next one (the server acks a duplicate
+        with its original offset, never publishes it twice). Raises AetherError when the
+        server refuses it for good (NOT_A_MEMBER, FORBIDDEN, INVALID_MESSAGE, ...)."""
+        return await self.publish_nowait(channel, content)
+
+    def publish_nowait(self, channel: str, content: str) -> asyncio.Future[Ack]:
+        """`publish` without waiting: the future resolves to the Ack."""
+        if self.state == "closed":
+            raise ClientClosed("client is closed", self.last_close_code)
+        if len(self._pending) >= self.max_pending:
+            raise AetherError("QUEUE_FULL", f"{self.max_pending} messages are waiting for acks")
+        self._sequence += 1
+        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        item = _Pending(self._sequence, channel, content, fut)
+        self._pending[item.sequence] = item
+        if self._ready:
+            self._send_publication(item)
+        return fut
+
+    async def join(
+        self, channel: str, *, since: int | None = None, epoch: str | None = None
+    ) -> JoinResult:
+        """Join `channel` (rejoined after every reconnect from then on). With `since` and
+        `epoch` (a position kept from an earlier run) the missed messages are replayed."""
+        ch = self._channels.get(channel)
+        if ch is None:
+            ch = self._channels[channel] = _Channel(channel, epoch=epoch, floor=since)
+        fut: asyncio.Future[JoinResult] = asyncio.get_running_loop().create_future()
+        self._joins.setdefault(channel, []).append(fut)
+        if self._first_frame:
+            self._send_join(ch)
+        return await fut
+
+    async def leave(self, channel: str) -> None:
+        """Leave `channel`; it is no longer rejoined."""
+        if self._channels.pop(channel, None) is None:
+            return
+        self._syncing.discard(channel)
+        if not self._first_frame:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._leaves.setdefault(channel, []).append(fut)
+        self._send({"type": "connection", "action": "disconnect", "data": {"channel": channel}})
+        await fut
+
+    async def request_status(self) -> None:
+        """Ask the server for a status notice (arrives at `on_system`)."""
+        self._send({"type": "system", "action": "status", "data": {}})
+
+    def set_token(self, token: str) -> None:
+        """Use `token` from now on: refresh the live connection with it, or reconnect with
+        it if the client was stopped by 4001/4003."""
+        self._token = token
+        if self.state == "closed":
+            if self._restart():
+                self._task = asyncio.get_running_loop().create_task(self._run())
+            return
+        self._wake.set()
+        if self._first_frame:
+            self._send({"type": "connection", "action": "refresh", "data": {"token": token}})
+        self._arm_refresh()
+
+    def _restart(self) -> bool:
+        """After a stop by 4001/4003: start afresh when the token was changed since."""
+        if self.last_close_code not in AUTH_CLOSE_CODES or self._token == self._refused_token:
+            return False
+        self._closing = False
+        self._task = None
+        self._inbox = asyncio.Queue()
+        self.attempts = 0
+        self._set_state("idle")
+        return True
+
+    def reconnect(self) -> None:
+        """Drop the current socket and connect again at once (e.g. after a network
+        change); nothing is lost: unacked messages are resent, channels recovered."""
+        self.attempts = 0
+        self._now = True
+        self._wake.set()
+        if self._transport is not None:
+            self._transport.disconnect(graceful=False)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every publication so far is acknowledged (or refused)."""
+        futures = [p.future for p in self._pending.values()]
+        if futures:
+            await asyncio.wait_for(
+                asyncio.gather(*(asyncio.shield(f) for f in futures), return_exceptions=True),
+                timeout,
+            )
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Every message received (unless `on_message` is set), until the client closes."""
+        while True:
+            msg = await self._inbox.get()
+            if msg is None:
+                self._inbox.put_nowait(None)  # let any other reader end too
+                return
+            yield msg
+
+    async def close(self) -> None:
+        """Close with 1000 and stop. Unacked publications fail with ClientClosed (call
+        `flush()` first to wait for them)."""
+        self._closing = True
+        self._wake.set()
+        transport = self._transport
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                transport.send_close(cast(Any, 1000), b"client closing")
+            transport.disconnect()
+        task = self._task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 2.0)
+            except TimeoutError:  # a connect attempt still hanging: stop it
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._stop("client closed", 1000)
+
+    async def __aenter__(self) -> AetherClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- the connection loop ---------------------------------------------------------------
+
+    def backoff_delay(self, attempt: int) -> float:
+        """Seconds to wait before reconnect attempt `attempt` (1, 2, ...): exponential up to
+        `backoff_max`, of which a random part (`jitter`) is spread so that many clients
+        dropped at once do not come back at once."""
+        base = min(self.backoff_max, self.backoff_initial * self.backoff_factor ** (attempt - 1))
+        return base * (1 - self.jitter) + base * self.jitter * random.random()
+
+    def _build_url(self) -> str:
+        params: dict[str, str] = {}
+        if self._token:
+            params["token"] = self._token
+        if self.client_id:
+            params["client_id"] = self.client_id
+        if self._echo:
+            params["echo"] = "1"
+        sep = "&" if "?" in self.url else "?"
+        return self.url + (sep + urlencode(params) if params else "")
+
+    async def _run(self) -> None:
+        try:
+            while not self._closing:
+                self._set_state("connecting" if self._generation == 0 else "reconnecting")
+                code = await self._one_socket()
+                if self._closing:
+                    break
+                if code in FINAL_CLOSE_CODES:
+                    self._stop("replaced by a newer connection" if code == 4009 else "closed", code)
+                    return
+                if code in AUTH_CLOSE_CODES and not await self._new_token_after(code):
+                    self._refused_token = self._token
+                    self._stop(f"refused with close code {code}; no new token", code)
+                    return
+                if code == 4029:  # connection limit: it will recur, so wait long
+                    self.attempts = max(self.attempts, 5)
+                self.attempts += 1
+                immediate = code in AUTH_CLOSE_CODES or self._now
+                self._now = False
+                delay = 0.0 if immediate else self.backoff_delay(self.attempts)
+                self._set_state("reconnecting")
+                if delay:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), delay)
+        finally:
+            if self.state != "closed":
+                self._stop("client closed", self.last_close_code)
+
+    async def _one_socket(self) -> int | None:
+        """Open one socket and serve it until it drops; its close code (None: none came)."""
+        self._generation += 1
+        generation = self._generation
+        self._first_frame = False
+        self._ready = False
+        try:
+            transport, listener = await ws_connect(
+                lambda: _Listener(self, generation),
+                self._build_url(),
+                websocket_handshake_timeout=self._handshake_timeout,
+                enable_auto_ping=self._ping_idle_s > 0,
+                auto_ping_idle_timeout=max(self._ping_idle_s, 1.0),
+                auto_ping_reply_timeout=10.0,
+                max_frame_size=64 * 1024 * 1024,
+                use_aiofastnet=False,
+            )
+        except (TimeoutError, OSError, EOFError, RuntimeError) as exc:
+            log.debug("connect failed: %r", exc)
+            return None
+        except Exception as exc:  # picows' handshake errors (a refusal before the upgrade)
+            log.debug("handshake refused: %r", exc)
+            return None
+        listener = cast(_Listener, listener)
+        self._transport = transport
+        self._listener = listener
+        try:
+            await listener.done
+        finally:
+            self._transport = None
+            self._listener = None
+            self._first_frame = False
+            self._ready = False
+            self._syncing.clear()
+            self._cancel_timer("_resend_timer")
+            for item in self._pending.values():
+                item.socket = 0  # unacked: resend on the next socket
+                item.not_before = 0.0
+            for ch in self._channels.values():
+                ch.resyncing, ch.held = False, []
+            for waiters in self._leaves.values():  # the server forgets membership anyway
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+            self._leaves.clear()
+        self.last_close_code = listener.close_code
+        return listener.close_code
+
+    async def _new_token_after(self, code: int) -> bool:
+        """After 4001/4003: True when a token other than the refused one is available."""
+        refused = self._token
+        self._cancel_timer("_refresh_timer")
+        if self._token_refresh is not None:
+            with contextlib.suppress(Exception):
+                fresh = await self._call_token_refresh()
+                if fresh and fresh != refused:
+                    self._token = fresh
+                    return True
+        return False
+
+    async def _call_token_refresh(self) -> str | None:
+        assert self._token_refresh is not None
+        result = self._token_refresh()
+        if inspect.isawaitable(result):
+            result = await result
+        return result if isinstance(result, str) and result else None
+
+    def _stop(self, reason: str, code: int | None) -> None:
+        if self.state == "closed":
+            return
+        self._closing = True
+        self.last_close_code = code
+        self._cancel_timer("_refresh_timer")
+        self._cancel_timer("_resend_timer")
+        error = ClientClosed(reason, code)
+        for item in self._pending.values():
+            if not item.future.done():
+                item.future.set_exception(error)
+                item.future.exception()  # retrieved: no "never retrieved" warning
+        self._pending.clear()
+        waiting: list[asyncio.Future[Any]] = [f for fs in self._joins.values() for f in fs]
+        waiting += [f for fs in self._leaves.values() for f in fs]
+        for fut in waiting:
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()
+        self._joins.clear()
+        self._leaves.clear()
+        if self._opened is not None and not self._opened.done():
+            self._opened.set_exception(error)
+            self._opened.exception()
+        self._inbox.put_nowait(None)
+        self._set_state("closed")
+
+    # -- frames in -------------------------------------------------------------------------
+
+    def _on_frame(self, generation: int, payload: bytes) -> None:
+        if generation != self._generation:
+            return
+        try:
+            msg = json.loads(payload)
+        except ValueError:
+            log.warning("ignored a frame that is not JSON")
+            return
+        if not isinstance(msg, dict):
+            return
+        try:
+            self._dispatch(msg)
+        except Exception:  # a bad frame or a failing callback must not drop the socket
+            log.exception("error handling %s/%s", msg.get("type"), msg.get("action"))
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        mtype, action = msg.get("type"), msg.get("action")
+        data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
+        assert isinstance(data, dict)
+        if mtype == "message" and action == "send":
+            self._on_publication(data)
+        elif mtype == "message" and action == "ack":
+            self._on_ack(data)
+        elif mtype == "connection" and action == "connect":
+            if not self._first_frame:
+                self._on_open(data)
+            elif "epoch" in data:
+                self._on_join_reply(data)
+            else:
+                self._emit(self._on_system, msg)  # presence
+        elif mtype == "connection" and action == "disconnect":
+            self._on_leave(msg, data)
+        elif mtype == "connection" and action == "refresh":
+            self._refreshing = False
+            self._arm_refresh()
+        elif mtype == "system":
+            if action == "status" and "expires_at" in data:
+                self._refresh_now()
+            self._emit(self._on_system, msg)
+        elif mtype == "error":
+            self._on_error_frame(msg)
+
+    def _on_open(self, data: dict[str, Any]) -> None:
+        self._first_frame = True
+        if isinstance(data.get("client_id"), str):
+            self.client_id = data["client_id"]  # keep it: it is the dedupe key
+        self.user_id = data.get("user_id")
+        self.attempts = 0
+        self._arm_refresh()
+        for ch in list(self._channels.values()):
+            self._send_join(ch)
+        self._maybe_ready()
+
+    def _send_join(self, ch: _Channel) -> None:
+        data: dict[str, Any] = {"channel": ch.name}
+        ch.asked = ch.floor is not None
+        if ch.floor is not None:
+            data["since"] = ch.floor
+            if ch.epoch is not None:
+                data["epoch"] = ch.epoch
+        ch.resyncing, ch.new_epoch, ch.held = False, False, []
+        self._syncing.add(ch.name)
+        self._send({"type": "connection", "action": "connect", "data": data})
+
+    def _on_join_reply(self, data: dict[str, Any]) -> None:
+        name = data.get("channel")
+        ch = self._channels.get(name) if isinstance(name, str) else None
+        if ch is None:
+            return
+        offset, epoch = int(data.get("offset") or 0), str(data.get("epoch"))
+        recovered = data.get("recovered")
+        if recovered is False and ch.epoch != epoch and not ch.resyncing and offset > 0:
+            # The server started a new epoch (it lost its history, e.g. restarted) and has
+            # published `offset` messages in it since: we saw none of them, so ask for all.
+            ch.resyncing = ch.new_epoch = True
+            self._send(
+                {
+                    "type": "connection",
+                    "action": "connect",
+                    "data": {"channel": ch.name, "since": 0, "epoch": epoch},
+                }
+            )
+            return
+        new_epoch = ch.new_epoch or (ch.epoch is not None and ch.epoch != epoch)
+        if ch.epoch != epoch:
+            ch.floor, ch.above = (0 if recovered is True else None), set()
+        ch.epoch = epoch
+        ch.resyncing = False
+        if recovered is True:
+            # the missed messages follow this reply, before any live one; what was held
+            # while resyncing is among them, and is checked against them once they are in
+            ch.replay_until = offset
+            self._flush_held(ch)
+        else:
+            # nothing is replayed: deliver what was held, then continue from `offset`
+            held, ch.held = ch.held, []
+            if held:
+                ch.floor = None
+            for pub in held:
+                self._deliver(ch, pub)
+            ch.floor = offset if ch.floor is None else max(ch.floor, offset)
+            ch.above = {o for o in ch.above if o > ch.floor}
+            ch.replay_until = 0
+        result = JoinResult(
+            ch.name, offset, epoch, recovered if ch.asked else None, new_epoch and ch.asked
+        )
+        ch.new_epoch = False
+        self._syncing.discard(ch.name)
+        for fut in self._joins.pop(ch.name, []):
+            if not fut.done():
+                fut.set_result(result)
+        self._emit(self._on_join, result)
+        self._maybe_ready()
+
+    def _flush_held(self, ch: _Channel) -> None:
+        if ch.held and (ch.floor or 0) >= ch.replay_until:
+            held, ch.held = ch.held, []
+            for pub in held:
+                self._deliver(ch, pub)
+
+    def _on_leave(self, msg: dict[str, Any], data: dict[str, Any]) -> None:
+        name = data.get("channel")
+        if data.get("client_id") != self.client_id or not isinstance(name, str):
+            self._emit(self._on_system, msg)  # presence
+            return
+        if data.get("reason"):  # removed by an admin: do not rejoin
+            self._channels.pop(name, None)
+            self._emit(self._on_system, msg)
+        for fut in self._leaves.pop(name, []):
+            if not fut.done():
+                fut.set_result(None)
+
+    def _on_publication(self, data: dict[str, Any]) -> None:
+        name = data.get("channel")
+        ch = self._channels.get(name) if isinstance(name, str) else None
+        if ch is None:
+            return
+        if ch.resyncing:
+            ch.held.append(data)
+            return
+        self._deliver(ch, data)
+        self._flush_held(ch)
+
+    def _deliver(self, ch: _Channel, data: dict[str, Any]) -> None:
+        meta = data.get("metadata")
+        if not isinstance(meta, dict):
+            return
+        offset, sequence = meta.get("offset"), meta.get("sequence")
+        if not isinstance(offset, int) or not isinstance(sequence, int):
+            return
+        fresh_offset = ch.take_offset(offset)
+        key = (meta.get("user_id"), meta.get("client_id"), sequence)
+        if not fresh_offset or not ch.take_key(key):
+            return
+        if (
+            not self._echo
+            and meta.get("client_id") == self.client_id
+            and meta.get("user_id") == self.user_id
+        ):
+            return  # our own message, replayed by recovery
+        message = Message(
+            ch.name,
+            str(data.get("content", "")),
+            offset,
+            sequence,
+            meta.get("client_id"),
+            meta.get("user_id"),
+            str(meta.get("timestamp", "")),
+            offset <= ch.replay_until,
+        )
+        if self._on_message is not None:
+            self._emit(self._on_message, message)
+        else:
+            self._inbox.put_nowait(message)
+
+    def _on_ack(self, data: dict[str, Any]) -> None:
+        meta = data.get("metadata")
+        if not isinstance(meta, dict):
+            return
+        item = self._pending.pop(meta.get("sequence"), None)  # type: ignore[arg-type]
+        if item is None:
+            return  # an ack repeated for a retry we already settled
+        ack = Ack(item.channel, item.sequence, int(meta["offset"]), str(meta.get("timestamp")))
+        ch = self._channels.get(item.channel)
+        if ch is not None and not ch.resyncing and item.channel not in self._syncing:
+            ch.take_offset(ack.offset)  # our own message: not missed, not to be replayed
+            ch.take_key((self.user_id, self.client_id, item.sequence))
+            self._flush_held(ch)
+        if not item.future.done():
+            item.future.set_result(ack)
+
+    def _on_error_frame(self, msg: dict[str, Any]) -> None:
+        details = msg.get("details") if isinstance(msg.get("details"), dict) else {}
+        assert isinstance(details, dict)
+        code = str(msg.get("code"))
+        error = AetherError(code, str(msg.get("message", "")), details)
+        seq = details.get("sequence")
+        item = self._pending.get(seq) if isinstance(seq, int) else None
+        if item is not None and item.channel == details.get("channel"):
+            if code in RETRYABLE_CODES:
+                wait_ms = details.get("retry_after_ms")
+                delay = (wait_ms if isinstance(wait_ms, int) else 1000) / 1000.0
+                item.not_before = time.monotonic() + delay
+                item.socket = 0
+                self._schedule_resend(delay)
+                return
+            del self._pending[item.sequence]
+            if not item.future.done():
+                item.future.set_exception(error)
+            return
+        channel = details.get("channel")
+        if (
+            isinstance(channel, str)
+            and channel in self._syncing
+            and code not in ("RATE_LIMITED", "SERVER_BUSY")
+            and (details.get("component") != "auth" or code == "AUTH_REQUIRED")
+        ):
+            # a refused join (CHANNEL_FULL, FORBIDDEN, ...): stop waiting for it
+            self._syncing.discard(channel)
+            for fut in self._joins.pop(channel, []):
+                if not fut.done():
+                    fut.set_exception(error)
+            self._channels.pop(channel, None)  # not rejoined after a reconnect either
+            self._maybe_ready()
+        elif details.get("component") == "auth" and msg.get("message") == "refresh token refused":
+            self._refreshing = False
+        self._emit(self._on_error, error)
+
+    # -- frames out ------------------------------------------------------------------------
+
+    def _send(self, obj: dict[str, Any]) -> bool:
+        transport = self._transport
+        if transport is None or not self._first_frame:
+            return False
+        transport.send(WSMsgType.TEXT, json.dumps(obj, separators=(",", ":")).encode())
+        return True
+
+    def _send_publication(self, item: _Pending) -> None:
+        action = "retry" if item.sent else "send"
+        sent = self._send(
+            {
+                "type": "message",
+                "action": action,
+                "data": {
+                    "channel": item.channel,
+                    "content": item.content,
+                    "metadata": {"sequence": item.sequence},
+                },
+            }
+        )
+        if sent:
+            item.sent, item.socket = True, self._generation
+
+    def _maybe_ready(self) -> None:
+        """Once every join of this socket is answered: flush the queue, in order."""
+        if self._ready or not self._first_frame or self._syncing:
+            return
+        self._ready = True
+        self._resend_due()
+        self._set_state("open")
+        if self._opened is not None and not self._opened.done():
+            self._opened.set_result(None)
+
+    def _resend_due(self) -> None:
+        """Send, in sequence order, every pending publication not sent on this socket yet
+        whose rate-limit wait is over."""
+        self._resend_timer = None
+        if not self._ready:
+            return
+        now = time.monotonic()
+        later: float | None = None
+        for item in list(self._pending.values()):
+            if item.socket == self._generation:
+                continue
+            if item.not_before > now:
+                wait = item.not_before - now
+                later = wait if later is None else min(later, wait)
+                continue
+            item.not_before = 0.0
+            self._send_publication(item)
+        if later is not None:
+            self._schedule_resend(later)
+
+    def _schedule_resend(self, delay: float) -> None:
+        if self._resend_timer is None:
+            self._resend_timer = asyncio.get_running_loop().call_later(delay, self._resend_due)
+
+    # -- token refresh ---------------------------------------------------------------------
+
+    def _arm_refresh(self) -> None:
+        self._cancel_timer("_refresh_timer")
+        if self._token_refresh is None or not self._token:
+            return
+        exp = token_expiry(self._token)
+        if exp is None:
+            return
+        left = exp - time.time()
+        delay = max(0.0, left - min(self.refresh_before_s, left / 2))
+        self._refresh_timer = asyncio.get_running_loop().call_later(delay, self._refresh_now)
+
+    def _refresh_now(self) -> None:
+        if self._token_refresh is None or self._refreshing or self._closing:
+            return
+        self._refreshing = True
+        task = asyncio.get_running_loop().create_task(self._refresh())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh(self) -> None:
+        try:
+            fresh = await self._call_token_refresh()
+        except Exception as exc:
+            self._refreshing = False
+            self._emit(self._on_error, AetherError("REFRESH_FAILED", repr(exc)))
+            return
+        if not fresh or fresh == self._token:
+            self._refreshing = False
+            return
+        self._token = fresh
+        if not self._send({"type": "connection", "action": "refresh", "data": {"token": fresh}}):
+            self._refreshing = False  # used at the next connect
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _cancel_timer(self, name: str) -> None:
+        timer: asyncio.TimerHandle | None = getattr(self, name)
+        if timer is not None:
+            timer.cancel()
+            setattr(self, name, None)
+
+    def _set_state(self, state: State) -> None:
+        if state != self.state:
+            self.state = state
+            self._emit(self._on_state, state)
+
+    def _emit(self, callback: Callable[[Any], object] | None, value: Any) -> None:
+        if callback is None:
+            return
+        try:
+            result = callback(value)
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except Exception:
+            log.exception("callback %r failed", callback)
+
+
+def token_expiry(token: str) -> float | None:
+    """The `exp` claim of a JWT, read without verifying it (the server does that)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, (int, float)) else None
+
+
+def new_client_id() -> str:
+    """A random client id (kept across reconnects by the client that uses it)."""
+    return uuid.uuid4().hex[:16]

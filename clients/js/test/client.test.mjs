@@ -1,0 +1,222 @@
+// The JS client against a real aether-fast server (node --test).
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+
+import { AetherClient, AetherError, ClientClosed, tokenExpiry } from '../aether-client.js';
+import { makeClient, mintToken, onceInOrder, Server, sleep, until } from '../support/helpers.mjs';
+
+describe('without a server', () => {
+  test('backoff grows exponentially up to its cap, with jitter', () => {
+    const c = new AetherClient('ws://127.0.0.1:1/ws', {
+      WebSocketImpl: class {},
+      backoff: { initial: 100, max: 1000, factor: 2, jitter: 0.5 },
+    });
+    for (let attempt = 1; attempt <= 10; attempt++) {
+      const base = Math.min(1000, 100 * 2 ** (attempt - 1));
+      const samples = Array.from({ length: 50 }, () => c.backoffDelay(attempt));
+      for (const d of samples) assert.ok(d >= base / 2 && d <= base, `${attempt}: ${d}`);
+      assert.ok(new Set(samples).size > 1, 'jitter spreads the delays');
+    }
+    const none = new AetherClient('ws://x/ws', { WebSocketImpl: class {}, backoff: { jitter: 0 } });
+    assert.deepEqual([1, 2, 3, 7, 8, 20].map((a) => none.backoffDelay(a)), [500, 1000, 2000, 30000, 30000, 30000]);
+  });
+
+  test('tokenExpiry reads exp without verifying', () => {
+    const tok = mintToken('a', { ttl: 100 });
+    assert.ok(Math.abs(tokenExpiry(tok) - (Date.now() / 1000 + 100)) < 5);
+    assert.equal(tokenExpiry('garbage'), null);
+  });
+
+  test('no WebSocket at all is a clear error', () => {
+    const saved = globalThis.WebSocket;
+    try {
+      globalThis.WebSocket = undefined;
+      assert.throws(() => new AetherClient('ws://x/ws'), /WebSocketImpl/);
+    } finally {
+      globalThis.WebSocket = saved;
+    }
+  });
+});
+
+describe('against a server', () => {
+  let server;
+  before(async () => {
+    server = await new Server({ RATE_LIMIT_MESSAGES: '100000' }).start();
+  });
+  after(async () => {
+    const errors = server.errors();
+    await server.dispose();
+    assert.deepEqual(errors, []);
+  });
+
+  test('connect, join, publish: acks with offsets, fan-out in order', async () => {
+    const alice = makeClient(server, 'alice', { clientId: 'js-a', channels: ['js.basic'] });
+    const bob = makeClient(server, 'bob', { clientId: 'js-b', channels: ['js.basic'] });
+    await Promise.all([alice.connect(), bob.connect()]);
+    assert.equal(alice.state, 'open');
+    assert.equal(alice.userId, 'alice');
+    const sent = Array.from({ length: 20 }, (_, i) => `m${i}`);
+    const acks = [];
+    for (const text of sent) acks.push(await alice.publish('js.basic', text));
+    assert.deepEqual(acks.map((a) => a.offset), Array.from({ length: 20 }, (_, i) => i + 1));
+    assert.equal(new Set(acks.map((a) => a.sequence)).size, 20);
+    await until(() => bob.rec.messages.length === 20);
+    onceInOrder(bob.rec.messages.map((m) => m.content), sent);
+    const first = bob.rec.messages[0];
+    assert.deepEqual([first.userId, first.clientId, first.offset, first.replayed], ['alice', 'js-a', 1, false]);
+    assert.deepEqual(bob.position('js.basic').offset, 20);
+    assert.deepEqual(alice.rec.messages, []); // no echo by default
+    await Promise.all([alice.close(), bob.close()]);
+    assert.equal(bob.rec.states.at(-1), 'closed');
+  });
+
+  test('publications made before connecting are queued and sent in order', async () => {
+    const bob = makeClient(server, 'bob', { channels: ['js.queue'] });
+    await bob.connect();
+    const alice = makeClient(server, 'alice', { channels: ['js.queue'] });
+    const acks = ['q0', 'q1', 'q2'].map((t) => alice.publish('js.queue', t));
+    assert.equal(alice.pending, 3);
+    await alice.connect();
+    assert.deepEqual((await Promise.all(acks)).map((a) => a.offset), [1, 2, 3]);
+    await until(() => bob.rec.messages.length === 3);
+    assert.deepEqual(bob.rec.messages.map((m) => m.content), ['q0', 'q1', 'q2']);
+    await Promise.all([alice.close(), bob.close()]);
+  });
+
+  test('join, leave, refusals', async () => {
+    const c = makeClient(server, 'erin', { channels: ['js.jl1'] });
+    await c.connect();
+    const joined = await c.join('js.jl2');
+    assert.deepEqual([joined.channel, joined.offset, joined.recovered], ['js.jl2', 0, null]);
+    await c.leave('js.jl2');
+    assert.deepEqual(c.channels, ['js.jl1']);
+    await assert.rejects(c.publish('js.jl2', 'x'), (e) => e instanceof AetherError && e.code === 'NOT_A_MEMBER');
+    assert.equal(c.pending, 0);
+    await c.close();
+
+    const limited = makeClient(server, null, { token: mintToken('frank', { channels: ['js.ok.*'] }) });
+    await limited.connect();
+    await assert.rejects(limited.join('js.other'), (e) => e.code === 'FORBIDDEN');
+    assert.ok(!limited.channels.includes('js.other'));
+    assert.equal((await limited.join('js.ok.1')).channel, 'js.ok.1');
+    await limited.close();
+  });
+
+  test('a dropped socket: missed messages are recovered with since/epoch', async () => {
+    const alice = makeClient(server, 'alice', { channels: ['js.rec'] });
+    // a slow first reconnect, so bob misses messages while away
+    const bob = makeClient(server, 'bob', { channels: ['js.rec'], backoff: { initial: 600, max: 600, jitter: 0 } });
+    await Promise.all([alice.connect(), bob.connect()]);
+    await alice.publish('js.rec', 'before');
+    await until(() => bob.rec.messages.length === 1);
+    bob.ws.terminate(); // the network drops (no close frame)
+    await until(() => bob.state === 'reconnecting');
+    for (let i = 0; i < 5; i++) await alice.publish('js.rec', `missed${i}`);
+    await bob.connect();
+    await alice.publish('js.rec', 'after');
+    await until(() => bob.rec.messages.length === 7);
+    onceInOrder(
+      bob.rec.messages.map((m) => m.content),
+      ['before', 'missed0', 'missed1', 'missed2', 'missed3', 'missed4', 'after'],
+    );
+    assert.deepEqual(bob.rec.messages.map((m) => m.replayed), [false, true, true, true, true, true, false]);
+    const last = bob.rec.joins.at(-1);
+    assert.deepEqual([last.recovered, last.newEpoch, last.offset], [true, false, 6]);
+    await Promise.all([alice.close(), bob.close()]);
+  });
+
+  test('unacked messages are resent with retry after a reconnect: none lost, none doubled', async () => {
+    const bob = makeClient(server, 'bob', { channels: ['js.retry'] });
+    const alice = makeClient(server, 'alice', { clientId: 'js-retry', channels: ['js.retry'] });
+    await Promise.all([alice.connect(), bob.connect()]);
+    const sent = Array.from({ length: 200 }, (_, i) => `r${i}`);
+    const acks = sent.map((t) => alice.publish('js.retry', t));
+    alice.reconnect(); // the socket goes while acks are on their way
+    const offsets = (await Promise.all(acks)).map((a) => a.offset).sort((a, b) => a - b);
+    assert.deepEqual(offsets, Array.from({ length: 200 }, (_, i) => i + 1));
+    await until(() => bob.rec.messages.length >= 200);
+    await sleep(200);
+    onceInOrder(bob.rec.messages.map((m) => m.content), sent);
+    await Promise.all([alice.close(), bob.close()]);
+  });
+
+  test('no reconnect after 4001 unless a new token is supplied', async () => {
+    const bad = makeClient(server, null, { token: 'not-a-jwt' });
+    await assert.rejects(bad.connect(), (e) => e instanceof ClientClosed && e.closeCode === 4001);
+    assert.equal(bad.state, 'closed');
+    assert.deepEqual(bad.rec.errors.map((e) => e.code), ['AUTH_INVALID']);
+    await sleep(300);
+    assert.equal(bad.rec.states.filter((s) => s === 'connecting').length, 1);
+    await assert.rejects(bad.publish('x', 'y'), ClientClosed);
+    bad.setToken(mintToken('alice'));
+    await bad.connect();
+    assert.equal(bad.userId, 'alice');
+    await bad.close();
+
+    let calls = 0;
+    const refreshed = makeClient(server, null, {
+      token: mintToken('gina', { ttl: -60 }),
+      tokenRefresh: async () => {
+        calls += 1;
+        return mintToken('gina');
+      },
+    });
+    await refreshed.connect();
+    assert.deepEqual([refreshed.userId, calls], ['gina', 1]);
+    await refreshed.close();
+  });
+
+  test('the token is refreshed before it expires, on the same connection', async () => {
+    let calls = 0;
+    const c = makeClient(server, null, {
+      token: mintToken('hana', { ttl: 3 }),
+      tokenRefresh: () => {
+        calls += 1;
+        return mintToken('hana', { ttl: 3600 });
+      },
+      refreshBeforeMs: 1500,
+      channels: ['js.tok'],
+    });
+    await c.connect();
+    await sleep(4500); // past the first token's exp
+    assert.equal(calls, 1);
+    assert.equal(c.state, 'open');
+    assert.equal(c.rec.states.filter((s) => s === 'open').length, 1); // never reconnected
+    assert.equal((await c.publish('js.tok', 'still here')).offset, 1);
+    await c.close();
+  });
+});
+
+describe('server restart', () => {
+  test('mid-stream: both clients reconnect, nothing lost, nothing doubled', async () => {
+    const server = await new Server({ RATE_LIMIT_MESSAGES: '100000' }).start();
+    try {
+      const alice = makeClient(server, 'alice', { clientId: 'js-alice', channels: ['js.restart'] });
+      const bob = makeClient(server, 'bob', { clientId: 'js-bob', channels: ['js.restart'] });
+      await Promise.all([alice.connect(), bob.connect()]);
+      const sent = [];
+      const acks = [];
+      const stream = (async () => {
+        for (let i = 0; i < 300; i++) {
+          sent.push(`s${i}`);
+          acks.push(alice.publish('js.restart', `s${i}`));
+          await sleep(10);
+        }
+      })();
+      await sleep(800);
+      await server.restart();
+      await stream;
+      await Promise.all(acks);
+      await until(() => bob.rec.messages.length >= 300, 30000, 'all 300 at bob');
+      await sleep(300);
+      onceInOrder(bob.rec.messages.map((m) => m.content), sent);
+      assert.ok(bob.rec.states.includes('reconnecting'));
+      assert.ok(bob.rec.joins.some((j) => j.newEpoch), JSON.stringify(bob.rec.joins));
+      await Promise.all([alice.close(), bob.close()]);
+      assert.deepEqual(server.errors(), []);
+    } finally {
+      await server.dispose();
+    }
+  });
+});
+

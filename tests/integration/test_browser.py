@@ -1,0 +1,272 @@
+"""Real browser tests: Debian's chromium, headless, driven by playwright's Python package.
+
+- /demo: two pages exchange messages; the server is stopped while both type (their
+  messages queue), started again; both pages reconnect and recover, and each page shows
+  every message of the other exactly once.
+- /dashboard: shows the numbers /ws/status reports, and says when the server is gone.
+
+Screenshots go to a temporary directory, or to docs/demo.png and docs/dashboard.png with
+UPDATE_SCREENSHOTS=1. These tests fail (not skip) when chromium or playwright is missing:
+.ci/run installs both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, Server
+from tests.integration.wsclient import Client
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+VIEWPORT = {"width": 1100, "height": 760}
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: pip install -e '.[dev]'")
+    if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+        pytest.fail(f"{CHROMIUM} not found: apt-get install chromium (.ci/run does)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def shot_path(name: str, tmp_path: Path) -> Path:
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        return ROOT / "docs" / name
+    return tmp_path / name
+
+
+class Watched:
+    """A page whose console errors and uncaught exceptions are collected."""
+
+    def __init__(self, browser: Any) -> None:
+        self.context = browser.new_context(viewport=VIEWPORT)
+        self.page = self.context.new_page()
+        self.problems: list[str] = []
+        self.page.on("pageerror", lambda exc: self.problems.append(f"pageerror: {exc}"))
+        self.page.on("console", self._console)
+
+    def _console(self, msg: Any) -> None:
+        # a refused WebSocket connection while the server is down is expected
+        if msg.type == "error" and "WebSocket connection to" not in msg.text:
+            self.problems.append(f"console: {msg.text}")
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 15, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        time.sleep(0.05)
+
+
+# -- /demo ---------------------------------------------------------------------------------
+
+
+def _others(page: Any) -> list[str]:
+    texts: list[str] = page.eval_on_selector_all(
+        "#messages li.other .text", "els => els.map(e => e.textContent)"
+    )
+    return texts
+
+
+def _say(page: Any, text: str) -> None:
+    page.fill("#text", text)
+    page.press("#text", "Enter")
+
+
+def _exactly_once(got: list[str], want: list[str]) -> bool:
+    counts = Counter(got)
+    assert all(n == 1 for n in counts.values()), f"doubled: {counts.most_common(3)}"
+    return sorted(got) == sorted(want)
+
+
+def test_demo_chat_survives_a_server_restart(
+    browser: Any, make_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    srv = make_server()
+    a, b = Watched(browser), Watched(browser)
+    try:
+        for page, sub in ((a.page, "alice"), (b.page, "bob")):
+            page.goto(
+                f"http://127.0.0.1:{srv.port}/demo"
+                f"#token={srv.token(sub)}&channel=browser&client_id={sub}-page"
+            )
+            page.wait_for_selector("body[data-state=open]", timeout=15000)
+        assert "alice" in a.page.inner_text("#who")
+
+        sent_a, sent_b = ["hello bob", "how are you?"], ["hi alice", "fine, thanks"]
+        for ta, tb in zip(sent_a, sent_b, strict=True):
+            _say(a.page, ta)
+            _say(b.page, tb)
+        wait_for(lambda: _exactly_once(_others(b.page), sent_a), what="bob sees alice")
+        wait_for(lambda: _exactly_once(_others(a.page), sent_b), what="alice sees bob")
+
+        # the server goes away; both keep typing, their messages wait in the client's queue
+        assert srv.stop() == 0
+        a.page.wait_for_selector("body[data-state=reconnecting]", timeout=10000)
+        b.page.wait_for_selector("body[data-state=reconnecting]", timeout=10000)
+        down_a, down_b = ["while you were away", "still there?"], ["typed offline"]
+        for text in down_a:
+            _say(a.page, text)
+        for text in down_b:
+            _say(b.page, text)
+        assert a.page.get_attribute("body", "data-pending") == "2"
+        assert b.page.get_attribute("body", "data-pending") == "1"
+
+        srv.start()
+        for w in (a, b):
+            w.page.wait_for_selector("body[data-state=open]", timeout=30000)
+            w.page.wait_for_selector("body[data-pending='0']", timeout=15000)
+        after_a, after_b = ["back again"], ["welcome back"]
+        _say(a.page, after_a[0])
+        _say(b.page, after_b[0])
+
+        want_b = sent_a + down_a + after_a  # what bob must see from alice
+        want_a = sent_b + down_b + after_b
+        wait_for(lambda: _exactly_once(_others(b.page), want_b), what="bob sees all once")
+        wait_for(lambda: _exactly_once(_others(a.page), want_a), what="alice sees all once")
+        time.sleep(0.5)  # nothing more arrives (no late duplicate)
+        assert _others(b.page) == want_b, "bob: lost, doubled or out of order"
+        assert _others(a.page) == want_a, "alice: lost, doubled or out of order"
+        own = a.page.eval_on_selector_all("#messages li.own.pending", "els => els.length")
+        assert own == 0, "every own message was acknowledged"
+        a.page.screenshot(path=str(shot_path("demo.png", tmp_path)))
+        assert a.problems == [] and b.problems == [], a.problems + b.problems
+    finally:
+        a.close()
+        b.close()
+
+
+# -- /dashboard ----------------------------------------------------------------------------
+
+
+def _shown(page: Any) -> dict[str, str]:
+    ids = ["connections-active", "connections-total", "channels-active", "messages-per-second"]
+    values: dict[str, str] = page.evaluate(
+        "ids => Object.fromEntries(ids.map(id => [id, document.getElementById(id).textContent]))",
+        ids,
+    )
+    return values
+
+
+def _reported(srv: Server) -> dict[str, str]:
+    status, body, _ = srv.http("GET", "/ws/status")
+    assert status == 200, body
+
+    def fmt(x: float) -> str:  # the page's Intl.NumberFormat('en', max 2 decimals)
+        text = f"{round(float(x), 2):,.2f}".rstrip("0").rstrip(".")
+        return text or "0"
+
+    return {
+        "connections-active": fmt(body["connections"]["active"]),
+        "connections-total": fmt(body["connections"]["total"]),
+        "channels-active": fmt(body["channels"]["active"]),
+        "messages-per-second": fmt(body["channels"]["messages_per_second"]),
+    }
+
+
+def test_dashboard_shows_what_status_reports(
+    browser: Any, make_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    srv = make_server()
+    w = Watched(browser)
+    clients: list[Client] = []
+    try:
+        for i, (sub, channel) in enumerate(
+            [("alice", "lobby"), ("bob", "lobby"), ("carol", "news"), ("dave", None)]
+        ):
+            c = Client(srv.ws_url, token=srv.token(sub), client_id=f"dash-{i}", channel=channel)
+            c.recv()
+            clients.append(c)
+        for n in range(12):
+            clients[0].publish("lobby", f"message {n}")
+        clients[2].publish("news", "headline")
+        clients[3].send("not json")  # one INVALID_JSON error
+
+        w.page.goto(f"http://127.0.0.1:{srv.port}/dashboard")
+        w.page.wait_for_selector("body[data-updates]", timeout=10000)
+
+        def same() -> bool:
+            return _shown(w.page) == _reported(srv)
+
+        wait_for(same, timeout=15, what="dashboard equals /ws/status")
+        assert _shown(w.page)["connections-active"] == "4"
+        assert w.page.inner_text("#status") == "healthy"
+        _, errors, _ = srv.http("GET", "/metrics/errors")
+        wait_for(lambda: w.page.inner_text("#errors-total") == str(errors["total"]))
+        assert errors["total"] >= 1 and "INVALID_JSON" in w.page.inner_text("#errors")
+        table = w.page.inner_text("#channels")
+        assert "lobby" in table and "news" in table
+        drawn = w.page.evaluate(
+            "() => { const c = document.getElementById('rate-chart');"
+            " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+            " let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }"
+        )
+        assert drawn > 500, "the chart was drawn"
+        for n in range(16):  # a few seconds of traffic for the chart (under the rate limit)
+            clients[1].publish("lobby", f"more {n}")
+            if n % 3 == 0:
+                clients[2].publish("news", f"flash {n}")
+            time.sleep(0.25)
+        w.page.screenshot(path=str(shot_path("dashboard.png", tmp_path)), full_page=True)
+        wait_for(same, timeout=15, what="dashboard equals /ws/status again")
+
+        # a closed connection shows up within a poll or two
+        _drain_and_close(clients.pop())
+        wait_for(lambda: _shown(w.page)["connections-active"] == "3", what="3 connections")
+        wait_for(same, timeout=10, what="dashboard equals /ws/status after a close")
+
+        # the server goes away: the page says so, and recovers when it is back
+        for c in clients:
+            _drain_and_close(c)
+        clients.clear()
+        assert srv.stop() == 0
+        w.page.wait_for_selector("body[data-status=unreachable]", timeout=10000)
+        srv.start()
+        w.page.wait_for_selector("body[data-status=healthy]", timeout=10000)
+        wait_for(same, timeout=10, what="dashboard equals /ws/status after a restart")
+        fetch_errors = [p for p in w.problems if "Failed to fetch" not in p]
+        # a poll during the outage fails with net::ERR_CONNECTION_REFUSED in the console
+        assert [p for p in fetch_errors if "ERR_CONNECTION_REFUSED" not in p] == []
+    finally:
+        for c in clients:
+            _drain_and_close(c)
+        w.close()
+
+
+def _drain_and_close(c: Client) -> None:
+    # websockets' reader stops at max_queue unread frames and would then wait
+    # close_timeout for the server's close frame: read what is queued first
+    with contextlib.suppress(Exception):
+        while True:
+            c.ws.recv(timeout=0.05)
+    c.close()

@@ -1,0 +1,388 @@
+"""aether_fast.client against a real server: acks and fan-out, the queue while disconnected,
+unacked messages resent with `retry`, recovery from history, a server restart in the middle
+of a stream (nothing lost, nothing doubled), rate limits, and the token rules (no reconnect
+after 4001 without a new token; refresh before expiry)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+
+from aether_fast.client import (
+    Ack,
+    AetherClient,
+    AetherError,
+    ClientClosed,
+    JoinResult,
+    Message,
+    State,
+)
+from tests.conftest import Server
+
+T = TypeVar("T")
+
+#: Fast reconnects for tests: the default backoff starts at 0.5 s and caps at 30 s.
+FAST = {"backoff_initial": 0.05, "backoff_max": 0.5}
+
+
+def run(coro: Awaitable[T], timeout: float = 60) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+class Recorder:
+    """Callbacks that keep what they were given."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.states: list[State] = []
+        self.joins: list[JoinResult] = []
+        self.errors: list[AetherError] = []
+        self.system: list[dict[str, Any]] = []
+        self.arrived = asyncio.Event()
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "on_message": self.on_message,
+            "on_state": self.states.append,
+            "on_join": self.joins.append,
+            "on_error": self.errors.append,
+            "on_system": self.system.append,
+        }
+
+    def on_message(self, msg: Message) -> None:
+        self.messages.append(msg)
+        self.arrived.set()
+
+    async def wait_count(self, n: int, timeout: float = 20) -> None:
+        async def loop() -> None:
+            while len(self.messages) < n:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        await asyncio.wait_for(loop(), timeout)
+
+    def contents(self) -> list[str]:
+        return [m.content for m in self.messages]
+
+
+def client(srv: Server, sub: str, rec: Recorder | None = None, **kw: Any) -> AetherClient:
+    params: dict[str, Any] = {"token": srv.token(sub), **FAST, **kw}
+    if rec is not None:
+        params.update(rec.kwargs())
+    return AetherClient(srv.ws_url, **params)
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def assert_once_in_order(got: list[str], sent: list[str]) -> None:
+    doubled = [c for c, n in Counter(got).items() if n > 1]
+    assert not doubled, f"delivered twice: {doubled[:5]}"
+    missing = sorted(set(sent) - set(got))
+    assert not missing, f"lost: {missing[:5]} ({len(missing)})"
+    assert got == sent, "out of order"
+
+
+# -- basics ------------------------------------------------------------------------------------
+
+
+def test_publish_ack_and_fanout(server: Server) -> None:
+    async def main() -> None:
+        rb = Recorder()
+        async with (
+            client(server, "alice", client_id="pc-a", channels=["pc.basic"]) as alice,
+            client(server, "bob", rb, client_id="pc-b", channels=["pc.basic"]) as bob,
+        ):
+            assert alice.state == "open" and alice.client_id == "pc-a"
+            assert alice.user_id == "alice"
+            sent = [f"m{i}" for i in range(20)]
+            acks: list[Ack] = [await alice.publish("pc.basic", text) for text in sent]
+            assert [a.offset for a in acks] == list(range(1, 21))
+            assert all(a.channel == "pc.basic" and a.timestamp for a in acks)
+            assert len({a.sequence for a in acks}) == 20
+            await rb.wait_count(20)
+            assert_once_in_order(rb.contents(), sent)
+            first = rb.messages[0]
+            assert (first.user_id, first.client_id, first.offset) == ("alice", "pc-a", 1)
+            assert first.sequence == acks[0].sequence and not first.replayed
+            assert bob.position("pc.basic")[0] == 20
+        assert rb.states[-1] == "closed" and "open" in rb.states
+
+    run(main())
+
+
+def test_messages_iterator_and_echo(server: Server) -> None:
+    async def main() -> None:
+        async with client(server, "carol", channels=["pc.iter"], echo=True) as c:
+            await c.publish("pc.iter", "one")
+            await c.publish("pc.iter", "two")
+            got: list[str] = []
+            async for msg in c.messages():
+                got.append(msg.content)
+                if len(got) == 2:
+                    break
+            assert got == ["one", "two"]
+
+    run(main())
+
+
+def test_server_made_client_id_is_kept(server: Server) -> None:
+    async def main() -> None:
+        rec = Recorder()
+        c = client(server, "dave", rec)
+        await c.connect()
+        made = c.client_id
+        assert isinstance(made, str) and made
+        c.reconnect()  # at once, without a backoff wait
+        await until(lambda: rec.states.count("open") == 2)
+        assert rec.states == ["connecting", "open", "reconnecting", "open"]
+        assert c.client_id == made
+        await c.close()
+
+    run(main())
+
+
+def test_queue_while_disconnected(server: Server) -> None:
+    """Publications made before the first connect go out, in order, once joined."""
+
+    async def main() -> None:
+        rb = Recorder()
+        async with client(server, "bob", rb, channels=["pc.queue"]):
+            alice = client(server, "alice", channels=["pc.queue"])
+            futures = [alice.publish_nowait("pc.queue", f"q{i}") for i in range(5)]
+            assert alice.pending == 5
+            await alice.connect()
+            acks = await asyncio.gather(*futures)
+            assert [a.offset for a in acks] == [1, 2, 3, 4, 5]
+            await rb.wait_count(5)
+            assert rb.contents() == [f"q{i}" for i in range(5)]
+            await alice.close()
+
+    run(main())
+
+
+def test_join_leave_and_refusals(server: Server) -> None:
+    async def main() -> None:
+        async with client(server, "erin", channels=["pc.jl1"]) as c:
+            joined = await c.join("pc.jl2")
+            assert (joined.channel, joined.offset, joined.recovered) == ("pc.jl2", 0, None)
+            assert set(c.channels) == {"pc.jl1", "pc.jl2"}
+            await c.leave("pc.jl2")
+            assert c.channels == ["pc.jl1"]
+            with pytest.raises(AetherError) as err:
+                await c.publish("pc.jl2", "not a member")
+            assert err.value.code == "NOT_A_MEMBER"
+            assert c.pending == 0
+            # the token's channels claim refuses another channel: the join fails, the
+            # connection stays
+        limited = AetherClient(
+            server.ws_url, token=server.token("frank", channels=["pc.ok.*"]), **FAST
+        )
+        async with limited:
+            with pytest.raises(AetherError) as err:
+                await limited.join("pc.other")
+            assert err.value.code == "FORBIDDEN"
+            assert "pc.other" not in limited.channels
+            assert (await limited.join("pc.ok.1")).channel == "pc.ok.1"
+
+    run(main())
+
+
+# -- recovery, retry, restart ------------------------------------------------------------------
+
+
+def test_reconnect_recovers_missed_messages(server: Server) -> None:
+    async def main() -> None:
+        rb = Recorder()
+        # a slow first reconnect, so that bob misses messages while he is away
+        bob = client(server, "bob", rb, channels=["pc.rec"], backoff_initial=1.5, jitter=0.0)
+        async with client(server, "alice", channels=["pc.rec"]) as alice:
+            await bob.connect()
+            await alice.publish("pc.rec", "before")
+            await rb.wait_count(1)
+            assert bob._transport is not None
+            bob._transport.disconnect(graceful=False)  # the network drops
+            await until(lambda: bob.state == "reconnecting")
+            for i in range(5):
+                await alice.publish("pc.rec", f"missed{i}")
+            await bob.connect(timeout=10)
+            await alice.publish("pc.rec", "after")
+            await rb.wait_count(7)
+            assert_once_in_order(
+                rb.contents(), ["before", *[f"missed{i}" for i in range(5)], "after"]
+            )
+            assert [m.replayed for m in rb.messages] == [False] + [True] * 5 + [False]
+            last = rb.joins[-1]
+            assert last.recovered is True and not last.new_epoch and last.offset == 6
+            await bob.close()
+
+    run(main())
+
+
+def test_unacked_messages_resent_with_retry(make_server: Callable[..., Server]) -> None:
+    """Drop the sender's socket right after a burst: what the server accepted but never
+    acked is resent with `retry`, acked with its original offset, published once."""
+    srv = make_server(RATE_LIMIT_MESSAGES="100000")
+
+    async def main() -> None:
+        rb = Recorder()
+        async with (
+            client(srv, "bob", rb, channels=["pc.retry"]),
+            client(srv, "alice", client_id="pc-retry", channels=["pc.retry"]) as alice,
+        ):
+            sent = [f"r{i}" for i in range(200)]
+            futures = [alice.publish_nowait("pc.retry", text) for text in sent]
+            alice.reconnect()  # the socket goes while most acks are still on the way
+            acks = await asyncio.wait_for(asyncio.gather(*futures), 20)
+            assert sorted(a.offset for a in acks) == list(range(1, 201))
+            await rb.wait_count(200)
+            await asyncio.sleep(0.2)
+            assert_once_in_order(rb.contents(), sent)
+
+    run(main())
+
+
+def test_server_restart_mid_stream(make_server: Callable[..., Server]) -> None:
+    """SPEC §5 with the in-memory broker: the server restarts (history and dedupe memory
+    lost, new epoch) while alice publishes; both clients reconnect by themselves; every
+    message reaches bob exactly once."""
+    srv = make_server(RATE_LIMIT_MESSAGES="100000")
+
+    async def main() -> None:
+        rb, ra = Recorder(), Recorder()
+        async with (
+            client(srv, "bob", rb, client_id="pc-bob", channels=["pc.restart"]),
+            client(srv, "alice", ra, client_id="pc-alice", channels=["pc.restart"]) as alice,
+        ):
+            sent: list[str] = []
+            futures: list[asyncio.Future[Ack]] = []
+
+            async def stream() -> None:
+                for i in range(300):
+                    sent.append(f"s{i}")
+                    futures.append(alice.publish_nowait("pc.restart", f"s{i}"))
+                    await asyncio.sleep(0.01)
+
+            streaming = asyncio.create_task(stream())
+            await asyncio.sleep(0.8)
+            await asyncio.to_thread(srv.restart)
+            await streaming
+            await asyncio.wait_for(asyncio.gather(*futures), 30)
+            await rb.wait_count(300, timeout=30)
+            await asyncio.sleep(0.3)
+            assert_once_in_order(rb.contents(), sent)
+            assert "reconnecting" in rb.states and rb.states[-1] == "open"
+            assert any(j.new_epoch for j in rb.joins), rb.joins
+
+    run(main(), timeout=90)
+
+
+def test_rate_limited_messages_are_resent(make_server: Callable[..., Server]) -> None:
+    srv = make_server(RATE_LIMIT_MESSAGES="5", RATE_LIMIT_WINDOW_S="1")
+
+    async def main() -> None:
+        rb = Recorder()
+        async with (
+            client(srv, "bob", rb, channels=["pc.rl"]),
+            client(srv, "alice", channels=["pc.rl"]) as alice,
+        ):
+            sent = [f"l{i}" for i in range(12)]
+            acks = await asyncio.gather(*(alice.publish_nowait("pc.rl", t) for t in sent))
+            assert sorted(a.offset for a in acks) == list(range(1, 13))
+            await rb.wait_count(12)
+            assert sorted(rb.contents()) == sorted(sent)
+            assert len(rb.contents()) == 12
+
+    run(main(), timeout=30)
+
+
+# -- tokens ------------------------------------------------------------------------------------
+
+
+def test_no_reconnect_after_4001(server: Server) -> None:
+    server.allow_errors = False
+
+    async def main() -> None:
+        rec = Recorder()
+        bad = AetherClient(server.ws_url, token="not-a-jwt", **FAST, **rec.kwargs())
+        with pytest.raises(ClientClosed) as closed:
+            await bad.connect(timeout=10)
+        assert closed.value.close_code == 4001
+        assert bad.state == "closed"
+        assert [e.code for e in rec.errors] == ["AUTH_INVALID"]
+        await asyncio.sleep(0.3)
+        assert rec.states.count("connecting") == 1  # no second attempt
+        with pytest.raises(ClientClosed):
+            bad.publish_nowait("x", "y")
+        # a new token brings it back
+        bad.set_token(server.token("alice"))
+        await bad.connect(timeout=10)
+        assert bad.state == "open" and bad.user_id == "alice"
+        await bad.close()
+
+    run(main())
+
+
+def test_4001_with_token_refresh_reconnects(server: Server) -> None:
+    async def main() -> None:
+        calls: list[int] = []
+
+        async def fresh() -> str:
+            calls.append(1)
+            return server.token("gina")
+
+        c = AetherClient(
+            server.ws_url, token=server.token("gina", ttl=-60), token_refresh=fresh, **FAST
+        )
+        await c.connect(timeout=10)
+        assert c.user_id == "gina" and calls == [1]
+        await c.close()
+
+        # a callback that has nothing new: stop
+        same = server.token("gina", ttl=-60)
+        d = AetherClient(server.ws_url, token=same, token_refresh=lambda: same, **FAST)
+        with pytest.raises(ClientClosed):
+            await d.connect(timeout=10)
+
+    run(main())
+
+
+def test_token_refreshed_before_expiry(server: Server) -> None:
+    async def main() -> None:
+        calls: list[float] = []
+
+        def fresh() -> str:
+            calls.append(asyncio.get_running_loop().time())
+            return server.token("hana", ttl=3600)
+
+        rec = Recorder()
+        c = AetherClient(
+            server.ws_url,
+            token=server.token("hana", ttl=3),
+            token_refresh=fresh,
+            channels=["pc.tok"],
+            refresh_before_s=1.5,
+            **FAST,
+            **rec.kwargs(),
+        )
+        await c.connect()
+        await asyncio.sleep(4.5)  # past the first token's exp
+        assert len(calls) == 1
+        assert c.state == "open" and rec.states.count("open") == 1  # never reconnected
+        ack = await c.publish("pc.tok", "still here")
+        assert ack.offset == 1
+        await c.close()
+
+    run(main())

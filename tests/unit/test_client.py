@@ -1,0 +1,72 @@
+"""aether_fast.client without sockets: backoff, token expiry, per-channel dedupe."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+from aether_fast.client import AetherClient, _Channel, token_expiry
+
+
+def _client(**kw: object) -> AetherClient:
+    async def make() -> AetherClient:
+        return AetherClient("ws://127.0.0.1:1/ws", **kw)  # type: ignore[arg-type]
+
+    return asyncio.run(make())
+
+
+def test_backoff_grows_to_its_cap_with_jitter() -> None:
+    c = _client(backoff_initial=0.1, backoff_max=1.0, backoff_factor=2.0, jitter=0.5)
+    for attempt in range(1, 12):
+        base = min(1.0, 0.1 * 2 ** (attempt - 1))
+        samples = [c.backoff_delay(attempt) for _ in range(50)]
+        assert all(base / 2 <= d <= base for d in samples), (attempt, samples[:3])
+        assert len(set(samples)) > 1  # spread
+    plain = _client(jitter=0.0)
+    assert [plain.backoff_delay(a) for a in (1, 2, 3, 7, 8, 30)] == [0.5, 1, 2, 30, 30, 30]
+
+
+def test_sequences_start_at_the_clock() -> None:
+    c = _client()
+    assert abs(c._sequence / 1e6 - time.time()) < 5
+    assert _client(first_sequence=1)._sequence == 0
+
+
+def _jwt(claims: dict[str, object]) -> str:
+    def b64(obj: object) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{b64({'alg': 'HS256'})}.{b64(claims)}.sig"
+
+
+def test_token_expiry() -> None:
+    assert token_expiry(_jwt({"sub": "a", "exp": 1234567890})) == 1234567890.0
+    assert token_expiry(_jwt({"sub": "a"})) is None
+    assert token_expiry("garbage") is None
+    assert token_expiry("a.!!!.c") is None
+
+
+def test_offsets_delivered_once_even_out_of_order() -> None:
+    ch = _Channel("c", floor=0)
+    assert [ch.take_offset(o) for o in (1, 3, 2, 2, 3, 1, 4)] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]
+    assert ch.floor == 4 and ch.above == set()
+
+
+def test_sender_sequence_window() -> None:
+    ch = _Channel("c")
+    assert ch.take_key(("u", "c1", 1)) and not ch.take_key(("u", "c1", 1))
+    assert ch.take_key(("u", "c2", 1))  # another sender
+    for i in range(5000):
+        ch.take_key(("v", "c", i))
+    assert len(ch.seen) == 4096
+    assert ch.take_key(("u", "c1", 1))  # forgotten past the window
