@@ -17,7 +17,13 @@ cdef class Connection(WSListener):
     cdef readonly WSTransport transport
     cdef object raw
     cdef Hub hub
-    cdef bytearray outbox
+    # the outbox: frames queued this loop pass, in a C buffer kept while the connection is
+    # busy (Hub.tick frees an empty one), written with one send() per pass
+    cdef char* obuf
+    cdef Py_ssize_t olen
+    cdef Py_ssize_t ocap
+    cdef int fd               # the socket for direct sends; -1: always through the transport
+    cdef bint handed          # the transport holds bytes of ours that are not sent yet
     cdef Py_ssize_t kernel_pending
     cdef bint dirty
     cdef readonly bint closing
@@ -38,7 +44,11 @@ cdef class Connection(WSListener):
 
     def __init__(self, Hub hub, str peer, Py_ssize_t max_message):
         self.hub = hub
-        self.outbox = bytearray()
+        self.obuf = NULL
+        self.olen = 0
+        self.ocap = 0
+        self.fd = -1
+        self.handed = False
         self.kernel_pending = 0
         self.dirty = False
         self.closing = False
@@ -56,6 +66,11 @@ cdef class Connection(WSListener):
         self.peer = peer
         self.connected_at = 0.0
         self.close_code = 0
+
+    def __dealloc__(self):
+        if self.obuf != NULL:
+            PyMem_RawFree(self.obuf)
+            self.obuf = NULL
 
     # -- hooks for subclasses ---------------------------------------------------------------
 
@@ -76,6 +91,9 @@ cdef class Connection(WSListener):
     cpdef on_ws_connected(self, WSTransport transport):
         self.transport = transport
         self.raw = transport.underlying_transport
+        if self.raw.get_extra_info("sslcontext") is None:
+            sock = self.raw.get_extra_info("socket")
+            self.fd = sock.fileno() if sock is not None else -1
         # the parsed upgrade request (headers and all) is not needed once we run: an idle
         # connection should cost as little as possible
         transport.request = None
@@ -87,7 +105,8 @@ cdef class Connection(WSListener):
     cpdef on_ws_disconnected(self, WSTransport transport):
         self.connected = False
         self.closing = True
-        self.outbox = None
+        self.fd = -1
+        self.release_buffer()
         if self.close_timer is not None:
             self.close_timer.cancel()
             self.close_timer = None
@@ -192,47 +211,76 @@ cdef class Connection(WSListener):
 
     # -- sending ----------------------------------------------------------------------------
 
-    cdef inline void enqueue(self, const char* p, Py_ssize_t n):
+    cdef inline int enqueue(self, const char* p, Py_ssize_t n) except -1:
         if self.closing:
-            return
-        cdef bytearray out = self.outbox
-        cdef Py_ssize_t old = PyByteArray_GET_SIZE(out)
-        PyByteArray_Resize(out, old + n)
-        memcpy(PyByteArray_AS_STRING(out) + old, p, n)
-        if old + n + self.kernel_pending > self.hub.send_buffer_limit:
+            return 0
+        cdef Py_ssize_t need = self.olen + n
+        cdef Py_ssize_t cap
+        cdef char* grown
+        if need > self.ocap:
+            cap = self.ocap * 2 if self.ocap * 2 > need else need
+            if cap < 4096:
+                cap = 4096
+            grown = <char*>PyMem_RawRealloc(self.obuf, cap)
+            if grown == NULL:
+                raise MemoryError("outbox")
+            self.obuf = grown
+            self.ocap = cap
+        memcpy(self.obuf + self.olen, p, n)
+        self.olen = need
+        if need + self.kernel_pending > self.hub.send_buffer_limit:
             # kernel_pending was read at the last flush; the transport may have drained since
-            self.kernel_pending = self.raw.get_write_buffer_size() if self.raw is not None else 0
-            if old + n + self.kernel_pending > self.hub.send_buffer_limit:
+            self.kernel_pending = self.raw.get_write_buffer_size() if self.handed else 0
+            if need + self.kernel_pending > self.hub.send_buffer_limit:
                 self.too_slow()
-                return
+                return 0
         if not self.dirty:
             self.dirty = True
             self.hub.mark_dirty(self)
+        return 0
 
-    cdef void flush_outbox(self):
-        cdef bytearray out = self.outbox
-        if out is None or PyByteArray_GET_SIZE(out) == 0 or not self.connected:
-            return
-        if self.raw.is_closing():
-            self.outbox = bytearray()
-            return
-        self.raw.write(out)
+    cdef int flush_outbox(self) except -1:
+        """One send() of everything queued; what the kernel does not take goes to the
+        transport, which sends it when the socket is writable (and keeps order)."""
+        cdef Py_ssize_t n = self.olen
+        cdef Py_ssize_t sent = 0
+        if n == 0:
+            return 0
+        if not self.connected or self.raw.is_closing():
+            self.olen = 0  # is_closing() first: after it the fd may already be closed
+            return 0
+        if self.handed:
+            self.kernel_pending = self.raw.get_write_buffer_size()
+            self.handed = self.kernel_pending > 0
+        if not self.handed and self.fd >= 0:
+            with nogil:
+                sent = send(self.fd, self.obuf, n, MSG_DONTWAIT | MSG_NOSIGNAL)
+            if sent == n:
+                self.olen = 0
+                return 0
+            if sent < 0:
+                if errno != EAGAIN and errno != EWOULDBLOCK and errno != EINTR:
+                    self.olen = 0  # the socket is broken: the transport's reader will see it
+                    return 0
+                sent = 0
+        self.olen = 0
+        self.raw.write(PyBytes_FromStringAndSize(self.obuf + sent, n - sent))
+        self.handed = True
         self.kernel_pending = self.raw.get_write_buffer_size()
-        if self.kernel_pending:
-            # the transport may keep a reference to `out` until it is sent: start a new one
-            self.outbox = bytearray()
-            if self.kernel_pending > self.hub.send_buffer_limit:
-                self.too_slow()
-        else:
-            try:
-                PyByteArray_Resize(out, 0)
-            except BufferError:
-                # the transport still holds a view of `out` (a write in flight)
-                self.outbox = bytearray()
+        if self.kernel_pending > self.hub.send_buffer_limit:
+            self.too_slow()
+        return 0
 
-    cdef void too_slow(self):
+    cdef void release_buffer(self) noexcept:
+        """Free an empty outbox buffer (an idle connection should cost little)."""
+        if self.olen == 0 and self.obuf != NULL:
+            PyMem_RawFree(self.obuf)
+            self.obuf = NULL
+            self.ocap = 0
+
+    cdef void too_slow(self) except *:
         self.hub.slow_reader_closes += 1
-        self.outbox = bytearray()
+        self.olen = 0
         self.hub.node.security_event(self, "slow_reader", "send buffer over limit")
         self.close(CloseCode.SLOW_READER, "send buffer over its limit")
 
@@ -254,7 +302,7 @@ cdef class Connection(WSListener):
         the client answers (or after the hub's close timeout)."""
         if self.closing or self.transport is None:
             return
-        if self.outbox is not None and PyByteArray_GET_SIZE(self.outbox):
+        if self.olen:
             self.flush_outbox()
         self.closing = True
         self.close_code = code
@@ -268,4 +316,4 @@ cdef class Connection(WSListener):
 
     @property
     def outbox_size(self) -> int:
-        return 0 if self.outbox is None else PyByteArray_GET_SIZE(self.outbox)
+        return self.olen

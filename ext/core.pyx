@@ -12,14 +12,14 @@ member's outbox, and each outbox is written with one write per loop pass.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.bytearray cimport (
-    PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize,
-)
+from cpython.bytearray cimport PyByteArray_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcpy
 from libc.stdint cimport uint8_t, uint64_t
+from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdio cimport snprintf
+from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
 from libc.time cimport time_t
 
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType, WSCloseCode
@@ -31,6 +31,14 @@ from orjson import dumps as _dumps
 from orjson import loads as _loads
 
 from aether_fast.protocol import CloseCode, ErrorCode, error_body
+
+cdef extern from "<sys/socket.h>" nogil:
+    Py_ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int MSG_DONTWAIT
+    int MSG_NOSIGNAL
+
+cdef extern from "<errno.h>" nogil:
+    int EWOULDBLOCK
 
 include "codec.pxi"
 include "ratelimit.pxi"

@@ -245,6 +245,7 @@ cdef class Hub:
         cdef list dead = []
         for o in self.sessions:
             s = <Connection>o
+            s.release_buffer()  # an outbox emptied by the last flush is given back
             if s.closing:
                 continue
             if s.expires_at > 0.0:
