@@ -12,6 +12,11 @@ cdef inline bint valid_close_code(int code):
     return (code >= 1000 and code <= 1003) or (code >= 1007 and code <= 1014)
 
 
+#: An outbox up to this size comes from pymalloc and is freed after each complete send, so
+#: an idle connection holds none; larger (busy) ones are kept until the next tick.
+cdef Py_ssize_t SMALL_OUTBOX = 512
+
+
 cdef class Connection(WSListener):
     """One accepted WebSocket: frames in, whole messages to `on_message`, frames out."""
     cdef readonly WSTransport transport
@@ -69,7 +74,7 @@ cdef class Connection(WSListener):
 
     def __dealloc__(self):
         if self.obuf != NULL:
-            PyMem_RawFree(self.obuf)
+            PyMem_Free(self.obuf)
             self.obuf = NULL
 
     # -- hooks for subclasses ---------------------------------------------------------------
@@ -219,9 +224,9 @@ cdef class Connection(WSListener):
         cdef char* grown
         if need > self.ocap:
             cap = self.ocap * 2 if self.ocap * 2 > need else need
-            if cap < 4096:
-                cap = 4096
-            grown = <char*>PyMem_RawRealloc(self.obuf, cap)
+            if cap < SMALL_OUTBOX:
+                cap = SMALL_OUTBOX
+            grown = <char*>PyMem_Realloc(self.obuf, cap)
             if grown == NULL:
                 raise MemoryError("outbox")
             self.obuf = grown
@@ -257,6 +262,8 @@ cdef class Connection(WSListener):
                 sent = send(self.fd, self.obuf, n, MSG_DONTWAIT | MSG_NOSIGNAL)
             if sent == n:
                 self.olen = 0
+                if self.ocap <= SMALL_OUTBOX:
+                    self.release_buffer()  # small: pymalloc gives it back at once
                 return 0
             if sent < 0:
                 if errno != EAGAIN and errno != EWOULDBLOCK and errno != EINTR:
@@ -274,7 +281,7 @@ cdef class Connection(WSListener):
     cdef void release_buffer(self) noexcept:
         """Free an empty outbox buffer (an idle connection should cost little)."""
         if self.olen == 0 and self.obuf != NULL:
-            PyMem_RawFree(self.obuf)
+            PyMem_Free(self.obuf)
             self.obuf = NULL
             self.ocap = 0
 

@@ -19,7 +19,7 @@ from libc.string cimport memcpy
 from libc.stdint cimport uint8_t, uint64_t
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdio cimport snprintf
-from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.time cimport time_t
 
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType, WSCloseCode
