@@ -12,9 +12,11 @@ cdef inline bint valid_close_code(int code):
     return (code >= 1000 and code <= 1003) or (code >= 1007 and code <= 1014)
 
 
-#: An outbox up to this size comes from pymalloc and is freed after each complete send, so
-#: an idle connection holds none; larger (busy) ones are kept until the next tick.
-cdef Py_ssize_t SMALL_OUTBOX = 512
+#: An outbox of up to this many frames comes from pymalloc and is freed after each complete
+#: send, so an idle connection holds none; larger (busy) ones are kept until the next tick.
+cdef Py_ssize_t SMALL_OUTBOX = 16
+#: Frames per sendmsg() (below IOV_MAX, 1024 on Linux).
+cdef Py_ssize_t IOV_CHUNK = 512
 
 
 cdef class Connection(WSListener):
@@ -22,11 +24,12 @@ cdef class Connection(WSListener):
     cdef readonly WSTransport transport
     cdef object raw
     cdef Hub hub
-    # the outbox: frames queued this loop pass, in a C buffer kept while the connection is
-    # busy (Hub.tick frees an empty one), written with one send() per pass
-    cdef char* obuf
+    # the outbox: the frames queued this loop pass, as pointers into frames the Hub keeps
+    # alive until the pass's flush (no copy per member), written with one sendmsg() per pass
+    cdef iovec* iov
+    cdef Py_ssize_t niov
+    cdef Py_ssize_t iovcap
     cdef Py_ssize_t olen
-    cdef Py_ssize_t ocap
     cdef int fd               # the socket for direct sends; -1: always through the transport
     cdef bint handed          # the transport holds bytes of ours that are not sent yet
     cdef Py_ssize_t kernel_pending
@@ -49,9 +52,10 @@ cdef class Connection(WSListener):
 
     def __init__(self, Hub hub, str peer, Py_ssize_t max_message):
         self.hub = hub
-        self.obuf = NULL
+        self.iov = NULL
+        self.niov = 0
+        self.iovcap = 0
         self.olen = 0
-        self.ocap = 0
         self.fd = -1
         self.handed = False
         self.kernel_pending = 0
@@ -73,9 +77,9 @@ cdef class Connection(WSListener):
         self.close_code = 0
 
     def __dealloc__(self):
-        if self.obuf != NULL:
-            PyMem_Free(self.obuf)
-            self.obuf = NULL
+        if self.iov != NULL:
+            PyMem_Free(self.iov)
+            self.iov = NULL
 
     # -- hooks for subclasses ---------------------------------------------------------------
 
@@ -111,6 +115,8 @@ cdef class Connection(WSListener):
         self.connected = False
         self.closing = True
         self.fd = -1
+        self.niov = 0
+        self.olen = 0
         self.release_buffer()
         if self.close_timer is not None:
             self.close_timer.cancel()
@@ -137,7 +143,7 @@ cdef class Connection(WSListener):
         if t == WSMsgType.PING:
             # answered here, not by picows, so the pong keeps its place behind queued frames
             pong = frame_bytes(0xA, frame.payload_ptr, frame.payload_size)
-            self.enqueue(PyBytes_AS_STRING(pong), PyBytes_GET_SIZE(pong))
+            self.enqueue_frame(pong)
             return
         if t == WSMsgType.CONTINUATION:
             if self.frag_opcode == 0:
@@ -217,26 +223,26 @@ cdef class Connection(WSListener):
     # -- sending ----------------------------------------------------------------------------
 
     cdef inline int enqueue(self, const char* p, Py_ssize_t n) except -1:
+        """Queue `n` bytes at `p`, which must point into a frame in `hub.keep`."""
         if self.closing:
             return 0
-        cdef Py_ssize_t need = self.olen + n
         cdef Py_ssize_t cap
-        cdef char* grown
-        if need > self.ocap:
-            cap = self.ocap * 2 if self.ocap * 2 > need else need
-            if cap < SMALL_OUTBOX:
-                cap = SMALL_OUTBOX
-            grown = <char*>PyMem_Realloc(self.obuf, cap)
+        cdef iovec* grown
+        if self.niov == self.iovcap:
+            cap = self.iovcap * 2 if self.iovcap else SMALL_OUTBOX
+            grown = <iovec*>PyMem_Realloc(self.iov, cap * sizeof(iovec))
             if grown == NULL:
                 raise MemoryError("outbox")
-            self.obuf = grown
-            self.ocap = cap
-        memcpy(self.obuf + self.olen, p, n)
-        self.olen = need
-        if need + self.kernel_pending > self.hub.send_buffer_limit:
+            self.iov = grown
+            self.iovcap = cap
+        self.iov[self.niov].iov_base = <void*>p
+        self.iov[self.niov].iov_len = <size_t>n
+        self.niov += 1
+        self.olen += n
+        if self.olen + self.kernel_pending > self.hub.send_buffer_limit:
             # kernel_pending was read at the last flush; the transport may have drained since
             self.kernel_pending = self.raw.get_write_buffer_size() if self.handed else 0
-            if need + self.kernel_pending > self.hub.send_buffer_limit:
+            if self.olen + self.kernel_pending > self.hub.send_buffer_limit:
                 self.too_slow()
                 return 0
         if not self.dirty:
@@ -244,61 +250,105 @@ cdef class Connection(WSListener):
             self.hub.mark_dirty(self)
         return 0
 
+    cdef inline int enqueue_frame(self, bytes frame) except -1:
+        """Queue one frame of this connection's own (kept alive by the Hub until the flush)."""
+        if self.closing:
+            return 0
+        self.hub.keep.append(frame)
+        return self.enqueue(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+
     cdef int flush_outbox(self) except -1:
-        """One send() of everything queued; what the kernel does not take goes to the
-        transport, which sends it when the socket is writable (and keeps order)."""
+        """One sendmsg() of everything queued; what the kernel does not take is copied to
+        the transport, which sends it when the socket is writable (and keeps order)."""
         cdef Py_ssize_t n = self.olen
         cdef Py_ssize_t sent = 0
+        cdef Py_ssize_t r, i, done, chunk_bytes
+        cdef int chunk
+        cdef msghdr msg
         if n == 0:
             return 0
         if not self.connected or self.raw.is_closing():
-            self.olen = 0  # is_closing() first: after it the fd may already be closed
+            self.niov = 0  # is_closing() first: after it the fd may already be closed
+            self.olen = 0
             return 0
         if self.handed:
             self.kernel_pending = self.raw.get_write_buffer_size()
             self.handed = self.kernel_pending > 0
         if not self.handed and self.fd >= 0:
-            with nogil:
-                sent = send(self.fd, self.obuf, n, MSG_DONTWAIT | MSG_NOSIGNAL)
+            memset(&msg, 0, sizeof(msghdr))
+            i = 0
+            while i < self.niov:
+                chunk = <int>(self.niov - i if self.niov - i < IOV_CHUNK else IOV_CHUNK)
+                chunk_bytes = 0
+                for done in range(i, i + chunk):
+                    chunk_bytes += <Py_ssize_t>self.iov[done].iov_len
+                msg.msg_iov = self.iov + i
+                msg.msg_iovlen = <size_t>chunk
+                with nogil:
+                    r = sendmsg(self.fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+                if r < 0:
+                    if errno != EAGAIN and errno != EWOULDBLOCK and errno != EINTR:
+                        self.niov = 0  # the socket is broken: the transport's reader will see it
+                        self.olen = 0
+                        return 0
+                    break
+                sent += r
+                if r < chunk_bytes:
+                    break
+                i += chunk
             if sent == n:
+                self.niov = 0
                 self.olen = 0
-                if self.ocap <= SMALL_OUTBOX:
+                if self.iovcap <= SMALL_OUTBOX:
                     self.release_buffer()  # small: pymalloc gives it back at once
                 return 0
-            if sent < 0:
-                if errno != EAGAIN and errno != EWOULDBLOCK and errno != EINTR:
-                    self.olen = 0  # the socket is broken: the transport's reader will see it
-                    return 0
-                sent = 0
+        self.raw.write(self.rest_after(sent))
+        self.niov = 0
         self.olen = 0
-        self.raw.write(PyBytes_FromStringAndSize(self.obuf + sent, n - sent))
         self.handed = True
         self.kernel_pending = self.raw.get_write_buffer_size()
         if self.kernel_pending > self.hub.send_buffer_limit:
             self.too_slow()
         return 0
 
+    cdef bytes rest_after(self, Py_ssize_t skip):
+        """The queued bytes after the first `skip`, copied into one bytes object."""
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, self.olen - skip)
+        cdef char* dst = PyBytes_AS_STRING(out)
+        cdef Py_ssize_t i, size
+        cdef char* src
+        for i in range(self.niov):
+            src = <char*>self.iov[i].iov_base
+            size = <Py_ssize_t>self.iov[i].iov_len
+            if skip >= size:
+                skip -= size
+                continue
+            memcpy(dst, src + skip, size - skip)
+            dst += size - skip
+            skip = 0
+        return out
+
     cdef void release_buffer(self) noexcept:
-        """Free an empty outbox buffer (an idle connection should cost little)."""
-        if self.olen == 0 and self.obuf != NULL:
-            PyMem_Free(self.obuf)
-            self.obuf = NULL
-            self.ocap = 0
+        """Free an empty outbox (an idle connection should cost little)."""
+        if self.niov == 0 and self.iov != NULL:
+            PyMem_Free(self.iov)
+            self.iov = NULL
+            self.iovcap = 0
 
     cdef void too_slow(self) except *:
         self.hub.slow_reader_closes += 1
+        self.niov = 0
         self.olen = 0
         self.hub.node.security_event(self, "slow_reader", "send buffer over limit")
         self.close(CloseCode.SLOW_READER, "send buffer over its limit")
 
     cpdef send_frame(self, bytes frame):
         """Queue one encoded frame; it is written with everything else this loop pass."""
-        self.enqueue(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+        self.enqueue_frame(frame)
 
     cpdef send_json(self, object obj):
         """Queue `obj` as a JSON text frame."""
-        cdef bytes frame = json_frame(obj)
-        self.enqueue(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+        self.enqueue_frame(json_frame(obj))
 
     cpdef expire(self):
         """The credentials this connection was admitted with have expired."""

@@ -15,7 +15,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.bytearray cimport PyByteArray_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from libc.stdint cimport uint8_t, uint64_t
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdio cimport snprintf
@@ -32,8 +32,21 @@ from orjson import loads as _loads
 
 from aether_fast.protocol import CloseCode, ErrorCode, error_body
 
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void* iov_base
+        size_t iov_len
+
 cdef extern from "<sys/socket.h>" nogil:
-    Py_ssize_t send(int fd, const void* buf, size_t n, int flags)
+    struct msghdr:
+        void* msg_name
+        unsigned int msg_namelen
+        iovec* msg_iov
+        size_t msg_iovlen
+        void* msg_control
+        size_t msg_controllen
+        int msg_flags
+    Py_ssize_t sendmsg(int fd, const msghdr* msg, int flags)
     int MSG_DONTWAIT
     int MSG_NOSIGNAL
 

@@ -18,4 +18,4 @@ cdef class EchoSession(Connection):
                 return
         cdef bytes frame = frame_bytes(<uint8_t>opcode, PyBytes_AS_STRING(payload),
                                        PyBytes_GET_SIZE(payload))
-        self.enqueue(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+        self.enqueue_frame(frame)

@@ -54,6 +54,7 @@ cdef class Hub:
     cdef dict channels
     cdef set sessions
     cdef list dirty
+    cdef list keep            # frames queued this pass: outboxes point into them
     cdef bint flush_scheduled
     cdef object loop
     cdef object _flush_cb
@@ -83,6 +84,7 @@ cdef class Hub:
         self.channels = {}
         self.sessions = set()
         self.dirty = []
+        self.keep = []
         self.flush_scheduled = False
         self.loop = loop
         self._flush_cb = self.flush
@@ -181,6 +183,7 @@ cdef class Hub:
         cdef const char* p = PyBytes_AS_STRING(frame)
         cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
         cdef Session s
+        self.keep.append(frame)
         for i in range(n):
             s = <Session>PyList_GET_ITEM(members, i)
             if s is exclude:
@@ -201,6 +204,7 @@ cdef class Hub:
         cdef const char* p = PyBytes_AS_STRING(frame)
         cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
         cdef Py_ssize_t n = 0
+        self.keep.append(frame)
         for s in self.sessions:
             (<Connection>s).enqueue(p, size)
             n += 1
@@ -219,6 +223,9 @@ cdef class Hub:
         cdef list dirty = self.dirty
         cdef Py_ssize_t i, n = PyList_GET_SIZE(dirty)
         cdef Connection s
+        # frames queued while this runs go to a new list, and stay alive for the next flush
+        cdef list keep = self.keep
+        self.keep = []
         self.dirty = []
         self.flush_scheduled = False
         for i in range(n):
