@@ -76,6 +76,9 @@ bench: bench-deps  ## every benchmark, 3 runs: bench/results/<time>.json, latest
 bench-quick: bench-deps  ## the same scenarios, 1 run, shorter (< 3 minutes)
 	$(BIN)/python bench/run.py --quick
 
+bench-workers: bench-deps  ## WORKERS=2 against WORKERS=1, both through a Redis of its own
+	$(BIN)/python bench/workers.py
+
 bench-smoke: bench-deps  ## every scenario tiny, for CI: it must work (no speed assertions)
 	$(BIN)/python bench/run.py --smoke
 

@@ -1,0 +1,186 @@
+"""WORKERS=2 against WORKERS=1 through Redis, on this machine, under the same load generator.
+
+Both configurations run with the Redis broker (so the comparison is about workers, not
+about brokers): a `redis-server` of our own on a free port, aether-fast with BROKER_URL, and
+the C load generator. Nothing is pinned: the two workers need both cores, so the load
+generator shares them (its CPU is reported). Scenarios: round trips with 50 connections
+(echo=1, each on its own channel), and fan-out 1 -> 1000 with 64 in flight.
+
+Writes bench/results/workers-<time>.json and prints one JSON line with the ratios.
+Usage: python bench/workers.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+LOADGEN = ROOT / "bench" / "build" / "loadgen"
+RESULTS = ROOT / "bench" / "results"
+SECRET = "bench-workers-secret-bench-workers-secret-0123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def urls(tmp: Path, name: str, count: int, *, channel: str | None, echo: bool) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from aether_fast.auth import mint_token
+    from aether_fast.config import load_config
+
+    config = load_config({"JWT_SECRET": SECRET})
+    path = tmp / f"urls-{name}.txt"
+    lines = []
+    for i in range(count):
+        token = mint_token(config, f"{name}-{i}", ttl_s=3600)
+        ch = channel or f"{name}-{i}"
+        lines.append(
+            f"/ws?token={token}&client_id={name}-c{i}&channel={ch}" + ("&echo=1" if echo else "")
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def loadgen(mode: str, port: int, url_file: Path, pid: int, **opts: Any) -> dict[str, Any]:
+    argv = [
+        str(LOADGEN),
+        mode,
+        "--port",
+        str(port),
+        "--urls",
+        str(url_file),
+        "--server-pid",
+        str(pid),
+        "--ready-frames",
+        "1",
+        "--timeout",
+        "120",
+    ]
+    for key, value in opts.items():
+        argv += [f"--{key}", str(value)]
+    out = subprocess.run(argv, capture_output=True, timeout=180, check=True).stdout
+    result: dict[str, Any] = json.loads(out.decode().splitlines()[0])
+    return result
+
+
+def run(workers: int, redis_url: str, tmp: Path, quick: bool) -> dict[str, Any]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "WS_HOST": "127.0.0.1",
+        "WS_PORT": str(port),
+        "METRICS_PORT": str(free_port()),
+        "JWT_SECRET": SECRET,
+        "BROKER_URL": redis_url,
+        "WORKERS": str(workers),
+        "RATE_LIMIT_MESSAGES": "0",
+        "RATE_LIMIT_CONNECTIONS": "0",
+        "LOG_LEVEL": "warn",
+        "DATA_DIR": str(tmp / f"data-{workers}"),
+    }
+    server = subprocess.Popen([sys.executable, "-m", "aether_fast", "serve"], env=env)
+    try:
+        wait_port(port)
+        time.sleep(1.5)  # every worker listening
+        rtt = loadgen(
+            "rtt",
+            port,
+            urls(tmp, f"rtt{workers}", 50, channel=None, echo=True),
+            server.pid,
+            conns=50,
+            duration=2 if quick else 5,
+        )
+        subs = 1000
+        fan = loadgen(
+            "fanout",
+            port,
+            urls(tmp, f"fan{workers}", subs + 1, channel=f"f{workers}", echo=False),
+            server.pid,
+            subs=subs,
+            windows=64,
+            messages=2000 if quick else 10000,
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    rtt_phase = rtt["phases"][0]
+    fan_phase = fan["phases"][0]
+    return {
+        "workers": workers,
+        "round_trips_per_s_50_conns": rtt_phase.get("round_trips_per_s"),
+        "fanout_1000_w64_deliveries_per_s": fan_phase.get("deliveries_per_s"),
+        "fanout_lost": fan_phase.get("lost"),
+        "loadgen_cpu_s": [rtt_phase.get("loadgen_cpu_s"), fan_phase.get("loadgen_cpu_s")],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    if shutil.which("redis-server") is None:
+        print("bench/workers.py: redis-server is missing", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="aether-workers-"))
+    rport = free_port()
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(rport)
+        url = f"redis://127.0.0.1:{rport}/0"
+        one = run(1, url, tmp, args.quick)
+        two = run(2, url, tmp, args.quick)
+    finally:
+        redis.terminate()
+        redis.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def ratio(key: str) -> float | None:
+        a, b = one.get(key), two.get(key)
+        return round(b / a, 2) if a and b else None
+
+    result = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "one_worker": one,
+        "two_workers": two,
+        "ratio_round_trips": ratio("round_trips_per_s_50_conns"),
+        "ratio_fanout": ratio("fanout_1000_w64_deliveries_per_s"),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"workers-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json").write_text(
+        json.dumps(result, indent=1)
+    )
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
