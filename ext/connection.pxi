@@ -39,7 +39,6 @@ cdef class Connection(WSListener):
     cdef Py_ssize_t max_message
     cdef bytearray frag
     cdef int frag_opcode
-    cdef Py_ssize_t frag_count
     cdef bint frag_overflow
     cdef unsigned long frames_seen
     cdef bint ping_outstanding
@@ -65,7 +64,6 @@ cdef class Connection(WSListener):
         self.max_message = max_message
         self.frag = None
         self.frag_opcode = 0
-        self.frag_count = 0
         self.frag_overflow = False
         self.frames_seen = 0
         self.ping_outstanding = False
@@ -159,7 +157,6 @@ cdef class Connection(WSListener):
         if not frame.fin:
             self.frag_opcode = <int>t
             self.frag = bytearray()
-            self.frag_count = 0
             self.frag_overflow = False
             self.add_fragment(frame)
             return
@@ -177,7 +174,6 @@ cdef class Connection(WSListener):
     # -- message assembly -------------------------------------------------------------------
 
     cdef void add_fragment(self, WSFrame frame):
-        self.frag_count += 1
         if self.frag_overflow:
             return
         if PyByteArray_GET_SIZE(self.frag) + frame.payload_size > self.max_message:

@@ -45,9 +45,6 @@ cdef class Channel:
     def member_count(self) -> int:
         return PyList_GET_SIZE(self.members)
 
-    def member_list(self) -> list:
-        return list(self.members)
-
 
 cdef class Hub:
     """Every session and channel of this worker, the fan-out and the counters metrics read."""
@@ -232,10 +229,6 @@ cdef class Hub:
             s = <Connection>PyList_GET_ITEM(dirty, i)
             s.dirty = False
             s.flush_outbox()
-
-    cdef inline bint take_global(self, double now, double* wait):
-        wait[0] = bucket_wait(&self.global_bucket, now)
-        return wait[0] == 0.0
 
     cdef void count_error(self, str code):
         self.errors_total += 1

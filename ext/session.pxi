@@ -41,7 +41,6 @@ cdef class Session(Connection):
         self.client_id = client_id
         self.claims = claims
         self.user_id = claims.user_id if claims is not None else None
-        self.expires_at = float(claims.expires_at) if claims is not None else 0.0
         self.echo = False
         self.auth_error = None
         self.initial = None

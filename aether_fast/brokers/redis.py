@@ -53,16 +53,22 @@ WORKER_TTL_S = 5
 #: Connections to Redis per worker (a caller waits for a free one rather than failing).
 POOL_SIZE = 32
 
+def _epoch_prelude(new_epoch_arg: int) -> str:
+    """Lua shared by the scripts (KEYS: seq, epoch, hist): the channel's epoch, or a new one
+    from ARGV[new_epoch_arg] when Redis lost it, with the offsets and history reset."""
+    return f"""
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[{new_epoch_arg}]
+  redis.call('SET', KEYS[2], epoch)
+  redis.call('DEL', KEYS[1], KEYS[3])
+end"""
+
+
 # KEYS: seq, epoch, hist, dedupe hash, dedupe list
 # ARGV: sequence, history size, history ttl ms, dedupe ttl ms, pubsub channel, sender,
 #       json head, json tail, new epoch, timestamp, dedupe window
-_PUBLISH = """
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = ARGV[9]
-  redis.call('SET', KEYS[2], epoch)
-  redis.call('DEL', KEYS[1], KEYS[3])
-end
+_PUBLISH = _epoch_prelude(9) + """
 local prev = redis.call('HGET', KEYS[4], ARGV[1])
 if prev then
   return {prev, epoch, 1}
@@ -87,13 +93,7 @@ return {seen, epoch, 0}
 """
 
 # KEYS: seq, epoch, hist   ARGV: since (-1: none), new epoch
-_POSITION = """
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = ARGV[2]
-  redis.call('SET', KEYS[2], epoch)
-  redis.call('DEL', KEYS[1], KEYS[3])
-end
+_POSITION = _epoch_prelude(2) + """
 local offset = tonumber(redis.call('GET', KEYS[1]) or '0')
 local since = tonumber(ARGV[1])
 local entries = {}
