@@ -53,6 +53,7 @@ WORKER_TTL_S = 5
 #: Connections to Redis per worker (a caller waits for a free one rather than failing).
 POOL_SIZE = 32
 
+
 def _epoch_prelude(new_epoch_arg: int) -> str:
     """Lua shared by the scripts (KEYS: seq, epoch, hist): the channel's epoch, or a new one
     from ARGV[new_epoch_arg] when Redis lost it, with the offsets and history reset."""
@@ -68,7 +69,9 @@ end"""
 # KEYS: seq, epoch, hist, dedupe hash, dedupe list
 # ARGV: sequence, history size, history ttl ms, dedupe ttl ms, pubsub channel, sender,
 #       json head, json tail, new epoch, timestamp, dedupe window
-_PUBLISH = _epoch_prelude(9) + """
+_PUBLISH = (
+    _epoch_prelude(9)
+    + """
 local prev = redis.call('HGET', KEYS[4], ARGV[1])
 if prev then
   return {prev, epoch, 1}
@@ -91,9 +94,12 @@ redis.call('PEXPIRE', KEYS[5], ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[6] .. '\\n' .. offset .. '\\n' .. payload)
 return {seen, epoch, 0}
 """
+)
 
 # KEYS: seq, epoch, hist   ARGV: since (-1: none), new epoch
-_POSITION = _epoch_prelude(2) + """
+_POSITION = (
+    _epoch_prelude(2)
+    + """
 local offset = tonumber(redis.call('GET', KEYS[1]) or '0')
 local since = tonumber(ARGV[1])
 local entries = {}
@@ -102,6 +108,7 @@ if since >= 0 and since < offset then
 end
 return {offset, epoch, entries}
 """
+)
 
 
 def _keys(channel: str) -> tuple[str, str, str]:
