@@ -146,6 +146,9 @@ cdef class Session(Connection):
         result = self.hub.broker.publish(ch, self, seq, content)
         if type(result) is tuple:
             self.ack(channel, seq, result)
+        elif isinstance(result, asyncio.Future):
+            # the Redis broker's publishes: answered from a done-callback, no task
+            result.add_done_callback(AckWhenDone(self, channel, seq))
         else:
             asyncio.ensure_future(self._ack_later(channel, seq, result))
 
@@ -153,10 +156,13 @@ cdef class Session(Connection):
         try:
             result = await pending
         except Exception as exc:
-            self.send_error(ErrorCode.INTERNAL_ERROR, "message could not be stored",
-                            "broker", str(exc), {"channel": channel, "sequence": seq})
+            self.publish_failed(channel, seq, exc)
             return
         self.ack(channel, seq, result)
+
+    cdef void publish_failed(self, str channel, object seq, object exc):
+        self.send_error(ErrorCode.INTERNAL_ERROR, "message could not be stored",
+                        "broker", str(exc), {"channel": channel, "sequence": seq})
 
     cdef void ack(self, str channel, object seq, tuple result):
         self.send_json({"type": "message", "action": "ack", "data": {
@@ -228,3 +234,25 @@ cdef class Session(Connection):
 
     def is_member(self, str name) -> bool:
         return name in self.channels
+
+
+cdef class AckWhenDone:
+    """The done-callback of a publish that a broker answers with a future: the ack, or the
+    error, to the sender."""
+    cdef Session session
+    cdef str channel
+    cdef object seq
+
+    def __cinit__(self, Session session, str channel, object seq):
+        self.session = session
+        self.channel = channel
+        self.seq = seq
+
+    def __call__(self, done):
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if exc is not None:
+            self.session.publish_failed(self.channel, self.seq, exc)
+        else:
+            self.session.ack(self.channel, self.seq, done.result())

@@ -20,17 +20,23 @@ with its keys.
 
 Channel configs live in the hash `aether:channels`, with a local copy that every worker
 refreshes when told on `aether:config`.
+
+Two clients: the per-message traffic (publishes, positions, the subscriber) runs on two
+lean connections of `resp.py`; everything else (the cluster table, configs, deletes) on
+redis-py's pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import secrets
 import socket
 import time
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 import orjson
@@ -40,80 +46,82 @@ from redis.exceptions import NoScriptError, RedisError
 
 from aether_fast import logs
 from aether_fast._core import encode_text_frame, utc_timestamp
+from aether_fast.brokers import resp
 from aether_fast.brokers.base import BrokerUnavailable, PublishResult, Recovery
 from aether_fast.brokers.memory import DEDUP_WINDOW
 from aether_fast.store import ChannelConfig
 
 PREFIX = "aether:"
 PUB = PREFIX + "pub:"
+PUB_B = PUB.encode()
 CONFIG_CHANNEL = PREFIX + "config"
+CONFIG_CHANNEL_B = CONFIG_CHANNEL.encode()
 CHANNELS_HASH = PREFIX + "channels"
 WORKERS_ZSET = PREFIX + "workers"
 WORKER_TTL_S = 5
 #: Connections to Redis per worker (a caller waits for a free one rather than failing).
 POOL_SIZE = 32
+#: A command unanswered this long means Redis hangs: the connection is dropped.
+STALL_S = 5.0
 
 
-def _epoch_prelude(new_epoch_arg: int) -> str:
-    """Lua shared by the scripts (KEYS: seq, epoch, hist): the channel's epoch, or a new one
-    from ARGV[new_epoch_arg] when Redis lost it, with the offsets and history reset."""
-    return f"""
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = ARGV[{new_epoch_arg}]
-  redis.call('SET', KEYS[2], epoch)
-  redis.call('DEL', KEYS[1], KEYS[3])
-end"""
-
-
-# KEYS: seq, epoch, hist, dedupe hash, dedupe list
+# KEYS: meta (hash: seq, epoch), hist (stream), dedupe (hash: slot -> "seq|offset|ts")
 # ARGV: sequence, history size, history ttl ms, dedupe ttl ms, pubsub channel, sender,
-#       json head, json tail, new epoch, timestamp, dedupe window
-_PUBLISH = (
-    _epoch_prelude(9)
-    + """
-local prev = redis.call('HGET', KEYS[4], ARGV[1])
-if prev then
-  return {prev, epoch, 1}
+#       json head, json tail, new epoch, timestamp, dedupe slot (sequence mod the window)
+# Seven commands at most: each one costs Redis CPU, and Redis is shared by every worker.
+_PUBLISH = """
+local held = redis.call('HGET', KEYS[3], ARGV[11])
+if held then
+  local bar = string.find(held, '|', 1, true)
+  if string.sub(held, 1, bar - 1) == ARGV[1] then
+    return {string.sub(held, bar + 1), 1}
+  end
 end
-local offset = redis.call('INCR', KEYS[1])
+local offset = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+if offset == 1 and redis.call('HSETNX', KEYS[1], 'epoch', ARGV[9]) == 1 then
+  redis.call('DEL', KEYS[2])  -- a new epoch (first publish, or Redis lost the channel)
+end
 local payload = ARGV[7] .. offset .. ARGV[8]
 local size = tonumber(ARGV[2])
 if size > 0 then
-  redis.call('XADD', KEYS[3], 'MAXLEN', size, offset .. '-1', 'p', payload)
-  if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[3]) end
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-1', 'p', payload)
+  if ARGV[3] ~= '0' then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
 end
 local seen = offset .. '|' .. ARGV[10]
-redis.call('HSET', KEYS[4], ARGV[1], seen)
-redis.call('RPUSH', KEYS[5], ARGV[1])
-if redis.call('LLEN', KEYS[5]) > tonumber(ARGV[11]) then
-  redis.call('HDEL', KEYS[4], redis.call('LPOP', KEYS[5]))
-end
-redis.call('PEXPIRE', KEYS[4], ARGV[4])
-redis.call('PEXPIRE', KEYS[5], ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[11], ARGV[1] .. '|' .. seen)
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
 redis.call('PUBLISH', ARGV[5], ARGV[6] .. '\\n' .. offset .. '\\n' .. payload)
-return {seen, epoch, 0}
+return {seen, 0}
 """
-)
 
-# KEYS: seq, epoch, hist   ARGV: since (-1: none), new epoch
-_POSITION = (
-    _epoch_prelude(2)
-    + """
-local offset = tonumber(redis.call('GET', KEYS[1]) or '0')
+# KEYS: meta, hist   ARGV: since (-1: none), new epoch
+_POSITION = """
+local meta = redis.call('HMGET', KEYS[1], 'seq', 'epoch')
+local epoch = meta[2]
+local offset = tonumber(meta[1] or '0')
+if not epoch then
+  epoch = ARGV[2]
+  offset = 0
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('HSET', KEYS[1], 'seq', 0, 'epoch', epoch)
+end
 local since = tonumber(ARGV[1])
 local entries = {}
 if since >= 0 and since < offset then
-  entries = redis.call('XRANGE', KEYS[3], (since + 1) .. '-1', '+')
+  entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-1', '+')
 end
 return {offset, epoch, entries}
 """
-)
 
 
-def _keys(channel: str) -> tuple[str, str, str]:
+_PUBLISH_SHA = hashlib.sha1(_PUBLISH.encode()).hexdigest()
+_POSITION_SHA = hashlib.sha1(_POSITION.encode()).hexdigest()
+
+
+def _keys(channel: str) -> tuple[str, str]:
+    """The channel's meta hash (offset, epoch) and history stream; one hash slot."""
     base = f"{PREFIX}ch:{{{channel}}}:"
-    return base + "seq", base + "epoch", base + "hist"
+    return base + "meta", base + "hist"
 
 
 def _text(value: bytes | str) -> str:
@@ -146,14 +154,14 @@ class RedisBroker:
             url, max_connections=POOL_SIZE, timeout=5, socket_timeout=5
         )
         self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
-        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
-        self._publish = self._redis.register_script(_PUBLISH)
-        self._position = self._redis.register_script(_POSITION)
+        #: publishes and positions, in the order they are made (see resp.py)
+        self._cmd: resp.RespConnection | None = None
+        self._cmd_lock = asyncio.Lock()
+        self._cmd_retry_at = 0.0
+        #: the subscriber connection; None while it is being reconnected
+        self._sub: resp.RespConnection | None = None
         self._subscribed: set[str] = set()
         self._confirm: dict[str, asyncio.Future[None]] = {}
-        #: publishes waiting for the pipeline, in the order they were made
-        self._outbox: list[tuple[list[Any], asyncio.Future[Any]]] = []
-        self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
         #: what is broken, by part ("commands", "pubsub"): healthy only when both work
         self._faults: dict[str, str] = {"commands": "redis: not connected yet"}
@@ -176,11 +184,12 @@ class RedisBroker:
         configs, and start the subscriber and the heartbeat."""
         await self._redis.ping()
         await self._load_configs()
-        await self._pubsub.subscribe(CONFIG_CHANNEL)
+        self._cmd = await self._open_commands()
+        self._sub = await self._open_subscriber()
         self._faults.clear()
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._listen_forever()),
+            loop.create_task(self._subscriber_forever()),
             loop.create_task(self._heartbeat_forever()),
         ]
 
@@ -191,8 +200,9 @@ class RedisBroker:
         with contextlib.suppress(RedisError, OSError):
             await self._redis.zrem(WORKERS_ZSET, self.worker_id)
             await self._redis.delete(*self._worker_keys())
-        with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        for conn in (self._cmd, self._sub):
+            if conn is not None:
+                conn.abort()
         await self._redis.aclose()
 
     def health(self) -> tuple[str, str]:
@@ -214,9 +224,9 @@ class RedisBroker:
 
     # -- publish ---------------------------------------------------------------------------
 
-    async def publish(
+    def publish(
         self, channel: Any, sender: Any, sequence: int, content: str
-    ) -> PublishResult:
+    ) -> asyncio.Future[PublishResult]:
         name: str = channel.name
         ts = utc_timestamp()
         head = b'{"type":"message","action":"send","data":{"metadata":{"offset":'
@@ -235,95 +245,116 @@ class RedisBroker:
             + orjson.dumps(content)
             + b"}}"
         )
-        seq_key, epoch_key, hist_key = _keys(name)
-        dedupe = f"{PREFIX}dedupe:{{{name}}}:{sender_key(sender.user_id, sender.client_id)}"
+        meta_key, hist_key = _keys(name)
+        who = sender_key(sender.user_id, sender.client_id)
         call = [
-            seq_key,
-            epoch_key,
+            meta_key,
             hist_key,
-            dedupe,
-            dedupe + ":order",
+            f"{PREFIX}dedupe:{{{name}}}:{who}",
             sequence,
             channel.config.history_size,
             self._history_ttl_ms,
             self._dedup_ttl_ms,
             PUB + name,
-            sender_key(sender.user_id, sender.client_id),
+            who,
             head,
             tail,
             secrets.token_hex(4),
             ts,
-            DEDUP_WINDOW,
+            sequence % DEDUP_WINDOW,
         ]
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._outbox.append((call, done))
-        if not self._draining:
-            self._draining = True
-            self._spawn(self._drain_outbox())
+        done: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
+        conn = self._cmd
+        if conn is None or not conn.connected or self._cmd_lock.locked():
+            self._spawn(self._publish_when_connected(call, done))
+        else:
+            conn.request(partial(self._published, done, call), "EVALSHA", _PUBLISH_SHA, 3, *call)
+        return done
+
+    async def _publish_when_connected(
+        self, call: list[Any], done: asyncio.Future[PublishResult]
+    ) -> None:
         try:
-            seen, _epoch, duplicate = await done
+            conn = await self._commands()
         except (RedisError, OSError) as exc:
+            self._published(done, None, None, exc)
+            return
+        conn.request(partial(self._published, done, call), "EVALSHA", _PUBLISH_SHA, 3, *call)
+
+    def _published(
+        self,
+        done: asyncio.Future[PublishResult],
+        call: list[Any] | None,
+        reply: Any,
+        exc: BaseException | None,
+    ) -> None:
+        """The publish script's answer: `done` gets (offset, timestamp, duplicate), or
+        BrokerUnavailable when Redis did not confirm it (never a false ack)."""
+        if done.done():
+            return
+        if exc is None:
+            seen, duplicate = reply
+            offset, _, stamp = seen.decode().partition("|")
+            done.set_result((int(offset), stamp, bool(duplicate)))
+        elif isinstance(exc, NoScriptError) and call is not None and self._cmd is not None:
+            # SCRIPT FLUSH since this connection loaded it: send the script itself, once
+            retry = partial(self._published, done, None)
+            try:
+                self._cmd.request(retry, "EVAL", _PUBLISH, 3, *call)
+            except RedisError as again:
+                retry(None, again)
+        else:
             self._degraded(exc)
-            raise BrokerUnavailable("broker unavailable: the message was not published") from exc
-        offset, _, stamp = seen.decode().partition("|")
-        return (int(offset), stamp, bool(duplicate))
+            failure = BrokerUnavailable("broker unavailable: the message was not published")
+            failure.__cause__ = exc
+            done.set_exception(failure)
 
-    async def _drain_outbox(self) -> None:
-        """Run the queued publishes as pipelines, one at a time and in the order they were
-        made: a sender's messages get offsets in the order it sent them (concurrent calls
-        on a pool of connections would reach Redis in any order), and a burst needs one
-        connection and one round trip instead of one each."""
-        batch: list[tuple[list[Any], asyncio.Future[Any]]] = []
+    async def _script(self, script: str, sha: str, numkeys: int, args: list[Any]) -> Any:
+        """Run a Lua script on the command connection. Calls are written in the order they
+        are made (while it reconnects, they queue on the lock in that order too), and Redis
+        runs them in that order: a sender's messages get offsets in the order it sent
+        them, and a burst goes out in one write."""
+        conn = self._cmd
+        if conn is None or not conn.connected or self._cmd_lock.locked():
+            conn = await self._commands()
         try:
-            while self._outbox:
-                batch, self._outbox = self._outbox, []
-                try:
-                    results = await self._run_publishes([call for call, _ in batch])
-                except (RedisError, OSError) as exc:
-                    results = [exc] * len(batch)
-                for (_, done), result in zip(batch, results, strict=True):
-                    if done.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        done.set_exception(result)
-                    else:
-                        done.set_result(result)
-                batch = []
-        finally:
-            self._draining = False
-            # only when cancelled (the broker is closing): nobody would answer these
-            for _, done in [*batch, *self._outbox]:
-                if not done.done():
-                    done.set_exception(RedisConnectionError("the broker is closing"))
-            self._outbox = []
+            return await conn.call("EVALSHA", sha, numkeys, *args)
+        except NoScriptError:  # SCRIPT FLUSH since this connection loaded it
+            return await (await self._commands()).call("EVAL", script, numkeys, *args)
 
-    async def _run_publishes(self, calls: list[list[Any]]) -> list[Any]:
-        sha = self._publish.sha
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for call in calls:
-                pipe.evalsha(sha, 5, *call)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            # a restarted Redis has forgotten the script: load it, run those again in order
-            await self._redis.script_load(_PUBLISH)
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for i in missing:
-                    pipe.evalsha(sha, 5, *calls[i])
-                again = await pipe.execute(raise_on_error=False)
-            for i, result in zip(missing, again, strict=True):
-                results[i] = result
-        return results
+    async def _commands(self) -> resp.RespConnection:
+        """The command connection, opened again if it was lost. While Redis is down, one
+        attempt per half second: the calls in between fail at once."""
+        async with self._cmd_lock:
+            if self._cmd is not None and self._cmd.connected:
+                return self._cmd
+            if time.monotonic() < self._cmd_retry_at:
+                raise RedisConnectionError("redis: not connected (reconnecting)")
+            try:
+                self._cmd = await self._open_commands()
+            except (RedisError, OSError):
+                self._cmd_retry_at = time.monotonic() + 0.5
+                raise
+            return self._cmd
+
+    async def _open_commands(self) -> resp.RespConnection:
+        conn = await resp.connect(self._url)
+        try:
+            for script in (_PUBLISH, _POSITION):
+                await conn.call("SCRIPT", "LOAD", script)
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
 
     # -- positions and recovery ------------------------------------------------------------
 
     async def recover(self, channel: str, since: int | None, epoch: str | None) -> Recovery:
         await self._subscribe(channel)
-        seq_key, epoch_key, hist_key = _keys(channel)
+        since_arg = -1 if since is None else since
         try:
-            offset, current, entries = await self._position(
-                keys=[seq_key, epoch_key, hist_key],
-                args=[-1 if since is None else since, secrets.token_hex(4)],
+            offset, current, entries = await self._script(
+                _POSITION, _POSITION_SHA, 2, [*_keys(channel), since_arg, secrets.token_hex(4)]
             )
         except (RedisError, OSError) as exc:
             self._degraded(exc)
@@ -340,10 +371,9 @@ class RedisBroker:
         return Recovery(frames if complete else [], offset, current_epoch, complete)
 
     async def position(self, channel: str) -> tuple[int, str]:
-        seq_key, epoch_key, hist_key = _keys(channel)
         try:
-            offset, epoch, _ = await self._position(
-                keys=[seq_key, epoch_key, hist_key], args=[-1, secrets.token_hex(4)]
+            offset, epoch, _ = await self._script(
+                _POSITION, _POSITION_SHA, 2, [*_keys(channel), -1, secrets.token_hex(4)]
             )
         except (RedisError, OSError) as exc:
             self._degraded(exc)
@@ -366,8 +396,11 @@ class RedisBroker:
         waiter = self._confirm.get(channel)
         try:
             if waiter is None:
+                sub = self._sub
+                if sub is None:
+                    raise RedisConnectionError("redis: the subscriber is reconnecting")
                 waiter = self._confirm[channel] = asyncio.get_running_loop().create_future()
-                await self._pubsub.subscribe(PUB + channel)
+                sub.send("SUBSCRIBE", PUB + channel)
             await asyncio.wait_for(asyncio.shield(waiter), 5)
         except (RedisError, OSError, TimeoutError) as exc:
             if waiter is not None and self._confirm.get(channel) is waiter:
@@ -386,60 +419,61 @@ class RedisBroker:
         ]
         if idle:
             self._subscribed.difference_update(idle)
-            self._spawn(self._unsubscribe(idle))
+            # a later join sends SUBSCRIBE after this, and Redis answers in that order
+            if self._sub is not None:
+                with contextlib.suppress(RedisError):
+                    self._sub.send("UNSUBSCRIBE", *(PUB + c for c in idle))
 
-    async def _unsubscribe(self, channels: list[str]) -> None:
-        # a join may have asked for one of them again since `sweep` chose them
-        still_idle = [c for c in channels if c not in self._subscribed and c not in self._confirm]
-        if still_idle:
-            with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.unsubscribe(*(PUB + c for c in still_idle))
+    async def _open_subscriber(self) -> resp.RespConnection:
+        """Connect the subscriber and subscribe again to everything this worker wants. It is
+        healthy again when Redis confirms the first of them (see `_on_push`)."""
+        sub = await resp.connect(self._url, self._on_push)
+        wanted = self._subscribed | set(self._confirm)
+        self._subscribed.clear()
+        sub.send("SUBSCRIBE", CONFIG_CHANNEL, *(PUB + c for c in wanted))
+        return sub
 
-    async def _listen_forever(self) -> None:
+    async def _subscriber_forever(self) -> None:
         backoff = 0.1
         while True:
+            if self._sub is not None:
+                await self._sub.closed
+                self._sub = None
+                self._degraded(
+                    RedisConnectionError("redis: the subscriber was disconnected"), "pubsub"
+                )
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
-                self._recovered("pubsub")
-                if message is not None:
-                    self._on_message(message)
+                self._sub = await self._open_subscriber()
                 backoff = 0.1
-            except asyncio.CancelledError:
-                raise
             except (RedisError, OSError) as exc:
                 self._degraded(exc, "pubsub")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-                await self._resubscribe()
-            except Exception as exc:  # a bad message must not stop the subscriber
-                logs.log("error", "pubsub_message_failed", "broker", error=repr(exc))
 
-    async def _resubscribe(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            channels = [PUB + c for c in self._subscribed] + [CONFIG_CHANNEL]
-            self._subscribed.clear()
-            await self._pubsub.subscribe(*channels)
+    def _on_push(self, reply: Any) -> None:
+        """Everything Redis sends the subscriber, in the order it sends it."""
+        try:
+            kind = reply[0]
+            if kind == b"message":
+                self._on_message(reply[1], reply[2])
+            elif kind == b"subscribe":
+                target: bytes = reply[1]
+                if target == CONFIG_CHANNEL_B:
+                    self._recovered("pubsub")
+                elif target.startswith(PUB_B):
+                    channel = target[len(PUB_B) :].decode()
+                    self._subscribed.add(channel)
+                    waiter = self._confirm.pop(channel, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
+        except Exception as exc:  # a bad message must not stop the subscriber
+            logs.log("error", "pubsub_message_failed", "broker", error=repr(exc))
 
-    def _on_message(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        target: bytes = message["channel"]
-        if kind == b"subscribe" or kind == "subscribe":
-            name = target.decode()
-            if name.startswith(PUB):
-                channel = name[len(PUB) :]
-                self._subscribed.add(channel)
-                waiter = self._confirm.pop(channel, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
-            return
-        if kind != "message" and kind != b"message":
-            return
-        data: bytes = message["data"]
-        if target == CONFIG_CHANNEL.encode():
+    def _on_message(self, target: bytes, data: bytes) -> None:
+        if target == CONFIG_CHANNEL_B:
             self._spawn(self._reload_config(data.decode()))
             return
-        name = target.decode()[len(PUB) :]
-        ch = self._hub.channel(name)
+        ch = self._hub.channel(target[len(PUB_B) :].decode())
         if ch is None:
             return
         sender, _, rest = data.partition(b"\n")
@@ -464,6 +498,9 @@ class RedisBroker:
         while True:
             try:
                 await self._heartbeat()
+                if self._cmd is not None and self._cmd.stalled(STALL_S):
+                    self._cmd.abort()
+                await self._commands()
                 self._recovered("commands")
             except asyncio.CancelledError:
                 raise
