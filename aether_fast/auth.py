@@ -8,7 +8,10 @@ so repeated use skips the signature check, but its expiry is checked again on ev
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fnmatch
+import hmac
 import math
 import time
 from collections.abc import Sequence
@@ -18,6 +21,7 @@ from typing import Any, Final
 import jwt
 import jwt.algorithms
 import jwt.exceptions
+import orjson
 
 from aether_fast.config import HMAC_ALGORITHMS, Config
 
@@ -29,6 +33,10 @@ AUTH_REQUIRED: Final = "AUTH_REQUIRED"
 MAX_TOKEN_CHARS: Final = 8192
 #: Verified tokens remembered; the oldest is dropped first.
 CACHE_SIZE: Final = 10000
+#: hashlib names of the HMAC algorithms the fast path verifies itself.
+_DIGESTS: Final = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
+#: Header fields the fast path accepts; any other (e.g. `crit`) goes through PyJWT.
+_PLAIN_HEADER: Final = frozenset({"alg", "typ", "kid"})
 
 
 class AuthError(Exception):
@@ -103,6 +111,10 @@ class Authenticator:
         self._issuer = config.jwt_issuer
         self._leeway = config.jwt_leeway_s
         self._cache: dict[str, Claims] = {}
+        self._digest = _DIGESTS.get(self._algorithm)
+        self._secret = config.jwt_secret.encode() if self._digest else b""
+        #: header segments already seen to be plain and of our algorithm
+        self._plain_headers: set[str] = set()
 
     def verify(self, token: str, now: float | None = None) -> Claims:
         """Return the token's Claims, or raise AuthError.
@@ -127,7 +139,57 @@ class Authenticator:
         self._cache[token] = claims
         return claims
 
+    def _fast_hmac(self, token: str) -> dict[str, Any] | None:
+        """The payload of a well-formed HS* token whose signature, header and registered
+        claims (exp and sub present, aud, iss, jti) are all as PyJWT would accept them;
+        None for anything else, which then goes through PyJWT for its exact reason.
+
+        hmac.digest and orjson make this ~10x cheaper than PyJWT's general path, which
+        was a quarter of a connection's set-up."""
+        digest = self._digest
+        if digest is None:
+            return None
+        head, _, rest = token.partition(".")
+        body, dot2, signature = rest.partition(".")
+        if not dot2 or "." in signature:
+            return None
+        try:
+            if head not in self._plain_headers:
+                header = orjson.loads(_b64(head))
+                if not (
+                    type(header) is dict
+                    and header.get("alg") == self._algorithm
+                    and header.keys() <= _PLAIN_HEADER
+                    and all(type(header[k]) is str for k in header)
+                ):
+                    return None
+                if len(self._plain_headers) < 64:
+                    self._plain_headers.add(head)
+            signed = token[: len(head) + 1 + len(body)].encode("ascii")
+            expected = hmac.digest(self._secret, signed, digest)
+            if not hmac.compare_digest(expected, _b64(signature)):
+                return None
+            payload = orjson.loads(_b64(body))
+        except (ValueError, binascii.Error):  # orjson.JSONDecodeError is a ValueError
+            return None
+        if type(payload) is not dict or "exp" not in payload or "sub" not in payload:
+            return None
+        if type(payload["sub"]) is not str or type(payload.get("jti", "")) is not str:
+            return None
+        aud = payload.get("aud")
+        if self._audience is None:
+            if "aud" in payload:
+                return None
+        elif aud != self._audience and not (type(aud) is list and self._audience in aud):
+            return None
+        if self._issuer is not None and payload.get("iss") != self._issuer:
+            return None
+        return payload
+
     def _decode(self, token: str, now: float) -> Claims:
+        fast = self._fast_hmac(token)
+        if fast is not None:
+            return self._claims(fast, now)
         try:
             payload: dict[str, Any] = jwt.decode(
                 token,
@@ -149,7 +211,9 @@ class Authenticator:
             raise AuthError(AUTH_INVALID, _reason(e)) from None
         except (ValueError, TypeError):
             raise AuthError(AUTH_INVALID, "malformed token") from None
+        return self._claims(payload, now)
 
+    def _claims(self, payload: dict[str, Any], now: float) -> Claims:
         exp = _number(payload, "exp")
         if exp is None:  # "require" already refused this; kept for the type checker
             raise AuthError(AUTH_INVALID, "missing claim: exp")
@@ -177,6 +241,11 @@ class Authenticator:
 
         admin = payload.get("admin") is True or payload.get("role") == "admin"
         return Claims(user_id=sub, expires_at=exp, admin=admin, channels=channels)
+
+
+def _b64(segment: str) -> bytes:
+    """base64url without padding, as in a JWT."""
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
 def channel_allowed(claims: Claims | None, channel: str) -> bool:

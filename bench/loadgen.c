@@ -108,6 +108,7 @@ static struct {
     int mode;
     const char *host;
     int port;
+    int port2;
     const char *urls_path;
     int src_ips;
     long subs;
@@ -164,7 +165,7 @@ static struct {
     uint64_t foreign;
     uint32_t rng;
     char *pad;
-    struct sockaddr_in dst;
+    struct sockaddr_in dst, dst2;
     int stdin_closed;
 } g;
 
@@ -534,7 +535,9 @@ static void start_conn(conn *c) {
             return;
         }
     }
-    if (connect(fd, (struct sockaddr *)&g.dst, sizeof g.dst) < 0 && errno != EINPROGRESS) {
+    /* --port2: every odd connection goes to the second server (two nodes, one Redis) */
+    struct sockaddr_in *dst = (opt.port2 && (c->idx & 1)) ? &g.dst2 : &g.dst;
+    if (connect(fd, (struct sockaddr *)dst, sizeof *dst) < 0 && errno != EINPROGRESS) {
         conn_dead(c, "connect", errno);
         return;
     }
@@ -1327,6 +1330,7 @@ static void usage(void) {
             "usage: loadgen MODE --port P --urls FILE [options]\n"
             "modes: fanout latency rtt connect parsebench\n"
             "  --host A            server address in 127.0.0.0/8 (127.0.0.1)\n"
+            "  --port2 P           odd connections go to this port (two nodes)\n"
             "  --src-ips K         bind connection i to 127.0.0.(2 + i %% K) (0: let the kernel)\n"
             "  --subs S            subscribers (fanout, latency)\n"
             "  --messages M        messages per window (fanout)\n"
@@ -1357,6 +1361,7 @@ int main(int argc, char **argv) {
     else usage();
     static struct option lo[] = {
         {"host", 1, 0, 'h'},      {"port", 1, 0, 'p'},         {"urls", 1, 0, 'u'},
+        {"port2", 1, 0, '2'},
         {"src-ips", 1, 0, 'i'},   {"subs", 1, 0, 's'},         {"messages", 1, 0, 'm'},
         {"windows", 1, 0, 'w'},   {"rates", 1, 0, 'r'},        {"conns", 1, 0, 'c'},
         {"duration", 1, 0, 'd'},  {"timeout", 1, 0, 't'},      {"grace", 1, 0, 'g'},
@@ -1369,6 +1374,7 @@ int main(int argc, char **argv) {
         switch (ch) {
         case 'h': opt.host = optarg; break;
         case 'p': opt.port = atoi(optarg); break;
+        case '2': opt.port2 = atoi(optarg); break;
         case 'u': opt.urls_path = optarg; break;
         case 'i': opt.src_ips = atoi(optarg); break;
         case 's': opt.subs = atol(optarg); break;
@@ -1414,6 +1420,8 @@ int main(int argc, char **argv) {
     if (opt.concurrency < 1) opt.concurrency = 1;
     g.dst.sin_family = AF_INET;
     g.dst.sin_port = htons((uint16_t)opt.port);
+    g.dst2 = g.dst;
+    g.dst2.sin_port = htons((uint16_t)opt.port2);
 
     load_urls(opt.urls_path);
     long need = 0;

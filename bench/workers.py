@@ -3,8 +3,11 @@
 Both configurations run with the Redis broker (so the comparison is about workers, not
 about brokers): a `redis-server` of our own on a free port, aether-fast with BROKER_URL, and
 the C load generator. Nothing is pinned: the two workers need both cores, so the load
-generator shares them (its CPU is reported). Scenarios: round trips with 50 connections
-(echo=1, each on its own channel), and fan-out 1 -> 1000 with 64 in flight.
+generator and Redis share them (the CPU of the servers, of Redis and of the load generator
+is reported). Layouts: one worker, WORKERS=2, and two nodes (two servers of one worker each,
+on two ports, sharing the Redis: odd connections go to the second). Scenarios: connections
+set up per second (each with its own JWT, joining its own channel), round trips with 50
+connections (echo=1, each on its own channel), and fan-out 1 -> 1000 with 64 in flight.
 
 Writes bench/results/workers-<time>.json and prints one JSON line with the ratios.
 Usage: python bench/workers.py [--quick]
@@ -88,8 +91,28 @@ def loadgen(mode: str, port: int, url_file: Path, pid: int, **opts: Any) -> dict
     return result
 
 
-def run(workers: int, redis_url: str, tmp: Path, quick: bool) -> dict[str, Any]:
-    port = free_port()
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes and their children, from /proc."""
+    total = 0
+    for pid in pids:
+        for p in [pid, *children(pid)]:
+            try:
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(k) for k in kids]
+
+
+def start(port: int, redis_url: str, tmp: Path, workers: int, node: str) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -99,45 +122,85 @@ def run(workers: int, redis_url: str, tmp: Path, quick: bool) -> dict[str, Any]:
         "JWT_SECRET": SECRET,
         "BROKER_URL": redis_url,
         "WORKERS": str(workers),
+        "NODE_ID": node,
         "RATE_LIMIT_MESSAGES": "0",
         "RATE_LIMIT_CONNECTIONS": "0",
         "LOG_LEVEL": "warn",
-        "DATA_DIR": str(tmp / f"data-{workers}"),
+        "DATA_DIR": str(tmp / f"data-{node}"),
     }
-    server = subprocess.Popen([sys.executable, "-m", "aether_fast", "serve"], env=env)
+    return subprocess.Popen([sys.executable, "-m", "aether_fast", "serve"], env=env)
+
+
+def run(layout: str, redis_url: str, redis_pid: int, tmp: Path, quick: bool) -> dict[str, Any]:
+    """`layout`: "1 worker", "2 workers" (WORKERS=2, one port) or "2 nodes" (two servers of
+    one worker each on two ports, sharing the Redis; odd connections go to the second)."""
+    tag = layout.replace(" ", "")
+    ports = [free_port()]
+    servers = []
+    if layout == "2 nodes":
+        ports.append(free_port())
+        servers = [start(p, redis_url, tmp, 1, f"{tag}-{i}") for i, p in enumerate(ports)]
+    else:
+        servers = [start(ports[0], redis_url, tmp, int(layout[0]), tag)]
+    extra = {"port2": ports[1]} if len(ports) > 1 else {}
+    pids = [s.pid for s in servers]
+    result: dict[str, Any] = {"layout": layout}
+
+    def measure(name: str, mode: str, url_file: Path, **opts: Any) -> dict[str, Any]:
+        before = cpu_seconds(pids), cpu_seconds([redis_pid]), time.monotonic()
+        out = loadgen(mode, ports[0], url_file, pids[0], **opts, **extra)
+        spent = time.monotonic() - before[2]
+        result[name + "_server_cpu_util"] = round((cpu_seconds(pids) - before[0]) / spent, 2)
+        result[name + "_redis_cpu_util"] = round((cpu_seconds([redis_pid]) - before[1]) / spent, 2)
+        return out
+
     try:
-        wait_port(port)
+        for port in ports:
+            wait_port(port)
         time.sleep(1.5)  # every worker listening
-        rtt = loadgen(
+        conns = 1000 if quick else 3000
+        connect = measure(
+            "connect",
+            "connect",
+            urls(tmp, f"conn{tag}", conns, channel=None, echo=False),
+            conns=conns,
+            hold=0,
+            concurrency=64,
+        )
+        rtt = measure(
             "rtt",
-            port,
-            urls(tmp, f"rtt{workers}", 50, channel=None, echo=True),
-            server.pid,
+            "rtt",
+            urls(tmp, f"rtt{tag}", 50, channel=None, echo=True),
             conns=50,
             duration=2 if quick else 5,
         )
         subs = 1000
-        fan = loadgen(
+        fan = measure(
             "fanout",
-            port,
-            urls(tmp, f"fan{workers}", subs + 1, channel=f"f{workers}", echo=False),
-            server.pid,
+            "fanout",
+            urls(tmp, f"fan{tag}", subs + 1, channel=f"f{tag}", echo=False),
             subs=subs,
             windows=64,
             messages=2000 if quick else 10000,
         )
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        for server in servers:
+            server.send_signal(signal.SIGTERM)
+        for server in servers:
+            server.wait(30)
     rtt_phase = rtt["phases"][0]
     fan_phase = fan["phases"][0]
-    return {
-        "workers": workers,
-        "round_trips_per_s_50_conns": rtt_phase.get("round_trips_per_s"),
-        "fanout_1000_w64_deliveries_per_s": fan_phase.get("deliveries_per_s"),
-        "fanout_lost": fan_phase.get("lost"),
-        "loadgen_cpu_s": [rtt_phase.get("loadgen_cpu_s"), fan_phase.get("loadgen_cpu_s")],
-    }
+    result.update(
+        {
+            "connections_per_s": connect.get("connections_per_s"),
+            "connections_failed": connect.get("failed"),
+            "round_trips_per_s_50_conns": rtt_phase.get("round_trips_per_s"),
+            "fanout_1000_w64_deliveries_per_s": fan_phase.get("deliveries_per_s"),
+            "fanout_lost": fan_phase.get("lost"),
+            "loadgen_cpu_s": [rtt_phase.get("loadgen_cpu_s"), fan_phase.get("loadgen_cpu_s")],
+        }
+    )
+    return result
 
 
 def main() -> int:
@@ -156,23 +219,30 @@ def main() -> int:
     try:
         wait_port(rport)
         url = f"redis://127.0.0.1:{rport}/0"
-        one = run(1, url, tmp, args.quick)
-        two = run(2, url, tmp, args.quick)
+        one = run("1 worker", url, redis.pid, tmp, args.quick)
+        two = run("2 workers", url, redis.pid, tmp, args.quick)
+        nodes = run("2 nodes", url, redis.pid, tmp, args.quick)
     finally:
         redis.terminate()
         redis.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    def ratio(key: str) -> float | None:
-        a, b = one.get(key), two.get(key)
+    def ratio(other: dict[str, Any], key: str) -> float | None:
+        a, b = one.get(key), other.get(key)
         return round(b / a, 2) if a and b else None
 
+    keys = {
+        "connections": "connections_per_s",
+        "round_trips": "round_trips_per_s_50_conns",
+        "fanout": "fanout_1000_w64_deliveries_per_s",
+    }
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "one_worker": one,
         "two_workers": two,
-        "ratio_round_trips": ratio("round_trips_per_s_50_conns"),
-        "ratio_fanout": ratio("fanout_1000_w64_deliveries_per_s"),
+        "two_nodes": nodes,
+        "ratio_two_workers": {k: ratio(two, v) for k, v in keys.items()},
+        "ratio_two_nodes": {k: ratio(nodes, v) for k, v in keys.items()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"workers-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json").write_text(

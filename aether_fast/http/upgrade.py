@@ -238,10 +238,13 @@ def _rebuild_head(request: Request) -> bytes:
     target = request.path + ("?" + request.query if request.query else "")
     lines = [f"GET {target} HTTP/1.1".encode("latin-1")]
     for name, value in request.raw_headers:
-        if name.lower() == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",")}
-            if b"upgrade" in tokens:
-                value = b"Upgrade"
+        lowered = value.lower()
+        if (
+            name.lower() == b"connection"
+            and lowered != b"upgrade"
+            and b"upgrade" in [t.strip() for t in lowered.split(b",")]
+        ):
+            value = b"Upgrade"
         lines.append(name + b": " + value)
     return b"\r\n".join(lines) + b"\r\n\r\n"
 

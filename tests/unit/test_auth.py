@@ -317,3 +317,76 @@ def test_mint_token_bad_arguments() -> None:
         mint_token(config, "a", ttl_s=0)
     with pytest.raises(ValueError):
         mint_token(config, "a", channels="chat.*")
+
+
+def _forge(header: dict[str, Any], payload: Any, secret: str = SECRET) -> str:
+    """An HS256 token with exactly this header and payload JSON, signed with `secret`."""
+
+    def seg(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    head = seg(json.dumps(header).encode())
+    body = seg(json.dumps(payload).encode())
+    sig = hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{seg(sig)}"
+
+
+@pytest.mark.parametrize(
+    ("env", "header", "payload", "fast"),
+    [
+        ({}, {"alg": "HS256", "typ": "JWT"}, good(), True),
+        ({}, {"alg": "HS256", "kid": "k1"}, good(channels=["a.*"]), True),
+        ({"jwt_audience": "api"}, {"alg": "HS256"}, good(aud="api"), True),
+        ({"jwt_audience": "api"}, {"alg": "HS256"}, good(aud=["x", "api"]), True),
+        ({"jwt_issuer": "me"}, {"alg": "HS256"}, good(iss="me"), True),
+        # everything below is left to PyJWT, which gives the exact reason
+        ({}, {"alg": "HS256", "crit": ["x"], "x": 1}, good(), False),
+        ({}, {"alg": "HS256", "kid": 7}, good(), False),
+        ({}, {"alg": "HS512"}, good(), False),
+        ({}, {"alg": "none"}, good(), False),
+        ({}, ["HS256"], good(), False),
+        ({}, {"alg": "HS256"}, ["not", "a", "dict"], False),
+        ({}, {"alg": "HS256"}, {"sub": "alice"}, False),
+        ({}, {"alg": "HS256"}, {"exp": NOW + 600}, False),
+        ({}, {"alg": "HS256"}, good(sub=5), False),
+        ({}, {"alg": "HS256"}, good(jti=5), False),
+        ({}, {"alg": "HS256"}, good(aud="api"), False),
+        ({"jwt_audience": "api"}, {"alg": "HS256"}, good(), False),
+        ({"jwt_audience": "api"}, {"alg": "HS256"}, good(aud="other"), False),
+        ({"jwt_issuer": "me"}, {"alg": "HS256"}, good(), False),
+        ({"jwt_issuer": "me"}, {"alg": "HS256"}, good(iss="you"), False),
+    ],
+)
+def test_fast_hmac_path_agrees_with_pyjwt(
+    env: dict[str, str], header: Any, payload: Any, fast: bool
+) -> None:
+    """The HS* fast path takes a token only when PyJWT would accept it with the same
+    payload; the rest go through PyJWT, so both paths give one answer and one reason."""
+    auth = Authenticator(hs_config(**env))
+    token = _forge(header, payload)
+    got = auth._fast_hmac(token)
+    assert (got is not None) is fast
+    if got is not None:
+        assert got == jwt.decode(
+            token,
+            SECRET,
+            algorithms=["HS256"],
+            audience=env.get("jwt_audience"),
+            issuer=env.get("jwt_issuer"),
+            options={"verify_exp": False},
+        )
+        assert auth.verify(token, now=NOW).user_id == payload["sub"]
+
+
+def test_fast_hmac_path_refuses_bad_signatures_and_shapes() -> None:
+    auth = Authenticator(hs_config())
+    token = _forge({"alg": "HS256"}, good())
+    head, body, sig = token.split(".")
+    wrong = _forge({"alg": "HS256"}, good(), secret="x" * 32)
+    for bad in (wrong, f"{head}.{body}", f"{head}.{body}.{sig}.x", f"{head}.{body}.", "é.a.b"):
+        assert auth._fast_hmac(bad) is None
+        with pytest.raises(AuthError) as e:
+            auth.verify(bad, now=NOW)
+        assert e.value.code == "AUTH_INVALID"
+    with pytest.raises(AuthError, match="signature verification failed"):
+        auth.verify(wrong, now=NOW)
