@@ -6,6 +6,18 @@
 # Rule: every frame the server sends goes through the outbox, so order is kept and each
 # member gets one write per loop pass.
 
+cdef void shrink(MemoryBuffer buffer) noexcept:
+    """Give back a picows write buffer's memory, keeping a few bytes. Its content is
+    scratch: picows resizes it (and so grows it) before each frame it writes there."""
+    cdef char* data
+    if buffer.capacity > 64:
+        data = <char*>PyMem_Realloc(buffer.data, 64)
+        if data != NULL:
+            buffer.data = data
+            buffer.capacity = 64
+            buffer.size = 0
+
+
 cdef inline bint valid_close_code(int code):
     if code >= 3000 and code <= 4999:
         return True
@@ -101,9 +113,13 @@ cdef class Connection(WSListener):
         if self.raw.get_extra_info("sslcontext") is None:
             sock = self.raw.get_extra_info("socket")
             self.fd = sock.fileno() if sock is not None else -1
-        # the parsed upgrade request (headers and all) is not needed once we run: an idle
-        # connection should cost as little as possible
+        # the parsed upgrade request and our response (headers and all) are not needed once
+        # we run, nor picows' 1 KiB write buffer (our frames go through the outbox; picows
+        # grows it again for a control frame it sends itself): an idle connection should
+        # cost as little as possible
         transport.request = None
+        transport.response = None
+        shrink(transport._write_buffer)
         self.connected = True
         self.connected_at = aether_wall_time()
         self.hub.add_session(self)

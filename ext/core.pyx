@@ -22,7 +22,7 @@ from libc.stdio cimport snprintf
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.time cimport time_t
 
-from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType, WSCloseCode
+from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType, WSCloseCode, MemoryBuffer
 
 import asyncio
 

@@ -96,6 +96,10 @@ class Upgrader(Protocol):
         ...
 
 
+#: What an upgraded connection's front keeps instead of its own deque (~600 bytes each).
+_NO_SLOTS: deque[_Slot] = deque(maxlen=0)
+
+
 class HttpFront(asyncio.Protocol):
     """One client socket until it upgrades or closes."""
 
@@ -303,10 +307,14 @@ class HttpFront(asyncio.Protocol):
             self._done = False
             self._send(refused, keep_alive=False)
         else:
-            # picows owns the socket now; break the parser <-> protocol cycle so this object
-            # is freed at once rather than by the cycle collector
+            # picows owns the socket now. uvloop keeps this protocol's data_received for the
+            # connection's life, so let go of everything: the parser (a cycle with this
+            # object), the request's pieces, the slots
             self._parser = None  # type: ignore[assignment]
             self._transport = None
+            self._headers = self._body = []
+            self._url = b""
+            self._slots = _NO_SLOTS
 
     def _send(self, response: Response, keep_alive: bool, head: bool = False) -> None:
         transport = self._transport

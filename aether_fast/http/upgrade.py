@@ -28,7 +28,7 @@ from aether_fast.http.front import Request, Response
 from aether_fast.protocol import CHANNEL_NAME_RE, ErrorCode
 
 #: Initial per-connection read buffer; picows grows it on demand for larger frames.
-READ_BUFFER_INIT = 2048
+READ_BUFFER_INIT = 1024
 
 
 class _PicowsLog:
