@@ -176,6 +176,7 @@ class Node:
         logs.log("debug", "connection_opened", "node", client_id=s.client_id, user_id=s.user_id)
         initial: dict[str, Any] | None = s.initial
         if initial is not None:
+            s.initial = None  # an idle connection keeps nothing it no longer needs
             refused = self.join(
                 s, initial["channel"], initial.get("since"), initial.get("epoch"), opening=True
             )

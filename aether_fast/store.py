@@ -255,6 +255,10 @@ class DataDirLock:
             os.close(fd)  # closing the only descriptor drops the flock
 
 
+#: Names whose `get` answer ChannelStore remembers before it starts over.
+KNOWN_CONFIGS = 50_000
+
+
 class ChannelStore:
     """Channel configs in `data_dir/channels.sqlite3`. Call `open()` before anything else.
 
@@ -268,6 +272,10 @@ class ChannelStore:
         self._conn: sqlite3.Connection | None = None
         self._own_lock = lock is None
         self._lock = lock if lock is not None else DataDirLock(data_dir)
+        #: what `get` answered, by name (None: not stored). This process is the only writer
+        #: (WORKERS > 1 needs the Redis store; restore takes the lock exclusively), so the
+        #: copy stays exact; it spares every join of an unconfigured channel a query.
+        self._known: dict[str, ChannelConfig | None] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -351,6 +359,7 @@ class ChannelStore:
     def close(self) -> None:
         """Close the database; the store may be opened again."""
         conn, self._conn = self._conn, None
+        self._known.clear()
         if conn is not None:
             conn.close()
         self._release()
@@ -378,11 +387,17 @@ class ChannelStore:
 
     def get(self, name: str) -> ChannelConfig | None:
         """The stored config of `name`, or None."""
+        if name in self._known:
+            return self._known[name]
         try:
             row = self._db().execute(f"{_SELECT} WHERE name = ?", (name,)).fetchone()
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: read failed: {self._explain(e)}") from None
-        return None if row is None else _row(row)
+        cfg = None if row is None else _row(row)
+        if len(self._known) >= KNOWN_CONFIGS:
+            self._known.clear()
+        self._known[name] = cfg
+        return cfg
 
     def list(self) -> builtins.list[ChannelConfig]:
         """Every stored config, sorted by name."""
@@ -417,12 +432,15 @@ class ChannelStore:
                     "require_auth = ?, history_size = ?, presence = ? WHERE name = ?",
                     (*values[1:], cfg.name),
                 )
+        self._known[cfg.name] = cfg
         return created
 
     def delete(self, name: str) -> bool:
         """Remove `name`; True if it existed."""
         with self._write() as conn:
-            return conn.execute("DELETE FROM channels WHERE name = ?", (name,)).rowcount == 1
+            existed = conn.execute("DELETE FROM channels WHERE name = ?", (name,)).rowcount == 1
+        self._known[name] = None
+        return existed
 
     # -- backup ------------------------------------------------------------------------------
 
@@ -456,6 +474,7 @@ class ChannelStore:
         conn = self._db()
         self._not_self(path)
         src = _open_backup(path)
+        self._known.clear()
         try:
             src.backup(conn)
         except sqlite3.Error as e:
