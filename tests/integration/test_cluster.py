@@ -324,6 +324,27 @@ def test_channel_config_posted_on_one_machine_applies_on_the_other(pair: Pair) -
         m2.nothing(0.1)
 
 
+def test_configs_missed_while_the_subscriber_was_away_are_read_again(
+    pair: Pair, redis_server: RedisServer, redis_url: str
+) -> None:
+    """A config change announced while a node's subscriber is disconnected never reaches it
+    by pub/sub; when the subscriber is back the node reads every config again."""
+    a, b = pair
+    a.allow_errors = b.allow_errors = True  # the lost subscriber is logged as an error
+    ch = "cl.missed"
+    cfg = (
+        '{"name": "cl.missed", "max_connections": 3, "message_rate_limit": 0, '
+        '"require_auth": false, "history_size": 5, "presence": false}'
+    )
+    with redis_server.client(db_of(redis_url)) as r:
+        r.hset("aether:channels", ch, cfg)  # written, never announced
+        assert b.http("GET", f"/ws/channels/{ch}", token=b.admin())[0] == 404
+        killed = r.client_kill_filter(_type="pubsub")  # both nodes' subscribers
+        assert killed >= 2, killed
+    wait_config(b, ch, max_connections=3, history_size=5)
+    assert status(b)["status"] == "healthy"
+
+
 def test_channel_delete_on_one_machine_removes_members_on_the_other(pair: Pair) -> None:
     a, b = pair
     ch = "cl.del"
