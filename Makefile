@@ -57,7 +57,7 @@ fuzz:  ## a longer fuzzing campaign of the message decoder and the HTTP front
 	AETHER_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/fuzz
 
 # -- benchmarks: bench/ (docs/performance.md) ---------------------------------------------
-.PHONY: bench bench-quick bench-smoke bench-micro bench-deps
+.PHONY: bench bench-quick bench-smoke bench-micro bench-deps bench-workers bench-compare
 
 # the packages of pyproject's `bench` extra, read from pyproject.toml
 BENCH_PKGS = $(shell $(BIN)/python -c "import tomllib; print(' '.join(repr(p) for p in tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench']))")
@@ -78,6 +78,9 @@ bench-quick: bench-deps  ## the same scenarios, 1 run, shorter (< 3 minutes)
 
 bench-workers: bench-deps  ## WORKERS=2 against WORKERS=1, both through a Redis of its own
 	$(BIN)/python bench/workers.py
+
+bench-compare: bench-deps  ## before/after in one run: REV=<commit> against the working tree, alternating
+	$(BIN)/python bench/before_after.py $(REV)
 
 bench-smoke: bench-deps  ## every scenario tiny, for CI: it must work (no speed assertions)
 	$(BIN)/python bench/run.py --smoke
