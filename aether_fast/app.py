@@ -121,6 +121,7 @@ async def start(config: Config) -> Worker:
     metrics = Metrics(hub, node)
     router = Router(config, node, auth, metrics)
     upgrader = WebSocketUpgrader(config, hub, node, auth)
+    _tune_gc()  # before the ports open: nothing to wait for once clients can connect
     tls = _tls(config)
     servers = [
         await loop.create_server(
@@ -140,7 +141,6 @@ async def start(config: Config) -> Worker:
         )
     node.start()
     worker = Worker(config, hub, node, store, servers)
-    _tune_gc()
     logs.log(
         "info",
         "server_started",
@@ -176,10 +176,12 @@ async def stop(worker: Worker) -> None:
 async def serve(config: Config) -> int:
     """Run one worker until SIGTERM/SIGINT; returns the exit status."""
     loop = asyncio.get_running_loop()
-    worker = await start(config)
+    # handlers first: a SIGTERM that arrives once the port listens (or while Redis is still
+    # being reached) is a drain, not the default kill
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    worker = await start(config)
     await stopping.wait()
     logs.log("info", "shutdown_requested", "app")
     await stop(worker)
