@@ -180,7 +180,9 @@ class Authenticator:
         if self._audience is None:
             if "aud" in payload:
                 return None
-        elif aud != self._audience and not (type(aud) is list and self._audience in aud):
+        elif aud != self._audience and not (
+            type(aud) is list and self._audience in aud and all(type(a) is str for a in aud)
+        ):
             return None
         if self._issuer is not None and payload.get("iss") != self._issuer:
             return None

@@ -39,6 +39,7 @@ from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
+import hiredis
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -174,6 +175,9 @@ class RedisBroker:
         self._cmd_retry_at = 0.0
         #: publishes of this loop pass, sent together by `_send_batch`
         self._batch: list[Pending] = []
+        #: batches waiting for the command connection; while any wait, later ones queue
+        #: behind them (the lock alone cannot say so: it is free before its next waiter runs)
+        self._parked = 0
         #: the subscriber connection; None while it is being reconnected
         self._sub: resp.RespConnection | None = None
         self._subscribed: set[str] = set()
@@ -299,7 +303,8 @@ class RedisBroker:
         connection reconnects they wait on its lock, behind the batches before them."""
         batch, self._batch = self._batch, []
         conn = self._cmd
-        if conn is None or not conn.connected or self._cmd_lock.locked():
+        if conn is None or not conn.connected or self._parked or self._cmd_lock.locked():
+            self._parked += 1
             self._spawn(self._send_when_connected(batch))
             return
         for start in range(0, len(batch), BATCH_MAX):
@@ -311,6 +316,11 @@ class RedisBroker:
         except (RedisError, OSError) as exc:
             self._published(batch, "EVAL", None, exc)
             return
+        except BaseException:  # cancelled (the broker is closing)
+            self._published(batch, "EVAL", None, RedisConnectionError("the broker is closing"))
+            raise
+        finally:
+            self._parked -= 1
         for start in range(0, len(batch), BATCH_MAX):
             self._run_batch(conn, batch[start : start + BATCH_MAX], "EVALSHA")
 
@@ -352,7 +362,7 @@ class RedisBroker:
         runs them in that order: a sender's messages get offsets in the order it sent
         them, and a burst goes out in one write."""
         conn = self._cmd
-        if conn is None or not conn.connected or self._cmd_lock.locked():
+        if conn is None or not conn.connected or self._parked or self._cmd_lock.locked():
             conn = await self._commands()
         try:
             return await conn.call("EVALSHA", sha, numkeys, *args)
@@ -375,12 +385,15 @@ class RedisBroker:
             return self._cmd
 
     async def _open_commands(self) -> resp.RespConnection:
-        conn = await resp.connect(self._url)
+        conn = await resp.connect(self._url, timeout=STALL_S)
         try:
-            for script in (_PUBLISH, _POSITION):
-                await conn.call("SCRIPT", "LOAD", script)
-        except BaseException:
+            async with asyncio.timeout(STALL_S):  # the lock is held meanwhile
+                for script in (_PUBLISH, _POSITION):
+                    await conn.call("SCRIPT", "LOAD", script)
+        except BaseException as exc:
             conn.abort()
+            if isinstance(exc, TimeoutError):
+                raise RedisConnectionError("redis: SCRIPT LOAD was not answered") from exc
             raise
         return conn
 
@@ -472,6 +485,7 @@ class RedisBroker:
 
     async def _subscriber_forever(self) -> None:
         backoff = 0.1
+        opened = time.monotonic()
         while True:
             if self._sub is not None:
                 await self._sub.closed
@@ -479,9 +493,14 @@ class RedisBroker:
                 self._degraded(
                     RedisConnectionError("redis: the subscriber was disconnected"), "pubsub"
                 )
+                if time.monotonic() - opened < 5.0:  # dropped at once (maxclients, a proxy)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                else:
+                    backoff = 0.1
             try:
                 self._sub = await self._open_subscriber()
-                backoff = 0.1
+                opened = time.monotonic()
             except (RedisError, OSError) as exc:
                 self._degraded(exc, "pubsub")
                 await asyncio.sleep(backoff)
@@ -489,6 +508,11 @@ class RedisBroker:
 
     def _on_push(self, reply: Any) -> None:
         """Everything Redis sends the subscriber, in the order it sends it."""
+        if isinstance(reply, hiredis.ReplyError):  # e.g. max clients: this connection is no use
+            self._degraded(RedisConnectionError(f"redis: {reply}"), "pubsub")
+            if self._sub is not None:
+                self._sub.abort()
+            return
         try:
             kind = reply[0]
             if kind == b"message":
@@ -538,10 +562,12 @@ class RedisBroker:
 
     async def _heartbeat_forever(self) -> None:
         while True:
+            # first: when Redis hangs the heartbeat below fails, and the publishes waiting on
+            # the command connection must be failed all the same
+            if self._cmd is not None and self._cmd.stalled(STALL_S):
+                self._cmd.abort()
             try:
                 await self._heartbeat()
-                if self._cmd is not None and self._cmd.stalled(STALL_S):
-                    self._cmd.abort()
                 await self._commands()
                 self._recovered("commands")
             except asyncio.CancelledError:
@@ -605,10 +631,15 @@ class RedisBroker:
         self._configs = {_text(k): ChannelConfig(**orjson.loads(v)) for k, v in raw.items()}
 
     async def _refresh_configs(self) -> None:
-        """Read every config again and apply those that changed."""
+        """Read every config again and apply those that changed (again a second later, until
+        Redis answers)."""
         before = self._configs
-        with contextlib.suppress(RedisError, OSError):
-            await self._load_configs()
+        while True:
+            try:
+                await self._load_configs()
+                break
+            except (RedisError, OSError):
+                await asyncio.sleep(1.0)
         for name in set(before) | set(self._configs):
             if before.get(name) != self._configs.get(name):
                 self.on_config(name, self._configs.get(name))

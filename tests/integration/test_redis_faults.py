@@ -9,6 +9,7 @@ servers log the outage at error level, which these tests expect (`allow_errors`)
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -213,3 +214,32 @@ def test_channel_admin_during_an_outage_is_refused_with_503(
     wait_for(lambda: healthy(a), timeout=15.0, interval=0.05)
     code, body, _ = a.http("POST", "/ws/channels", cfg, token=a.admin())
     assert code == 201, body
+
+
+def test_a_hung_redis_fails_publishes_instead_of_leaving_them_waiting(
+    outage_pair: Pair, redis_server: RedisServer
+) -> None:
+    """Redis stops answering without closing anything (SIGSTOP): a publish waiting on it is
+    answered with an error once the command connection has been silent for STALL_S (5 s),
+    and the server serves again once Redis wakes up."""
+    a, _ = outage_pair
+    ch = "f.hang"
+    assert redis_server.proc is not None
+    with Client(a.ws_url, token=a.token("hang"), channel=ch) as pub:
+        joined(pub, ch)
+        pub.publish(ch, "before")
+        expect(pub, "message", "ack")
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            seq = pub.publish(ch, "while Redis hangs")
+            err = expect_error(pub, "INTERNAL_ERROR", timeout=15.0)
+            assert time.monotonic() - started < 12.0
+            assert err["details"]["component"] == "broker", err
+            assert err["details"]["sequence"] == seq, err
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: healthy(a), timeout=15.0, interval=0.05)
+        pub.publish(ch, "after", sequence=seq, action="retry")
+        ack = expect(pub, "message", "ack")["data"]["metadata"]
+        assert ack["sequence"] == seq

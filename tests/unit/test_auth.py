@@ -353,6 +353,7 @@ def _forge(header: dict[str, Any], payload: Any, secret: str = SECRET) -> str:
         ({}, {"alg": "HS256"}, good(aud="api"), False),
         ({"jwt_audience": "api"}, {"alg": "HS256"}, good(), False),
         ({"jwt_audience": "api"}, {"alg": "HS256"}, good(aud="other"), False),
+        ({"jwt_audience": "api"}, {"alg": "HS256"}, good(aud=["api", 5]), False),
         ({"jwt_issuer": "me"}, {"alg": "HS256"}, good(), False),
         ({"jwt_issuer": "me"}, {"alg": "HS256"}, good(iss="you"), False),
     ],
