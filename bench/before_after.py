@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from workers import SECRET, free_port, wait_port  # noqa: E402
+from workers import SECRET, free_port, loadgen, wait_port  # noqa: E402
 
 LOADGEN = ROOT / "bench" / "build" / "loadgen"
 RESULTS = ROOT / "bench" / "results"
@@ -95,34 +95,30 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(30)
 
 
-def loadgen(mode: str, port: int, urls: Path, pid: int, **opts: Any) -> dict[str, Any]:
-    argv = ["taskset", "-c", "1", str(LOADGEN), mode, "--port", str(port), "--urls", str(urls)]
-    argv += ["--server-pid", str(pid), "--ready-frames", "1", "--timeout", "120"]
-    for key, value in opts.items():
-        argv += [f"--{key}", str(value)]
-    out = subprocess.run(argv, capture_output=True, check=True, timeout=200).stdout
-    result: dict[str, Any] = json.loads(out.decode().splitlines()[0])
-    return result
-
-
 def one_round(tree: Path, tmp: Path, urls: dict[str, Path], redis_port: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     subprocess.run(["redis-cli", "-p", str(redis_port), "flushall"], capture_output=True)
     proc, port = start(tree, tmp, {"BROKER_URL": f"redis://127.0.0.1:{redis_port}/0"})
     try:
         time.sleep(1)
-        rtt = loadgen("rtt", port, urls["rtt"], proc.pid, conns=50, duration=4)["phases"][0]
+        rtt = loadgen("rtt", port, urls["rtt"], proc.pid, cpu="1", conns=50, duration=4)["phases"][
+            0
+        ]
         out["redis_round_trips_50"] = rtt["round_trips_per_s"]
-        fan = loadgen("fanout", port, urls["fan"], proc.pid, subs=1000, windows=64, messages=5000)
+        fan = loadgen(
+            "fanout", port, urls["fan"], proc.pid, cpu="1", subs=1000, windows=64, messages=5000
+        )
         out["redis_fanout_1000_w64"] = fan["phases"][0]["deliveries_per_s"]
         out["redis_fanout_lost"] = fan["phases"][0]["lost"]
     finally:
         stop(proc)
     proc, port = start(tree, tmp, {})
     try:
-        rtt = loadgen("rtt", port, urls["rtt"], proc.pid, conns=50, duration=4)["phases"][0]
+        rtt = loadgen("rtt", port, urls["rtt"], proc.pid, cpu="1", conns=50, duration=4)["phases"][
+            0
+        ]
         out["round_trips_50"] = rtt["round_trips_per_s"]
-        rtt = loadgen("rtt", port, urls["rtt"], proc.pid, conns=1, duration=3)["phases"][0]
+        rtt = loadgen("rtt", port, urls["rtt"], proc.pid, cpu="1", conns=1, duration=3)["phases"][0]
         out["round_trips_1"] = rtt["round_trips_per_s"]
         base = rss_kib(proc.pid)
         argv = ["taskset", "-c", "1", str(LOADGEN), "connect", "--port", str(port), "--urls"]

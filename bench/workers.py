@@ -69,8 +69,12 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def loadgen(mode: str, port: int, url_file: Path, pid: int, **opts: Any) -> dict[str, Any]:
-    argv = [
+def loadgen(
+    mode: str, port: int, url_file: Path, pid: int, *, cpu: str | None = None, **opts: Any
+) -> dict[str, Any]:
+    """Run the load generator (pinned to `cpu` when given); its first JSON line."""
+    argv = ["taskset", "-c", cpu] if cpu is not None else []
+    argv += [
         str(LOADGEN),
         mode,
         "--port",

@@ -302,8 +302,8 @@ class RedisBroker:
         """Send this loop pass's publishes, in the order they were made. While the command
         connection reconnects they wait on its lock, behind the batches before them."""
         batch, self._batch = self._batch, []
-        conn = self._cmd
-        if conn is None or not conn.connected or self._parked or self._cmd_lock.locked():
+        conn = self._usable_now()
+        if conn is None:
             self._parked += 1
             self._spawn(self._send_when_connected(batch))
             return
@@ -361,13 +361,19 @@ class RedisBroker:
         are made (while it reconnects, they queue on the lock in that order too), and Redis
         runs them in that order: a sender's messages get offsets in the order it sent
         them, and a burst goes out in one write."""
-        conn = self._cmd
-        if conn is None or not conn.connected or self._parked or self._cmd_lock.locked():
-            conn = await self._commands()
+        conn = self._usable_now() or await self._commands()
         try:
             return await conn.call("EVALSHA", sha, numkeys, *args)
         except NoScriptError:  # SCRIPT FLUSH since this connection loaded it
             return await (await self._commands()).call("EVAL", script, numkeys, *args)
+
+    def _usable_now(self) -> resp.RespConnection | None:
+        """The command connection, if a call may be written on it now: connected, and no
+        earlier call still waiting for it (to go after them is to keep the order)."""
+        conn = self._cmd
+        if conn is None or not conn.connected or self._parked or self._cmd_lock.locked():
+            return None
+        return conn
 
     async def _commands(self) -> resp.RespConnection:
         """The command connection, opened again if it was lost. While Redis is down, one

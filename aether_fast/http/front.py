@@ -312,8 +312,7 @@ class HttpFront(asyncio.Protocol):
             # object), the request's pieces, the slots
             self._parser = None  # type: ignore[assignment]
             self._transport = None
-            self._headers, self._body = [], []
-            self._url = b""
+            self._reset()
             self._slots = _NO_SLOTS
 
     def _send(self, response: Response, keep_alive: bool, head: bool = False) -> None:
