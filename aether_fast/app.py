@@ -95,6 +95,7 @@ async def start(config: Config) -> Worker:
         conn_window=float(config.rate_limit_window_s),
         global_rate=float(config.rate_limit_global_messages),
         refresh_notice=float(config.token_refresh_notice_s),
+        busy_poll_s=config.busy_poll_us / 1e6,
     )
     broker: Broker
     store: Store

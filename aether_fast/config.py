@@ -68,6 +68,7 @@ class Config:
     handshake_timeout_s: float = 5.0
     ping_interval_s: float = 20.0
     send_buffer_limit_bytes: int = 1048576
+    busy_poll_us: int = 0
     shutdown_timeout_s: float = 10.0
     workers: int = 1
     broker_url: str | None = None
@@ -389,6 +390,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _int(1),
         1048576,
         "unsent bytes per connection before it is closed with 4008",
+    ),
+    Setting(
+        "busy_poll_us",
+        _int(0, 100000),
+        0,
+        "after sending, keep polling without sleeping this long, microseconds; 0 = off",
     ),
     Setting("shutdown_timeout_s", _float(0), 10.0, "time allowed for a graceful shutdown, seconds"),
     Setting("workers", _int(1, 1024), 1, "worker processes sharing the port (>1 needs BROKER_URL)"),

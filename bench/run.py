@@ -223,6 +223,8 @@ def _aether_env(port: int, tmp: Path) -> dict[str, str]:
         "RATE_LIMIT_MESSAGES": "0",
         "RATE_LIMIT_CONNECTIONS": "0",
         "MAX_CONNECTIONS": "19000",
+        # docs/operations.md "Busy polling"; BUSY_POLL_US=0 in the environment compares
+        "BUSY_POLL_US": os.environ.get("BUSY_POLL_US", "100"),
         "LOG_LEVEL": "info",
     }
 
@@ -236,7 +238,7 @@ SERVERS: tuple[ServerSpec, ...] = (
         name="aether-fast",
         description="python -m aether_fast serve: JWT per connection, validation, offsets, "
         "history (HISTORY_SIZE=100), metrics on; RATE_LIMIT_MESSAGES=0, "
-        "RATE_LIMIT_CONNECTIONS=0, MAX_CONNECTIONS=19000",
+        "RATE_LIMIT_CONNECTIONS=0, MAX_CONNECTIONS=19000, BUSY_POLL_US=100",
         command=lambda port: [sys.executable, "-m", "aether_fast", "serve"],
         check=lambda: _import_check("aether_fast._core", "aether_fast.app"),
         env=_aether_env,

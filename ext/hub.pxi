@@ -3,10 +3,24 @@
 # Rule: a publication reaches a member only through `Hub.deliver` (or `Session.send_frame`),
 # which appends the already-encoded frame to the member's outbox; the outboxes are written in
 # `Hub.flush`, once per loop pass, one write per member. Nothing here waits on a member.
+#
+# Busy poll: after a flush the loop keeps polling without sleeping for `busy_poll_s` (a
+# callback that re-queues itself keeps uvloop's poll timeout at 0, and yields the CPU to any
+# other runnable task each pass). A client that answers within that window finds the worker
+# awake: no wake-up, no context switch. Idle workers never spin; 0 turns it off.
 
 cdef class Connection
 cdef class Session
 cdef class Hub
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+# a pass that wrote to more members than this was busy: the next pass finds more work ready
+# if the loop sleeps in between (batching), so only light passes start (or extend) a busy
+# poll, and a busy pass ends it
+cdef enum:
+    SPIN_MAX_WRITES = 4
 
 
 cdef class Channel:
@@ -55,6 +69,10 @@ cdef class Hub:
     cdef bint flush_scheduled
     cdef object loop
     cdef object _flush_cb
+    cdef object _spin_cb
+    cdef readonly bint spinning
+    cdef double spin_until
+    cdef public double busy_poll_s
     cdef Bucket global_bucket
     cdef public object node
     cdef public object broker
@@ -77,7 +95,7 @@ cdef class Hub:
 
     def __init__(self, object loop, *, Py_ssize_t send_buffer_limit, Py_ssize_t max_message_bytes,
                  double conn_capacity, double conn_window, double global_rate,
-                 double refresh_notice, double close_timeout=2.0):
+                 double refresh_notice, double close_timeout=2.0, double busy_poll_s=0.0):
         self.channels = {}
         self.sessions = set()
         self.dirty = []
@@ -85,6 +103,10 @@ cdef class Hub:
         self.flush_scheduled = False
         self.loop = loop
         self._flush_cb = self.flush
+        self._spin_cb = self.spin
+        self.spinning = False
+        self.spin_until = 0.0
+        self.busy_poll_s = busy_poll_s
         self.node = None
         self.broker = None
         self.send_buffer_limit = send_buffer_limit
@@ -229,6 +251,22 @@ cdef class Hub:
             s = <Connection>PyList_GET_ITEM(dirty, i)
             s.dirty = False
             s.flush_outbox()
+        if self.busy_poll_s > 0.0:
+            if n > SPIN_MAX_WRITES:
+                self.spin_until = 0.0  # a busy pass: stop polling, let the next one batch
+            else:
+                self.spin_until = aether_monotonic() + self.busy_poll_s
+                if not self.spinning:
+                    self.spinning = True
+                    self.loop.call_soon(self._spin_cb)
+
+    def spin(self):
+        """One pass of the busy poll: queue itself again until `spin_until`."""
+        if aether_monotonic() < self.spin_until:
+            sched_yield()
+            self.loop.call_soon(self._spin_cb)
+        else:
+            self.spinning = False
 
     cdef void count_error(self, str code):
         self.errors_total += 1

@@ -141,6 +141,8 @@ def test_star_origin_means_any() -> None:
         ({"METRICS_PORT": "70000"}, "METRICS_PORT", "1..65535"),
         ({"MAX_CONNECTIONS": "0"}, "MAX_CONNECTIONS", ">= 1"),
         ({"HISTORY_SIZE": "100001"}, "HISTORY_SIZE", "0..100000"),
+        ({"BUSY_POLL_US": "-1"}, "BUSY_POLL_US", "0..100000"),
+        ({"BUSY_POLL_US": "1e3"}, "BUSY_POLL_US", "integer"),
         ({"CHANNEL_DEFAULT_MESSAGE_RATE_LIMIT": "x"}, "CHANNEL_DEFAULT_MESSAGE_RATE_LIMIT", ""),
         ({"ALLOWED_ORIGINS": "https://a.com/"}, "ALLOWED_ORIGINS", "origin"),
         ({"ALLOWED_ORIGINS": "a.com"}, "ALLOWED_ORIGINS", "origin"),

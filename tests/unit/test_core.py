@@ -191,3 +191,38 @@ def test_forget_starts_a_new_epoch(broker: tuple[MemoryBroker, Hub, object]) -> 
     b.forget("chat")
     offset, new_epoch = b.position("chat")
     assert offset == 0 and new_epoch != epoch
+
+
+def _hub(loop: asyncio.AbstractEventLoop, busy_poll_s: float) -> Hub:
+    return Hub(
+        loop,
+        send_buffer_limit=1 << 20,
+        max_message_bytes=65536,
+        conn_capacity=0,
+        conn_window=1,
+        global_rate=0,
+        refresh_notice=60,
+        busy_poll_s=busy_poll_s,
+    )
+
+
+def test_busy_poll_spins_after_a_flush_then_stops() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        hub = _hub(loop, 0.02)
+        hub.flush()
+        assert hub.spinning
+        loop.run_until_complete(asyncio.sleep(0.1))
+        assert not hub.spinning  # it stopped by itself once the window passed
+    finally:
+        loop.close()
+
+
+def test_busy_poll_off_never_spins() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        hub = _hub(loop, 0.0)
+        hub.flush()
+        assert not hub.spinning
+    finally:
+        loop.close()
