@@ -1,5 +1,6 @@
 """Types of the compiled hot path (ext/core.pyx), for mypy."""
 
+from collections import deque
 from typing import Any
 
 class RateBucket:
@@ -13,6 +14,7 @@ class Channel:
     config: Any
     presence: bool
     max_connections: int
+    history_size: int
     published: int
     delivered: int
     def __init__(self, name: str, config: Any) -> None: ...
@@ -108,6 +110,28 @@ class Hub:
     def drop_empty(self) -> int: ...
     def tick(self, wall_now: float, ping_round: bool) -> tuple[int, int]: ...
     def error_counts_snapshot(self) -> dict[str, int]: ...
+
+class DedupeWindow:
+    touched: float
+    @property
+    def remembered(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+
+class ChannelLog:
+    epoch: str
+    offset: int
+    history: deque[tuple[int, float, bytes]]
+    def __init__(self) -> None: ...
+
+class MemoryLogs:
+    logs: dict[str, ChannelLog]
+    windows: dict[tuple[object, str, str], DedupeWindow]
+    def __init__(self, hub: Hub) -> None: ...
+    def log(self, name: str) -> ChannelLog: ...
+    def publish(
+        self, channel: Channel, sender: Session, sequence: int, content: str
+    ) -> tuple[int, str, bool]: ...
 
 def encode_text_frame(payload: bytes) -> bytes: ...
 def encode_json_frame(obj: object) -> bytes: ...

@@ -19,12 +19,13 @@ from libc.string cimport memcpy, memset
 from libc.stdint cimport uint8_t, uint64_t
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdio cimport snprintf
-from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.time cimport time_t
 
 from picows.picows cimport WSListener, WSTransport, WSFrame, WSMsgType, WSCloseCode, MemoryBuffer
 
 import asyncio
+from collections import deque
 
 from orjson import JSONDecodeError
 from orjson import dumps as _dumps
@@ -58,4 +59,5 @@ include "ratelimit.pxi"
 include "hub.pxi"
 include "connection.pxi"
 include "session.pxi"
+include "memlog.pxi"
 include "echo.pxi"

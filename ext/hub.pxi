@@ -31,6 +31,7 @@ cdef class Channel:
     cdef public object config
     cdef public bint presence
     cdef public Py_ssize_t max_connections
+    cdef readonly Py_ssize_t history_size
     cdef readonly unsigned long long published
     cdef readonly unsigned long long delivered
 
@@ -46,6 +47,7 @@ cdef class Channel:
         self.config = config
         self.presence = bool(config.presence)
         self.max_connections = int(config.max_connections)
+        self.history_size = int(config.history_size)
         cdef double rate = float(config.message_rate_limit)
         # a burst of at least one message, refilled at `rate` per second (a rate below 1
         # still lets one message through every 1/rate seconds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import struct
 
@@ -155,6 +156,68 @@ def test_dedupe_window_is_bounded(broker: tuple[MemoryBroker, Hub, object]) -> N
         b.publish(ch, alice, seq, "x")
     assert b.publish(ch, alice, DEDUP_WINDOW, "x")[2] is True
     assert b.publish(ch, alice, 0, "x")[2] is False  # fell out of the window
+
+
+def test_dedupe_window_grows_with_use(broker: tuple[MemoryBroker, Hub, object]) -> None:
+    b, hub, ch = broker
+    alice = sender(hub, "alice", "a1")
+    start = 1_764_000_000_000_000  # clients start their sequences at the clock in µs
+    for seq in range(start, start + 3):
+        b.publish(ch, alice, seq, "x")
+    (window,) = b._windows.values()
+    assert (window.remembered, window.capacity) == (3, 16)  # little sent, little held
+    for seq in range(start + 3, start + 5000):
+        b.publish(ch, alice, seq, "x")
+    assert (window.remembered, window.capacity) == (DEDUP_WINDOW, DEDUP_WINDOW)
+    assert all(b.publish(ch, alice, s, "x")[2] for s in range(start + 5000 - 1024, start + 5000))
+    assert not b.publish(ch, alice, start + 5000 - 1025, "x")[2]
+
+
+@pytest.mark.parametrize("pattern", ["counter", "stride", "random", "clock"])
+def test_dedupe_window_matches_a_reference_of_the_last_1024(
+    broker: tuple[MemoryBroker, Hub, object], pattern: str
+) -> None:
+    """Whatever the sequences look like, a retry is recognised exactly while it is among
+    the last 1024 sequences accepted (SPEC: a window of at least the last 1024)."""
+    from collections import OrderedDict
+
+    b, hub, ch = broker
+    alice = sender(hub, "alice", "a1")
+    rng = random.Random(pattern)
+    make = {
+        "counter": lambda i: i,
+        "stride": lambda i: i << 20,  # all equal modulo any table size
+        "random": lambda i: rng.getrandbits(64),
+        "clock": lambda i: 1_764_000_000_000_000 + i * 1000 + rng.randrange(1000),
+    }[pattern]
+    reference: OrderedDict[int, tuple[int, str]] = OrderedDict()
+    sent: list[int] = []
+    for i in range(6000):
+        if sent and rng.random() < 0.3:
+            seq = sent[-1 - min(len(sent) - 1, int(rng.expovariate(1 / 600)))]  # a retry
+        else:
+            seq = make(i)
+        offset, ts, dup = b.publish(ch, alice, seq, "x")
+        if seq in reference:
+            assert (offset, ts, dup) == (*reference[seq], True), (i, seq)
+        else:
+            assert dup is False, (i, seq)
+            reference[seq] = (offset, ts)
+            if len(reference) > DEDUP_WINDOW:
+                reference.popitem(last=False)
+            sent.append(seq)
+
+
+def test_duplicate_keeps_its_timestamp_and_offset_across_growth(
+    broker: tuple[MemoryBroker, Hub, object],
+) -> None:
+    b, hub, ch = broker
+    alice = sender(hub, "alice", "a1")
+    first = [b.publish(ch, alice, seq, "x") for seq in (5, 2**64 - 1, 0)]
+    for seq in range(100, 140):  # grows the window twice
+        b.publish(ch, alice, seq, "x")
+    again = [b.publish(ch, alice, seq, "x") for seq in (5, 2**64 - 1, 0)]
+    assert again == [(o, ts, True) for o, ts, _ in first]
 
 
 def test_recovery_replays_missed_in_order(broker: tuple[MemoryBroker, Hub, object]) -> None:
