@@ -165,9 +165,7 @@ cdef class Session(Connection):
                         "broker", str(exc), {"channel": channel, "sequence": seq})
 
     cdef void ack(self, str channel, object seq, tuple result):
-        self.send_json({"type": "message", "action": "ack", "data": {
-            "channel": channel,
-            "metadata": {"sequence": seq, "offset": result[0], "timestamp": result[1]}}})
+        self.enqueue_frame(ack_frame(channel, seq, result[0], result[1]))
 
     cdef void limited(self, str which, double wait, object channel, object seq):
         cdef str code = ErrorCode.SERVER_BUSY if which == "global" else ErrorCode.RATE_LIMITED

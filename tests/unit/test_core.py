@@ -15,6 +15,7 @@ from aether_fast._core import (
     Hub,
     RateBucket,
     Session,
+    encode_ack,
     encode_json_frame,
     encode_publication,
     encode_text_frame,
@@ -78,6 +79,17 @@ def test_publication_is_the_fan_out_shape() -> None:
 
 def test_json_frame() -> None:
     assert json.loads(parse_frame(encode_json_frame({"a": [1, 2]}))[2]) == {"a": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("channel", "seq", "offset"),
+    [("chat", 1, 1), ("a" * 128, 2**64 - 1, 2**62), ("A-z_0.9:x", 0, 123456789)],
+)
+def test_ack_frame_is_what_orjson_makes_of_the_ack(channel: str, seq: int, offset: int) -> None:
+    ts = "2026-11-26T03:04:05.678Z"
+    body = {"channel": channel, "metadata": {"sequence": seq, "offset": offset, "timestamp": ts}}
+    expected = encode_json_frame({"type": "message", "action": "ack", "data": body})
+    assert encode_ack(channel, seq, offset, ts) == expected
 
 
 def test_utc_timestamp_is_iso_8601_utc_with_millis() -> None:
