@@ -11,7 +11,10 @@
  *            the phase ends when every subscriber has all messages (or the grace time runs
  *            out). Prints deliveries, seconds, deliveries_per_s, lost.
  *   latency  the same connections; the publisher sends at a fixed rate for --duration seconds,
- *            each content starts with the send time in ns; every receive is a latency sample.
+ *            each content starts with the send time in ns; every receive is a latency sample,
+ *            twice: when this process read it, and when it arrived in the subscriber's socket
+ *            (the kernel's receive timestamp, SO_TIMESTAMPNS), which leaves out the time the
+ *            frame waited for this process to get round to reading it.
  *   rtt      for each count C in --conns, the first C connections (each on its own channel, with
  *            echo=1 for aether-fast) publish and wait for their own message, over and over.
  *   connect  open --conns N connections as fast as possible (at most --concurrency handshakes
@@ -97,6 +100,7 @@ typedef struct {
     int dead;
     int has_hist;
     double p50, p90, p99, p999, max, mean, min;
+    double arr_p50, arr_p99, arr_max; /* latency: publish -> arrival in the socket */
     double send_lag_max_us;
     uint64_t foreign;
     double cpu0_busy, cpu1_busy;
@@ -162,6 +166,9 @@ static struct {
     volatile sig_atomic_t stop;
     int measuring;        /* latency/rtt: record samples */
     hist_t *hist;
+    hist_t *hist_arrival; /* latency: publish -> the kernel's receive timestamp */
+    uint64_t arrival_ns;  /* that timestamp of the current read (CLOCK_MONOTONIC), or 0 */
+    int64_t real_minus_mono; /* CLOCK_REALTIME - CLOCK_MONOTONIC, ns, at start-up */
     uint64_t foreign;
     uint32_t rng;
     char *pad;
@@ -524,6 +531,7 @@ static void start_conn(conn *c) {
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (opt.mode == MODE_LATENCY) setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one);
     c->fd = fd;
     c->state = ST_CONNECTING;
     if (opt.src_ips > 0) {
@@ -605,6 +613,7 @@ static inline void on_data(conn *c, const uint8_t *p, size_t n, uint64_t now) {
     if (!sent || tag != 'M' || !g.measuring) return;
     if (opt.mode == MODE_LATENCY) {
         hrecord(g.hist, now > sent ? now - sent : 0);
+        if (g.arrival_ns) hrecord(g.hist_arrival, g.arrival_ns > sent ? g.arrival_ns - sent : 0);
     } else if (opt.mode == MODE_RTT) {
         if (sent == c->rtt_sent) {
             hrecord(g.hist, now - sent);
@@ -690,7 +699,30 @@ static void on_readable(conn *c) {
     uint8_t *buf = g.rbuf;
     size_t pre = c->carry_len;
     if (pre) memcpy(buf, c->carry, pre);
-    ssize_t r = read(c->fd, buf + pre, RBUF_SIZE - pre);
+    ssize_t r;
+    if (opt.mode == MODE_LATENCY) {
+        /* the kernel's receive timestamp of the last segment this read takes: for a frame
+         * that came in an earlier segment of the same read it is late, never early */
+        struct iovec iov = {.iov_base = buf + pre, .iov_len = RBUF_SIZE - pre};
+        union {
+            char b[CMSG_SPACE(sizeof(struct timespec))];
+            struct cmsghdr align;
+        } ctl;
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b,
+                            .msg_controllen = sizeof ctl.b};
+        r = recvmsg(c->fd, &mh, 0);
+        g.arrival_ns = 0;
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); r > 0 && cm; cm = CMSG_NXTHDR(&mh, cm)) {
+            if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_TIMESTAMPNS) {
+                struct timespec ts;
+                memcpy(&ts, CMSG_DATA(cm), sizeof ts);
+                int64_t real = (int64_t)ts.tv_sec * 1000000000ll + ts.tv_nsec;
+                g.arrival_ns = (uint64_t)(real - g.real_minus_mono);
+            }
+        }
+    } else {
+        r = read(c->fd, buf + pre, RBUF_SIZE - pre);
+    }
     if (r <= 0) {
         if (r < 0 && (errno == EAGAIN || errno == EINTR)) return;
         conn_dead(c, r == 0 ? "closed (EOF)" : "read", r == 0 ? 0 : errno);
@@ -1045,6 +1077,7 @@ static int lat_done(void) {
 
 static void run_rate(phase_t *ph, double rate) {
     memset(g.hist, 0, sizeof *g.hist);
+    memset(g.hist_arrival, 0, sizeof *g.hist_arrival);
     lat_rate = rate;
     lat_next_k = 0;
     lat_sent = 0;
@@ -1099,6 +1132,10 @@ static void run_rate(phase_t *ph, double rate) {
     ph->per_s = secs > 0 ? (double)got / secs : 0;
     ph->send_lag_max_us = lat_lag_max;
     hist_into(ph, g.hist);
+    const hist_t *ha = g.hist_arrival;
+    ph->arr_p50 = ha->count ? hquantile(ha, 0.50) / 1e3 : -1.0;
+    ph->arr_p99 = ha->count ? hquantile(ha, 0.99) / 1e3 : -1.0;
+    ph->arr_max = ha->count ? (double)ha->max / 1e3 : -1.0;
 }
 
 /* rtt: C connections, each publishes and waits for its own message */
@@ -1262,7 +1299,10 @@ static void print_result(double connect_s, long connected) {
             printf(",\"p50_us\":%.2f,\"p90_us\":%.2f,\"p99_us\":%.2f,\"p999_us\":%.2f,"
                    "\"max_us\":%.2f,\"min_us\":%.2f,\"mean_us\":%.2f",
                    p->p50, p->p90, p->p99, p->p999, p->max, p->min, p->mean);
-        if (opt.mode == MODE_LATENCY) printf(",\"send_lag_max_us\":%.1f", p->send_lag_max_us);
+        if (opt.mode == MODE_LATENCY)
+            printf(",\"send_lag_max_us\":%.1f,\"arrival_p50_us\":%.2f,\"arrival_p99_us\":%.2f,"
+                   "\"arrival_max_us\":%.2f",
+                   p->send_lag_max_us, p->arr_p50, p->arr_p99, p->arr_max);
         printf("}");
     }
     printf("]}\n");
@@ -1457,6 +1497,13 @@ int main(int argc, char **argv) {
     g.ep = epoll_create1(EPOLL_CLOEXEC);
     g.rbuf = malloc(RBUF_SIZE);
     g.hist = calloc(1, sizeof *g.hist);
+    g.hist_arrival = calloc(1, sizeof *g.hist_arrival);
+    {   /* the kernel stamps arrivals with CLOCK_REALTIME; samples are CLOCK_MONOTONIC */
+        struct timespec r, m;
+        clock_gettime(CLOCK_REALTIME, &r);
+        clock_gettime(CLOCK_MONOTONIC, &m);
+        g.real_minus_mono = ((int64_t)r.tv_sec - m.tv_sec) * 1000000000ll + (r.tv_nsec - m.tv_nsec);
+    }
     g.n = need;
     g.c = calloc((size_t)need, sizeof(conn));
     for (long i = 0; i < need; i++) {
