@@ -276,6 +276,9 @@ class ChannelStore:
         #: (WORKERS > 1 needs the Redis store; restore takes the lock exclusively), so the
         #: copy stays exact; it spares every join of an unconfigured channel a query.
         self._known: dict[str, ChannelConfig | None] = {}
+        #: True while `_known` holds every stored config (read at open when there are at
+        #: most KNOWN_CONFIGS): a name it lacks is not stored, with no query at all
+        self._complete = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -313,6 +316,16 @@ class ChannelStore:
             self._release()
             raise
         self._conn = conn
+        self._read_known()
+
+    def _read_known(self) -> None:
+        """Hold every stored config in memory when there are at most KNOWN_CONFIGS."""
+        self._known.clear()
+        self._complete = False
+        stored = self.list()
+        if len(stored) <= KNOWN_CONFIGS:
+            self._known.update((c.name, c) for c in stored)
+            self._complete = True
 
     def _release(self) -> None:
         if self._own_lock:
@@ -360,6 +373,7 @@ class ChannelStore:
         """Close the database; the store may be opened again."""
         conn, self._conn = self._conn, None
         self._known.clear()
+        self._complete = False
         if conn is not None:
             conn.close()
         self._release()
@@ -389,6 +403,8 @@ class ChannelStore:
         """The stored config of `name`, or None."""
         if name in self._known:
             return self._known[name]
+        if self._complete:
+            return None
         try:
             row = self._db().execute(f"{_SELECT} WHERE name = ?", (name,)).fetchone()
         except sqlite3.Error as e:
@@ -433,13 +449,18 @@ class ChannelStore:
                     (*values[1:], cfg.name),
                 )
         self._known[cfg.name] = cfg
+        if len(self._known) > KNOWN_CONFIGS:
+            self._complete = False
         return created
 
     def delete(self, name: str) -> bool:
         """Remove `name`; True if it existed."""
         with self._write() as conn:
             existed = conn.execute("DELETE FROM channels WHERE name = ?", (name,)).rowcount == 1
-        self._known[name] = None
+        if self._complete:
+            self._known.pop(name, None)
+        else:
+            self._known[name] = None
         return existed
 
     # -- backup ------------------------------------------------------------------------------
@@ -475,6 +496,7 @@ class ChannelStore:
         self._not_self(path)
         src = _open_backup(path)
         self._known.clear()
+        self._complete = False
         try:
             src.backup(conn)
         except sqlite3.Error as e:
@@ -485,6 +507,7 @@ class ChannelStore:
             conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: {self._explain(e)}") from None
+        self._read_known()
 
 
 def _open_backup(path: str) -> sqlite3.Connection:

@@ -18,6 +18,61 @@ cdef void shrink(MemoryBuffer buffer) noexcept:
             buffer.size = 0
 
 
+cdef class _SocketOptions:
+    """The socket as picows' `connection_made` uses it (fileno, setsockopt, getsockopt),
+    working on the descriptor. uvloop's socket object builds a Python `socket.socket` for
+    each such call: six per connection were a tenth of connection set-up."""
+    cdef int fd
+
+    def __init__(self, int fd):
+        self.fd = fd
+
+    def fileno(self):
+        return self.fd
+
+    def setsockopt(self, int level, int option, int value):
+        if setsockopt(self.fd, level, option, &value, sizeof(value)) != 0:
+            PyErr_SetFromErrno(OSError)
+
+    def getsockopt(self, int level, int option):
+        cdef int value = 0
+        cdef unsigned int size = sizeof(value)
+        if getsockopt(self.fd, level, option, &value, &size) != 0:
+            PyErr_SetFromErrno(OSError)
+        return value
+
+
+cdef class _HandOffView:
+    """The transport as picows' `connection_made` sees it: the real one, but for the socket."""
+    cdef object real
+    cdef object sock
+    cdef public object write
+    cdef public object get_write_buffer_size
+
+    def __init__(self, object real, int fd):
+        self.real = real
+        self.sock = _SocketOptions(fd)
+        self.write = real.write
+        self.get_write_buffer_size = real.get_write_buffer_size
+
+    def get_extra_info(self, name, default=None):
+        if name == "socket":
+            return self.sock
+        return self.real.get_extra_info(name, default)
+
+
+def attach(object protocol, object transport):
+    """`protocol.connection_made(transport)` for a picows `WSProtocol`, through a view
+    whose socket options are cheap; afterwards picows holds the real transport."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        protocol.connection_made(transport)
+        return
+    protocol.connection_made(_HandOffView(transport, sock.fileno()))
+    cdef WSTransport ws = protocol.transport
+    ws.underlying_transport = transport
+
+
 cdef inline bint valid_close_code(int code):
     if code >= 3000 and code <= 4999:
         return True

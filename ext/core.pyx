@@ -14,6 +14,7 @@ member's outbox, and each outbox is written with one write per loop pass.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.exc cimport PyErr_SetFromErrno
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcpy, memset
 from libc.stdint cimport uint8_t, uint64_t
@@ -48,6 +49,8 @@ cdef extern from "<sys/socket.h>" nogil:
         size_t msg_controllen
         int msg_flags
     Py_ssize_t sendmsg(int fd, const msghdr* msg, int flags)
+    int setsockopt(int fd, int level, int optname, const void* optval, unsigned int optlen)
+    int getsockopt(int fd, int level, int optname, void* optval, unsigned int* optlen)
     int MSG_DONTWAIT
     int MSG_NOSIGNAL
 

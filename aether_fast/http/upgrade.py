@@ -21,7 +21,7 @@ from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # internal, pinned
 
 from aether_fast import logs
-from aether_fast._core import Connection, EchoSession, Hub, Session
+from aether_fast._core import Connection, EchoSession, Hub, Session, attach
 from aether_fast.auth import Authenticator, AuthError
 from aether_fast.config import Config
 from aether_fast.http.front import Request, Response
@@ -180,7 +180,7 @@ class WebSocketUpgrader:
             READ_BUFFER_INIT,
         )
         transport.set_protocol(protocol)
-        protocol.connection_made(transport)
+        attach(protocol, transport)
         _feed(protocol, _rebuild_head(request) + rest)
 
     def _admit(self, request: Request) -> Response | None:

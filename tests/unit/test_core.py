@@ -301,3 +301,21 @@ def test_busy_poll_off_never_spins() -> None:
         assert not hub.spinning
     finally:
         loop.close()
+
+
+def test_socket_options_work_on_the_descriptor() -> None:
+    """What picows' connection_made sets through the hand-off view reaches the socket."""
+    import socket
+
+    from aether_fast._core import _SocketOptions
+
+    with socket.socket() as s:
+        opts = _SocketOptions(s.fileno())
+        assert opts.fileno() == s.fileno()
+        opts.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert opts.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        with pytest.raises(OSError):
+            opts.setsockopt(socket.IPPROTO_TCP, 9999, 1)
+    with pytest.raises(OSError):
+        _SocketOptions(-1).getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)

@@ -207,6 +207,38 @@ def test_persists_across_reopen(tmp_path: Path) -> None:
     again.close()
 
 
+@pytest.mark.parametrize("known_limit", [50_000, 1])
+def test_reopened_store_answers_from_memory_when_small(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, known_limit: int
+) -> None:
+    """Stored configs are read once at open (when there are at most KNOWN_CONFIGS): a join
+    of an unconfigured channel costs no query. Past the limit every answer still holds."""
+    monkeypatch.setattr("aether_fast.store.KNOWN_CONFIGS", known_limit)
+    data = str(tmp_path / "data")
+    s = ChannelStore(data)
+    s.open()
+    s.put(cfg("chat"))
+    s.put(cfg("news"))
+    s.close()
+    again = ChannelStore(data)
+    again.open()
+    queries: list[str] = []
+    again._db().set_trace_callback(queries.append)
+    assert again.get("chat") == cfg("chat")
+    assert again.get("lobby") is None
+    assert again.get("lobby") is None
+    again.put(cfg("lobby", presence=True))
+    assert again.get("lobby") == cfg("lobby", presence=True)
+    assert again.delete("news") is True
+    assert again.get("news") is None
+    reads = [q for q in queries if q.lstrip().upper().startswith("SELECT")]
+    if known_limit > 2:
+        assert reads == []
+    else:
+        assert len(reads) == 2  # "chat" and "lobby" once each, then remembered
+    again.close()
+
+
 def test_use_before_open_is_an_error(tmp_path: Path) -> None:
     s = ChannelStore(str(tmp_path))
     with pytest.raises(StoreError, match="not open"):
