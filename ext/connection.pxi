@@ -43,15 +43,20 @@ cdef class _SocketOptions:
 
 
 cdef class _HandOffView:
-    """The transport as picows' `connection_made` sees it: the real one, but for the socket."""
+    """The transport as picows sees it while it takes a socket over: the real one, but for
+    the socket (options set on the descriptor) and for its 101 response, which joins the
+    outbox so that it leaves with the first frames in one write."""
     cdef object real
     cdef object sock
+    cdef Connection listener
+    cdef WSTransport ws
     cdef public object write
     cdef public object get_write_buffer_size
 
-    def __init__(self, object real, int fd):
+    def __init__(self, object real, int fd, Connection listener):
         self.real = real
         self.sock = _SocketOptions(fd)
+        self.listener = listener
         self.write = real.write
         self.get_write_buffer_size = real.get_write_buffer_size
 
@@ -60,17 +65,38 @@ cdef class _HandOffView:
             return self.sock
         return self.real.get_extra_info(name, default)
 
+    def write_response(self, data):
+        self.ws.underlying_transport = self.real  # from here on picows has the real one
+        if data[:12] == b"HTTP/1.1 101":
+            self.listener.enqueue_frame(bytes(data))
+        else:  # an error response, followed by a disconnect: written now
+            self.real.write(data)
 
-def attach(object protocol, object transport):
-    """`protocol.connection_made(transport)` for a picows `WSProtocol`, through a view
-    whose socket options are cheap; afterwards picows holds the real transport."""
+
+def hand_over(object protocol, object transport, Connection listener, bytes data):
+    """Give the socket behind `transport` to `protocol` (a picows WSProtocol whose listener
+    is `listener`) and feed it the upgrade request `data`. picows' `connection_made` sees a
+    view of the transport whose socket options are cheap (uvloop's socket object builds a
+    Python `socket.socket` for each of its six calls), and its 101 response goes out with
+    the connect reply in one write. Afterwards picows holds the real transport."""
     sock = transport.get_extra_info("socket")
-    if sock is None:
+    cdef _HandOffView view = None
+    if sock is not None:
+        view = _HandOffView(transport, sock.fileno(), listener)
+        protocol.connection_made(view)
+        view.ws = protocol.transport
+        view.write = view.write_response
+    else:
         protocol.connection_made(transport)
-        return
-    protocol.connection_made(_HandOffView(transport, sock.fileno()))
-    cdef WSTransport ws = protocol.transport
-    ws.underlying_transport = transport
+    cdef Py_ssize_t pos = 0, n, size = len(data)
+    while pos < size:
+        buf = protocol.get_buffer(size - pos)
+        n = min(len(buf), size - pos)
+        buf[:n] = data[pos:pos + n]
+        protocol.buffer_updated(n)
+        pos += n
+    if view is not None:
+        view.ws.underlying_transport = transport
 
 
 cdef inline bint valid_close_code(int code):

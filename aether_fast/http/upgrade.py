@@ -21,7 +21,7 @@ from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # internal, pinned
 
 from aether_fast import logs
-from aether_fast._core import Connection, EchoSession, Hub, Session, attach
+from aether_fast._core import Connection, EchoSession, Hub, Session, hand_over
 from aether_fast.auth import Authenticator, AuthError
 from aether_fast.config import Config
 from aether_fast.http.front import Request, Response
@@ -180,8 +180,7 @@ class WebSocketUpgrader:
             READ_BUFFER_INIT,
         )
         transport.set_protocol(protocol)
-        attach(protocol, transport)
-        _feed(protocol, _rebuild_head(request) + rest)
+        hand_over(protocol, transport, listener, _rebuild_head(request) + rest)
 
     def _admit(self, request: Request) -> Response | None:
         version = request.header("sec-websocket-version")
@@ -247,13 +246,3 @@ def _rebuild_head(request: Request) -> bytes:
             value = b"Upgrade"
         lines.append(name + b": " + value)
     return b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-def _feed(protocol: WSProtocol, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        buf = protocol.get_buffer(len(view))
-        n = min(len(buf), len(view))
-        buf[:n] = view[:n]
-        protocol.buffer_updated(n)
-        view = view[n:]
