@@ -5,7 +5,7 @@
 # encode once, history, deliver. What is not per message (recovery, sweeps, forget) stays in
 # aether_fast/brokers/memory.py and reads the same objects.
 
-import secrets
+from aether_fast.brokers.base import new_epoch
 
 cdef enum:
     # the sequences remembered per (user, client_id, channel): brokers.memory.DEDUP_WINDOW
@@ -142,7 +142,7 @@ cdef class ChannelLog:
     cdef public object history
 
     def __init__(self):
-        self.epoch = secrets.token_hex(4)
+        self.epoch = new_epoch()
         self.offset = 0
         self.history = deque()
 

@@ -18,14 +18,28 @@ Guarantees (every implementation keeps all of them):
 
 from __future__ import annotations
 
+import itertools
+import secrets
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 
 class BrokerUnavailable(RuntimeError):
     """The broker did not confirm an operation (Redis unreachable): nothing the caller could
     rely on was done. REST answers it with 503, a publish with an error instead of an ack."""
+
+
+_EPOCH_START: Final = secrets.randbits(32)
+_epochs = itertools.count(1)
+
+
+def new_epoch() -> str:
+    """A new epoch: 8 hex digits, each one new within this process (a random start per
+    process, then a counter; workers are separate processes) and as unlikely to repeat one
+    of another process as a random draw, without asking the OS for randomness each time
+    (the Redis broker sends a candidate with every publish)."""
+    return f"{(_EPOCH_START + next(_epochs)) & 0xFFFFFFFF:08x}"
 
 
 #: (offset, timestamp, duplicate): what the sender's ack carries.

@@ -48,7 +48,7 @@ from redis.exceptions import NoScriptError, RedisError
 from aether_fast import logs
 from aether_fast._core import encode_text_frame, utc_timestamp
 from aether_fast.brokers import resp
-from aether_fast.brokers.base import BrokerUnavailable, PublishResult, Recovery
+from aether_fast.brokers.base import BrokerUnavailable, PublishResult, Recovery, new_epoch
 from aether_fast.brokers.memory import DEDUP_WINDOW
 from aether_fast.store import ChannelConfig
 
@@ -287,7 +287,7 @@ class RedisBroker:
             who,
             head,
             tail,
-            secrets.token_hex(4),
+            new_epoch(),
             ts,
             sequence % DEDUP_WINDOW,
         ]
@@ -410,7 +410,7 @@ class RedisBroker:
         since_arg = -1 if since is None else since
         try:
             offset, current, entries = await self._script(
-                _POSITION, _POSITION_SHA, 2, [*_keys(channel), since_arg, secrets.token_hex(4)]
+                _POSITION, _POSITION_SHA, 2, [*_keys(channel), since_arg, new_epoch()]
             )
         except (RedisError, OSError) as exc:
             self._degraded(exc)
@@ -429,7 +429,7 @@ class RedisBroker:
     async def position(self, channel: str) -> tuple[int, str]:
         try:
             offset, epoch, _ = await self._script(
-                _POSITION, _POSITION_SHA, 2, [*_keys(channel), -1, secrets.token_hex(4)]
+                _POSITION, _POSITION_SHA, 2, [*_keys(channel), -1, new_epoch()]
             )
         except (RedisError, OSError) as exc:
             self._degraded(exc)

@@ -319,3 +319,11 @@ def test_socket_options_work_on_the_descriptor() -> None:
             opts.setsockopt(socket.IPPROTO_TCP, 9999, 1)
     with pytest.raises(OSError):
         _SocketOptions(-1).getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+def test_new_epochs_are_distinct_8_hex_digits() -> None:
+    from aether_fast.brokers.base import new_epoch
+
+    epochs = [new_epoch() for _ in range(10000)]
+    assert len(set(epochs)) == len(epochs)
+    assert all(re.fullmatch(r"[0-9a-f]{8}", e) for e in epochs)
