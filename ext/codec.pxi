@@ -32,22 +32,10 @@ cdef extern from *:
 
 cdef bytes frame_bytes(uint8_t opcode, const char* payload, Py_ssize_t n):
     """One final, unmasked frame: the header written once in front of the payload."""
-    cdef Py_ssize_t hl = 2 if n < 126 else (4 if n < 65536 else 10)
+    cdef Py_ssize_t hl = header_size(n)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, hl + n)
     cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
-    cdef uint64_t ln = <uint64_t>n
-    cdef int i
-    p[0] = 0x80 | opcode
-    if n < 126:
-        p[1] = <uint8_t>n
-    elif n < 65536:
-        p[1] = 126
-        p[2] = <uint8_t>(n >> 8)
-        p[3] = <uint8_t>(n & 0xFF)
-    else:
-        p[1] = 127
-        for i in range(8):
-            p[2 + i] = <uint8_t>((ln >> (56 - 8 * i)) & 0xFF)
+    write_header(p, opcode, n)
     memcpy(p + hl, payload, n)
     return out
 
@@ -125,9 +113,83 @@ def encode_json_frame(object obj) -> bytes:
     return json_frame(obj)
 
 
+cdef inline Py_ssize_t header_size(Py_ssize_t n) noexcept:
+    return 2 if n < 126 else (4 if n < 65536 else 10)
+
+
+cdef inline void write_header(uint8_t* p, uint8_t opcode, Py_ssize_t n) noexcept:
+    cdef uint64_t ln = <uint64_t>n
+    cdef int i
+    p[0] = 0x80 | opcode
+    if n < 126:
+        p[1] = <uint8_t>n
+    elif n < 65536:
+        p[1] = 126
+        p[2] = <uint8_t>(n >> 8)
+        p[3] = <uint8_t>(n & 0xFF)
+    else:
+        p[1] = 127
+        for i in range(8):
+            p[2 + i] = <uint8_t>((ln >> (56 - 8 * i)) & 0xFF)
+
+
+cdef inline char* put(char* p, const char* src, Py_ssize_t n) noexcept:
+    memcpy(p, src, n)
+    return p + n
+
+
 cdef bytes publication_frame(str channel, str content, object sequence, str timestamp,
                              long long offset, str client_id, object user_id):
-    return json_frame({
+    """The fan-out frame, assembled from its parts: orjson escapes only the strings (and
+    the user id), the fixed text and the numbers are copied in, and the frame header is
+    written in front, in one allocation. The same bytes as orjson gives for the dict."""
+    if type(sequence) is not int or sequence < 0 or sequence > 0xFFFFFFFFFFFFFFFF:
+        return json_frame(publication_dict(channel, content, sequence, timestamp, offset,
+                                           client_id, user_id))
+    cdef bytes ch = _dumps(channel)
+    cdef bytes body = _dumps(content)
+    cdef bytes ts = _dumps(timestamp)
+    cdef bytes cid = _dumps(client_id)
+    cdef bytes uid = _dumps(user_id)
+    cdef char nums[64]
+    cdef int seq_len = snprintf(nums, 32, "%llu", <unsigned long long>sequence)
+    cdef int off_len = snprintf(nums + 32, 32, "%lld", offset)
+    cdef const char* a = b'{"type":"message","action":"send","data":{"channel":'
+    cdef const char* b = b',"content":'
+    cdef const char* c = b',"metadata":{"sequence":'
+    cdef const char* d = b',"timestamp":'
+    cdef const char* e = b',"offset":'
+    cdef const char* f = b',"client_id":'
+    cdef const char* g = b',"user_id":'
+    cdef const char* h = b'}}}'
+    cdef Py_ssize_t n = (52 + len(ch) + 11 + len(body) + 24 + seq_len + 13 + len(ts) + 10
+                         + off_len + 13 + len(cid) + 11 + len(uid) + 3)
+    cdef Py_ssize_t hl = header_size(n)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, hl + n)
+    cdef char* p = PyBytes_AS_STRING(out)
+    write_header(<uint8_t*>p, 0x1, n)
+    p += hl
+    p = put(p, a, 52)
+    p = put(p, PyBytes_AS_STRING(ch), len(ch))
+    p = put(p, b, 11)
+    p = put(p, PyBytes_AS_STRING(body), len(body))
+    p = put(p, c, 24)
+    p = put(p, nums, seq_len)
+    p = put(p, d, 13)
+    p = put(p, PyBytes_AS_STRING(ts), len(ts))
+    p = put(p, e, 10)
+    p = put(p, nums + 32, off_len)
+    p = put(p, f, 13)
+    p = put(p, PyBytes_AS_STRING(cid), len(cid))
+    p = put(p, g, 11)
+    p = put(p, PyBytes_AS_STRING(uid), len(uid))
+    put(p, h, 3)
+    return out
+
+
+cdef dict publication_dict(str channel, str content, object sequence, str timestamp,
+                           long long offset, str client_id, object user_id):
+    return {
         "type": "message",
         "action": "send",
         "data": {
@@ -141,7 +203,7 @@ cdef bytes publication_frame(str channel, str content, object sequence, str time
                 "user_id": user_id,
             },
         },
-    })
+    }
 
 
 def encode_publication(str channel, str content, object sequence, str timestamp,

@@ -327,3 +327,38 @@ def test_new_epochs_are_distinct_8_hex_digits() -> None:
     epochs = [new_epoch() for _ in range(10000)]
     assert len(set(epochs)) == len(epochs)
     assert all(re.fullmatch(r"[0-9a-f]{8}", e) for e in epochs)
+
+
+@pytest.mark.parametrize(
+    ("content", "sequence", "client_id", "user_id"),
+    [
+        ("hello", 1, "c1", "alice"),
+        ('quo"te \\ back\nline \x00\x1f é 😀 \u2028', 2**64 - 1, "A-z_0.9:x", "bøb"),
+        ("", 0, "c", 42),
+        ("x" * 70000, 123, "c", None),  # a 64-bit length header
+        ("neg", -1, "c", "u"),  # not a u64: the generic path
+    ],
+)
+def test_publication_frame_is_what_orjson_makes_of_the_dict(
+    content: str, sequence: int, client_id: str, user_id: object
+) -> None:
+    ts = "2026-11-26T03:04:05.678Z"
+    expected = encode_json_frame(
+        {
+            "type": "message",
+            "action": "send",
+            "data": {
+                "channel": "room.1",
+                "content": content,
+                "metadata": {
+                    "sequence": sequence,
+                    "timestamp": ts,
+                    "offset": 99,
+                    "client_id": client_id,
+                    "user_id": user_id,
+                },
+            },
+        }
+    )
+    got = encode_publication("room.1", content, sequence, ts, 99, client_id, user_id)  # type: ignore[arg-type]
+    assert got == expected
