@@ -122,10 +122,8 @@ def sender(hub: Hub, user: str, client_id: str) -> Session:
     return Session(hub, client_id, Claims(user, 2e9, False, None), "127.0.0.1")
 
 
-@pytest.fixture
-def broker() -> tuple[MemoryBroker, Hub, object]:
-    loop = asyncio.new_event_loop()
-    hub = Hub(
+def _hub(loop: asyncio.AbstractEventLoop, busy_poll_s: float) -> Hub:
+    return Hub(
         loop,
         send_buffer_limit=1 << 20,
         max_message_bytes=65536,
@@ -133,7 +131,14 @@ def broker() -> tuple[MemoryBroker, Hub, object]:
         conn_window=1,
         global_rate=0,
         refresh_notice=60,
+        busy_poll_s=busy_poll_s,
     )
+
+
+@pytest.fixture
+def broker() -> tuple[MemoryBroker, Hub, object]:
+    loop = asyncio.new_event_loop()
+    hub = _hub(loop, 0.0)
     config = load_config({"JWT_SECRET": "x" * 40, "HISTORY_SIZE": "5"})
     channel = hub.add_channel("chat", default_channel_config("chat", config))
     yield MemoryBroker(hub, history_ttl_s=3600, dedup_ttl_s=300), hub, channel
@@ -266,19 +271,6 @@ def test_forget_starts_a_new_epoch(broker: tuple[MemoryBroker, Hub, object]) -> 
     b.forget("chat")
     offset, new_epoch = b.position("chat")
     assert offset == 0 and new_epoch != epoch
-
-
-def _hub(loop: asyncio.AbstractEventLoop, busy_poll_s: float) -> Hub:
-    return Hub(
-        loop,
-        send_buffer_limit=1 << 20,
-        max_message_bytes=65536,
-        conn_capacity=0,
-        conn_window=1,
-        global_rate=0,
-        refresh_notice=60,
-        busy_poll_s=busy_poll_s,
-    )
 
 
 def test_busy_poll_spins_after_a_flush_then_stops() -> None:
