@@ -316,16 +316,30 @@ class ChannelStore:
             self._release()
             raise
         self._conn = conn
-        self._read_known()
+        try:
+            self._read_known()
+        except BaseException:
+            self._conn = None
+            conn.close()
+            self._release()
+            raise
 
     def _read_known(self) -> None:
         """Hold every stored config in memory when there are at most KNOWN_CONFIGS."""
         self._known.clear()
         self._complete = False
-        stored = self.list()
-        if len(stored) <= KNOWN_CONFIGS:
-            self._known.update((c.name, c) for c in stored)
-            self._complete = True
+        try:
+            (count,) = self._db().execute("SELECT COUNT(*) FROM channels").fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: read failed: {self._explain(e)}") from None
+        if int(count) > KNOWN_CONFIGS:
+            return
+        try:
+            stored = self.list()
+        except (ValueError, TypeError):
+            return  # a row that cannot be read: each name is answered by a query, as before
+        self._known.update((c.name, c) for c in stored)
+        self._complete = True
 
     def _release(self) -> None:
         if self._own_lock:

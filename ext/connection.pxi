@@ -45,7 +45,7 @@ cdef class _SocketOptions:
 cdef class _HandOffView:
     """The transport as picows sees it while it takes a socket over: the real one, but for
     the socket (options set on the descriptor) and for its 101 response, which joins the
-    outbox so that it leaves with the first frames in one write."""
+    outbox so that it leaves with the connect reply in one write."""
     cdef object real
     cdef object sock
     cdef Connection listener
@@ -72,22 +72,51 @@ cdef class _HandOffView:
         else:  # an error response, followed by a disconnect: written now
             self.real.write(data)
 
+    # anything else picows may do before it has the real transport back (it refuses a
+    # request and disconnects) goes to the real one
+    def close(self):
+        self.real.close()
 
-def hand_over(object protocol, object transport, Connection listener, bytes data):
+    def abort(self):
+        self.real.abort()
+
+    def is_closing(self):
+        return self.real.is_closing()
+
+
+def hand_over(object protocol, object transport, Connection listener, bytes head, bytes rest):
     """Give the socket behind `transport` to `protocol` (a picows WSProtocol whose listener
-    is `listener`) and feed it the upgrade request `data`. picows' `connection_made` sees a
-    view of the transport whose socket options are cheap (uvloop's socket object builds a
-    Python `socket.socket` for each of its six calls), and its 101 response goes out with
-    the connect reply in one write. Afterwards picows holds the real transport."""
+    is `listener`) and feed it the upgrade request `head`, then any bytes that came after
+    it. picows' `connection_made` sees a view of the transport whose socket options are
+    cheap (uvloop's socket object builds a Python `socket.socket` for each of its six
+    calls), and its 101 response joins the outbox, to leave with the connect reply in one
+    write. Afterwards picows holds the real transport."""
     sock = transport.get_extra_info("socket")
-    cdef _HandOffView view = None
-    if sock is not None:
-        view = _HandOffView(transport, sock.fileno(), listener)
+    if sock is None:
+        protocol.connection_made(transport)
+        feed(protocol, head)
+        feed(protocol, rest)
+        return
+    cdef _HandOffView view = _HandOffView(transport, sock.fileno(), listener)
+    try:
         protocol.connection_made(view)
         view.ws = protocol.transport
         view.write = view.write_response
-    else:
-        protocol.connection_made(transport)
+        feed(protocol, head)
+        if rest:
+            # frames pipelined behind the request: picows may answer one itself (a close
+            # for a bad frame), straight to the socket, so the 101 must be out first
+            listener.flush_outbox()
+            feed(protocol, rest)
+    finally:
+        if view.ws is not None:
+            view.ws.underlying_transport = transport
+        view.write = None  # no cycle, nothing kept alive by the view
+        view.ws = None
+        view.listener = None
+
+
+cdef void feed(object protocol, bytes data) except *:
     cdef Py_ssize_t pos = 0, n, size = len(data)
     while pos < size:
         buf = protocol.get_buffer(size - pos)
@@ -95,8 +124,6 @@ def hand_over(object protocol, object transport, Connection listener, bytes data
         buf[:n] = data[pos:pos + n]
         protocol.buffer_updated(n)
         pos += n
-    if view is not None:
-        view.ws.underlying_transport = transport
 
 
 cdef inline bint valid_close_code(int code):

@@ -29,6 +29,9 @@ from aether_fast.protocol import CHANNEL_NAME_RE, ErrorCode
 
 #: Initial per-connection read buffer; picows grows it on demand for larger frames.
 READ_BUFFER_INIT = 1024
+#: picows drops, without a response, an upgrade request whose head reaches 16 KiB
+#: (`WSProtocol._http_max_size`); ours is measured differently, so the rebuilt head is checked.
+PICOWS_MAX_HEAD = 16 * 1024
 
 
 class _PicowsLog:
@@ -112,9 +115,17 @@ class WebSocketUpgrader:
         refused = self._admit(request)
         if refused is not None:
             return refused
+        head = _rebuild_head(request)
+        if len(head) >= PICOWS_MAX_HEAD:
+            return Response.error(
+                431,
+                ErrorCode.INVALID_MESSAGE,
+                "request head too large",
+                f"upgrade request over {PICOWS_MAX_HEAD - 1} bytes",
+            )
         if request.path == self._config.echo_path:
             echo = EchoSession(self._hub, request.peer, self._config.max_message_bytes)
-            self._hand_off(echo, request, transport, rest)
+            self._hand_off(echo, head, transport, rest)
             return None
         query = parse_qs(request.query, keep_blank_values=True)
 
@@ -155,11 +166,11 @@ class WebSocketUpgrader:
         if channel is not None:
             session.initial = {"channel": channel, "since": since, "epoch": epoch}
 
-        self._hand_off(session, request, transport, rest)
+        self._hand_off(session, head, transport, rest)
         return None
 
     def _hand_off(
-        self, listener: Connection, request: Request, transport: asyncio.Transport, rest: bytes
+        self, listener: Connection, head: bytes, transport: asyncio.Transport, rest: bytes
     ) -> None:
         """Give the socket to picows with `listener` as its WSListener."""
         protocol = WSProtocol(
@@ -180,7 +191,7 @@ class WebSocketUpgrader:
             READ_BUFFER_INIT,
         )
         transport.set_protocol(protocol)
-        hand_over(protocol, transport, listener, _rebuild_head(request) + rest)
+        hand_over(protocol, transport, listener, head, rest)
 
     def _admit(self, request: Request) -> Response | None:
         version = request.header("sec-websocket-version")

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Server
+from tests.integration.helpers import OP_TEXT, build_frame, no_new_server_errors  # noqa: F401 (autouse)
 from tests.integration.rawhttp import RawConn, RawResponse, exchange, request_bytes, upgrade_bytes
 from tests.integration.wsclient import Client
 
@@ -304,6 +305,43 @@ def test_head_over_16k_is_431(server: Server, bystander: Client) -> None:
 def test_upgrade_with_head_over_16k_is_431(server: Server, bystander: Client) -> None:
     resp = exchange(server.port, upgrade_bytes("/ws", headers={"X-Big": "a" * (17 * 1024)}))
     assert resp.status == 431, resp
+    still_serving(server, bystander)
+
+
+def test_upgrades_with_heads_around_the_limit_are_answered(
+    server: Server, bystander: Client
+) -> None:
+    """Heads from just under to just over 16 KiB, in small steps: each gets a 101 or a clean
+    refusal (picows measures the head a little differently from our front), never a crash."""
+    base = len(upgrade_bytes("/ws", headers={"X-Big": ""}))
+    statuses = set()
+    for size in range(16 * 1024 - 40, 16 * 1024 + 40, 3):
+        with RawConn(server.port) as conn:
+            conn.send(upgrade_bytes("/ws", headers={"X-Big": "a" * (size - base)}))
+            status, _, _ = conn.read_head()
+            assert status in (101, 400, 431), status
+            statuses.add(status)
+    assert 101 in statuses and 431 in statuses
+    still_serving(server, bystander)
+
+
+def test_frame_pipelined_behind_the_upgrade_is_answered_after_the_101(
+    server: Server, bystander: Client
+) -> None:
+    """A bad frame sent with the upgrade request: picows answers it (close 1002) itself, and
+    that must not overtake the 101."""
+    token = server.token("alice")
+    with RawConn(server.port) as conn:
+        conn.send(
+            upgrade_bytes(f"/ws?token={token}&client_id=pipe")
+            + build_frame(OP_TEXT, b"unmasked", mask=False)
+        )
+        status, _, _ = conn.read_head()
+        assert status == 101
+        op, payload = conn.read_ws_frame()
+        while op != 0x88:  # the connect reply may come first
+            op, payload = conn.read_ws_frame()
+        assert int.from_bytes(payload[:2], "big") == 1002
     still_serving(server, bystander)
 
 
