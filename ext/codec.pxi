@@ -138,77 +138,66 @@ cdef inline char* put(char* p, const char* src, Py_ssize_t n) noexcept:
     return p + n
 
 
-cdef bytes publication_frame(str channel, str content, object sequence, str timestamp,
-                             long long offset, str client_id, object user_id):
+cdef inline char* put_bytes(char* p, bytes piece) noexcept:
+    return put(p, PyBytes_AS_STRING(piece), PyBytes_GET_SIZE(piece))
+
+
+# the fixed text of a publication, between its values (key order as the dict would give)
+cdef bytes PUB_CHANNEL = b'{"type":"message","action":"send","data":{"channel":'
+cdef bytes PUB_CONTENT = b',"content":'
+cdef bytes PUB_SEQUENCE = b',"metadata":{"sequence":'
+cdef bytes PUB_TIMESTAMP = b',"timestamp":'
+cdef bytes PUB_OFFSET = b',"offset":'
+cdef bytes PUB_CLIENT_ID = b',"client_id":'
+cdef bytes PUB_USER_ID = b',"user_id":'
+cdef bytes PUB_END = b'}}}'
+cdef Py_ssize_t PUB_FIXED = (len(PUB_CHANNEL) + len(PUB_CONTENT) + len(PUB_SEQUENCE)
+                             + len(PUB_TIMESTAMP) + len(PUB_OFFSET) + len(PUB_CLIENT_ID)
+                             + len(PUB_USER_ID) + len(PUB_END))
+
+
+cdef bytes publication_frame(str channel, str content, unsigned long long sequence,
+                             str timestamp, long long offset, str client_id, object user_id):
     """The fan-out frame, assembled from its parts: orjson escapes only the strings (and
     the user id), the fixed text and the numbers are copied in, and the frame header is
     written in front, in one allocation. The same bytes as orjson gives for the dict."""
-    if type(sequence) is not int or sequence < 0 or sequence > 0xFFFFFFFFFFFFFFFF:
-        return json_frame(publication_dict(channel, content, sequence, timestamp, offset,
-                                           client_id, user_id))
     cdef bytes ch = _dumps(channel)
     cdef bytes body = _dumps(content)
     cdef bytes ts = _dumps(timestamp)
     cdef bytes cid = _dumps(client_id)
     cdef bytes uid = _dumps(user_id)
-    cdef char nums[64]
-    cdef int seq_len = snprintf(nums, 32, "%llu", <unsigned long long>sequence)
-    cdef int off_len = snprintf(nums + 32, 32, "%lld", offset)
-    cdef const char* a = b'{"type":"message","action":"send","data":{"channel":'
-    cdef const char* b = b',"content":'
-    cdef const char* c = b',"metadata":{"sequence":'
-    cdef const char* d = b',"timestamp":'
-    cdef const char* e = b',"offset":'
-    cdef const char* f = b',"client_id":'
-    cdef const char* g = b',"user_id":'
-    cdef const char* h = b'}}}'
-    cdef Py_ssize_t n = (52 + len(ch) + 11 + len(body) + 24 + seq_len + 13 + len(ts) + 10
-                         + off_len + 13 + len(cid) + 11 + len(uid) + 3)
+    cdef char seq[24]
+    cdef char off[24]
+    cdef int seq_len = snprintf(seq, sizeof(seq), "%llu", sequence)
+    cdef int off_len = snprintf(off, sizeof(off), "%lld", offset)
+    cdef Py_ssize_t n = (PUB_FIXED + len(ch) + len(body) + seq_len + len(ts) + off_len
+                         + len(cid) + len(uid))
     cdef Py_ssize_t hl = header_size(n)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, hl + n)
     cdef char* p = PyBytes_AS_STRING(out)
     write_header(<uint8_t*>p, 0x1, n)
-    p += hl
-    p = put(p, a, 52)
-    p = put(p, PyBytes_AS_STRING(ch), len(ch))
-    p = put(p, b, 11)
-    p = put(p, PyBytes_AS_STRING(body), len(body))
-    p = put(p, c, 24)
-    p = put(p, nums, seq_len)
-    p = put(p, d, 13)
-    p = put(p, PyBytes_AS_STRING(ts), len(ts))
-    p = put(p, e, 10)
-    p = put(p, nums + 32, off_len)
-    p = put(p, f, 13)
-    p = put(p, PyBytes_AS_STRING(cid), len(cid))
-    p = put(p, g, 11)
-    p = put(p, PyBytes_AS_STRING(uid), len(uid))
-    put(p, h, 3)
+    p = put_bytes(p + hl, PUB_CHANNEL)
+    p = put_bytes(p, ch)
+    p = put_bytes(p, PUB_CONTENT)
+    p = put_bytes(p, body)
+    p = put_bytes(p, PUB_SEQUENCE)
+    p = put(p, seq, seq_len)
+    p = put_bytes(p, PUB_TIMESTAMP)
+    p = put_bytes(p, ts)
+    p = put_bytes(p, PUB_OFFSET)
+    p = put(p, off, off_len)
+    p = put_bytes(p, PUB_CLIENT_ID)
+    p = put_bytes(p, cid)
+    p = put_bytes(p, PUB_USER_ID)
+    p = put_bytes(p, uid)
+    put_bytes(p, PUB_END)
     return out
 
 
-cdef dict publication_dict(str channel, str content, object sequence, str timestamp,
-                           long long offset, str client_id, object user_id):
-    return {
-        "type": "message",
-        "action": "send",
-        "data": {
-            "channel": channel,
-            "content": content,
-            "metadata": {
-                "sequence": sequence,
-                "timestamp": timestamp,
-                "offset": offset,
-                "client_id": client_id,
-                "user_id": user_id,
-            },
-        },
-    }
-
-
-def encode_publication(str channel, str content, object sequence, str timestamp,
+def encode_publication(str channel, str content, unsigned long long sequence, str timestamp,
                        long long offset, str client_id, object user_id) -> bytes:
-    """The fan-out frame of one accepted message: encoded once, sent to every member."""
+    """The fan-out frame of one accepted message: encoded once, sent to every member. The
+    sequence is a 64-bit unsigned integer (what a client may send: see Session.publish)."""
     return publication_frame(channel, content, sequence, timestamp, offset, client_id, user_id)
 
 

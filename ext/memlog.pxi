@@ -182,7 +182,7 @@ cdef class MemoryLogs:
         cdef ChannelLog log = self.log(name)
         log.offset += 1
         cdef str ts = iso_now()
-        cdef bytes frame = publication_frame(name, content, sequence, ts, log.offset,
+        cdef bytes frame = publication_frame(name, content, seq, ts, log.offset,
                                              sender.client_id, sender.user_id)
         if channel.history_size > 0:
             history = log.history
