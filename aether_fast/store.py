@@ -305,24 +305,17 @@ class ChannelStore:
         except sqlite3.Error as e:
             self._release()
             raise StoreError(f"{self.path}: cannot open: {_describe(e)}") from None
-        try:
-            self._check_and_prepare(conn)
-        except sqlite3.Error as e:
-            conn.close()
-            self._release()
-            raise StoreError(f"{self.path}: {self._explain(e)}") from None
-        except StoreError:
-            conn.close()
-            self._release()
-            raise
         self._conn = conn
         try:
+            self._check_and_prepare(conn)
             self._read_known()
-        except BaseException:
+        except (sqlite3.Error, StoreError) as e:
             self._conn = None
             conn.close()
             self._release()
-            raise
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(f"{self.path}: {self._explain(e)}") from None
 
     def _read_known(self) -> None:
         """Hold every stored config in memory when there are at most KNOWN_CONFIGS."""
