@@ -87,3 +87,12 @@ bench-smoke: bench-deps  ## every scenario tiny, for CI: it must work (no speed 
 
 bench-micro: $(BIN)/python  ## pytest-benchmark micro benchmarks of the compiled hot path
 	$(BIN)/python -m pytest bench/micro
+
+# -- soak: well-behaved clients and every attack at once (docs/security.md) -----------------
+.PHONY: soak soak-short
+
+soak: $(BIN)/python  ## 1000 clients on 50 channels, 30 s calm then 30 s under every attack; SOAK_ARGS=...
+	$(BIN)/python tools/soak.py $(SOAK_ARGS)
+
+soak-short: $(BIN)/python  ## the CI form of `make soak` (200 clients, 10 + 10 s)
+	$(BIN)/python tools/soak.py --short $(SOAK_ARGS)

@@ -1,0 +1,851 @@
+"""`make soak`: well-behaved clients and every known attack at once, against a server of its own.
+
+    python tools/soak.py [--clients 1000] [--channels 50] [--calm 30] [--attack 30]
+                         [--rate 0.2] [--rss-bound-mib 384] [--short] [--json]
+
+It starts `aether-fast serve` on free ports of 127.0.0.1 (a data directory, a JWT secret and
+an admin token of its own), opens `--clients` well-behaved WebSockets spread over
+`--channels` channels (one in ten anonymous, each from a loopback address of its own, on
+channels configured with `require_auth: false`), and has each publish `--rate` messages a
+second for `--calm` seconds, then for `--attack` more seconds while an attacker process runs
+every attack of docs/security.md in a loop from other loopback addresses:
+
+| attack | what the attacker does | refused when |
+|---|---|---|
+| `pipeline` | 6 MB of pipelined `GET /client.js` (main and metrics port), never read | reading stops |
+| `silent` | sockets that send nothing, or half a request head | closed in time |
+| `hoard` | one connection joins 2000 channels | past MAX_CHANNELS_PER_CONNECTION |
+| `status` | 5000 `system/status` in one burst, reconnecting | RATE_LIMITED, policy close |
+| `lazy` | joins a channel with a large history from offset 0, never reads | replay waits |
+| `steal` | anonymous, with a well-behaved anonymous client's `client_id` | no replacement |
+| `mangled` | valid tokens with `!!!!`, `====` or 8 KiB of `@` appended | 4001 |
+| `query` | upgrade with `since=%C2%B2` and other malformed values | HTTP 400 |
+| `peek` | the public routes (`/metrics/channels`, `/ws/status`, `/health`) | no names |
+| `narrow` | refreshes to a token that no longer allows its channel | removed |
+
+Pass: every well-behaved client's message is acked, every member receives every other
+member's messages exactly once and in offset order, no well-behaved client is closed, the
+ack p99 under attack stays within `--p99-factor` (2) times the calm p99, the server's RSS stays
+under `--rss-bound-mib`, every attack is refused as the table says, and the server logs no
+error line and few security lines. Exit 0 on pass, 1 on fail, 2 on bad arguments. The run is
+bounded: it ends by itself whatever the server does, and stops only the server it started.
+
+`--short` (the CI form, `tests/integration/test_soak.py`): 200 clients, 20 channels,
+10 + 10 seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import resource
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+ROOT = Path(__file__).resolve().parent.parent
+#: the attacker's loopback addresses: anonymous budgets are per peer address, so the attack
+#: never shares one with a well-behaved anonymous client (those use 127.0.1.x)
+ATTACKER_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+CONNECT_CONCURRENCY = 50
+ANON_SHARE = 10  # one well-behaved client in ANON_SHARE is anonymous
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def token(secret: str, sub: str, ttl: int = 3600, **claims: Any) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "iat": now, "exp": now + ttl, **claims}, secret, "HS256")
+
+
+# -- the server under test ----------------------------------------------------------------
+
+
+class ServerProcess:
+    """`aether-fast serve` on free ports, with its own data directory and secrets."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.secret = secrets.token_urlsafe(32)
+        self.admin_token = secrets.token_urlsafe(36)
+        self.log_path = tmp / "server.log"
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "WS_HOST": "127.0.0.1",
+            "WS_PORT": str(self.port),
+            "METRICS_PORT": str(self.metrics_port),
+            "JWT_SECRET": self.secret,
+            "ADMIN_TOKEN": self.admin_token,
+            "DATA_DIR": str(tmp / "data"),
+            "LOG_LEVEL": "info",
+            "HANDSHAKE_TIMEOUT_S": "2",
+            **env,
+        }
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "aether_fast", "serve"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=tmp,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("server did not start: " + self.log_text()[-2000:])
+
+    def rss_mib(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for line in self.log_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"level": "raw", "event": line[:200]})
+        return out
+
+    def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=json.dumps(body).encode() if body is not None else None,
+            method=method,
+            headers={"Authorization": f"Bearer {self.admin_token}"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+
+# -- the well-behaved clients -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Good:
+    index: int
+    channel: str
+    anonymous: bool
+    client_id: str
+    ws: ClientConnection | None = None
+    sequence: int = 0
+    pending: dict[int, float] = field(default_factory=dict)  # sequence -> send time
+    seen: set[tuple[int, int]] = field(default_factory=set)  # (sender, sequence)
+    last_offset: int = 0
+    closed: str | None = None
+
+
+@dataclass(slots=True)
+class GoodStats:
+    opened: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    sent: int = 0
+    acked: int = 0
+    expected: int = 0
+    received: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    ack_ms: dict[str, list[float]] = field(default_factory=lambda: {"calm": [], "attack": []})
+    delivery_ms: dict[str, list[float]] = field(default_factory=lambda: {"calm": [], "attack": []})
+
+
+class GoodClients:
+    def __init__(self, args: argparse.Namespace, server: ServerProcess, run_id: str) -> None:
+        self.args = args
+        self.server = server
+        self.stats = GoodStats()
+        self.phase = "calm"
+        self.publishing = False
+        self.clients: list[Good] = []
+        for i in range(args.clients):
+            anonymous = i % ANON_SHARE == ANON_SHARE - 1
+            groups = max(1, args.channels // ANON_SHARE)
+            channel = f"soak.anon.{i % groups}" if anonymous else f"soak.{i % args.channels}"
+            self.clients.append(Good(i, channel, anonymous, f"good-{run_id}-{i}"))
+        self.members: Counter[str] = Counter()
+
+    def anon_channels(self) -> list[str]:
+        return sorted({c.channel for c in self.clients if c.anonymous})
+
+    def url(self, c: Good) -> str:
+        query = f"client_id={c.client_id}&channel={c.channel}"
+        if not c.anonymous:
+            query += "&token=" + token(self.server.secret, f"good-{c.index}")
+        return f"ws://127.0.0.1:{self.server.port}/ws?{query}"
+
+    async def open(self, c: Good, gate: asyncio.Semaphore) -> None:
+        # anonymous clients each from their own address: the budget of an anonymous client
+        # is its peer address's
+        local = (f"127.0.1.{1 + c.index // ANON_SHARE % 250}", 0) if c.anonymous else None
+        async with gate:
+            try:
+                ws = await websockets.connect(
+                    self.url(c),
+                    open_timeout=15,
+                    max_size=None,
+                    ping_interval=None,
+                    compression=None,
+                    local_addr=local,
+                )
+                first = json.loads(await asyncio.wait_for(ws.recv(), 15))
+            except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed) as exc:
+                self.stats.failed[f"{type(exc).__name__}: {str(exc)[:60]}"] += 1
+                return
+            if first.get("type") == "error":
+                self.stats.failed[f"refused: {first.get('code')}"] += 1
+                await ws.close()
+                return
+            c.ws = ws
+            c.last_offset = int(first["data"].get("offset") or 0)
+            self.stats.opened += 1
+            self.members[c.channel] += 1
+
+    async def read(self, c: Good) -> None:
+        assert c.ws is not None
+        try:
+            async for raw in c.ws:
+                msg = json.loads(raw)
+                kind, action = msg.get("type"), msg.get("action")
+                now = time.perf_counter()
+                if kind == "message" and action == "ack":
+                    seq = msg["data"]["metadata"]["sequence"]
+                    started = c.pending.pop(seq, None)
+                    if started is not None:
+                        self.stats.acked += 1
+                        self.stats.ack_ms[self.phase].append((now - started) * 1000)
+                elif kind == "message" and action == "send":
+                    data = msg["data"]
+                    sender, seq, sent_at = data["content"].split(":")[:3]
+                    key = (int(sender), int(seq))
+                    if key in c.seen:
+                        self.stats.duplicates += 1
+                        continue
+                    c.seen.add(key)
+                    offset = int(data["metadata"]["offset"])
+                    if offset <= c.last_offset:
+                        self.stats.out_of_order += 1
+                    c.last_offset = offset
+                    self.stats.received += 1
+                    self.stats.delivery_ms[self.phase].append((now - float(sent_at)) * 1000)
+                elif kind == "error":
+                    self.stats.errors[str(msg.get("code"))] += 1
+        except ConnectionClosed as closed:
+            code = closed.rcvd.code if closed.rcvd is not None else "no close frame"
+            c.closed = str(code)
+
+    async def publish(self, c: Good, stop_at: float) -> None:
+        assert c.ws is not None
+        interval = 1.0 / self.args.rate
+        await asyncio.sleep(random.uniform(0, interval))
+        others = self.members[c.channel] - 1
+        while time.monotonic() < stop_at and c.closed is None:
+            c.sequence += 1
+            now = time.perf_counter()
+            frame = {
+                "type": "message",
+                "action": "send",
+                "data": {
+                    "channel": c.channel,
+                    "content": f"{c.index}:{c.sequence}:{now:.6f}:" + "x" * 48,
+                    "metadata": {"sequence": c.sequence},
+                },
+            }
+            c.pending[c.sequence] = now
+            try:
+                await c.ws.send(json.dumps(frame))
+            except ConnectionClosed:
+                c.pending.pop(c.sequence, None)
+                return
+            self.stats.sent += 1
+            self.stats.expected += others
+            await asyncio.sleep(interval)
+
+
+# -- the attacker (a process of its own) ---------------------------------------------------
+
+
+class Attacker:
+    """Every attack in a loop until `stop_at`; `counts[attack][outcome]` says what happened."""
+
+    def __init__(self, port: int, metrics_port: int, secret: str, victims: list[str]) -> None:
+        self.port = port
+        self.metrics_port = metrics_port
+        self.secret = secret
+        self.victims = victims  # "client_id channel" of anonymous well-behaved clients
+        self.counts: dict[str, Counter[str]] = {}
+        self.stop_at = 0.0
+
+    def note(self, attack: str, outcome: str, n: int = 1) -> None:
+        self.counts.setdefault(attack, Counter())[outcome] += n
+
+    def url(self, query: str) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws?{query}"
+
+    async def loop(self, name: str, attack: Any, pause: float) -> None:
+        while time.monotonic() < self.stop_at:
+            try:
+                await asyncio.wait_for(attack(), max(0.5, self.stop_at - time.monotonic() + 5))
+            except Exception as exc:  # an attack that fails is an outcome, not a crash
+                self.note(name, f"attack raised {type(exc).__name__}")
+            await asyncio.sleep(pause)
+
+    async def run(self, seconds: float) -> dict[str, dict[str, int]]:
+        self.stop_at = time.monotonic() + seconds
+        await asyncio.gather(
+            self.loop("pipeline", lambda: self.pipeline(self.port), 0.5),
+            self.loop("pipeline_metrics", lambda: self.pipeline(self.metrics_port), 0.5),
+            self.loop("silent", self.silent, 0.2),
+            self.loop("hoard", self.hoard, 0.5),
+            self.loop("status", self.status_flood, 0.5),
+            self.loop("lazy", self.lazy, 0.5),
+            self.loop("steal", self.steal, 0.5),
+            self.loop("mangled", self.mangled, 0.1),
+            self.loop("query", self.bad_query, 0.1),
+            self.loop("peek", self.peek, 0.2),
+            self.loop("narrow", self.narrow, 0.5),
+        )
+        return {k: dict(v) for k, v in self.counts.items()}
+
+    async def raw(self, ip: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", port, local_addr=(ip, 0))
+
+    async def pipeline(self, port: int) -> None:
+        """6 MB of pipelined requests, never reading an answer."""
+        _, writer = await self.raw(ATTACKER_IPS[0], port)
+        request = b"GET /client.js HTTP/1.1\r\nHost: soak\r\n\r\n"
+        chunk = request * (65536 // len(request))
+        sent = 0
+        deadline = time.monotonic() + 3
+        try:
+            while sent < 6_000_000 and time.monotonic() < deadline:
+                writer.write(chunk)
+                try:
+                    await asyncio.wait_for(writer.drain(), max(0.01, deadline - time.monotonic()))
+                except TimeoutError:
+                    break
+                sent += len(chunk)
+        except OSError:
+            self.note("pipeline", "reset by the server")
+        self.note("pipeline", "all 6 MB taken" if sent >= 6_000_000 else "server stopped reading")
+        writer.transport.abort()
+
+    async def silent(self) -> None:
+        """Sockets that never complete a request: they must be closed within the timeout."""
+        conns = []
+        for i in range(20):
+            with contextlib.suppress(OSError):
+                reader, writer = await self.raw(ATTACKER_IPS[1], self.port)
+                if i % 2:
+                    writer.write(b"GET /ws HTTP/1.1\r\nHost: soak\r\n")  # half a head
+                conns.append((reader, writer))
+        for reader, writer in conns:
+            try:
+                data = await asyncio.wait_for(reader.read(65536), 6)
+                self.note("silent", "closed by the server" if not data else "answered, closed")
+            except TimeoutError:
+                self.note("silent", "still open after 6 s")
+            except OSError:
+                self.note("silent", "closed by the server")
+            writer.transport.abort()
+
+    async def ws(self, query: str, ip: str, **kw: Any) -> ClientConnection:
+        return await websockets.connect(
+            self.url(query),
+            open_timeout=10,
+            max_size=None,
+            ping_interval=None,
+            compression=None,
+            local_addr=(ip, 0),
+            **kw,
+        )
+
+    async def read_all(self, ws: ClientConnection, seconds: float) -> tuple[list[Any], str]:
+        """The messages that arrive within `seconds`, and the close code ('' if open)."""
+        out: list[Any] = []
+        deadline = time.monotonic() + seconds
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return out, ""
+                out.append(json.loads(await asyncio.wait_for(ws.recv(), left)))
+        except TimeoutError:
+            return out, ""
+        except ConnectionClosed as closed:
+            return out, str(closed.rcvd.code if closed.rcvd is not None else "no close frame")
+
+    async def hoard(self) -> None:
+        ws = await self.ws(f"token={token(self.secret, 'hoarder')}", ATTACKER_IPS[2])
+        async with ws:
+            for i in range(2000):
+                data = {"channel": f"hoard.{secrets.token_hex(4)}.{i}"}
+                await ws.send(json.dumps({"type": "connection", "action": "connect", "data": data}))
+            msgs, code = await self.read_all(ws, 3)
+        joined = sum(1 for m in msgs if m.get("type") == "connection" and m["data"].get("channel"))
+        self.note("hoard", "over 128 joins accepted" if joined > 128 else "at most 128 accepted")
+        self.note("hoard", "joins refused", sum(1 for m in msgs if m.get("type") == "error"))
+        if code:
+            self.note("hoard", f"closed {code}")
+
+    async def status_flood(self) -> None:
+        ws = await self.ws(f"token={token(self.secret, 'flooder')}", ATTACKER_IPS[2])
+        async with ws:
+            frame = json.dumps({"type": "system", "action": "status", "data": {}})
+            with contextlib.suppress(ConnectionClosed):
+                for _ in range(5000):
+                    await ws.send(frame)
+            msgs, code = await self.read_all(ws, 2)
+        served = sum(1 for m in msgs if m.get("type") == "system" and m.get("action") == "status")
+        self.note("status", "over 200 served" if served > 200 else "at most 200 served")
+        self.note("status", "refused", sum(1 for m in msgs if m.get("type") == "error"))
+        self.note("status", f"closed {code}" if code else "left open")
+
+    async def lazy(self) -> None:
+        """Joins the big-history channel from offset 0 and reads nothing for 3 s."""
+        query = f"token={token(self.secret, 'lazy')}&channel=soak.big&since=0&epoch=x"
+        ws = await self.ws(query, ATTACKER_IPS[3], max_queue=1)
+        ws.transport.pause_reading()
+        await asyncio.sleep(3)
+        ws.transport.resume_reading()
+        self.note("lazy", "held 3 s")
+        ws.transport.abort()
+
+    async def steal(self) -> None:
+        """Anonymous, with a well-behaved anonymous client's client_id."""
+        client_id, channel = random.choice(self.victims).split(" ")
+        ws = await self.ws(f"client_id={client_id}&channel={channel}", ATTACKER_IPS[3])
+        async with ws:
+            msgs, _ = await self.read_all(ws, 0.5)
+        first = msgs[0] if msgs else {}
+        self.note("steal", f"got {first.get('type')}/{first.get('action') or first.get('code')}")
+
+    async def mangled(self) -> None:
+        good = token(self.secret, "mangler")
+        for suffix in ("!!!!", "====", "@" * 8192):
+            try:
+                ws = await self.ws(f"token={good}{suffix}", ATTACKER_IPS[3])
+            except InvalidStatus as exc:
+                self.note("mangled", f"http {exc.response.status_code}")
+                continue
+            async with ws:
+                msgs, code = await self.read_all(ws, 2)
+            first = msgs[0] if msgs else {}
+            if first.get("type") == "connection":
+                self.note("mangled", "accepted")
+            else:
+                self.note("mangled", f"refused {first.get('code')} close {code}")
+
+    async def bad_query(self) -> None:
+        for query in ("since=%C2%B2&channel=soak.0", "since=%FF", "channel=%00", "client_id=%FF%FE"):
+            reader, writer = await self.raw(ATTACKER_IPS[3], self.port)
+            writer.write(
+                f"GET /ws?{query} HTTP/1.1\r\nHost: soak\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+            )
+            try:
+                head = await asyncio.wait_for(reader.read(4096), 3)
+            except (TimeoutError, OSError):
+                head = b""
+            status = head.split(b" ", 2)[1].decode() if head.count(b" ") >= 2 else "dropped"
+            self.note("query", f"http {status}")
+            writer.transport.abort()
+
+    async def peek(self) -> None:
+        for port, path in (
+            (self.port, "/metrics/channels"),
+            (self.port, "/ws/status"),
+            (self.port, "/health"),
+        ):
+            reader, writer = await self.raw(ATTACKER_IPS[0], port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n".encode())
+            try:
+                body = await asyncio.wait_for(reader.read(), 3)
+            except (TimeoutError, OSError):
+                body = b""
+            writer.transport.abort()
+            self.note("peek", "channel names shown" if b"soak." in body else "figures only")
+
+    async def narrow(self) -> None:
+        wide = token(self.secret, "narrower", channels=["soak.*"])
+        ws = await self.ws(f"token={wide}&channel=soak.1", ATTACKER_IPS[2])
+        async with ws:
+            await self.read_all(ws, 0.2)
+            narrow = token(self.secret, "narrower", channels=["elsewhere.*"])
+            refresh = {"type": "connection", "action": "refresh", "data": {"token": narrow}}
+            await ws.send(json.dumps(refresh))
+            msgs, _ = await self.read_all(ws, 1.5)
+        removed = any(
+            m.get("type") == "connection"
+            and m.get("action") == "disconnect"
+            and m["data"].get("channel") == "soak.1"
+            for m in msgs
+        )
+        self.note("narrow", "removed" if removed else "kept its channel")
+
+
+def attacker_main(argv: list[str]) -> int:
+    """`tools/soak.py --attacker PORT METRICS_PORT SECONDS` (secret and victims on stdin)."""
+    port, metrics_port, seconds = int(argv[0]), int(argv[1]), float(argv[2])
+    given = json.loads(sys.stdin.read())
+    _raise_fd_limit(4096)
+    attacker = Attacker(port, metrics_port, given["secret"], given["victims"])
+    counts = asyncio.run(attacker.run(seconds))
+    print(json.dumps(counts))
+    return 0
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 2)
+
+
+async def seed_big_history(server: ServerProcess) -> None:
+    """soak.big: 40 messages of 60 KB in its history, for the `lazy` attack."""
+    query = f"token={token(server.secret, 'seeder')}&channel=soak.big&client_id=seed"
+    async with websockets.connect(
+        f"ws://127.0.0.1:{server.port}/ws?{query}", max_size=None, compression=None
+    ) as ws:
+        await ws.recv()
+        base = int(time.time() * 1e6)
+        for i in range(40):
+            data = {
+                "channel": "soak.big",
+                "content": "b" * 60_000,
+                "metadata": {"sequence": base + i},
+            }
+            await ws.send(json.dumps({"type": "message", "action": "send", "data": data}))
+            await ws.recv()
+
+
+async def run(args: argparse.Namespace, server: ServerProcess) -> dict[str, Any]:
+    run_id = secrets.token_hex(3)
+    good = GoodClients(args, server, run_id)
+    for name in good.anon_channels():
+        server.admin(
+            "POST",
+            "/ws/channels",
+            {"name": name, "max_connections": 0, "message_rate_limit": 0, "require_auth": False},
+        )
+    server.admin(
+        "POST",
+        "/ws/channels",
+        {
+            "name": "soak.big",
+            "max_connections": 0,
+            "message_rate_limit": 0,
+            "require_auth": True,
+            "history_size": 100,
+        },
+    )
+    await seed_big_history(server)
+    rss_start = server.rss_mib()
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    t0 = time.monotonic()
+    await asyncio.gather(*(good.open(c, gate) for c in good.clients))
+    connect_s = time.monotonic() - t0
+    live = [c for c in good.clients if c.ws is not None]
+    readers = [asyncio.create_task(good.read(c)) for c in live]
+
+    rss_max = server.rss_mib()
+
+    async def sample_rss() -> None:
+        nonlocal rss_max
+        while True:
+            rss_max = max(rss_max, server.rss_mib())
+            await asyncio.sleep(0.25)
+
+    sampler = asyncio.create_task(sample_rss())
+    stop_at = time.monotonic() + args.calm + args.attack
+    publishers = asyncio.gather(*(good.publish(c, stop_at) for c in live))
+    await asyncio.sleep(args.calm)
+    good.phase = "attack"
+    victims = [f"{c.client_id} {c.channel}" for c in live if c.anonymous]
+    attacker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--attacker",
+        str(server.port),
+        str(server.metrics_port),
+        str(args.attack),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    given = json.dumps({"secret": server.secret, "victims": victims or ["x soak.anon.0"]})
+    attack_out, _ = await asyncio.wait_for(attacker.communicate(given.encode()), args.attack + 60)
+    await publishers
+    # the last acks and deliveries
+    drain_until = time.monotonic() + 10
+    while time.monotonic() < drain_until and (
+        any(c.pending for c in live) or good.stats.received < good.stats.expected
+    ):
+        await asyncio.sleep(0.05)
+    sampler.cancel()
+    await asyncio.gather(*(c.ws.close() for c in live if c.ws is not None))
+    for task in readers:
+        task.cancel()
+    await asyncio.gather(*readers, sampler, return_exceptions=True)
+    try:
+        attacks: dict[str, dict[str, int]] = json.loads(attack_out.decode() or "{}")
+    except ValueError:
+        attacks = {"attacker": {"printed no report": 1}}
+    return summarize(args, server, good, live, attacks, connect_s, rss_start, rss_max)
+
+
+def summarize(
+    args: argparse.Namespace,
+    server: ServerProcess,
+    good: GoodClients,
+    live: list[Good],
+    attacks: dict[str, dict[str, int]],
+    connect_s: float,
+    rss_start: float,
+    rss_max: float,
+) -> dict[str, Any]:
+    s = good.stats
+    closed = Counter(c.closed for c in live if c.closed is not None)
+    unacked = sum(len(c.pending) for c in live)
+    p99 = {phase: pct(s.ack_ms[phase], 0.99) for phase in ("calm", "attack")}
+    lines = server.log_lines()
+    errors = [ln for ln in lines if ln.get("level") in ("error", "raw")]
+    security = [ln for ln in lines if ln.get("component") == "security"]
+    seconds = args.calm + args.attack
+    problems: list[str] = []
+
+    def check(ok: bool, problem: str) -> None:
+        if not ok:
+            problems.append(problem)
+
+    check(
+        s.opened == args.clients, f"{args.clients - s.opened} well-behaved clients failed to open"
+    )
+    check(unacked == 0, f"{unacked} messages not acked")
+    check(s.received >= s.expected, f"{s.expected - s.received} deliveries missing")
+    check(s.duplicates == 0, f"{s.duplicates} deliveries seen twice")
+    check(s.out_of_order == 0, f"{s.out_of_order} deliveries out of offset order")
+    check(not closed, f"well-behaved clients closed by the server: {dict(closed)}")
+    check(not s.errors, f"well-behaved clients got errors: {dict(s.errors)}")
+    calm, attacked = p99["calm"], p99["attack"]
+    check(
+        calm is not None and attacked is not None and attacked <= args.p99_factor * calm,
+        f"ack p99 under attack {attacked} ms > {args.p99_factor} x calm {calm} ms",
+    )
+    check(rss_max <= args.rss_bound_mib, f"server RSS {rss_max:.0f} MiB > {args.rss_bound_mib}")
+    check(not errors, f"{len(errors)} error lines in the server log: {errors[:2]}")
+    check(
+        len(security) <= 4 * seconds + 20,
+        f"{len(security)} security log lines in {seconds:g} s (throttling should sum them)",
+    )
+    a = {k: Counter(v) for k, v in attacks.items()}
+    check("pipeline" in a and "all 6 MB taken" not in a["pipeline"], "pipelined HTTP: all read")
+    check(
+        "pipeline_metrics" in a and "all 6 MB taken" not in a["pipeline_metrics"],
+        "pipelined HTTP on METRICS_PORT: all read",
+    )
+    check("silent" in a and not a["silent"]["still open after 6 s"], "silent sockets kept open")
+    hoard = a.get("hoard", Counter())
+    check(hoard.total() > 0, "the hoard attack did not run")
+    check(hoard["over 128 joins accepted"] == 0, f"hoarding: {dict(hoard)}")
+    status = a.get("status", Counter())
+    check(status["left open"] == 0, f"status flood: {status['left open']} connections left open")
+    check(status["over 200 served"] == 0, f"status flood: {dict(status)}")
+    check(a.get("steal", Counter())["got error/None"] == 0, "steal: refused oddly")
+    mangled = a.get("mangled", Counter())
+    check(mangled.total() > 0 and mangled["accepted"] == 0, f"mangled tokens: {dict(mangled)}")
+    query = a.get("query", Counter())
+    check(query.total() > 0 and set(query) == {"http 400"}, f"malformed queries: {dict(query)}")
+    peek = a.get("peek", Counter())
+    check(peek.total() > 0 and not peek["channel names shown"], "public routes show channel names")
+    narrow = a.get("narrow", Counter())
+    check(
+        narrow.total() > 0 and not narrow["kept its channel"], f"narrowed refresh: {dict(narrow)}"
+    )
+    raised = {k: n for k, v in a.items() for k2, n in v.items() if k2.startswith("attack raised")}
+    return {
+        "server": {
+            "rss_mib_start": round(rss_start, 1),
+            "rss_mib_max": round(rss_max, 1),
+            "rss_bound_mib": args.rss_bound_mib,
+            "log_lines": len(lines),
+            "security_log_lines": len(security),
+            "error_log_lines": len(errors),
+        },
+        "clients": {
+            "requested": args.clients,
+            "opened": s.opened,
+            "channels": args.channels,
+            "connect_seconds": round(connect_s, 2),
+            "connect_failures": dict(s.failed),
+        },
+        "messages": {"sent": s.sent, "acked": s.acked, "unacked": unacked},
+        "deliveries": {
+            "expected": s.expected,
+            "received": s.received,
+            "duplicates": s.duplicates,
+            "out_of_order": s.out_of_order,
+        },
+        "ack_ms": {
+            ph: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)} for ph, v in s.ack_ms.items()
+        },
+        "delivery_ms": {
+            ph: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)}
+            for ph, v in s.delivery_ms.items()
+        },
+        "closed_by_server": dict(closed),
+        "errors": dict(s.errors),
+        "attacks": attacks,
+        "attacks_raised": raised,
+        "ok": not problems,
+        "problems": problems,
+    }
+
+
+def _raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed), hard))
+
+
+def _print_human(out: dict[str, Any]) -> None:
+    srv, cl, m, d = out["server"], out["clients"], out["messages"], out["deliveries"]
+    print("aether-fast soak")
+    print(
+        f"  server       RSS {srv['rss_mib_start']} -> max {srv['rss_mib_max']} MiB "
+        f"(bound {srv['rss_bound_mib']}), {srv['log_lines']} log lines "
+        f"({srv['security_log_lines']} security, {srv['error_log_lines']} errors)"
+    )
+    print(
+        f"  clients      {cl['opened']}/{cl['requested']} well-behaved over {cl['channels']} "
+        f"channels, opened in {cl['connect_seconds']} s"
+    )
+    print(f"  messages     {m['sent']} sent, {m['acked']} acked, {m['unacked']} unacked")
+    print(
+        f"  deliveries   {d['received']} of {d['expected']}, {d['duplicates']} twice, "
+        f"{d['out_of_order']} out of order"
+    )
+    for what in ("ack_ms", "delivery_ms"):
+        calm, attack = out[what]["calm"], out[what]["attack"]
+        print(
+            f"  {what:12} calm p50 {calm['p50']} p99 {calm['p99']} | "
+            f"under attack p50 {attack['p50']} p99 {attack['p99']}"
+        )
+    for name, outcomes in sorted(out["attacks"].items()):
+        shown = ", ".join(f"{k}: {n}" for k, n in sorted(outcomes.items()))
+        print(f"  attack       {name:17} {shown}")
+    print("  result       " + ("ok" if out["ok"] else "FAILED: " + "; ".join(out["problems"])))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tools/soak.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=1000, help="well-behaved clients (1000)")
+    p.add_argument("--channels", type=int, default=50, help="channels they use (50)")
+    p.add_argument("--calm", type=float, default=30.0, help="seconds without attacks (30)")
+    p.add_argument("--attack", type=float, default=30.0, help="seconds under attack (30)")
+    p.add_argument("--rate", type=float, default=0.2, help="messages/s per client (0.2)")
+    p.add_argument("--p99-factor", type=float, default=2.0, help="ack p99 bound, x calm (2)")
+    p.add_argument("--rss-bound-mib", type=float, default=384.0, help="server RSS bound (384)")
+    p.add_argument(
+        "--short", action="store_true", help="CI form: 200 clients, 20 channels, 10+10 s"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--attacker"]:
+        return attacker_main(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.short:
+        args.clients, args.channels, args.calm, args.attack = 200, 20, 10.0, 10.0
+    bad = [
+        name
+        for name, ok in (
+            ("--clients", 10 <= args.clients <= 10_000),
+            ("--channels", 1 <= args.channels <= args.clients),
+            ("--calm", 1 <= args.calm <= 3600),
+            ("--attack", 1 <= args.attack <= 3600),
+            ("--rate", 0 < args.rate <= 0.8),  # RATE_LIMIT_MESSAGES allows 50 a minute
+        )
+        if not ok
+    ]
+    if bad:
+        parser.error(f"out of range: {', '.join(bad)}")
+    _raise_fd_limit(args.clients + 4096)
+    with tempfile.TemporaryDirectory(prefix="aether-soak-") as tmp:
+        server = ServerProcess(Path(tmp), {})
+        bound = args.calm + args.attack + 240
+        try:
+            out = asyncio.run(asyncio.wait_for(run(args, server), bound))
+        except TimeoutError:
+            out = {"ok": False, "problems": [f"did not finish within {bound:g} s"]}
+        finally:
+            code = server.stop()
+        if code != 0 and out.get("ok"):
+            out["ok"] = False
+            out["problems"].append(f"server exited {code} on SIGTERM")
+    if args.json or "server" not in out:
+        print(json.dumps(out))
+    else:
+        _print_human(out)
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
