@@ -12,7 +12,7 @@ every attack of docs/security.md in a loop from other loopback addresses:
 
 | attack | what the attacker does | refused when |
 |---|---|---|
-| `pipeline` | 6 MB of pipelined `GET /client.js` (main and metrics port), never read | reading stops |
+| `pipeline` | 6 MB of pipelined `GET /client.js` (both ports), never read | reading stops |
 | `silent` | sockets that send nothing, or half a request head | closed in time |
 | `hoard` | one connection joins 2000 channels | past MAX_CHANNELS_PER_CONNECTION |
 | `status` | 5000 `system/status` in one burst, reconnecting | RATE_LIMITED, policy close |
@@ -486,7 +486,12 @@ class Attacker:
                 self.note("mangled", f"refused {first.get('code')} close {code}")
 
     async def bad_query(self) -> None:
-        for query in ("since=%C2%B2&channel=soak.0", "since=%FF", "channel=%00", "client_id=%FF%FE"):
+        for query in (
+            "since=%C2%B2&channel=soak.0",
+            "since=%FF",
+            "channel=%00",
+            "client_id=%FF%FE",
+        ):
             reader, writer = await self.raw(ATTACKER_IPS[3], self.port)
             writer.write(
                 f"GET /ws?{query} HTTP/1.1\r\nHost: soak\r\nUpgrade: websocket\r\n"
