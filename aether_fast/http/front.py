@@ -2,9 +2,9 @@
 
 What it owns: request parsing, keep-alive, limits on heads and bodies, the idle and
 handshake timeouts (the first request's deadline runs from the accept, TLS handshake
-included), the cap on sockets not yet upgraded (MAX_PENDING_CONNECTIONS), backpressure (a client that does not read
-its answers stops being read: bounded write buffer, bounded answers in flight, bounded
-unparsed bytes), and the hand-off of a WebSocket upgrade to picows.
+included), the cap on sockets not yet upgraded (MAX_PENDING_CONNECTIONS), backpressure (a
+client that does not read its answers stops being read: bounded write buffer, answers in
+flight and unparsed bytes), and the hand-off of a WebSocket upgrade to picows.
 Rule: the front never interprets a route; it passes each complete `Request` to the router
 (`routes.Router`) or, for an upgrade on WS_PATH, to the `Upgrader` and then steps aside:
 after `transport.set_protocol(...)` this object no longer sees a byte.
@@ -290,9 +290,7 @@ class HttpFront(asyncio.Protocol):
                         self._final(cause.response)
                         return
                     self._final(
-                        Response.error(
-                            400, ErrorCode.INVALID_MESSAGE, "bad HTTP request", str(exc)
-                        )
+                        Response.error(400, ErrorCode.INVALID_MESSAGE, "bad HTTP request", str(exc))
                     )
                     return
         finally:
