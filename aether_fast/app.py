@@ -22,7 +22,7 @@ from aether_fast.brokers.base import Broker
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.brokers.redis import RedisBroker, RedisChannelStore
 from aether_fast.config import Config
-from aether_fast.http.front import front_factory
+from aether_fast.http.front import PendingSockets, front_factory
 from aether_fast.http.routes import Router
 from aether_fast.http.upgrade import WebSocketUpgrader
 from aether_fast.metrics import Metrics, PrometheusRouter
@@ -126,9 +126,18 @@ async def start(config: Config) -> Worker:
     tls = _tls(config)
     servers = [
         await loop.create_server(
-            front_factory(router, upgrader, config.max_http_body_bytes, config.handshake_timeout_s),
+            front_factory(
+                router,
+                upgrader,
+                config.max_http_body_bytes,
+                config.handshake_timeout_s,
+                PendingSockets(config.max_pending_connections, "ws"),
+            ),
             sock=_listen(config.ws_host, config.ws_port, reuse_port=config.workers > 1),
             ssl=tls,
+            # a stalled handshake is closed; the front's first-request deadline, which
+            # runs from the accept, covers the handshake as well
+            ssl_handshake_timeout=config.handshake_timeout_s if tls else None,
             backlog=4096,
         )
     ]
@@ -136,7 +145,13 @@ async def start(config: Config) -> Worker:
         prom = PrometheusRouter(hub, node)
         servers.append(
             await loop.create_server(
-                front_factory(prom, None, 1024, config.handshake_timeout_s),
+                front_factory(
+                    prom,
+                    None,
+                    1024,
+                    config.handshake_timeout_s,
+                    PendingSockets(config.max_pending_connections, "metrics"),
+                ),
                 sock=_listen(config.metrics_host, config.metrics_port, config.workers > 1),
             )
         )

@@ -55,6 +55,7 @@ class Config:
     max_message_bytes: int = 65536
     max_http_body_bytes: int = 1048576
     max_connections: int = 10000
+    max_pending_connections: int = 4096
     dedup_ttl_s: int = 300
     channel_auto_create: bool = True
     channel_default_require_auth: bool = True
@@ -345,6 +346,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     ),
     Setting("max_http_body_bytes", _int(1, 1 << 30), 1048576, "largest HTTP request body, bytes"),
     Setting("max_connections", _int(1), 10000, "open WebSocket connections per worker"),
+    Setting(
+        "max_pending_connections",
+        _int(1),
+        4096,
+        "sockets not yet upgraded (TLS handshake, HTTP) per worker and port; past it closed",
+    ),
     Setting("dedup_ttl_s", _int(0), 300, "how long accepted sequences are remembered, seconds"),
     Setting("channel_auto_create", _bool, True, "create an unknown channel on first join"),
     Setting(

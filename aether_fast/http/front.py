@@ -1,7 +1,10 @@
 """The HTTP/1.1 front: one asyncio protocol per accepted socket, parsed by httptools.
 
 What it owns: request parsing, keep-alive, limits on heads and bodies, the idle and
-handshake timeouts, and the hand-off of a WebSocket upgrade to picows.
+handshake timeouts (the first request's deadline runs from the accept, TLS handshake
+included), the cap on sockets not yet upgraded (MAX_PENDING_CONNECTIONS), backpressure (a
+client that does not read its answers stops being read: bounded write buffer, answers in
+flight and unparsed bytes), and the hand-off of a WebSocket upgrade to picows.
 Rule: the front never interprets a route; it passes each complete `Request` to the router
 (`routes.Router`) or, for an upgrade on WS_PATH, to the `Upgrader` and then steps aside:
 after `transport.set_protocol(...)` this object no longer sees a byte.
@@ -10,6 +13,7 @@ after `transport.set_protocol(...)` this object no longer sees a byte.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +32,17 @@ MAX_HEAD_BYTES = 16 * 1024
 KEEPALIVE_IDLE_S = 30.0
 #: After a final answer, how long unread request bytes are drained before the close.
 LINGER_S = 2.0
+#: Unsent answer bytes per connection above which the front stops reading the client
+#: (pause_writing), and below which it reads again (resume_writing).
+WRITE_HIGH_WATER = 64 * 1024
+WRITE_LOW_WATER = 16 * 1024
+#: Answers per connection not yet written (pipelined requests, slow asynchronous routes):
+#: at this many the front stops reading until they drain.
+MAX_IN_FLIGHT = 32
+#: Received bytes are fed to the parser this many at a time, and the front checks between
+#: two pieces whether it must stop: one read of pipelined requests (up to 256 KiB) can then
+#: add at most a piece's worth of requests past MAX_IN_FLIGHT; the rest waits unparsed.
+FEED_PIECE = 2048
 
 
 @dataclass(slots=True)
@@ -100,26 +115,67 @@ class Upgrader(Protocol):
 _NO_SLOTS: deque[_Slot] = deque(maxlen=0)
 
 
+class PendingSockets:
+    """The sockets of one port that have not upgraded yet (in a TLS handshake, or speaking
+    HTTP), against MAX_PENDING_CONNECTIONS: past it a new socket is closed at once, so idle
+    or stalled sockets cannot exhaust the worker's file descriptors. Refusals are logged at
+    warn, summed into at most one line a second."""
+
+    __slots__ = ("_logged_at", "_refused", "count", "limit", "port")
+
+    def __init__(self, limit: int, port: str) -> None:
+        self.limit = limit
+        self.port = port
+        self.count = 0
+        self._refused = 0
+        self._logged_at = 0.0
+
+    def admit(self) -> bool:
+        if self.count < self.limit:
+            self.count += 1
+            return True
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._logged_at >= 1.0:
+            logs.log(
+                "warn",
+                "connection_refused",
+                "security",
+                refused={"max_pending_connections": self._refused},
+                port=self.port,
+                limit=self.limit,
+            )
+            self._logged_at, self._refused = now, 0
+        return False
+
+
 class HttpFront(asyncio.Protocol):
     """One client socket until it upgrades or closes."""
 
     __slots__ = (
         "_body",
         "_body_size",
+        "_counted",
         "_done",
+        "_feeding",
         "_head_size",
         "_headers",
         "_idle",
+        "_in_request",
         "_loop",
         "_max_body",
         "_parser",
         "_peer",
+        "_pending",
+        "_read_paused",
         "_request_timeout",
         "_router",
         "_slots",
         "_transport",
+        "_unparsed",
         "_upgrader",
         "_url",
+        "_write_paused",
     )
 
     def __init__(
@@ -128,19 +184,29 @@ class HttpFront(asyncio.Protocol):
         upgrader: Upgrader | None,
         max_body: int,
         first_request_timeout: float,
+        pending: PendingSockets,
     ) -> None:
         self._router = router
         self._upgrader = upgrader
         self._max_body = max_body
         self._request_timeout = first_request_timeout
+        self._pending = pending
+        self._counted = pending.admit()  # from the accept, TLS handshake included
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
+        # from the accept: the first request must be complete within the timeout, whatever
+        # the TLS handshake before it took
         self._idle: asyncio.TimerHandle | None = self._loop.call_later(
             first_request_timeout, self._on_idle
         )
         self._peer = ""
         self._done = False
+        self._in_request = False
+        self._feeding = False
+        self._read_paused = False
+        self._write_paused = False
+        self._unparsed = b""
         self._slots: deque[_Slot] = deque()
         self._reset()
 
@@ -154,13 +220,34 @@ class HttpFront(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # with TLS, this comes once the handshake is done (or never, if it fails)
+        t = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self._done or not self._counted:
+            self._done = True  # past MAX_PENDING_CONNECTIONS, or its deadline has passed
+            self._cancel_idle()
+            t.abort()
+            return
+        self._transport = t
+        t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if peer else ""
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._done = True
         self._cancel_idle()
+        self._release()
+        self._unparsed = b""
+        self._slots.clear()
+
+    def pause_writing(self) -> None:
+        # the client does not read its answers as fast as it sends requests
+        self._write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._drain()
+        self._unblock()
 
     def eof_received(self) -> bool | None:
         if self._done and self._transport is not None:
@@ -168,30 +255,79 @@ class HttpFront(asyncio.Protocol):
         return None
 
     def data_received(self, data: bytes) -> None:
-        if self._done:
+        if self._closing():
             return
+        if self._unparsed or self._blocked():
+            # held back: keep the order, and stop reading (a TLS transport may still hand
+            # over what it had already decrypted; that is bounded by its own buffer)
+            self._unparsed += data
+            self._pause_reading()
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse `data` a piece at a time; stop (keeping the rest unparsed, reading paused)
+        when the answers in flight reach MAX_IN_FLIGHT or the client stops reading."""
+        view = memoryview(data)
+        pos = 0
+        self._feeding = True
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self._on_upgrade(data[upgrade.args[0] :])
-        except httptools.HttpParserError as exc:
-            # a callback's refusal arrives wrapped in HttpParserCallbackError
-            cause = exc.__context__
-            if isinstance(cause, _Refused):
-                self._send(cause.response, keep_alive=False)
-                return
-            self._send(
-                Response.error(400, ErrorCode.INVALID_MESSAGE, "bad HTTP request", str(exc)),
-                keep_alive=False,
-            )
+            while pos < len(view) and not self._closing():
+                if self._blocked():
+                    self._unparsed = bytes(view[pos:])
+                    self._pause_reading()
+                    return
+                start, pos = pos, min(pos + FEED_PIECE, len(view))
+                try:
+                    self._parser.feed_data(view[start:pos])
+                except httptools.HttpParserUpgrade as upgrade:
+                    self._on_upgrade(bytes(view[start + upgrade.args[0] :]))
+                    return
+                except httptools.HttpParserError as exc:
+                    # a callback's refusal arrives wrapped in HttpParserCallbackError
+                    cause = exc.__context__
+                    if isinstance(cause, _Refused):
+                        self._final(cause.response)
+                        return
+                    self._final(
+                        Response.error(400, ErrorCode.INVALID_MESSAGE, "bad HTTP request", str(exc))
+                    )
+                    return
+        finally:
+            self._feeding = False
+
+    def _closing(self) -> bool:
+        """Closed, or a final answer is queued: nothing more is parsed."""
+        return self._done or bool(self._slots and not self._slots[-1].keep_alive)
+
+    def _blocked(self) -> bool:
+        return self._write_paused or len(self._slots) >= MAX_IN_FLIGHT
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self._transport is not None:
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def _unblock(self) -> None:
+        """Answers drained or the client read: feed what was held back, then read again."""
+        if self._feeding or self._done or self._transport is None or self._blocked():
+            return
+        if self._unparsed:
+            data, self._unparsed = self._unparsed, b""
+            self._feed(data)
+            if self._unparsed or self._done or self._transport is None:
+                return  # blocked again, finished, or upgraded
+        if self._read_paused:
+            self._read_paused = False
+            self._transport.resume_reading()
 
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._reset()
         # a request must arrive whole within the timeout of its first byte (no slowloris)
-        self._cancel_idle()
-        self._idle = self._loop.call_later(self._request_timeout, self._on_idle)
+        self._in_request = True
+        self._arm(self._request_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -214,7 +350,8 @@ class HttpFront(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self._parser.should_upgrade():
-            return  # handled by HttpParserUpgrade in data_received
+            return  # handled by HttpParserUpgrade in _feed
+        self._in_request = False
         self._cancel_idle()
         request = self._request()
         # answers leave in request order, whichever route finishes first (pipelining)
@@ -238,9 +375,16 @@ class HttpFront(asyncio.Protocol):
         except Exception as exc:
             slot.response = _internal_error(exc)
         self._drain()
+        self._unblock()
+
+    def _final(self, response: Response) -> None:
+        """A refusal that ends the connection, sent after the answers before it."""
+        self._slots.append(_Slot(False, False, response))
+        self._drain()
 
     def _drain(self) -> None:
-        while self._slots and self._slots[0].response is not None:
+        """Write the answers that are ready, in request order, while the client reads."""
+        while self._slots and self._slots[0].response is not None and not self._write_paused:
             slot = self._slots.popleft()
             assert slot.response is not None
             self._send(slot.response, slot.keep_alive, slot.head)
@@ -301,6 +445,9 @@ class HttpFront(asyncio.Protocol):
             )
             return
         self._cancel_idle()
+        if self._read_paused:  # picows reads from here on
+            self._read_paused = False
+            self._transport.resume_reading()
         self._done = True
         refused = upgrader.upgrade(request, self._transport, rest)
         if refused is not None:
@@ -312,6 +459,7 @@ class HttpFront(asyncio.Protocol):
             # object), the request's pieces, the slots
             self._parser = None  # type: ignore[assignment]
             self._transport = None
+            self._release()
             self._reset()
             self._slots = _NO_SLOTS
 
@@ -321,7 +469,8 @@ class HttpFront(asyncio.Protocol):
             return  # a final answer was already sent (or the socket is gone)
         transport.write(response.encode(keep_alive, head))
         if keep_alive:
-            self._idle = self._loop.call_later(KEEPALIVE_IDLE_S, self._on_idle)
+            if not self._in_request:  # a request under way keeps its own deadline
+                self._arm(KEEPALIVE_IDLE_S)
             return
         self._done = True
         # A lingering close: say we are done writing, then read and discard what the client
@@ -329,9 +478,20 @@ class HttpFront(asyncio.Protocol):
         # makes the kernel send a reset, and the client would never read our answer.
         if transport.can_write_eof():
             transport.write_eof()
+            self._cancel_idle()
             self._idle = self._loop.call_later(LINGER_S, transport.close)
         else:
             transport.close()
+
+    def _arm(self, timeout: float) -> None:
+        self._cancel_idle()
+        self._idle = self._loop.call_later(timeout, self._on_idle)
+
+    def _release(self) -> None:
+        """This socket no longer counts against MAX_PENDING_CONNECTIONS."""
+        if self._counted:
+            self._counted = False
+            self._pending.count -= 1
 
     def _cancel_idle(self) -> None:
         if self._idle is not None:
@@ -340,9 +500,15 @@ class HttpFront(asyncio.Protocol):
 
     def _on_idle(self) -> None:
         self._idle = None
-        if self._transport is not None and not self._done:
-            self._done = True
+        if self._done:
+            return
+        self._done = True  # and connection_made closes a socket it has not seen yet
+        if self._transport is not None:
             self._transport.close()
+        else:
+            # still in its TLS handshake, which ssl_handshake_timeout (the same timeout)
+            # ends now, or failed: asyncio then never tells this protocol, so count it out
+            self._release()
 
 
 @dataclass(slots=True)
@@ -370,9 +536,13 @@ class _Refused(Exception):
 
 
 def front_factory(
-    router: Router, upgrader: Upgrader | None, max_body: int, first_request_timeout: float
+    router: Router,
+    upgrader: Upgrader | None,
+    max_body: int,
+    first_request_timeout: float,
+    pending: PendingSockets,
 ) -> Callable[[], HttpFront]:
     def make() -> HttpFront:
-        return HttpFront(router, upgrader, max_body, first_request_timeout)
+        return HttpFront(router, upgrader, max_body, first_request_timeout, pending)
 
     return make

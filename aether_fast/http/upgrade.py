@@ -32,6 +32,8 @@ READ_BUFFER_INIT = 1024
 #: picows drops, without a response, an upgrade request whose head reaches 16 KiB
 #: (`WSProtocol._http_max_size`); ours is measured differently, so the rebuilt head is checked.
 PICOWS_MAX_HEAD = 16 * 1024
+#: Largest `since` in the upgrade's query: sequences are 64-bit.
+MAX_SINCE = 2**63 - 1
 
 
 class _PicowsLog:
@@ -142,9 +144,12 @@ class WebSocketUpgrader:
         since_text = one("since")
         since: int | None = None
         if since_text is not None:
-            if not since_text.isdigit():
-                return _bad("since", "since must be a non-negative integer")
+            # ASCII digits only: str.isdigit() is also true of "²", which int() refuses
+            if not (since_text.isascii() and since_text.isdigit()) or len(since_text) > 19:
+                return _bad("since", "since must be a non-negative integer below 2**63")
             since = int(since_text)
+            if since > MAX_SINCE:
+                return _bad("since", "since must be a non-negative integer below 2**63")
         epoch = one("epoch")
 
         token = one("token")

@@ -1,12 +1,14 @@
 """Fuzzing the message decoder/validator and the HTTP front over real sockets (hypothesis).
 
 Bounded in CI (AETHER_FUZZ_EXAMPLES, default 150 per target); `make fuzz` runs a longer
-campaign. Each example must be answered (or the socket closed) within a deadline, the server
+campaign. The upgrade's query and headers are fuzzed too: each gets a 101 or a JSON 4xx.
+Each example must be answered (or the socket closed) within a deadline, the server
 must log no error, keep serving a bystander, and its memory must stay bounded.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -14,11 +16,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Server
 from tests.integration.helpers import OP_TEXT, RawWS
+from tests.integration.rawhttp import RawConn
 from tests.integration.wsclient import Client
 
 EXAMPLES = int(os.environ.get("AETHER_FUZZ_EXAMPLES", "150"))
@@ -193,6 +196,92 @@ def test_http_front_fuzz(fuzz_server: Server) -> None:
                     pass
             except ConnectionResetError:
                 pass
+
+    one()
+    status, body, _ = srv.http("GET", "/health")
+    assert status == 200 and body["status"] == "healthy"
+    assert rss_kib(srv.proc.pid) - before < 64 * 1024
+
+
+query_names = st.sampled_from(["token", "client_id", "channel", "since", "epoch", "echo"])
+tricky_values = st.sampled_from(
+    ["", "1", "-1", "true", "chat", "%C2%B2", "%D9%A3", "%FF", "%", "%0", "%00", "1%00", "9" * 5000]
+)
+query_values = (
+    tricky_values
+    | st.text(max_size=60)
+    | st.binary(max_size=40).map(lambda b: "".join(f"%{c:02X}" for c in b))
+)
+query_pairs = st.tuples(query_names, tricky_values) | st.tuples(
+    query_names | st.text(max_size=8), query_values
+)
+upgrade_headers = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "Origin",
+                "Authorization",
+                "Sec-WebSocket-Protocol",
+                "Sec-WebSocket-Extensions",
+                "Sec-WebSocket-Key",
+                "Sec-WebSocket-Version",
+                "Connection",
+                "Upgrade",
+                "Cookie",
+                "X-Forwarded-For",
+            ]
+        ),
+        st.sampled_from(["", "Bearer ", "Bearer x", "13", "8", "permessage-deflate; x=%", "null"])
+        | st.binary(max_size=60).map(lambda b: b.decode("latin-1")),
+    ),
+    max_size=4,
+)
+
+
+def _query(pairs: list[tuple[str, str]]) -> str:
+    from urllib.parse import quote
+
+    return "&".join(f"{quote(k, safe='%')}={quote(v, safe='%')}" for k, v in pairs)
+
+
+def test_upgrade_query_and_headers_fuzz(fuzz_server: Server) -> None:
+    """Every upgrade request is answered with a 101, or a JSON error with a fitting 4xx."""
+    srv = fuzz_server
+    assert srv.proc is not None
+    token = srv.token("upgrader")
+    before = rss_kib(srv.proc.pid)
+
+    @FUZZ
+    @given(
+        pairs=st.lists(query_pairs, max_size=5),
+        extra=upgrade_headers,
+        with_token=st.booleans(),
+    )
+    @example(pairs=[("since", "%C2%B2")], extra=[], with_token=True)  # issue 12: was a traceback
+    def one(pairs: list[tuple[str, str]], extra: list[tuple[str, str]], with_token: bool) -> None:
+        if with_token:
+            pairs = [("token", token), *pairs]
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET /ws?{_query(pairs)} HTTP/1.1",
+            "Host: 127.0.0.1",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+            *(f"{k}: {v}" for k, v in extra if "\r" not in v and "\n" not in v),
+        ]
+        with RawConn(srv.port, timeout=10) as conn:
+            conn.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            try:
+                status, _, headers = conn.read_head()
+            except ConnectionError:
+                raise AssertionError(f"closed without an answer: {lines}") from None
+            if status == 101:
+                return
+            assert 400 <= status < 500, (status, lines)
+            body = json.loads(conn.read_exact(int(headers["content-length"])))
+            assert body["type"] == "error" and isinstance(body["code"], str), body
 
     one()
     status, body, _ = srv.http("GET", "/health")
