@@ -342,8 +342,12 @@ class Attacker:
     async def run(self, seconds: float) -> dict[str, dict[str, int]]:
         self.stop_at = time.monotonic() + seconds
         await asyncio.gather(
-            self.loop("pipeline", lambda: self.pipeline(self.port), 0.5),
-            self.loop("pipeline_metrics", lambda: self.pipeline(self.metrics_port), 0.5),
+            self.loop("pipeline", lambda: self.pipeline("pipeline", self.port), 0.5),
+            self.loop(
+                "pipeline_metrics",
+                lambda: self.pipeline("pipeline_metrics", self.metrics_port),
+                0.5,
+            ),
             self.loop("silent", self.silent, 0.2),
             self.loop("hoard", self.hoard, 0.5),
             self.loop("status", self.status_flood, 0.5),
@@ -359,7 +363,7 @@ class Attacker:
     async def raw(self, ip: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection("127.0.0.1", port, local_addr=(ip, 0))
 
-    async def pipeline(self, port: int) -> None:
+    async def pipeline(self, name: str, port: int) -> None:
         """6 MB of pipelined requests, never reading an answer."""
         _, writer = await self.raw(ATTACKER_IPS[0], port)
         request = b"GET /client.js HTTP/1.1\r\nHost: soak\r\n\r\n"
@@ -375,8 +379,8 @@ class Attacker:
                     break
                 sent += len(chunk)
         except OSError:
-            self.note("pipeline", "reset by the server")
-        self.note("pipeline", "all 6 MB taken" if sent >= 6_000_000 else "server stopped reading")
+            self.note(name, "reset by the server")
+        self.note(name, "all 6 MB taken" if sent >= 6_000_000 else "server stopped reading")
         writer.transport.abort()
 
     async def silent(self) -> None:
