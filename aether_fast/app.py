@@ -105,6 +105,7 @@ async def start(config: Config) -> Worker:
             config.broker_url,
             history_ttl_s=config.history_ttl_s,
             dedup_ttl_s=config.dedup_ttl_s,
+            channel_state_ttl_s=config.channel_state_ttl_s,
             node_id=config.node_id,
         )
         await redis_broker.start()

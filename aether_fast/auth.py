@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import fnmatch
+import functools
 import hmac
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -250,11 +251,28 @@ def _b64(segment: str) -> bytes:
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
+@functools.lru_cache(maxsize=4096)
+def _glob(pattern: str) -> re.Pattern[str]:
+    """A `channels` claim pattern as a regex: `*` is any run (possibly empty) of characters
+    other than `.` and `:` (within one segment), `**` any run of characters at all, and
+    every other character stands for itself (docs/protocol.md §5)."""
+    parts = []
+    for piece in re.split(r"(\*\*|\*)", pattern):
+        if piece == "**":
+            parts.append(".*")
+        elif piece == "*":
+            parts.append("[^.:]*")
+        else:
+            parts.append(re.escape(piece))
+    return re.compile("".join(parts), re.DOTALL)
+
+
 def channel_allowed(claims: Claims | None, channel: str) -> bool:
-    """May these claims join/publish to `channel`? Anonymous (None) is decided elsewhere."""
+    """May these claims join/publish to `channel`? Anonymous (None) is decided elsewhere.
+    Matching is case-sensitive and covers the whole name (see `_glob`)."""
     if claims is None or claims.channels is None:
         return True
-    return any(fnmatch.fnmatchcase(channel, pattern) for pattern in claims.channels)
+    return any(_glob(pattern).fullmatch(channel) for pattern in claims.channels)
 
 
 def mint_token(

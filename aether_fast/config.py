@@ -56,6 +56,8 @@ class Config:
     max_http_body_bytes: int = 1048576
     max_connections: int = 10000
     max_pending_connections: int = 4096
+    max_channels_per_connection: int = 128
+    max_channels: int = 100000
     dedup_ttl_s: int = 300
     channel_auto_create: bool = True
     channel_default_require_auth: bool = True
@@ -64,6 +66,7 @@ class Config:
     channel_default_presence: bool = False
     history_size: int = 100
     history_ttl_s: int = 3600
+    channel_state_ttl_s: int = 86400
     data_dir: str = "./data"
     allowed_origins: tuple[str, ...] = ()
     handshake_timeout_s: float = 5.0
@@ -243,6 +246,20 @@ def _broker_url(raw: object) -> str:
     return text
 
 
+#: Shortest ADMIN_TOKEN accepted: a static credential must not be guessable.
+ADMIN_TOKEN_MIN_CHARS: Final = 32
+
+
+def _admin_token(raw: object) -> str:
+    text = _text(raw)
+    if len(text) < ADMIN_TOKEN_MIN_CHARS:
+        raise ValueError(
+            f"must be at least {ADMIN_TOKEN_MIN_CHARS} characters (got {len(text)}); "
+            "use e.g. `openssl rand -hex 32`"
+        )
+    return text
+
+
 def _path(raw: object) -> str:
     text = _text(raw)
     if not text.strip():
@@ -352,6 +369,18 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         4096,
         "sockets not yet upgraded (TLS handshake, HTTP) per worker and port; past it closed",
     ),
+    Setting(
+        "max_channels_per_connection",
+        _int(1),
+        128,
+        "channels one connection may be a member of at once (more: CHANNEL_LIMIT)",
+    ),
+    Setting(
+        "max_channels",
+        _int(1),
+        100000,
+        "live channels per worker; a join that would add one more gets CHANNEL_LIMIT",
+    ),
     Setting("dedup_ttl_s", _int(0), 300, "how long accepted sequences are remembered, seconds"),
     Setting("channel_auto_create", _bool, True, "create an unknown channel on first join"),
     Setting(
@@ -377,6 +406,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "history_size", _int(0, 100000), 100, "messages kept per channel for recovery; 0 = none"
     ),
     Setting("history_ttl_s", _int(0), 3600, "how long history is kept, seconds; 0 = no expiry"),
+    Setting(
+        "channel_state_ttl_s",
+        _int(1),
+        86400,
+        "Redis: a channel's offset, epoch and history expire this long after its last join "
+        "or publish (at least HISTORY_TTL_S and DEDUP_TTL_S), seconds",
+    ),
     Setting("data_dir", _path, "./data", "directory of the embedded channel store (SQLite)"),
     Setting(
         "allowed_origins",
@@ -424,9 +460,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("log_level", _log_level, "info", f"{'|'.join(LOG_LEVELS)}"),
     Setting(
         "admin_token",
-        _text,
+        _admin_token,
         None,
-        "static Bearer token accepted as admin on the REST routes",
+        "static Bearer token accepted as admin on the REST routes (at least 32 characters)",
         default_text="",
         secret=True,
     ),

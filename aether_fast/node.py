@@ -43,6 +43,17 @@ T = TypeVar("T")
 #: A connection's rate-limit refusals are logged at most this often.
 RATE_LOG_EVERY_S = 10.0
 
+#: The `reason` of a connection/disconnect the server sends when it removes a member
+#: (docs/protocol.md §4), and the system/status warning that follows it.
+REMOVED_DELETED = "channel deleted"
+REMOVED_NOT_ALLOWED = "not allowed by the new token"
+REMOVED_AUTH_REQUIRED = "channel requires auth"
+_REMOVED_TEXT = {
+    REMOVED_DELETED: "channel {} was deleted",
+    REMOVED_NOT_ALLOWED: "removed from channel {}: the refreshed token does not allow it",
+    REMOVED_AUTH_REQUIRED: "removed from channel {}: it now requires a token",
+}
+
 
 async def _maybe(value: T | Awaitable[T]) -> T:
     """The value of a call that a synchronous part answers at once and an asynchronous
@@ -85,6 +96,7 @@ class Node:
         self._timer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._rate_logged: dict[int, float] = {}
+        self._dropped_at = -1.0
         hub.node = self
         hub.broker = broker
         broker.bind(self)
@@ -339,8 +351,13 @@ class Node:
             return self._refuse_join(s, name, ErrorCode.AUTH_REQUIRED, "this channel needs a token")
         if not channel_allowed(claims, name):
             return self._refuse_join(s, name, ErrorCode.FORBIDDEN, "token does not allow it")
-        ch = self.hub.channel(name) or self.hub.add_channel(name, cfg)
+        ch = self.hub.channel(name)
         if not s.is_member(name):
+            refused = self._over_channel_limit(s, name, ch is None, opening)
+            if refused is not None:
+                return refused
+            if ch is None:
+                ch = self.hub.add_channel(name, cfg)
             members = ch.member_count + self.broker.remote_members(name)
             if 0 < ch.max_connections <= members:
                 return self._refuse_join(
@@ -357,6 +374,34 @@ class Node:
             s.hold(name)
             self._spawn(self._join_later(s, name, since, recovery))
         return None
+
+    def _over_channel_limit(
+        self, s: Session, name: str, new_channel: bool, opening: bool
+    ) -> str | None:
+        """Refuse (CHANNEL_LIMIT) a join past MAX_CHANNELS_PER_CONNECTION, or one that would
+        add a live channel past MAX_CHANNELS; None when the join may go on."""
+        per_connection = self.config.max_channels_per_connection
+        if len(s.channels) >= per_connection:
+            reason, limit = "channels_per_connection", per_connection
+        elif new_channel and self._worker_full():
+            reason, limit = "channels_per_worker", self.config.max_channels
+        else:
+            return None
+        self.security_event(s, "channel_limit", f"{reason} {limit}")
+        return self._refuse_join(
+            s, name, ErrorCode.CHANNEL_LIMIT, reason, opening, {"limit": limit}
+        )
+
+    def _worker_full(self) -> bool:
+        """MAX_CHANNELS live channels already. Channels left empty are dropped by the timer;
+        at the cap they are dropped at once, at most once a second."""
+        if self.hub.channel_count < self.config.max_channels:
+            return False
+        now = time.monotonic()
+        if now - self._dropped_at >= 1.0:
+            self._dropped_at = now
+            self.hub.drop_empty()
+        return self.hub.channel_count >= self.config.max_channels
 
     async def _join_later(
         self, s: Session, name: str, since: int | None, pending: Awaitable[Recovery]
@@ -399,13 +444,20 @@ class Node:
         task.add_done_callback(self._tasks.discard)
 
     def _refuse_join(
-        self, s: Session, name: str, code: str, reason: str, opening: bool = False
+        self,
+        s: Session,
+        name: str,
+        code: str,
+        reason: str,
+        opening: bool = False,
+        extra: dict[str, object] | None = None,
     ) -> str:
         if code in (ErrorCode.AUTH_REQUIRED, ErrorCode.FORBIDDEN):
             self.security_event(s, code.lower(), name)
         elif opening:
             self._greet(s)  # the connection stays open: it still gets its first frame
-        s.send_error(code, f"cannot join channel: {reason}", "channel", reason, {"channel": name})
+        details: dict[str, object] = {"channel": name, **(extra or {})}
+        s.send_error(code, f"cannot join channel: {reason}", "channel", reason, details)
         return code
 
     def leave(self, s: Session, name: str) -> None:
@@ -472,6 +524,10 @@ class Node:
         s.send_json(
             {"type": "connection", "action": "refresh", "data": {"expires_at": claims.expires_at}}
         )
+        # the new claims decide from now on: channels they no longer allow are left
+        for name in s.joined():
+            if not channel_allowed(claims, name):
+                self._evict(s, name, REMOVED_NOT_ALLOWED)
 
     def client_broadcast(self, s: Session, data: dict[str, Any]) -> None:
         claims: Claims | None = s.claims
@@ -517,9 +573,25 @@ class Node:
         return created
 
     def apply_config(self, cfg: ChannelConfig) -> None:
-        """A config changed (here, or on another worker): the live channel takes it."""
-        if self.hub.channel(cfg.name) is not None:
-            self.hub.add_channel(cfg.name, cfg)
+        """A config changed (here, or on another worker): the live channel takes it, and a
+        channel that now requires auth loses its anonymous members (they are told)."""
+        ch = self.hub.channel(cfg.name)
+        if ch is None:
+            return
+        self.hub.add_channel(cfg.name, cfg)
+        if cfg.require_auth:
+            anonymous = [m for m in ch.member_list() if m.claims is None]
+            for m in anonymous:
+                self._evict(m, cfg.name, REMOVED_AUTH_REQUIRED)
+            if anonymous:
+                logs.log(
+                    "info",
+                    "members_removed",
+                    "node",
+                    channel=cfg.name,
+                    count=len(anonymous),
+                    reason=REMOVED_AUTH_REQUIRED,
+                )
 
     async def delete_channel(self, name: str) -> bool:
         """Delete the config, remove this worker's members (they are told), drop history."""
@@ -533,26 +605,40 @@ class Node:
         """Remove every local member of channel `name`, telling each; False if none."""
         removed: list[Session] = self.hub.drop_channel(name)
         for s in removed:
-            s.send_json(
-                {
-                    "type": "connection",
-                    "action": "disconnect",
-                    "data": {
-                        "client_id": s.client_id,
-                        "user_id": s.user_id,
-                        "channel": name,
-                        "reason": "channel deleted",
-                    },
-                }
-            )
-            s.send_json(
-                {
-                    "type": "system",
-                    "action": "status",
-                    "data": {"message": f"channel {name} was deleted", "severity": "warning"},
-                }
-            )
+            self._tell_removed(s, name, REMOVED_DELETED)
         return bool(removed)
+
+    def _evict(self, s: Session, name: str, reason: str) -> None:
+        """Remove `s` from channel `name` (the server's decision, not its own leave): the
+        other members see it leave (presence), and it is told why."""
+        ch = self.hub.channel(name)
+        if ch is not None and ch.presence:
+            self._presence(ch, s, "disconnect")
+        self.hub.leave(s, name)
+        self._tell_removed(s, name, reason)
+
+    def _tell_removed(self, s: Session, name: str, reason: str) -> None:
+        """The notice of a removal: connection/disconnect with `reason` (a client does not
+        rejoin), then a system/status warning saying it in words."""
+        s.send_json(
+            {
+                "type": "connection",
+                "action": "disconnect",
+                "data": {
+                    "client_id": s.client_id,
+                    "user_id": s.user_id,
+                    "channel": name,
+                    "reason": reason,
+                },
+            }
+        )
+        s.send_json(
+            {
+                "type": "system",
+                "action": "status",
+                "data": {"message": _REMOVED_TEXT[reason].format(name), "severity": "warning"},
+            }
+        )
 
     async def channel_view(self, name: str) -> dict[str, Any] | None:
         stored = self.store.get(name)

@@ -47,6 +47,7 @@ class ErrorCode:
     FORBIDDEN: Final = "FORBIDDEN"  # token valid, but not allowed this
     CHANNEL_NOT_FOUND: Final = "CHANNEL_NOT_FOUND"  # not configured, no auto-create
     CHANNEL_FULL: Final = "CHANNEL_FULL"  # max_connections reached
+    CHANNEL_LIMIT: Final = "CHANNEL_LIMIT"  # too many channels: this connection's or worker's
     NOT_A_MEMBER: Final = "NOT_A_MEMBER"  # publish/leave without joining
     RATE_LIMITED: Final = "RATE_LIMITED"  # a token bucket is empty
     CONNECTION_LIMIT: Final = "CONNECTION_LIMIT"  # too many connections for the user/IP
@@ -69,6 +70,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.CHANNEL_NOT_FOUND: 404,
     ErrorCode.CHANNEL_FULL: 409,
+    ErrorCode.CHANNEL_LIMIT: 429,
     ErrorCode.NOT_A_MEMBER: 409,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.CONNECTION_LIMIT: 429,

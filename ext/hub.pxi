@@ -61,6 +61,10 @@ cdef class Channel:
     def member_count(self) -> int:
         return PyList_GET_SIZE(self.members)
 
+    def member_list(self) -> list:
+        """A copy of the members (the control plane's removals iterate it)."""
+        return list(self.members)
+
 
 cdef class Hub:
     """Every session and channel of this worker, the fan-out and the counters metrics read."""
@@ -137,6 +141,11 @@ cdef class Hub:
 
     def channel_names(self) -> list:
         return list(self.channels)
+
+    @property
+    def channel_count(self) -> int:
+        """Live channels on this worker (MAX_CHANNELS bounds it)."""
+        return len(self.channels)
 
     def drop_channel(self, str name) -> list:
         """Forget a channel; returns its former members (already removed from it)."""

@@ -9,7 +9,10 @@ It keeps every guarantee of `base.Broker` across the cluster:
   confirm the subscription before it reads a joining member's position, so nothing published
   in between is missed; Redis delivers one channel's publications in PUBLISH order;
 - a flushed Redis has no epoch key: the next publish or join writes a new epoch, and clients
-  recovering with the old one get `recovered: false`.
+  recovering with the old one get `recovered: false`;
+- every key of a channel has a TTL, refreshed by each publish (the meta key by each join
+  too): a channel nobody uses leaves nothing behind after CHANNEL_STATE_TTL_S, and its
+  next use starts a new epoch, as after a flush.
 
 The cluster table: every second each worker writes its figures (connections, per-user
 connection counts, per-channel member counts) under keys that expire after
@@ -74,15 +77,17 @@ Pending = tuple[list[Any], "asyncio.Future[PublishResult]"]
 # One call publishes a batch (every publish of one loop pass, up to BATCH_MAX): Redis spends
 # ~25 µs setting up each script call, more than the commands themselves.
 # KEYS, 3 per message: meta (hash: seq, epoch), hist (stream), dedupe (slot -> "seq|offset|ts")
-# ARGV, 11 per message: sequence, history size, history ttl ms, dedupe ttl ms, pubsub channel,
-#   sender, json head, json tail, new epoch, timestamp, dedupe slot (sequence mod the window)
-# Returns {seen, duplicate} per message, seen = "offset|timestamp". Seven commands a message
-# at most: each costs Redis CPU, and Redis is shared by every worker.
+# ARGV, 12 per message: sequence, history size, history ttl ms, dedupe ttl ms, pubsub channel,
+#   sender, json head, json tail, new epoch, timestamp, dedupe slot (sequence mod the window),
+#   channel state ttl ms (meta)
+# Returns {seen, duplicate} per message, seen = "offset|timestamp". Eight commands a message
+# at most: each costs Redis CPU, and Redis is shared by every worker. Every key written gets
+# its TTL here (see `RedisBroker` for why the meta key outlives the others).
 _PUBLISH = """
 local out = {}
 for i = 0, #KEYS / 3 - 1 do
   local meta, hist, dedupe = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
-  local a = i * 11
+  local a = i * 12
   local seq, slot = ARGV[a + 1], ARGV[a + 11]
   local held = redis.call('HGET', dedupe, slot)
   local bar = held and string.find(held, '|', 1, true)
@@ -93,11 +98,12 @@ for i = 0, #KEYS / 3 - 1 do
     if offset == 1 and redis.call('HSETNX', meta, 'epoch', ARGV[a + 9]) == 1 then
       redis.call('DEL', hist)  -- a new epoch (first publish, or Redis lost the channel)
     end
+    redis.call('PEXPIRE', meta, ARGV[a + 12])
     local payload = ARGV[a + 7] .. offset .. ARGV[a + 8]
     local size = tonumber(ARGV[a + 2])
     if size > 0 then
       redis.call('XADD', hist, 'MAXLEN', size, offset .. '-1', 'p', payload)
-      if ARGV[a + 3] ~= '0' then redis.call('PEXPIRE', hist, ARGV[a + 3]) end
+      redis.call('PEXPIRE', hist, ARGV[a + 3])
     end
     local seen = offset .. '|' .. ARGV[a + 10]
     redis.call('HSET', dedupe, slot, seq .. '|' .. seen)
@@ -109,7 +115,8 @@ end
 return out
 """
 
-# KEYS: meta, hist   ARGV: since (-1: none), new epoch
+# KEYS: meta, hist   ARGV: since (-1: none), new epoch, channel state ttl ms
+# A join (or a read of the position) keeps the meta key alive like a publish does.
 _POSITION = """
 local meta = redis.call('HMGET', KEYS[1], 'seq', 'epoch')
 local epoch = meta[2]
@@ -120,6 +127,7 @@ if not epoch then
   redis.call('DEL', KEYS[1], KEYS[2])
   redis.call('HSET', KEYS[1], 'seq', 0, 'epoch', epoch)
 end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local since = tonumber(ARGV[1])
 local entries = {}
 if since >= 0 and since < offset then
@@ -157,12 +165,21 @@ class RedisBroker:
         *,
         history_ttl_s: float,
         dedup_ttl_s: float,
+        channel_state_ttl_s: float = 86400,
         node_id: str | None = None,
     ) -> None:
         self._hub = hub
         self._url = url
-        self._history_ttl_ms = int(history_ttl_s * 1000)
         self._dedup_ttl_ms = max(1000, int(dedup_ttl_s * 1000))
+        # Every key of a channel expires (nothing a join or publish leaves is kept forever).
+        # The meta key (offset, epoch) lives longest: once it is gone, the next join or
+        # publish starts a new epoch, which clients see as "history lost" — so it must not
+        # go before the history it numbers, nor before a dedupe record that names one of its
+        # offsets. History with HISTORY_TTL_S=0 ("no expiry") lives as long as the meta key.
+        self._state_ttl_ms = max(
+            int(channel_state_ttl_s * 1000), int(history_ttl_s * 1000), self._dedup_ttl_ms
+        )
+        self._history_ttl_ms = int(history_ttl_s * 1000) or self._state_ttl_ms
         self.node_id = node_id or socket.gethostname()
         self.worker_id = f"{self.node_id}:{os.getpid()}:{secrets.token_hex(3)}"
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -290,6 +307,7 @@ class RedisBroker:
             new_epoch(),
             ts,
             sequence % DEDUP_WINDOW,
+            self._state_ttl_ms,
         ]
         loop = asyncio.get_running_loop()
         done: asyncio.Future[PublishResult] = loop.create_future()
@@ -410,7 +428,10 @@ class RedisBroker:
         since_arg = -1 if since is None else since
         try:
             offset, current, entries = await self._script(
-                _POSITION, _POSITION_SHA, 2, [*_keys(channel), since_arg, new_epoch()]
+                _POSITION,
+                _POSITION_SHA,
+                2,
+                [*_keys(channel), since_arg, new_epoch(), self._state_ttl_ms],
             )
         except (RedisError, OSError) as exc:
             self._degraded(exc)
@@ -429,7 +450,7 @@ class RedisBroker:
     async def position(self, channel: str) -> tuple[int, str]:
         try:
             offset, epoch, _ = await self._script(
-                _POSITION, _POSITION_SHA, 2, [*_keys(channel), -1, new_epoch()]
+                _POSITION, _POSITION_SHA, 2, [*_keys(channel), -1, new_epoch(), self._state_ttl_ms]
             )
         except (RedisError, OSError) as exc:
             self._degraded(exc)

@@ -111,6 +111,7 @@ BAD_VALUES = [
     ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
     ({"SHUTDOWN_TIMEOUT_S": "soon"}, "SHUTDOWN_TIMEOUT_S"),
     ({"JWT_SECRET": "tiny-secret-XYZ"}, "JWT_SECRET"),
+    ({"ADMIN_TOKEN": "tiny-secret-XYZ"}, "ADMIN_TOKEN"),
 ]
 
 

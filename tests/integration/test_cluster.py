@@ -370,6 +370,90 @@ def test_channel_delete_on_one_machine_removes_members_on_the_other(pair: Pair) 
         )
 
 
+def test_require_auth_switch_removes_anonymous_members_on_every_machine(pair: Pair) -> None:
+    a, b = pair
+    ch = "cl.ra"
+    configure(a, name=ch, max_connections=0, message_rate_limit=0, require_auth=False)
+    wait_config(b, ch, require_auth=False)
+    with (
+        Client(a.ws_url, channel=ch) as anon_a,
+        Client(b.ws_url, channel=ch) as anon_b,
+        Client(b.ws_url, token=b.token("member"), channel=ch) as member_b,
+        Client(a.ws_url, token=a.token("speaker"), channel=ch) as speaker_a,
+    ):
+        for c in (anon_a, anon_b, member_b, speaker_a):
+            joined(c, ch)
+        configure(a, name=ch, max_connections=0, message_rate_limit=0, require_auth=True)
+        for c in (anon_a, anon_b):  # the other machine applies it when Redis tells it
+            gone = expect(c, "connection", "disconnect")
+            assert gone["data"]["channel"] == ch, gone
+            assert gone["data"]["reason"] == "channel requires auth", gone
+            note = expect(c, "system", "status")
+            assert note["data"]["severity"] == "warning" and ch in note["data"]["message"], note
+        speaker_a.publish(ch, "members only")
+        expect(speaker_a, "message", "ack")
+        assert expect(member_b, "message", "send")["data"]["content"] == "members only"
+        for c in (anon_a, anon_b):
+            c.nothing(0.3)
+            c.join(ch)
+            assert expect_error(c, "AUTH_REQUIRED")["details"]["channel"] == ch
+
+
+# -- channel state in Redis expires ------------------------------------------------------------
+
+
+def test_every_redis_key_of_a_channel_has_a_ttl(
+    make_server: Callable[..., Server], redis_server: RedisServer, redis_url: str
+) -> None:
+    srv = make_server(BROKER_URL=redis_url, HISTORY_TTL_S="0", CHANNEL_STATE_TTL_S="5000")
+    ch = "cl.ttl"
+    with redis_server.client(db_of(redis_url)) as r:
+
+        def channel_keys() -> dict[str, int]:
+            return {k.decode(): r.pttl(k) for k in r.keys(f"*{ch}*")}
+
+        with Client(srv.ws_url, token=srv.token("keeper"), client_id="k1", channel=ch) as c:
+            joined(c, ch)
+            after_join = channel_keys()  # a join alone leaves the meta key: it expires too
+            assert list(after_join) == [f"aether:ch:{{{ch}}}:meta"], after_join
+            assert all(0 < ttl <= 5_000_000 for ttl in after_join.values()), after_join
+            c.publish(ch, "kept a while")
+            expect(c, "message", "ack")
+            keys = channel_keys()
+            kinds = sorted(k.split(":")[1] for k in keys)
+            assert kinds == ["ch", "ch", "dedupe"], keys  # meta, history, dedupe window
+            # HISTORY_TTL_S=0: the history lives as long as the meta key, not for ever
+            assert all(0 < ttl <= 5_000_000 for ttl in keys.values()), keys
+
+
+def test_expired_channel_state_starts_a_new_epoch(
+    make_server: Callable[..., Server], redis_server: RedisServer, redis_url: str
+) -> None:
+    srv = make_server(
+        BROKER_URL=redis_url, CHANNEL_STATE_TTL_S="1", HISTORY_TTL_S="1", DEDUP_TTL_S="1"
+    )
+    ch = "cl.exp"
+    with Client(srv.ws_url, token=srv.token("old"), channel=ch) as c:
+        first = joined(c, ch)
+        c.publish(ch, "soon gone")
+        assert acks_offset(c) == 1
+    with redis_server.client(db_of(redis_url)) as r:
+        wait_for(lambda: not r.keys(f"*{ch}*"), timeout=10.0, interval=0.2)
+    # the offset key expired: the channel starts again under a new epoch, which a client
+    # recovering with the old one is told ("history lost")
+    with Client(srv.ws_url, token=srv.token("old"), channel=ch, since=1, epoch=first["epoch"]) as c:
+        again = joined(c, ch)
+        assert again["recovered"] is False and again["offset"] == 0, again
+        assert again["epoch"] != first["epoch"], again
+        c.publish(ch, "fresh", sequence=1)
+        assert acks_offset(c) == 1
+
+
+def acks_offset(c: Client) -> int:
+    msg = expect(c, "message", "ack")
+    return int(msg["data"]["metadata"]["offset"])
+
+
 # -- cluster-wide connection limit -----------------------------------------------------------
 
 

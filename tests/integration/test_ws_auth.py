@@ -387,3 +387,93 @@ def test_refresh(server: Server) -> None:
         got = reply(watcher)
         assert got["data"]["content"] == "after old expiry"
         assert got["data"]["metadata"]["user_id"] == "alice"
+
+
+# -- authorization follows changes: a narrower refresh, a channel switched to require_auth -------
+
+
+def _removed(c: Client, channel: str, reason: str) -> None:
+    """The notice of a removal: connection/disconnect with the reason, then the warning."""
+    gone = expect(c, "connection", "disconnect")
+    assert gone["data"]["channel"] == channel and gone["data"]["reason"] == reason, gone
+    note = expect(c, "system", "status")
+    assert note["data"]["severity"] == "warning" and channel in note["data"]["message"], note
+
+
+def test_refresh_with_a_narrower_channels_claim_removes_the_member(server: Server) -> None:
+    wide = server.token("nina", channels=["rfn.*"])
+    with (
+        Client(server.ws_url, token=wide, client_id="nina-1") as c,
+        Client(server.ws_url, token=server.token("otto"), channel="rfn.b") as other,
+    ):
+        expect(c, "connection", "connect")
+        expect(other, "connection", "connect")
+        for name in ("rfn.a", "rfn.b"):
+            c.join(name)
+            assert expect(c, "connection", "connect")["data"]["channel"] == name
+        narrow = server.token("nina", channels=["rfn.a"], ttl=7200)
+        c.send({"type": "connection", "action": "refresh", "data": {"token": narrow}})
+        expect(c, "connection", "refresh")
+        _removed(c, "rfn.b", "not allowed by the new token")
+        # it no longer receives rfn.b's publications, may not publish or join there again
+        other.publish("rfn.b", "after the refresh")
+        expect(other, "message", "ack")
+        c.nothing(0.3)
+        c.publish("rfn.b", "refused")
+        assert expect_error(c, "NOT_A_MEMBER")["details"]["channel"] == "rfn.b"
+        c.join("rfn.b")
+        assert expect_error(c, "FORBIDDEN")["details"]["channel"] == "rfn.b"
+        # the channel the new token still allows keeps working
+        c.publish("rfn.a", "still mine")
+        expect(c, "message", "ack")
+        # a refresh that allows everything the connection holds removes nothing
+        c.send({"type": "connection", "action": "refresh", "data": {"token": wide}})
+        expect(c, "connection", "refresh")
+        c.nothing(0.3)
+
+
+def test_require_auth_switch_removes_anonymous_members(server: Server) -> None:
+    admin = server.admin()
+    cfg = {"name": "ras.room", "require_auth": False, "presence": True}
+    status, body, _ = server.http("POST", "/ws/channels", cfg, token=admin)
+    assert status in (200, 201), body
+    with (
+        Client(server.ws_url, channel="ras.room") as anon,
+        Client(server.ws_url, token=server.token("alice"), channel="ras.room") as alice,
+    ):
+        expect(anon, "connection", "connect")
+        expect(alice, "connection", "connect")
+        expect(anon, "connection", "connect")  # presence: alice joined
+        status, body, _ = server.http(
+            "POST", "/ws/channels", {**cfg, "require_auth": True}, token=admin
+        )
+        assert status == 200 and body["require_auth"] is True, body
+        _removed(anon, "ras.room", "channel requires auth")
+        left = expect(alice, "connection", "disconnect")  # presence: the anonymous one left
+        assert left["data"]["user_id"] is None and "reason" not in left["data"], left
+        alice.publish("ras.room", "members only")
+        expect(alice, "message", "ack")
+        anon.nothing(0.3)
+        anon.join("ras.room")
+        assert expect_error(anon, "AUTH_REQUIRED")["details"]["channel"] == "ras.room"
+        # the anonymous connection stays open; the authenticated member stays in
+        anon.send({"type": "system", "action": "status", "data": {}})
+        expect(anon, "system", "status")
+        code, view, _ = server.http("GET", "/ws/channels/ras.room", token=admin)
+        assert code == 200 and view["members"] == 1, view
+
+
+def test_channels_claim_star_stays_in_one_segment(server: Server) -> None:
+    token = server.token("glen", channels=["gl.*", "deep.**"])
+    with Client(server.ws_url, token=token) as c:
+        expect(c, "connection", "connect")
+        for allowed in ("gl.room1", "deep.a", "deep.a.b:admin"):
+            c.join(allowed)
+            assert expect(c, "connection", "connect")["data"]["channel"] == allowed
+        for outside in ("gl.a.b", "gl.room1:admin", "gl"):
+            c.join(outside)
+            assert expect_error(c, "FORBIDDEN")["details"]["channel"] == outside
+    # refused in the URL as well: 4003
+    with Client(server.ws_url, token=token, channel="gl.a:admin") as c:
+        assert expect_error(c, "FORBIDDEN")["details"]["channel"] == "gl.a:admin"
+        assert c.closed_with() == 4003

@@ -345,3 +345,101 @@ def test_firefox_connection_header_is_accepted(server: Server) -> None:
         )
         ack = raw.recv_json()
         assert (ack["type"], ack["action"]) == ("message", "ack"), ack
+
+
+# -- channel caps (SPEC §6: what one client can make a worker hold) ----------------------------
+
+
+def _channel_limit(c: Client, channel: str, reason: str, limit: int) -> None:
+    err = expect_error(c, "CHANNEL_LIMIT")
+    d = err["details"]
+    assert (d["component"], d["reason"], d["channel"], d["limit"]) == (
+        "channel",
+        reason,
+        channel,
+        limit,
+    ), err
+
+
+def test_max_channels_per_connection(make_server: Callable[..., Server]) -> None:
+    srv = make_server(MAX_CHANNELS_PER_CONNECTION="3", RATE_LIMIT_MESSAGES="1000")
+    with (
+        Client(srv.ws_url, token=srv.token("hoarder")) as c,
+        Client(srv.ws_url, token=srv.token("reader"), channel="cap.d") as reader,
+    ):
+        expect(c, "connection", "connect")
+        _joined(reader)
+        for name in ("cap.a", "cap.b", "cap.c"):
+            c.join(name)
+            assert _joined(c)["channel"] == name
+        # one more is refused, whether the channel exists (cap.d) or not (cap.e) ...
+        for name in ("cap.d", "cap.e"):
+            c.join(name)
+            _channel_limit(c, name, "channels_per_connection", 3)
+        # ... it joined nothing: a publication there does not reach it, and it may not send
+        reader.publish("cap.d", "not for the hoarder")
+        expect(reader, "message", "ack")
+        c.publish("cap.d", "refused")
+        assert expect_error(c, "NOT_A_MEMBER")["details"]["channel"] == "cap.d"
+        # the connection stays usable: a re-join of a member's channel is no new channel,
+        # its channels still work, and after a leave there is room again
+        c.join("cap.a")
+        assert _joined(c)["channel"] == "cap.a"
+        c.publish("cap.a", "still here")
+        expect(c, "message", "ack")
+        c.leave("cap.a")
+        expect(c, "connection", "disconnect")
+        c.join("cap.d")
+        assert _joined(c)["channel"] == "cap.d"
+        reader.publish("cap.d", "now for it too")
+        expect(reader, "message", "ack")
+        assert expect(c, "message", "send")["data"]["content"] == "now for it too"
+        _status_ok(c)
+    warned = [line for line in srv.log_lines() if line.get("event") == "channel_limit"]
+    assert warned and warned[0]["level"] == "warn", warned
+
+
+def test_max_channels_per_worker(make_server: Callable[..., Server]) -> None:
+    srv = make_server(MAX_CHANNELS="3", RATE_LIMIT_MESSAGES="1000")
+    with (
+        Client(srv.ws_url, token=srv.token("first")) as first,
+        Client(srv.ws_url, token=srv.token("second")) as second,
+    ):
+        expect(first, "connection", "connect")
+        expect(second, "connection", "connect")
+        for name in ("wcap.1", "wcap.2", "wcap.3"):
+            first.join(name)
+            _joined(first)
+        # a join of a live channel is no new one: allowed at the cap
+        second.join("wcap.1")
+        _joined(second)
+        # a join that would make a fourth live channel is refused, the connection stays
+        second.join("wcap.4")
+        _channel_limit(second, "wcap.4", "channels_per_worker", 3)
+        second.publish("wcap.1", "still usable")
+        expect(second, "message", "ack")
+        assert expect(first, "message", "send")["data"]["content"] == "still usable"
+        # the URL's channel too: the first frame, then the error, and the connection stays
+        with Client(srv.ws_url, token=srv.token("third"), channel="wcap.5") as third:
+            assert _joined(third)["channel"] is None
+            _channel_limit(third, "wcap.5", "channels_per_worker", 3)
+            _status_ok(third)
+        # a channel left empty makes room again (dropped by the timer, or at the cap)
+        first.leave("wcap.3")
+        expect(first, "connection", "disconnect")
+
+        def room() -> bool:
+            second.join("wcap.4")
+            msg = second.recv()
+            if msg["type"] == "error":
+                assert msg["code"] == "CHANNEL_LIMIT", msg
+                time.sleep(0.3)
+                return False
+            assert (msg["type"], msg["action"], msg["data"]["channel"]) == (
+                "connection",
+                "connect",
+                "wcap.4",
+            ), msg
+            return True
+
+        wait_for(room, timeout=15)

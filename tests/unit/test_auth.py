@@ -270,6 +270,33 @@ def test_channel_globs() -> None:
     assert not channel_allowed(nothing, "chat.lobby")
 
 
+def test_channel_glob_semantics() -> None:
+    """`*` stays within one dot-separated segment and never crosses `:`; `**` matches any
+    run of characters; nothing else is special (docs/protocol.md §5)."""
+    auth = Authenticator(hs_config())
+
+    def allowed(patterns: list[str], channel: str) -> bool:
+        return channel_allowed(auth.verify(hs_token(good(channels=patterns)), now=NOW), channel)
+
+    assert allowed(["chat.*"], "chat.room1")
+    assert allowed(["chat.*"], "chat.")  # the segment may be empty
+    assert not allowed(["chat.*"], "chat.a.b")
+    assert not allowed(["chat.*"], "chat.a:admin")
+    assert not allowed(["chat.*"], "chat.a.b:admin")
+    assert not allowed(["chat.*"], "chat")
+    assert allowed(["chat.*.x"], "chat.b.x") and not allowed(["chat.*.x"], "chat.b.c.x")
+    assert allowed(["chat.*:admin"], "chat.a:admin")
+    assert allowed(["*"], "lobby") and not allowed(["*"], "a.b") and not allowed(["*"], "a:b")
+    assert allowed(["chat.**"], "chat.a.b:admin") and allowed(["chat.**"], "chat.x")
+    assert not allowed(["chat.**"], "chatx.a")
+    assert allowed(["**"], "any.thing:at-all")
+    assert allowed(["pre*"], "prefix") and not allowed(["pre*"], "pre.fix")
+    # fnmatch's other wildcards are plain characters (no channel name contains them)
+    assert not allowed(["chat.?"], "chat.a")
+    assert not allowed(["chat.[ab]"], "chat.a")
+    assert allowed(["a-b_c.d"], "a-b_c.d") and not allowed(["a-b_c.d"], "a-b_cxd")
+
+
 def test_mint_token_hs_roundtrip() -> None:
     config = hs_config(jwt_audience="aud", jwt_issuer="iss", jwt_expires_s="120")
     token = mint_token(config, "bob", admin=True, channels=["chat.*"], now=NOW)

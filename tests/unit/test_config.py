@@ -154,6 +154,10 @@ def test_star_origin_means_any() -> None:
         ({"ECHO_PATH": "echo"}, "ECHO_PATH", "start"),
         ({"ECHO_PATH": "/ws"}, "ECHO_PATH", "differ"),
         ({"JWT_SECRET": "short"}, "JWT_SECRET", "at least 32 bytes"),
+        ({"ADMIN_TOKEN": "x" * 31}, "ADMIN_TOKEN", "at least 32 characters (got 31)"),
+        ({"MAX_CHANNELS_PER_CONNECTION": "0"}, "MAX_CHANNELS_PER_CONNECTION", ">= 1"),
+        ({"MAX_CHANNELS": "0"}, "MAX_CHANNELS", ">= 1"),
+        ({"CHANNEL_STATE_TTL_S": "0"}, "CHANNEL_STATE_TTL_S", ">= 1"),
         ({"JWT_SECRET": SECRET, "JWT_ALGORITHM": "HS512"}, "JWT_SECRET", "at least 64 bytes"),
         ({"WORKERS": "2"}, "WORKERS", "BROKER_URL"),
         ({"METRICS_PORT": "8000"}, "METRICS_PORT", "differ"),
@@ -178,8 +182,27 @@ def test_error_line_exact() -> None:
 def test_secret_values_never_echoed() -> None:
     e = _err({"JWT_SECRET": "tiny-secret"})
     assert "tiny-secret" not in str(e)
+    e = _err({"ADMIN_TOKEN": "tiny-admin"})
+    assert "tiny-admin" not in str(e)
     e = _err({"BROKER_URL": "http://user:hunter2@x"})
     assert "hunter2" not in str(e)
+
+
+def test_admin_token_minimum_length() -> None:
+    assert load_config({"ADMIN_TOKEN": "a" * 32}).admin_token == "a" * 32
+    assert _err({"ADMIN_TOKEN": "a" * 31}).variable == "ADMIN_TOKEN"
+    assert load_config({"ADMIN_TOKEN": ""}).admin_token is None  # empty = unset
+
+
+def test_channel_caps_and_state_ttl() -> None:
+    c = load_config({})
+    assert (c.max_channels_per_connection, c.max_channels, c.channel_state_ttl_s) == (
+        128,
+        100000,
+        86400,
+    )
+    c = load_config({"MAX_CHANNELS_PER_CONNECTION": "4", "MAX_CHANNELS": "10"})
+    assert (c.max_channels_per_connection, c.max_channels) == (4, 10)
 
 
 def test_metrics_port_conflict_only_when_metrics_enabled_and_hosts_overlap() -> None:
@@ -305,7 +328,7 @@ def test_masked() -> None:
             "JWT_ALGORITHM": "RS256",
             "JWT_PUBLIC_KEY": public,
             "JWT_PRIVATE_KEY": private,
-            "ADMIN_TOKEN": "adm1n-t0ken",
+            "ADMIN_TOKEN": "adm1n-t0ken-" + "0123456789" * 2,
             "BROKER_URL": "redis://user:hunter2@redis:6379/0?password=hunter3&db=1",
             "WORKERS": "2",
         }

@@ -273,6 +273,32 @@ def test_forget_starts_a_new_epoch(broker: tuple[MemoryBroker, Hub, object]) -> 
     assert offset == 0 and new_epoch != epoch
 
 
+def test_sweep_forgets_what_joins_of_unused_channels_left(
+    broker: tuple[MemoryBroker, Hub, object],
+) -> None:
+    """Channel hoarding with the embedded broker: a join makes a live channel and a log (its
+    position); once nobody is in them and they hold no history, the timer's sweep and
+    drop_empty forget both. A channel with history keeps its log until HISTORY_TTL_S."""
+    b, hub, ch = broker
+    config = load_config({"JWT_SECRET": "x" * 40})
+    member = sender(hub, "alice", "a1")
+    for i in range(500):
+        name = f"hoard.{i}"
+        live = hub.add_channel(name, default_channel_config(name, config))
+        hub.join(member, live)
+        assert b.recover(name, None, None).offset == 0
+    b.publish(ch, member, 1, "kept")  # "chat" has history and no member either
+    assert len(b._logs) == 501
+    b.sweep()
+    assert len(b._logs) == 501  # members still in them: nothing is dropped
+    for name in member.joined():
+        hub.leave(member, name)
+    b.sweep()
+    assert hub.drop_empty() == 501
+    assert hub.channel_count == 0
+    assert list(b._logs) == ["chat"]
+
+
 def test_busy_poll_spins_after_a_flush_then_stops() -> None:
     loop = asyncio.new_event_loop()
     try:
