@@ -40,9 +40,6 @@ _CONTROL = CLIENT_MESSAGES - {("message", "send"), ("message", "retry")}
 
 T = TypeVar("T")
 
-#: A connection's rate-limit refusals are logged at most this often.
-RATE_LOG_EVERY_S = 10.0
-
 
 async def _maybe(value: T | Awaitable[T]) -> T:
     """The value of a call that a synchronous part answers at once and an asynchronous
@@ -84,7 +81,6 @@ class Node:
         self._live: dict[tuple[object, str], Session] = {}
         self._timer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._rate_logged: dict[int, float] = {}
         hub.node = self
         hub.broker = broker
         broker.bind(self)
@@ -98,6 +94,7 @@ class Node:
         if self._timer is not None:
             self._timer.cancel()
             await asyncio.gather(self._timer, return_exceptions=True)
+        logs.SECURITY.flush(force=True)  # the counts of the last second are not lost
 
     async def _tick_forever(self) -> None:
         ticks = 0
@@ -112,6 +109,7 @@ class Node:
             try:
                 self.hub.tick(time.time(), ping_round)
                 self._measure_rates()
+                logs.SECURITY.flush()
                 if ticks % 10 == 0:
                     self.broker.sweep()
                     self.hub.drop_empty()
@@ -244,7 +242,6 @@ class Node:
         live_key = (s.user_id, s.client_id)
         if self._live.get(live_key) is s:
             del self._live[live_key]
-        self._rate_logged.pop(id(s), None)
 
     def _refuse(self, s: Session, code: str, message: str, reason: str, close: int) -> None:
         self.security_event(s, "auth_failed", reason)
@@ -252,17 +249,10 @@ class Node:
         s.close(close, message)
 
     def security_event(self, s: Connection, event: str, reason: str) -> None:
-        """Log a security event at warn. Rate-limit refusals are logged at most once per
-        connection every RATE_LOG_EVERY_S, so a flooding client cannot flood the log."""
-        if event == "rate_limited":
-            now = time.monotonic()
-            if now - self._rate_logged.get(id(s), -RATE_LOG_EVERY_S) < RATE_LOG_EVERY_S:
-                return
-            self._rate_logged[id(s)] = now
-        logs.log(
-            "warn",
+        """Log a security event at warn, through the throttle of `logs.security`: at most a
+        line a second per event, the rest counted, so a flood cannot flood the log."""
+        logs.security(
             event,
-            "security",
             client_id=getattr(s, "client_id", None),
             user_id=getattr(s, "user_id", None),
             peer=s.peer,

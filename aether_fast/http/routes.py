@@ -95,10 +95,8 @@ class Router:
         (logged at warn: a refused admin request is a security event)."""
         refused = self._check_admin(request)
         if refused is not None:
-            logs.log(
-                "warn",
+            logs.security(
                 "admin_auth_failed",
-                "security",
                 peer=request.peer,
                 path=request.path,
                 status=refused.status,
