@@ -40,6 +40,10 @@ _CONTROL = CLIENT_MESSAGES - {("message", "send"), ("message", "retry")}
 
 T = TypeVar("T")
 
+#: Starts the identity of an anonymous session; the 64 random bits after it are never shown,
+#: so no client (anonymous, or with any `sub`) can name another connection's identity.
+ANONYMOUS = "\x1e"
+
 
 async def _maybe(value: T | Awaitable[T]) -> T:
     """The value of a call that a synchronous part answers at once and an asynchronous
@@ -141,7 +145,11 @@ class Node:
             return
         if s.claims is not None:
             s.expires_at = s.claims.expires_at + self.config.jwt_leeway_s
-        live_key = (s.user_id, s.client_id)
+        else:
+            # an anonymous client proves nothing: it replaces nobody and shares no one's
+            # dedupe window, whatever client_id it names (docs/protocol.md, dedupe)
+            s.identity = ANONYMOUS + secrets.token_hex(8)
+        live_key = (s.identity, s.client_id)
         old = self._live.get(live_key)
         if old is not None:
             # the newer connection replaces the older one before limits are counted
@@ -213,9 +221,9 @@ class Node:
         else:
             self._per_key.pop(key, None)
 
-    def local_session(self, user_id: str | None, client_id: str) -> Session | None:
-        """The live local session of (user, client_id), if this worker has it."""
-        return self._live.get((user_id, client_id))
+    def local_session(self, identity: str | None, client_id: str) -> Session | None:
+        """The live local session of (Session.identity, client_id), if this worker has it."""
+        return self._live.get((identity, client_id))
 
     def local_figures(self) -> dict[str, Any]:
         """What this worker tells the cluster table each second."""
@@ -239,7 +247,7 @@ class Node:
             if ch is not None and ch.presence:
                 self._presence(ch, s, "disconnect")
         self._release_key(s)
-        live_key = (s.user_id, s.client_id)
+        live_key = (s.identity, s.client_id)
         if self._live.get(live_key) is s:
             del self._live[live_key]
 

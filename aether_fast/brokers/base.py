@@ -90,7 +90,7 @@ class Broker(Protocol):
         ...
 
     def bind(self, node: Any) -> None:
-        """Called once by the Node: the broker may call node.local_session(user, client_id),
+        """Called once by the Node: the broker may call node.local_session(identity, client_id),
         node.on_config_change(name, cfg) and node.local_figures()."""
         ...
 

@@ -143,8 +143,10 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def sender_key(user_id: str | None, client_id: str) -> str:
-    return f"{user_id or ''}\x1f{client_id}"
+def sender_key(identity: str | None, client_id: str) -> str:
+    """A sender in Redis (dedupe keys, the pubsub messages): its Session.identity and
+    client_id. client_id has no \\x1f, so the last one splits them."""
+    return f"{identity or ''}\x1f{client_id}"
 
 
 class RedisBroker:
@@ -189,7 +191,7 @@ class RedisBroker:
         self._faults: dict[str, str] = {"commands": "redis: not connected yet"}
         self._remote: dict[str, dict[str, Any]] = {}
         self._configs: dict[str, ChannelConfig] = {}
-        #: set by the Node: local_session(user_id, client_id) and apply_config(cfg)
+        #: set by the Node: local_session(identity, client_id) and apply_config(cfg)
         self.local_session: Callable[[str | None, str], Any] = lambda u, c: None
         self.on_config: Callable[[str, ChannelConfig | None], None] = lambda n, c: None
         self.local_figures: Callable[[], dict[str, Any]] = dict
@@ -274,7 +276,7 @@ class RedisBroker:
             + b"}}"
         )
         meta_key, hist_key = _keys(name)
-        who = sender_key(sender.user_id, sender.client_id)
+        who = sender_key(sender.identity, sender.client_id)
         call = [
             meta_key,
             hist_key,
@@ -550,8 +552,8 @@ class RedisBroker:
             return
         sender, _, rest = data.partition(b"\n")
         offset, _, payload = rest.partition(b"\n")
-        user, _, client = sender.decode().partition("\x1f")
-        origin = self.local_session(user or None, client)
+        identity, _, client = sender.decode().rpartition("\x1f")
+        origin = self.local_session(identity or None, client)
         exclude = origin if origin is not None and not origin.echo else None
         self._hub.deliver(ch, encode_text_frame(payload), exclude, int(offset))
 
