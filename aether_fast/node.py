@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from aether_fast import logs
 from aether_fast._core import Channel, Connection, Hub, Session, encode_json_frame
 from aether_fast.auth import Authenticator, AuthError, Claims, channel_allowed
-from aether_fast.brokers.base import Broker, Recovery
+from aether_fast.brokers.base import BROKER_UNAVAILABLE, Broker, Recovery
 from aether_fast.config import Config
 from aether_fast.protocol import (
     CLIENT_MESSAGES,
@@ -364,11 +364,14 @@ class Node:
         except Exception as exc:
             s.release(name, -1)
             self.hub.leave(s, name)
+            # the exception's text names the broker's host: the broker logged it (once per
+            # change, as broker_degraded); the client gets the reason code
+            logs.log("debug", "join_failed", "broker", channel=name, error=repr(exc))
             s.send_error(
                 ErrorCode.INTERNAL_ERROR,
                 "cannot join channel: broker unavailable",
                 "broker",
-                str(exc) or type(exc).__name__,
+                BROKER_UNAVAILABLE,
                 {"channel": name},
             )
             return
@@ -575,7 +578,7 @@ class Node:
 
     def health(self) -> tuple[str, str]:
         if self.shutting_down:
-            return ("down", "shutting down")
+            return ("down", "shutting_down")
         return self.broker.health()
 
     def local_stats(self) -> dict[str, Any]:

@@ -48,7 +48,13 @@ from redis.exceptions import NoScriptError, RedisError
 from aether_fast import logs
 from aether_fast._core import encode_text_frame, utc_timestamp
 from aether_fast.brokers import resp
-from aether_fast.brokers.base import BrokerUnavailable, PublishResult, Recovery, new_epoch
+from aether_fast.brokers.base import (
+    BROKER_UNAVAILABLE,
+    BrokerUnavailable,
+    PublishResult,
+    Recovery,
+    new_epoch,
+)
 from aether_fast.brokers.memory import DEDUP_WINDOW
 from aether_fast.store import ChannelConfig
 
@@ -236,14 +242,16 @@ class RedisBroker:
         await self._redis.aclose()
 
     def health(self) -> tuple[str, str]:
-        for reason in self._faults.values():
-            return ("degraded", reason)
+        if self._faults:
+            return ("degraded", BROKER_UNAVAILABLE)
         return ("healthy", "")
 
     def _degraded(self, exc: BaseException, part: str = "commands") -> None:
+        """`part` fails: the full text goes to the log, once per change of it (not per
+        retry, nor per request); /health shows only the reason code."""
         reason = f"redis: {exc.__class__.__name__}: {exc}"
-        if not self._faults:
-            logs.log("error", "broker_degraded", "broker", reason=reason)
+        if self._faults.get(part) != reason:
+            logs.log("error", "broker_degraded", "broker", part=part, reason=reason)
         self._faults[part] = reason
 
     def _recovered(self, part: str) -> None:
