@@ -212,18 +212,15 @@ class Throttle:
         #: when the oldest line held back was: its summary is due `every_s` later
         self._held_since = 0.0
 
-    def log(
-        self,
-        level: str,
-        event: str,
-        *,
-        kind: str | None = None,
-        now: float | None = None,
-        **details: object,
-    ) -> bool:
+    def log(self, level: str, event: str, *, kind: str | None = None, **details: object) -> bool:
         """Write `event` unless a line of its kind (default: the event) was written less than
         `every_s` ago; then count it. True when the line was written."""
-        now = time.monotonic() if now is None else now
+        return self.log_at(time.monotonic(), level, event, kind, details)
+
+    def log_at(
+        self, now: float, level: str, event: str, kind: str | None, details: dict[str, object]
+    ) -> bool:
+        """`log` at monotonic time `now`."""
         kind = kind or event
         if kind not in self._last and len(self._last) >= self.max_kinds:
             kind = "other"
@@ -234,7 +231,7 @@ class Throttle:
             self._held[kind] = self._held.get(kind, 0) + 1
             peer = details.get("peer")
             if isinstance(peer, str) and len(self._peers) < self.max_peers:
-                self._peers.add(_short(peer))  # type: ignore[arg-type]
+                self._peers.add(peer[:DETAIL_CHARS])
             self.flush(now)
             return False
         self._last[kind] = now

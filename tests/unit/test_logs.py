@@ -222,14 +222,14 @@ def test_throttle_one_line_a_second_per_kind_and_a_summary(stream: io.StringIO) 
 
     t = Throttle("security", "held_back")
     for i in range(100):
-        t.log("warn", "auth_failed", now=10.0 + i / 1000, peer=f"p{i}", reason="x")
-    t.log("warn", "rate_limited", now=10.05, peer="q")
+        t.log_at(10.0 + i / 1000, "warn", "auth_failed", None, {"peer": f"p{i}", "reason": "x"})
+    t.log_at(10.05, "warn", "rate_limited", None, {"peer": "q"})
     got = lines(stream)
     assert [o["event"] for o in got] == ["auth_failed", "rate_limited"]
     t.flush(now=10.5)  # too soon: the oldest held line is not a second old
     t.flush(now=11.001)
-    t.log("warn", "auth_failed", now=11.002)  # a second after the first one: written
-    t.log("warn", "auth_failed", now=11.6)  # held
+    t.log_at(11.002, "warn", "auth_failed", None, {})  # a second after the first: written
+    t.log_at(11.6, "warn", "auth_failed", None, {})  # held
     t.flush(now=12.0)  # too soon
     t.flush(now=12.6)
     t.flush(now=13.0)  # nothing held: nothing written
@@ -244,7 +244,7 @@ def test_throttle_is_bounded_in_kinds_and_detail_size(stream: io.StringIO) -> No
 
     t = Throttle("security", "held_back", max_kinds=4)
     for i in range(1000):
-        t.log("warn", "refused", kind=f"k{i % 500}", now=1.0, origin="o" * 10_000)
+        t.log_at(1.0, "warn", "refused", f"k{i % 500}", {"origin": "o" * 10_000})
     t.flush(now=5.0)
     assert len(t._last) <= 5
     got = lines(stream)
