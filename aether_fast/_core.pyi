@@ -46,6 +46,7 @@ class Session(Connection):
     channels: dict[str, Channel]
     client_id: str
     user_id: str | None
+    identity: str | None
     claims: Any
     echo: bool
     auth_error: tuple[str, str] | None

@@ -4,6 +4,9 @@ Rule: the algorithm comes from the Config, never from the token's header, and `n
 accepted. Every verification either returns `Claims` or raises `AuthError` with one of the
 protocol's codes and a short reason that never contains the token. A verified token is cached
 so repeated use skips the signature check, but its expiry is checked again on every call.
+A token is refused before either verifier sees it unless each of its three segments is
+canonical base64url (alphabet, no padding, zero trailing bits): one signed token then has
+one spelling, so nobody without the key can make new cache keys out of a valid token.
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ AUTH_REQUIRED: Final = "AUTH_REQUIRED"
 
 #: Longest token accepted; longer ones are refused before any parsing.
 MAX_TOKEN_CHARS: Final = 8192
+#: header.payload.signature in base64url without padding (an empty signature is left to
+#: PyJWT, which refuses `none` with its own reason).
+_SHAPE: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_SEGMENT: Final = re.compile(r"[A-Za-z0-9_-]*")
+#: Last characters allowed by segment length mod 4: those whose unused low bits are zero
+#: (2 chars carry 1 byte and 4 spare bits, 3 chars carry 2 bytes and 2 spare bits).
+_LAST: Final = {2: frozenset("AQgw"), 3: frozenset("AEIMQUYcgkosw048")}
 #: Verified tokens remembered; the oldest is dropped first.
 CACHE_SIZE: Final = 10000
 #: hashlib names of the HMAC algorithms the fast path verifies itself.
@@ -134,6 +144,8 @@ class Authenticator:
             return cached
         if len(token) > MAX_TOKEN_CHARS:
             raise AuthError(AUTH_INVALID, "token too long")
+        if not _canonical(token):
+            raise AuthError(AUTH_INVALID, "malformed token")
         claims = self._decode(token, now)
         if len(self._cache) >= CACHE_SIZE:
             del self._cache[next(iter(self._cache))]
@@ -164,12 +176,13 @@ class Authenticator:
                     and all(type(header[k]) is str for k in header)
                 ):
                     return None
-                if len(self._plain_headers) < 64:
-                    self._plain_headers.add(head)
             signed = token[: len(head) + 1 + len(body)].encode("ascii")
             expected = hmac.digest(self._secret, signed, digest)
             if not hmac.compare_digest(expected, _b64(signature)):
                 return None
+            # remembered only once signed with our key: nobody else can fill the set
+            if len(self._plain_headers) < 64:
+                self._plain_headers.add(head)
             payload = orjson.loads(_b64(body))
         except (ValueError, binascii.Error):  # orjson.JSONDecodeError is a ValueError
             return None
@@ -246,8 +259,24 @@ class Authenticator:
         return Claims(user_id=sub, expires_at=exp, admin=admin, channels=channels)
 
 
+def _canonical(token: str) -> bool:
+    """Is `token` three segments of canonical base64url (see the module docstring)?"""
+    if _SHAPE.fullmatch(token) is None:
+        return False
+    return all(_canonical_tail(segment) for segment in token.split("."))
+
+
+def _canonical_tail(segment: str) -> bool:
+    """Is the length of this base64url segment possible, and are its spare bits zero?"""
+    tail = len(segment) % 4
+    return tail == 0 or (tail != 1 and segment[-1] in _LAST[tail])
+
+
 def _b64(segment: str) -> bytes:
-    """base64url without padding, as in a JWT."""
+    """Canonical base64url without padding, as in a JWT; ValueError for anything else
+    (Python's decoder alone would skip stray characters and accept padding)."""
+    if _SEGMENT.fullmatch(segment) is None or not _canonical_tail(segment):
+        raise ValueError("not canonical base64url")
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 

@@ -7,6 +7,10 @@ Rule: a token is never logged. Every line passes through `redact` in the formatt
 caller can forget it: keys that name a credential become "***", JWT-shaped strings become
 "***", and `token=...` in URLs or query strings becomes `token=***`. `log()` costs one level
 check when its level is disabled.
+
+Security events (failed logins, refused upgrades, rate limits ...) go through `security()`,
+whose `Throttle` writes at most one line a second per kind and sums up the rest in one
+summary line a second, so a flood of bad requests cannot become a flood of log lines.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 import traceback
 from datetime import UTC, datetime
 from typing import Final, TextIO
@@ -165,3 +170,99 @@ def log(level: str, event: str, component: str, **details: object) -> None:
         event,
         extra={"aether_component": component, "aether_details": details},
     )
+
+
+#: Longest string a throttled line keeps of one detail (an Origin header can be 16 KiB).
+DETAIL_CHARS: Final = 200
+
+
+def _short(value: object) -> object:
+    if isinstance(value, str) and len(value) > DETAIL_CHARS:
+        return value[:DETAIL_CHARS] + "..."
+    return value
+
+
+class Throttle:
+    """At most one line per `every_s` per kind; the lines held back are counted by kind and
+    written as one summary line (`summary_event`) per `every_s`, with a sample of peers.
+
+    Bounded whatever the callers pass: at most `max_kinds` kinds are told apart (the rest are
+    counted as "other"), at most `max_peers` peers are sampled, and each string detail is cut
+    to DETAIL_CHARS. `flush` writes a pending summary; the Node's timer calls it each second,
+    so the counts of a flood that stopped are not held back.
+    """
+
+    def __init__(
+        self,
+        component: str,
+        summary_event: str,
+        *,
+        every_s: float = 1.0,
+        max_kinds: int = 32,
+        max_peers: int = 10,
+    ) -> None:
+        self.component = component
+        self.summary_event = summary_event
+        self.every_s = every_s
+        self.max_kinds = max_kinds
+        self.max_peers = max_peers
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._peers: set[str] = set()
+        #: when the oldest line held back was: its summary is due `every_s` later
+        self._held_since = 0.0
+
+    def log(self, level: str, event: str, *, kind: str | None = None, **details: object) -> bool:
+        """Write `event` unless a line of its kind (default: the event) was written less than
+        `every_s` ago; then count it. True when the line was written."""
+        return self.log_at(time.monotonic(), level, event, kind, details)
+
+    def log_at(
+        self, now: float, level: str, event: str, kind: str | None, details: dict[str, object]
+    ) -> bool:
+        """`log` at monotonic time `now`."""
+        kind = kind or event
+        if kind not in self._last and len(self._last) >= self.max_kinds:
+            kind = "other"
+        last = self._last.get(kind)
+        if last is not None and now - last < self.every_s:
+            if not self._held:
+                self._held_since = now
+            self._held[kind] = self._held.get(kind, 0) + 1
+            peer = details.get("peer")
+            if isinstance(peer, str) and len(self._peers) < self.max_peers:
+                self._peers.add(peer[:DETAIL_CHARS])
+            self.flush(now)
+            return False
+        self._last[kind] = now
+        self.flush(now)
+        log(level, event, self.component, **{k: _short(v) for k, v in details.items()})
+        return True
+
+    def flush(self, now: float | None = None, *, force: bool = False) -> None:
+        """Write the summary of the lines held back, once the oldest of them is `every_s`
+        old (at once with `force`, at shutdown)."""
+        if not self._held:
+            return
+        now = time.monotonic() if now is None else now
+        if now - self._held_since < self.every_s and not force:
+            return
+        held, peers = self._held, sorted(self._peers)
+        self._held, self._peers = {}, set()
+        log(
+            "warn",
+            self.summary_event,
+            self.component,
+            suppressed=held,
+            total=sum(held.values()),
+            peers=peers,
+        )
+
+
+#: The one throttle of security events in this process.
+SECURITY: Final = Throttle("security", "security_events_suppressed")
+
+
+def security(event: str, *, kind: str | None = None, **details: object) -> None:
+    """Log a security event at warn, through the throttle (see `Throttle`)."""
+    SECURITY.log("warn", event, kind=kind, **details)

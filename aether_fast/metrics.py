@@ -28,9 +28,10 @@ class Metrics:
         self._hub = hub
         self._node = node
 
-    def view(self, name: str) -> dict[str, Any]:
+    def view(self, name: str, admin: bool = False) -> dict[str, Any]:
         """The JSON of /metrics/{name} for the whole node: every worker's figures summed
-        (this worker's live, the others' from the cluster table, at most a second old)."""
+        (this worker's live, the others' from the cluster table, at most a second old).
+        Figures only: channel names (the per-channel list) only when `admin`."""
         workers = self._node.node_workers()
         stats = [w["stats"] for w in workers]
 
@@ -75,6 +76,8 @@ class Metrics:
                         "messages": ch.published if ch is not None else 0,
                     }
                 )
+            if not admin:
+                return {"active": len(channels), **about}
             return {"active": len(channels), "channels": channels, **about}
         by_code: dict[str, int] = {}
         for st in stats:

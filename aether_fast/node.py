@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from aether_fast import logs
 from aether_fast._core import Channel, Connection, Hub, Session, encode_json_frame
 from aether_fast.auth import Authenticator, AuthError, Claims, channel_allowed
-from aether_fast.brokers.base import Broker, Recovery
+from aether_fast.brokers.base import BROKER_UNAVAILABLE, Broker, Recovery
 from aether_fast.config import Config
 from aether_fast.protocol import (
     CLIENT_MESSAGES,
@@ -40,8 +40,9 @@ _CONTROL = CLIENT_MESSAGES - {("message", "send"), ("message", "retry")}
 
 T = TypeVar("T")
 
-#: A connection's rate-limit refusals are logged at most this often.
-RATE_LOG_EVERY_S = 10.0
+#: Starts the identity of an anonymous session; the 64 random bits after it are never shown,
+#: so no client (anonymous, or with any `sub`) can name another connection's identity.
+ANONYMOUS = "\x1e"
 
 #: The `reason` of a connection/disconnect the server sends when it removes a member
 #: (docs/protocol.md §4), and the system/status warning that follows it.
@@ -95,7 +96,6 @@ class Node:
         self._live: dict[tuple[object, str], Session] = {}
         self._timer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._rate_logged: dict[int, float] = {}
         self._dropped_at = -1.0
         hub.node = self
         hub.broker = broker
@@ -110,6 +110,7 @@ class Node:
         if self._timer is not None:
             self._timer.cancel()
             await asyncio.gather(self._timer, return_exceptions=True)
+        logs.SECURITY.flush(force=True)  # the counts of the last second are not lost
 
     async def _tick_forever(self) -> None:
         ticks = 0
@@ -124,6 +125,7 @@ class Node:
             try:
                 self.hub.tick(time.time(), ping_round)
                 self._measure_rates()
+                logs.SECURITY.flush()
                 if ticks % 10 == 0:
                     self.broker.sweep()
                     self.hub.drop_empty()
@@ -155,7 +157,11 @@ class Node:
             return
         if s.claims is not None:
             s.expires_at = s.claims.expires_at + self.config.jwt_leeway_s
-        live_key = (s.user_id, s.client_id)
+        else:
+            # an anonymous client proves nothing: it replaces nobody and shares no one's
+            # dedupe window, whatever client_id it names (docs/protocol.md, dedupe)
+            s.identity = ANONYMOUS + secrets.token_hex(8)
+        live_key = (s.identity, s.client_id)
         old = self._live.get(live_key)
         if old is not None:
             # the newer connection replaces the older one before limits are counted
@@ -227,9 +233,9 @@ class Node:
         else:
             self._per_key.pop(key, None)
 
-    def local_session(self, user_id: str | None, client_id: str) -> Session | None:
-        """The live local session of (user, client_id), if this worker has it."""
-        return self._live.get((user_id, client_id))
+    def local_session(self, identity: str | None, client_id: str) -> Session | None:
+        """The live local session of (Session.identity, client_id), if this worker has it."""
+        return self._live.get((identity, client_id))
 
     def local_figures(self) -> dict[str, Any]:
         """What this worker tells the cluster table each second."""
@@ -253,10 +259,9 @@ class Node:
             if ch is not None and ch.presence:
                 self._presence(ch, s, "disconnect")
         self._release_key(s)
-        live_key = (s.user_id, s.client_id)
+        live_key = (s.identity, s.client_id)
         if self._live.get(live_key) is s:
             del self._live[live_key]
-        self._rate_logged.pop(id(s), None)
 
     def _refuse(self, s: Session, code: str, message: str, reason: str, close: int) -> None:
         self.security_event(s, "auth_failed", reason)
@@ -264,17 +269,10 @@ class Node:
         s.close(close, message)
 
     def security_event(self, s: Connection, event: str, reason: str) -> None:
-        """Log a security event at warn. Rate-limit refusals are logged at most once per
-        connection every RATE_LOG_EVERY_S, so a flooding client cannot flood the log."""
-        if event == "rate_limited":
-            now = time.monotonic()
-            if now - self._rate_logged.get(id(s), -RATE_LOG_EVERY_S) < RATE_LOG_EVERY_S:
-                return
-            self._rate_logged[id(s)] = now
-        logs.log(
-            "warn",
+        """Log a security event at warn, through the throttle of `logs.security`: at most a
+        line a second per event, the rest counted, so a flood cannot flood the log."""
+        logs.security(
             event,
-            "security",
             client_id=getattr(s, "client_id", None),
             user_id=getattr(s, "user_id", None),
             peer=s.peer,
@@ -411,11 +409,14 @@ class Node:
         except Exception as exc:
             s.release(name, -1)
             self.hub.leave(s, name)
+            # the exception's text names the broker's host: the broker logged it (once per
+            # change, as broker_degraded); the client gets the reason code
+            logs.log("debug", "join_failed", "broker", channel=name, error=repr(exc))
             s.send_error(
                 ErrorCode.INTERNAL_ERROR,
                 "cannot join channel: broker unavailable",
                 "broker",
-                str(exc) or type(exc).__name__,
+                BROKER_UNAVAILABLE,
                 {"channel": name},
             )
             return
@@ -663,7 +664,7 @@ class Node:
 
     def health(self) -> tuple[str, str]:
         if self.shutting_down:
-            return ("down", "shutting down")
+            return ("down", "shutting_down")
         return self.broker.health()
 
     def local_stats(self) -> dict[str, Any]:

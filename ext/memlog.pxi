@@ -171,7 +171,7 @@ cdef class MemoryLogs:
         cdef str name = channel.name
         cdef double now = aether_monotonic()
         cdef unsigned long long seq = sequence
-        key = (sender.user_id, sender.client_id, name)
+        key = (sender.identity, sender.client_id, name)
         cdef DedupeWindow window = self.windows.get(key)
         if window is None:
             window = self.windows[key] = DedupeWindow()

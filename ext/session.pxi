@@ -28,6 +28,9 @@ cdef class Session(Connection):
     cdef readonly dict channels
     cdef public str client_id
     cdef public object user_id
+    # who this connection is for replacement (4009) and dedupe: the user id, or for an
+    # anonymous connection a random per-connection id the Node gives it at open
+    cdef public str identity
     cdef public object claims
     cdef public bint echo
     cdef public object auth_error
@@ -41,6 +44,7 @@ cdef class Session(Connection):
         self.client_id = client_id
         self.claims = claims
         self.user_id = claims.user_id if claims is not None else None
+        self.identity = self.user_id
         self.echo = False
         self.auth_error = None
         self.initial = None

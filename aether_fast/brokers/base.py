@@ -24,6 +24,9 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+#: The reason code of a broker that cannot be reached (its details are logged, not shown).
+BROKER_UNAVAILABLE = "broker_unavailable"
+
 
 class BrokerUnavailable(RuntimeError):
     """The broker did not confirm an operation (Redis unreachable): nothing the caller could
@@ -86,11 +89,13 @@ class Broker(Protocol):
         ...
 
     def health(self) -> tuple[str, str]:
-        """("healthy" | "degraded" | "down", reason)."""
+        """("healthy" | "degraded" | "down", reason code): the code is public (/health,
+        /ws/status), so it is one of a fixed set (BROKER_UNAVAILABLE ...) and never the
+        text of an exception, which names hosts and ports: that goes to the log."""
         ...
 
     def bind(self, node: Any) -> None:
-        """Called once by the Node: the broker may call node.local_session(user, client_id),
+        """Called once by the Node: the broker may call node.local_session(identity, client_id),
         node.on_config_change(name, cfg) and node.local_figures()."""
         ...
 

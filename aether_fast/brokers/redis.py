@@ -51,7 +51,13 @@ from redis.exceptions import NoScriptError, RedisError
 from aether_fast import logs
 from aether_fast._core import encode_text_frame, utc_timestamp
 from aether_fast.brokers import resp
-from aether_fast.brokers.base import BrokerUnavailable, PublishResult, Recovery, new_epoch
+from aether_fast.brokers.base import (
+    BROKER_UNAVAILABLE,
+    BrokerUnavailable,
+    PublishResult,
+    Recovery,
+    new_epoch,
+)
 from aether_fast.brokers.memory import DEDUP_WINDOW
 from aether_fast.store import ChannelConfig
 
@@ -151,8 +157,10 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def sender_key(user_id: str | None, client_id: str) -> str:
-    return f"{user_id or ''}\x1f{client_id}"
+def sender_key(identity: str | None, client_id: str) -> str:
+    """A sender in Redis (dedupe keys, the pubsub messages): its Session.identity and
+    client_id. client_id has no \\x1f, so the last one splits them."""
+    return f"{identity or ''}\x1f{client_id}"
 
 
 class RedisBroker:
@@ -206,7 +214,7 @@ class RedisBroker:
         self._faults: dict[str, str] = {"commands": "redis: not connected yet"}
         self._remote: dict[str, dict[str, Any]] = {}
         self._configs: dict[str, ChannelConfig] = {}
-        #: set by the Node: local_session(user_id, client_id) and apply_config(cfg)
+        #: set by the Node: local_session(identity, client_id) and apply_config(cfg)
         self.local_session: Callable[[str | None, str], Any] = lambda u, c: None
         self.on_config: Callable[[str, ChannelConfig | None], None] = lambda n, c: None
         self.local_figures: Callable[[], dict[str, Any]] = dict
@@ -251,14 +259,16 @@ class RedisBroker:
         await self._redis.aclose()
 
     def health(self) -> tuple[str, str]:
-        for reason in self._faults.values():
-            return ("degraded", reason)
+        if self._faults:
+            return ("degraded", BROKER_UNAVAILABLE)
         return ("healthy", "")
 
     def _degraded(self, exc: BaseException, part: str = "commands") -> None:
+        """`part` fails: the full text goes to the log, once per change of it (not per
+        retry, nor per request); /health shows only the reason code."""
         reason = f"redis: {exc.__class__.__name__}: {exc}"
-        if not self._faults:
-            logs.log("error", "broker_degraded", "broker", reason=reason)
+        if self._faults.get(part) != reason:
+            logs.log("error", "broker_degraded", "broker", part=part, reason=reason)
         self._faults[part] = reason
 
     def _recovered(self, part: str) -> None:
@@ -291,7 +301,7 @@ class RedisBroker:
             + b"}}"
         )
         meta_key, hist_key = _keys(name)
-        who = sender_key(sender.user_id, sender.client_id)
+        who = sender_key(sender.identity, sender.client_id)
         call = [
             meta_key,
             hist_key,
@@ -571,8 +581,8 @@ class RedisBroker:
             return
         sender, _, rest = data.partition(b"\n")
         offset, _, payload = rest.partition(b"\n")
-        user, _, client = sender.decode().partition("\x1f")
-        origin = self.local_session(user or None, client)
+        identity, _, client = sender.decode().rpartition("\x1f")
+        origin = self.local_session(identity or None, client)
         exclude = origin if origin is not None and not origin.echo else None
         self._hub.deliver(ch, encode_text_frame(payload), exclude, int(offset))
 

@@ -43,7 +43,7 @@ class Router:
             "/ws/broadcast": {"POST": self.broadcast},
             "/metrics/connections": {"GET": self.metric("connections")},
             "/metrics/messages": {"GET": self.metric("messages")},
-            "/metrics/channels": {"GET": self.metric("channels")},
+            "/metrics/channels": {"GET": self.metric_channels},
             "/metrics/errors": {"GET": self.metric("errors")},
             # the JS client, /dashboard, /demo and their assets (aether_fast/static/)
             **{path: {"GET": self._static.serve} for path in STATIC_FILES},
@@ -95,10 +95,8 @@ class Router:
         (logged at warn: a refused admin request is a security event)."""
         refused = self._check_admin(request)
         if refused is not None:
-            logs.log(
-                "warn",
+            logs.security(
                 "admin_auth_failed",
-                "security",
                 peer=request.peer,
                 path=request.path,
                 status=refused.status,
@@ -237,6 +235,17 @@ class Router:
             return Response.json(200, self._metrics.view(name))
 
         return handler
+
+    def metric_channels(self, request: Request, _: str) -> Response:
+        """Counts for anyone; with admin credentials also the per-channel list (names
+        such as `user.alice.inbox` are not public). Bad credentials are refused, not
+        silently answered with the public view."""
+        if request.header("authorization") is None:
+            return Response.json(200, self._metrics.view("channels"))
+        denied = self._admin(request)
+        if denied is not None:
+            return denied
+        return Response.json(200, self._metrics.view("channels", admin=True))
 
 
 async def _unless_broker_down(pending: Awaitable[Response]) -> Response:

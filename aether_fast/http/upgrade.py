@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 import traceback
 from typing import Any
 from urllib.parse import parse_qs
@@ -73,31 +72,6 @@ class _PicowsLog:
         )
 
 
-class _RefusalLog:
-    """Refused upgrades are security events, logged at warn; under a flood they are summed
-    into at most one line a second, so a flood cannot become a log storm."""
-
-    def __init__(self) -> None:
-        self._since = 0.0
-        self._counts: dict[str, int] = {}
-        self._peers: set[str] = set()
-
-    def note(self, peer: str, reason: str) -> None:
-        now = time.monotonic()
-        self._counts[reason] = self._counts.get(reason, 0) + 1
-        if len(self._peers) < 10:
-            self._peers.add(peer)
-        if now - self._since >= 1.0:
-            logs.log(
-                "warn",
-                "connection_refused",
-                "security",
-                refused=dict(self._counts),
-                peers=sorted(self._peers),
-            )
-            self._since, self._counts, self._peers = now, {}, set()
-
-
 class WebSocketUpgrader:
     def __init__(self, config: Config, hub: Hub, node: Any, auth: Authenticator) -> None:
         self._config = config
@@ -106,7 +80,6 @@ class WebSocketUpgrader:
         self._auth = auth
         self._log = _PicowsLog()
         self._max_frame = max(config.max_message_bytes * 4, 1 << 20)
-        self._refusals = _RefusalLog()
 
     def wants(self, request: Request) -> bool:
         return request.path in (self._config.ws_path, self._config.echo_path)
@@ -213,7 +186,12 @@ class WebSocketUpgrader:
         if self._node.shutting_down:
             return Response.error(503, ErrorCode.SERVER_BUSY, "server shutting down", "shutdown")
         if self._hub.active_connections >= self._config.max_connections:
-            self._refusals.note(request.peer, "max_connections")
+            logs.security(
+                "connection_refused",
+                kind="connection_refused:max_connections",
+                peer=request.peer,
+                reason="max_connections",
+            )
             return Response.error(
                 503,
                 ErrorCode.SERVER_BUSY,
@@ -225,7 +203,13 @@ class WebSocketUpgrader:
         origins = self._config.allowed_origins
         origin = request.header("origin")
         if origins and origin is not None and origin.lower() not in origins:
-            self._refusals.note(request.peer, f"origin {origin}")
+            logs.security(
+                "connection_refused",
+                kind="connection_refused:origin",
+                peer=request.peer,
+                reason="origin",
+                origin=origin,
+            )
             return Response.error(
                 403, ErrorCode.FORBIDDEN, "origin not allowed", "origin", origin=origin
             )

@@ -1,5 +1,7 @@
 // /dashboard: polls /ws/status and /metrics/* (same origin, JSON) every second and draws
 // messages/s on a <canvas> by hand. No dependencies.
+// Channel names are not public: /metrics/channels lists them only to an admin token, which
+// the page asks for and keeps in sessionStorage (this tab only; sent to this server only).
 const POLL_MS = 1000;
 const HISTORY = 120; // samples kept for the chart (two minutes)
 const rates = []; // {t, mps}
@@ -7,11 +9,62 @@ const rates = []; // {t, mps}
 const $ = (id) => document.getElementById(id);
 const fmt = new Intl.NumberFormat('en', { maximumFractionDigits: 2 });
 
+const TOKEN_KEY = 'aether-admin-token';
+let tokenRefused = false;
+
+function adminToken() {
+  return sessionStorage.getItem(TOKEN_KEY) || '';
+}
+
 async function getJson(path) {
   const resp = await fetch(path, { cache: 'no-store', headers: { Accept: 'application/json' } });
   if (!resp.ok && resp.status !== 503) throw new Error(`${path}: HTTP ${resp.status}`);
   return resp.json();
 }
+
+// /metrics/channels: with the admin token the per-channel list, else counts only. A refused
+// token is forgotten (and said so) rather than sent again every second.
+async function getChannels() {
+  const token = adminToken();
+  if (!token) return getJson('/metrics/channels');
+  const resp = await fetch('/metrics/channels', {
+    cache: 'no-store',
+    headers: { Accept: 'application/json', Authorization: `Bearer ${token}` },
+  });
+  if (resp.status === 401 || resp.status === 403) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    tokenRefused = true;
+    return getJson('/metrics/channels');
+  }
+  if (!resp.ok) throw new Error(`/metrics/channels: HTTP ${resp.status}`);
+  return resp.json();
+}
+
+function showAdmin() {
+  const token = adminToken();
+  $('channels-locked').hidden = Boolean(token);
+  $('admin-token').hidden = Boolean(token);
+  $('admin-save').hidden = Boolean(token);
+  $('admin-forget').hidden = !token;
+  $('admin-token').placeholder = tokenRefused ? 'token refused: admin token' : 'admin token';
+}
+
+$('admin-form').addEventListener('submit', (event) => {
+  event.preventDefault();
+  const value = $('admin-token').value.trim();
+  $('admin-token').value = '';
+  if (!value) return;
+  sessionStorage.setItem(TOKEN_KEY, value);
+  tokenRefused = false;
+  showAdmin();
+  poll();
+});
+
+$('admin-forget').addEventListener('click', () => {
+  sessionStorage.removeItem(TOKEN_KEY);
+  showAdmin();
+  poll();
+});
 
 function setText(id, value) {
   const el = $(id);
@@ -69,6 +122,7 @@ function render(status, messages, channels, errors) {
     'channels-empty',
     (channels.channels ?? []).map((c) => [[c.name], [c.members, true], [c.messages, true]]),
   );
+  if (!channels.channels) $('channels-empty').hidden = true; // not empty: not shown to us
   fillRows(
     'errors',
     'errors-empty',
@@ -159,10 +213,11 @@ async function poll() {
     const [status, messages, channels, errors] = await Promise.all([
       getJson('/ws/status'),
       getJson('/metrics/messages'),
-      getJson('/metrics/channels'),
+      getChannels(),
       getJson('/metrics/errors'),
     ]);
     render(status, messages, channels, errors);
+    showAdmin();
     rates.push({ t: Date.now(), mps: Number(status.channels.messages_per_second) || 0 });
     while (rates.length > HISTORY + 1) rates.shift();
     updates += 1;
@@ -182,4 +237,5 @@ async function loop() {
 }
 
 window.addEventListener('resize', drawChart);
+showAdmin();
 loop();

@@ -3,7 +3,8 @@
 - /demo: two pages exchange messages; the server is stopped while both type (their
   messages queue), started again; both pages reconnect and recover, and each page shows
   every message of the other exactly once.
-- /dashboard: shows the numbers /ws/status reports, and says when the server is gone.
+- /dashboard: shows the numbers /ws/status reports, and says when the server is gone;
+  channel names only once an admin token is entered.
 
 Screenshots go to a temporary directory, or to docs/demo.png and docs/dashboard.png with
 UPDATE_SCREENSHOTS=1. These tests fail (not skip) when chromium or playwright is missing:
@@ -224,8 +225,29 @@ def test_dashboard_shows_what_status_reports(
         _, errors, _ = srv.http("GET", "/metrics/errors")
         wait_for(lambda: w.page.inner_text("#errors-total") == str(errors["total"]))
         assert errors["total"] >= 1 and "INVALID_JSON" in w.page.inner_text("#errors")
+        # channel names are not public (issue 12): without the admin token none is shown
+        w.page.wait_for_selector("#channels-locked", state="visible", timeout=5000)
+        page_text = w.page.inner_text("body")
+        assert "lobby" not in page_text and "news" not in page_text
+        # a token without admin rights is refused, forgotten, and shows nothing
+        w.page.fill("#admin-token", srv.token("alice"))
+        w.page.click("#admin-save")
+        w.page.wait_for_selector("#admin-token[placeholder^='token refused']", timeout=5000)
+        assert w.page.evaluate("() => sessionStorage.getItem('aether-admin-token')") is None
+        assert "lobby" not in w.page.inner_text("body")
+        # the admin token shows them, and is kept in this tab's sessionStorage only
+        admin = srv.admin()
+        w.page.fill("#admin-token", admin)
+        w.page.click("#admin-save")
+        wait_for(lambda: "lobby" in w.page.inner_text("#channels"), what="channel names")
         table = w.page.inner_text("#channels")
         assert "lobby" in table and "news" in table
+        assert w.page.is_hidden("#channels-locked")
+        assert w.page.evaluate("() => sessionStorage.getItem('aether-admin-token')") == admin
+        assert w.page.evaluate("() => localStorage.length") == 0
+        w.page.reload()
+        w.page.wait_for_selector("body[data-updates]", timeout=10000)
+        wait_for(lambda: "news" in w.page.inner_text("#channels"), what="names after reload")
         drawn = w.page.evaluate(
             "() => { const c = document.getElementById('rate-chart');"
             " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
@@ -254,7 +276,10 @@ def test_dashboard_shows_what_status_reports(
         srv.start()
         w.page.wait_for_selector("body[data-status=healthy]", timeout=10000)
         wait_for(same, timeout=10, what="dashboard equals /ws/status after a restart")
-        fetch_errors = [p for p in w.problems if "Failed to fetch" not in p]
+        # the refused non-admin token: one 403 in the console
+        fetch_errors = [
+            p for p in w.problems if "Failed to fetch" not in p and "status of 403" not in p
+        ]
         # a poll during the outage fails with net::ERR_CONNECTION_REFUSED in the console
         assert [p for p in fetch_errors if "ERR_CONNECTION_REFUSED" not in p] == []
     finally:

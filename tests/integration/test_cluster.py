@@ -269,6 +269,32 @@ def test_retry_on_the_other_machine_is_acked_with_the_original_offset(
         watcher.nothing(0.2)
 
 
+def test_anonymous_client_id_taken_on_the_other_machine(pair: Pair) -> None:
+    """Issue 12 across machines: an anonymous connection on B naming the client_id of an
+    anonymous one on A has its own dedupe window in Redis, and each gets the other's
+    publications (echo exclusion finds each sender by its own identity)."""
+    a, b = pair
+    ch = "cl.anon"
+    configure(a, name=ch, require_auth=False)
+    wait_config(b, ch, require_auth=False)
+    with (
+        Client(a.ws_url, client_id="victim", channel=ch) as victim,
+        Client(b.ws_url, client_id="victim", channel=ch) as attacker,
+    ):
+        joined(victim, ch)
+        joined(attacker, ch)
+        victim.publish(ch, "mine", sequence=1)
+        assert acks(victim, 1)[0]["data"]["metadata"]["offset"] == 1
+        assert expect(attacker, "message", "send")["data"]["content"] == "mine"
+        attacker.publish(ch, "forged", sequence=1)
+        assert acks(attacker, 1)[0]["data"]["metadata"]["offset"] == 2  # not a duplicate
+        assert expect(victim, "message", "send")["data"]["content"] == "forged"
+        victim.publish(ch, "mine", sequence=1, action="retry")
+        assert acks(victim, 1)[0]["data"]["metadata"]["offset"] == 1  # its own window
+        attacker.nothing(0.3)
+        victim.nothing(0.1)
+
+
 # -- channel configs -------------------------------------------------------------------------
 
 

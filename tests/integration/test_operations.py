@@ -328,8 +328,8 @@ class _Canned(http.server.BaseHTTPRequestHandler):
 def canned() -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Canned)
     _Canned.answers = {
-        "/degraded": (503, b'{"status":"degraded","reason":"redis: connection refused"}'),
-        "/down": (503, b'{"status":"down","reason":"shutting down"}'),
+        "/degraded": (503, b'{"status":"degraded","reason":"broker_unavailable"}'),
+        "/down": (503, b'{"status":"down","reason":"shutting_down"}'),
         "/odd": (200, b"<html>not us</html>"),
     }
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -421,6 +421,12 @@ def test_static_admin_token(make_server: Callable[..., Server]) -> None:
     assert code == 401, body
     code, body, _ = srv.http("GET", "/ws/channels", headers={"Authorization": static})
     assert code == 401, body
+    # the per-channel list of /metrics/channels takes the static token too
+    with Client(srv.ws_url, token=srv.token("s"), channel="static.room") as c:
+        joined(c, "static.room")
+        code, body, _ = srv.http("GET", "/metrics/channels", token=static)
+        assert code == 200 and [x["name"] for x in body["channels"]] == ["static.room"], body
+        assert srv.http("GET", "/metrics/channels", token=static + "x")[0] == 401
 
 
 # -- health and metrics -----------------------------------------------------------------------
@@ -476,9 +482,43 @@ def test_json_metrics_move_with_traffic(server: Server) -> None:
         assert msgs["published"] >= msgs0["published"] + 3, (msgs0, msgs)
         errs = get("/metrics/errors")
         assert errs["total"] >= errs0["total"] + 1, (errs0, errs)
-        chans = get("/metrics/channels")
+        code, chans, _ = server.http("GET", "/metrics/channels", token=server.admin())
+        assert code == 200, chans
         mine = [c for c in chans["channels"] if c["name"] == "rest.metrics"]
         assert mine and mine[0]["members"] == 2, chans
+        assert get("/metrics/channels")["active"] == chans["active"]
+
+
+def test_channel_names_are_not_public(server: Server) -> None:
+    """Issue 12: public routes give figures only; the per-channel list of /metrics/channels
+    needs admin credentials (an admin JWT or ADMIN_TOKEN); bad ones are refused."""
+    secret_name = "user.alice.inbox"
+    with Client(server.ws_url, token=server.token("alice"), channel=secret_name) as a:
+        joined(a, secret_name)
+        for path in (
+            "/metrics/connections",
+            "/metrics/messages",
+            "/metrics/channels",
+            "/metrics/errors",
+            "/ws/status",
+            "/health",
+        ):
+            code, body, _ = server.http("GET", path)
+            assert code == 200, (path, body)
+            assert secret_name not in json.dumps(body), (path, body)
+        code, body, _ = server.http("GET", "/metrics/channels")
+        assert set(body) >= {"active"} and "channels" not in body, body
+        assert body["active"] >= 1
+        code, body, _ = server.http("GET", "/metrics/channels", token=server.admin())
+        assert code == 200
+        assert any(c["name"] == secret_name and c["members"] == 1 for c in body["channels"])
+        assert body["active"] == len(body["channels"])
+        code, body, hdrs = server.http("GET", "/metrics/channels", token=server.token("alice"))
+        assert code == 403 and body["code"] == "FORBIDDEN", body
+        forged = server.token("root", admin=True, secret="another-secret-another-secret-0123")
+        code, body, hdrs = server.http("GET", "/metrics/channels", token=forged)
+        assert code == 401 and hdrs.get("WWW-Authenticate") == "Bearer", body
+        assert secret_name not in json.dumps(body)
 
 
 def test_prometheus_exposition(server: Server) -> None:

@@ -151,3 +151,75 @@ def test_slow_handshake_is_timed_out_without_harm(make_server: MakeServer) -> No
     slow.close()
     idle.close()
     wait_for(lambda: srv.http("GET", "/health")[0] == 200)
+
+
+# -- the security log cannot be flooded (issue 12) -----------------------------------------
+
+
+def security_counts(srv: Server, event: str, kind: str | None = None) -> tuple[int, int]:
+    """(lines written for `event`, events counted in summaries for its kind)."""
+    lines = srv.log_lines()
+    written = sum(1 for o in lines if o.get("event") == event)
+    held = sum(
+        o["data"]["details"]["suppressed"].get(kind or event, 0)
+        for o in lines
+        if o.get("event") == "security_events_suppressed"
+    )
+    return written, held
+
+
+def test_failed_logins_are_throttled_with_counts(make_server: MakeServer) -> None:
+    """300 failed logins: at most a line a second for them plus a summary a second, and the
+    summaries carry the count of every line held back."""
+    srv = make_server()
+    started = time.monotonic()
+    for i in range(300):
+        code, close = _refused(srv, f"bad-token-{i}")
+        assert (code, close) == ("AUTH_INVALID", 4001)
+    elapsed = time.monotonic() - started
+    # every event is accounted for: written, or counted in a summary (within ~2 s)
+    wait_for(lambda: sum(security_counts(srv, "auth_failed")) == 300, 5)
+    written, held = security_counts(srv, "auth_failed")
+    summaries = [o for o in srv.log_lines() if o["event"] == "security_events_suppressed"]
+    assert written <= elapsed + 2, (written, elapsed)
+    assert 1 <= len(summaries) <= elapsed + 3, (summaries, elapsed)
+    assert held == 300 - written and held > 0
+    assert all(o["level"] == "warn" and o["data"]["component"] == "security" for o in summaries)
+
+
+def _upgrade_status(srv: Server, origin: str) -> int:
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+        sock.sendall(
+            (
+                "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {base64.b64encode(b'k' * 16).decode()}\r\n"
+                f"Sec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return int(head.split()[1])
+
+
+def test_many_distinct_origins_stay_bounded(make_server: MakeServer) -> None:
+    """Refused Origins are counted by kind, not by value: 400 distinct long Origins give a
+    few short lines (no line lists them all, none carries a whole 4 KiB value)."""
+    srv = make_server(ALLOWED_ORIGINS="https://good.example")
+    for i in range(400):
+        assert _upgrade_status(srv, f"https://evil{i}.example/" + "x" * 4000) == 403
+    kind = "connection_refused:origin"
+    wait_for(lambda: sum(security_counts(srv, "connection_refused", kind)) == 400, 5)
+    lines = [
+        o
+        for o in srv.log_lines()
+        if o["event"] in ("connection_refused", "security_events_suppressed")
+    ]
+    assert len(lines) < 40, len(lines)
+    assert all(len(json.dumps(o)) < 2000 for o in lines), max(len(json.dumps(o)) for o in lines)
+    for o in lines:
+        if o["event"] == "security_events_suppressed":
+            assert set(o["data"]["details"]["suppressed"]) == {kind}

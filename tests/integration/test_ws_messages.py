@@ -308,6 +308,44 @@ def test_second_connection_with_same_client_id_replaces_the_first(server: Server
             assert expect(new, "message", "send")["data"]["content"] == "bob still here"
 
 
+def test_anonymous_client_id_is_not_a_credential(server: Server) -> None:
+    """Issue 12: client_ids are public (every publication carries one). A second anonymous
+    connection naming a victim's client_id replaces nobody and gets its own dedupe window:
+    the victim stays open and keeps receiving, and the attacker's publish with the victim's
+    sequence is a new publication, not acked as the victim's duplicate."""
+    _create(server, name="anon.room", require_auth=False)
+    url = server.ws_url
+    with (
+        Client(url, client_id="victim", channel="anon.room") as victim,
+        Client(url, token=server.token("watcher"), channel="anon.room") as watcher,
+    ):
+        _joined(victim)
+        _joined(watcher)
+        victim.publish("anon.room", "mine", sequence=1)
+        first = expect(victim, "message", "ack")["data"]["metadata"]["offset"]
+        assert expect(watcher, "message", "send")["data"]["content"] == "mine"
+        with Client(url, client_id="victim", channel="anon.room") as attacker:
+            assert _joined(attacker)["client_id"] == "victim"
+            attacker.publish("anon.room", "forged", sequence=1)
+            ack = expect(attacker, "message", "ack")["data"]["metadata"]
+            assert ack["offset"] == first + 1  # published, not the victim's duplicate
+            assert expect(watcher, "message", "send")["data"]["content"] == "forged"
+            assert expect(victim, "message", "send")["data"]["content"] == "forged"
+            # the victim was not replaced: still open, still receiving, its window its own
+            watcher.publish("anon.room", "still there?")
+            expect(watcher, "message", "ack")
+            assert expect(victim, "message", "send")["data"]["content"] == "still there?"
+            assert expect(attacker, "message", "send")["data"]["content"] == "still there?"
+            victim.publish("anon.room", "mine", sequence=1)  # a retry: its own duplicate
+            assert expect(victim, "message", "ack")["data"]["metadata"]["offset"] == first
+            victim.publish("anon.room", "next", sequence=2)
+            assert expect(victim, "message", "ack")["data"]["metadata"]["offset"] == first + 3
+            assert expect(watcher, "message", "send")["data"]["content"] == "next"
+            # the attacker got the victim's publication once; the retry was not delivered
+            assert expect(attacker, "message", "send")["data"]["content"] == "next"
+            attacker.nothing()
+
+
 # -- history and recovery ------------------------------------------------------------------------
 
 

@@ -13,6 +13,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aether_fast.auth import (
     CACHE_SIZE,
@@ -418,3 +420,92 @@ def test_fast_hmac_path_refuses_bad_signatures_and_shapes() -> None:
         assert e.value.code == "AUTH_INVALID"
     with pytest.raises(AuthError, match="signature verification failed"):
         auth.verify(wrong, now=NOW)
+
+
+# -- one spelling per signed token -------------------------------------------------------
+
+_MANGLE_CHARS = "!=@ \t\n+/.~%\x00éAQgw0_-"
+_mangles = st.one_of(
+    st.tuples(st.just("append"), st.text(_MANGLE_CHARS, min_size=1, max_size=12), st.just(0)),
+    st.tuples(
+        st.just("insert"), st.text(_MANGLE_CHARS, min_size=1, max_size=4), st.integers(0, 400)
+    ),
+    st.tuples(st.just("replace"), st.sampled_from(list(_MANGLE_CHARS)), st.integers(0, 400)),
+    st.tuples(st.just("pad"), st.sampled_from(["=", "==", "==="]), st.integers(0, 2)),
+    st.tuples(st.just("strip"), st.just(""), st.integers(0, 2)),
+    st.tuples(st.just("bits"), st.just(""), st.integers(0, 2)),
+    st.tuples(st.just("wrap"), st.sampled_from([" ", "\t", "\n", "\r\n", "\x0b"]), st.just(0)),
+)
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _mangle(token: str, how: str, text: str, at: int) -> str:
+    if how == "append":
+        return token + text
+    if how == "insert":
+        i = at % (len(token) + 1)
+        return token[:i] + text + token[i:]
+    if how == "replace":
+        i = at % len(token)
+        return token[:i] + text + token[i + 1 :]
+    if how == "wrap":
+        return text + token + text
+    parts = token.split(".")
+    at %= len(parts)
+    seg = parts[at]
+    if how == "pad":
+        parts[at] = seg + text
+    elif how == "strip":
+        parts[at] = seg[:-1]
+    elif seg and seg[-1] in _ALPHABET:
+        # bits: the last character's spare low bits set (a second spelling of one value)
+        spare = {2: 15, 3: 3}.get(len(seg) % 4, 0)
+        parts[at] = seg[:-1] + _ALPHABET[_ALPHABET.index(seg[-1]) | spare]
+    return ".".join(parts)
+
+
+def _pyjwt_accepts(token: str) -> bool:
+    try:
+        jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False})
+    except (jwt.exceptions.PyJWTError, ValueError, TypeError):
+        return False
+    return True
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(
+    payload=st.fixed_dictionaries(
+        {"sub": st.text(min_size=1, max_size=12), "exp": st.just(int(NOW) + 600)},
+        optional={"n": st.integers(0, 1 << 20), "kid": st.text(max_size=5)},
+    ),
+    mangles=st.lists(_mangles, min_size=1, max_size=3),
+)
+def test_mangled_tokens_are_refused(payload: dict[str, Any], mangles: list[Any]) -> None:
+    """Neither verifier accepts what PyJWT refuses, and a signed token has exactly one
+    spelling: any change to it is refused, so a user cannot mint cache keys from it."""
+    token = hs_token(payload)
+    mangled = token
+    for how, text, at in mangles:
+        mangled = _mangle(mangled, how, text, at)
+    auth = Authenticator(hs_config())
+    try:
+        auth.verify(mangled, now=NOW)
+        accepted = True
+    except AuthError as err:
+        assert err.code == "AUTH_INVALID"
+        accepted = False
+    if not _pyjwt_accepts(mangled):
+        assert not accepted
+        assert auth._fast_hmac(mangled) is None or mangled == token
+    assert accepted == (mangled == token)
+    assert len(auth._cache) == (1 if accepted else 0)
+
+
+def test_reported_variants_are_refused() -> None:
+    """The variants of issue 12 (each was accepted by the fast path, refused by PyJWT)."""
+    auth = Authenticator(hs_config())
+    token = hs_token(good())
+    for bad in (token + "!!!!", token + "====", token + "@" * 8192, token + "@" * 100):
+        assert refused(auth, bad).code == "AUTH_INVALID"
+    assert auth.verify(token, now=NOW).user_id == "alice"
+    assert len(auth._cache) == 1

@@ -215,3 +215,41 @@ def test_redact_leaves_ordinary_values() -> None:
     value = {"client_id": "c1", "n": 1, "tokens_used": 3, "channel": "eyJ-not-a-jwt"}
     assert redact(value) == value
     assert redact("token_count=3") == "token_count=3"
+
+
+def test_throttle_one_line_a_second_per_kind_and_a_summary(stream: io.StringIO) -> None:
+    from aether_fast.logs import Throttle
+
+    t = Throttle("security", "held_back")
+    for i in range(100):
+        t.log_at(10.0 + i / 1000, "warn", "auth_failed", None, {"peer": f"p{i}", "reason": "x"})
+    t.log_at(10.05, "warn", "rate_limited", None, {"peer": "q"})
+    got = lines(stream)
+    assert [o["event"] for o in got] == ["auth_failed", "rate_limited"]
+    t.flush(now=10.5)  # too soon: the oldest held line is not a second old
+    t.flush(now=11.001)
+    t.log_at(11.002, "warn", "auth_failed", None, {})  # a second after the first: written
+    t.log_at(11.6, "warn", "auth_failed", None, {})  # held
+    t.flush(now=12.0)  # too soon
+    t.flush(now=12.6)
+    t.flush(now=13.0)  # nothing held: nothing written
+    summaries = [o["data"]["details"] for o in lines(stream) if o["event"] == "held_back"]
+    assert [s["suppressed"] for s in summaries] == [{"auth_failed": 99}, {"auth_failed": 1}]
+    assert len(summaries[0]["peers"]) == 10  # a sample, bounded
+    assert [o["event"] for o in lines(stream)].count("auth_failed") == 2
+
+
+def test_throttle_is_bounded_in_kinds_and_detail_size(stream: io.StringIO) -> None:
+    from aether_fast.logs import DETAIL_CHARS, Throttle
+
+    t = Throttle("security", "held_back", max_kinds=4)
+    for i in range(1000):
+        t.log_at(1.0, "warn", "refused", f"k{i % 500}", {"origin": "o" * 10_000})
+    t.flush(now=5.0)
+    assert len(t._last) <= 5
+    got = lines(stream)
+    assert len(got) == 6  # k0..k3, other, one summary
+    assert got[-1]["data"]["details"]["suppressed"] == {f"k{i}": 1 for i in range(4)} | {
+        "other": 991  # 1000 = 5 written + 4 + 991 held
+    }
+    assert all(len(o["data"]["details"].get("origin", "")) <= DETAIL_CHARS + 3 for o in got)
