@@ -253,6 +253,8 @@ cdef class Hub:
             s = <Connection>PyList_GET_ITEM(dirty, i)
             s.dirty = False
             s.flush_outbox()
+            if s.pacing:  # a replay waits for room: the kernel may have taken everything
+                s.drained()
         if self.busy_poll_s > 0.0:
             if n > SPIN_MAX_WRITES:
                 self.spin_until = 0.0  # a busy pass: stop polling, let the next one batch
@@ -283,11 +285,14 @@ cdef class Hub:
         cdef list expired = []
         cdef list warn = []
         cdef list dead = []
+        cdef list pacing = []
         for o in self.sessions:
             s = <Connection>o
             s.release_buffer()  # an outbox emptied by the last flush is given back
             if s.closing:
                 continue
+            if s.pacing:
+                pacing.append(s)
             if s.expires_at > 0.0:
                 if wall_now >= s.expires_at:
                     expired.append(s)
@@ -312,6 +317,8 @@ cdef class Hub:
             (<Connection>o).expire()
         for o in dead:
             (<Connection>o).close(CloseCode.GOING_AWAY, "ping timeout")
+        for o in pacing:  # a fallback: writes and resume_writing normally wake them
+            (<Connection>o).drained()
         return len(expired), len(dead)
 
     def error_counts_snapshot(self) -> dict:

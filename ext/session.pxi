@@ -21,6 +21,20 @@ cdef inline bint valid_channel_name(object name):
     return True
 
 
+cdef class Replay:
+    """A join's replay of one channel that is still being written (`Session.pump`)."""
+    cdef str channel
+    cdef list frames
+    cdef Py_ssize_t next
+    cdef long long up_to
+
+    def __cinit__(self, str channel, list frames, long long up_to):
+        self.channel = channel
+        self.frames = frames
+        self.next = 0
+        self.up_to = up_to
+
+
 cdef class Session(Connection):
     """One client of the protocol. Created by the HTTP front at the upgrade, with the outcome
     of authentication already filled in; registered with the Hub once the handshake is done."""
@@ -33,7 +47,9 @@ cdef class Session(Connection):
     cdef public object auth_error
     cdef public object initial
     cdef public str limit_key
-    cdef dict holding
+    cdef dict holding         # channel -> [(offset, frame)] held while its replay is out
+    cdef list replays         # Replay entries still being written, oldest first, or None
+    cdef bint pumping
 
     def __init__(self, Hub hub, str client_id, object claims, str peer):
         Connection.__init__(self, hub, peer, hub.max_message_bytes)
@@ -46,12 +62,16 @@ cdef class Session(Connection):
         self.initial = None
         self.limit_key = None
         self.holding = None
+        self.replays = None
+        self.pumping = False
         bucket_init(&self.bucket, hub.conn_capacity, hub.conn_window, aether_monotonic())
 
     cdef void opened(self):
         self.hub.node.on_open(self)
 
     cdef void closed(self):
+        self.replays = None
+        self.holding = None
         self.hub.node.on_close(self)
 
     cdef void too_large(self, Py_ssize_t size):
@@ -198,7 +218,7 @@ cdef class Session(Connection):
                         None)
         self.close(CloseCode.AUTH, "token expired")
 
-    # -- recovery with an asynchronous broker ---------------------------------------------
+    # -- recovery: the replay, paced by the socket, and live frames held meanwhile --------
 
     cdef bint hold_frame(self, str channel, long long offset, bytes frame):
         cdef list held = self.holding.get(channel)
@@ -208,10 +228,111 @@ cdef class Session(Connection):
         return True
 
     def hold(self, str channel):
-        """Hold live frames of `channel` until `release`: its replay is still being read."""
+        """Hold live frames of `channel` until its replay is sent (`replay`) or `release`:
+        the replay is still being read from the broker. A join again while an earlier
+        replay of `channel` is still being written replaces that replay."""
+        self.cancel_replay(channel)
         if self.holding is None:
             self.holding = {}
-        self.holding[channel] = []
+        if channel not in self.holding:
+            self.holding[channel] = []
+
+    def replay(self, str channel, list frames, long long up_to):
+        """Send `frames`, a join's replay of `channel` up to offset `up_to`, then the live
+        frames of `channel` held meanwhile that it did not carry, in order. Only what fits
+        under SEND_BUFFER_LIMIT_BYTES beside the bytes the kernel has not taken is queued;
+        the rest follows as the socket drains, and live frames of `channel` wait for it."""
+        self.cancel_replay(channel)
+        if not frames and (self.holding is None or channel not in self.holding):
+            return
+        if self.holding is None:
+            self.holding = {}
+        if channel not in self.holding:
+            self.holding[channel] = []
+        if self.replays is None:
+            self.replays = []
+        self.replays.append(Replay(channel, frames, up_to))
+        if not self.pacing:
+            self.pacing = True
+            # resume_writing as soon as the transport has handed everything to the kernel
+            self.raw.set_write_buffer_limits(0, 0)
+        self.pump()
+
+    cdef void cancel_replay(self, str channel) except *:
+        cdef Py_ssize_t i
+        if self.replays is None:
+            return
+        for i in range(len(self.replays)):
+            if (<Replay>self.replays[i]).channel == channel:
+                del self.replays[i]
+                return
+
+    cdef void drained(self) except *:
+        self.pump()
+
+    cdef void pump(self) except *:
+        """Queue replay frames while they fit under the limit beside what the kernel has
+        not taken. Called again after each flush, when the transport has drained
+        (resume_writing) and on the tick, until every replay and what it held is out."""
+        cdef Replay r
+        cdef bytes frame
+        cdef Py_ssize_t unsent
+        cdef list held
+        if self.pumping or self.replays is None:
+            return
+        if self.closing:
+            self.end_pacing()
+            return
+        self.pumping = True
+        try:
+            while self.replays:
+                r = <Replay>self.replays[0]
+                if r.channel not in self.channels:  # left, or the channel was deleted
+                    del self.replays[0]
+                    self.unhold(r.channel)
+                    continue
+                while r.next < PyList_GET_SIZE(r.frames):
+                    frame = r.frames[r.next]
+                    unsent = self.unsent()
+                    if unsent > 0 and PyBytes_GET_SIZE(frame) > self.hub.send_buffer_limit - unsent:
+                        # the rest once the socket has drained: after the flush of what is
+                        # queued, or at resume_writing for what the transport holds
+                        return
+                    r.next += 1
+                    self.enqueue_frame(frame)
+                    if self.closing:
+                        return
+                held = self.holding.get(r.channel) if self.holding is not None else None
+                if held:
+                    # live frames that came during the replay go next, at the same pace
+                    self.holding[r.channel] = []
+                    r.frames = [f for o, f in held if o < 0 or o > r.up_to]
+                    r.next = 0
+                    continue
+                del self.replays[0]
+                self.unhold(r.channel)
+        finally:
+            self.pumping = False
+            if not self.replays:
+                self.end_pacing()
+
+    cdef void end_pacing(self) except *:
+        self.replays = None
+        if self.pacing:
+            self.pacing = False
+            if not self.closing:
+                self.raw.set_write_buffer_limits()
+
+    cdef void unhold(self, str channel):
+        if self.holding is not None:
+            self.holding.pop(channel, None)
+            if not self.holding:
+                self.holding = None
+
+    def drop_held(self, str channel):
+        """Stop holding `channel` and drop what was held: the session has left it."""
+        self.cancel_replay(channel)
+        self.unhold(channel)
 
     def release(self, str channel, long long replayed_up_to):
         """Send the frames held for `channel`, skipping publications the replay already
