@@ -161,6 +161,7 @@ cdef class Connection(WSListener):
     cdef bint handed          # the transport holds bytes of ours that are not sent yet
     cdef bint dirty
     cdef bint pacing          # frames wait for the socket to drain: `drained` after writes
+    cdef int stall_ticks      # ticks since pacing last queued a frame
     cdef readonly bint closing
     cdef readonly bint connected
     cdef Py_ssize_t max_message
@@ -186,6 +187,7 @@ cdef class Connection(WSListener):
         self.handed = False
         self.dirty = False
         self.pacing = False
+        self.stall_ticks = 0
         self.closing = False
         self.connected = False
         self.max_message = max_message
@@ -475,11 +477,11 @@ cdef class Connection(WSListener):
             self.iov = NULL
             self.iovcap = 0
 
-    cdef void too_slow(self) except *:
+    cdef void too_slow(self, str reason="send buffer over limit") except *:
         self.hub.slow_reader_closes += 1
         self.niov = 0
         self.olen = 0
-        self.hub.node.security_event(self, "slow_reader", "send buffer over limit")
+        self.hub.node.security_event(self, "slow_reader", reason)
         self.close(CloseCode.SLOW_READER, "send buffer over its limit")
 
     cpdef send_frame(self, bytes frame):

@@ -22,6 +22,11 @@ cdef extern from "<sched.h>" nogil:
 cdef enum:
     SPIN_MAX_WRITES = 4
 
+# a replay that could not queue a frame for this many ticks (seconds: the reader has not
+# taken what was already written) closes the connection with 4008
+cdef enum:
+    REPLAY_STALL_TICKS = 10
+
 
 cdef class Channel:
     """One channel's live state on this worker: members, rate bucket, limits."""
@@ -318,7 +323,11 @@ cdef class Hub:
         for o in dead:
             (<Connection>o).close(CloseCode.GOING_AWAY, "ping timeout")
         for o in pacing:  # a fallback: writes and resume_writing normally wake them
-            (<Connection>o).drained()
+            s = <Connection>o
+            s.stall_ticks += 1
+            s.drained()
+            if s.pacing and not s.closing and s.stall_ticks > REPLAY_STALL_TICKS:
+                s.too_slow("replay stalled: the reader takes nothing")
         return len(expired), len(dead)
 
     def error_counts_snapshot(self) -> dict:

@@ -26,13 +26,21 @@ cdef class Replay:
     cdef str channel
     cdef list frames
     cdef Py_ssize_t next
+    cdef Py_ssize_t size      # bytes in `frames`
     cdef long long up_to
 
     def __cinit__(self, str channel, list frames, long long up_to):
         self.channel = channel
+        self.up_to = up_to
+        self.set_frames(frames)
+
+    cdef void set_frames(self, list frames) except *:
+        cdef bytes frame
         self.frames = frames
         self.next = 0
-        self.up_to = up_to
+        self.size = 0
+        for frame in frames:
+            self.size += PyBytes_GET_SIZE(frame)
 
 
 cdef class Session(Connection):
@@ -48,6 +56,7 @@ cdef class Session(Connection):
     cdef public object initial
     cdef public str limit_key
     cdef dict holding         # channel -> [(offset, frame)] held while its replay is out
+    cdef Py_ssize_t held_bytes
     cdef list replays         # Replay entries still being written, oldest first, or None
     cdef bint pumping
 
@@ -62,6 +71,7 @@ cdef class Session(Connection):
         self.initial = None
         self.limit_key = None
         self.holding = None
+        self.held_bytes = 0
         self.replays = None
         self.pumping = False
         bucket_init(&self.bucket, hub.conn_capacity, hub.conn_window, aether_monotonic())
@@ -72,6 +82,7 @@ cdef class Session(Connection):
     cdef void closed(self):
         self.replays = None
         self.holding = None
+        self.held_bytes = 0
         self.hub.node.on_close(self)
 
     cdef void too_large(self, Py_ssize_t size):
@@ -220,12 +231,52 @@ cdef class Session(Connection):
 
     # -- recovery: the replay, paced by the socket, and live frames held meanwhile --------
 
-    cdef bint hold_frame(self, str channel, long long offset, bytes frame):
+    cdef bint hold_frame(self, str channel, long long offset, bytes frame) except -1:
         cdef list held = self.holding.get(channel)
         if held is None:
             return False
+        if self.closing:
+            return True
         held.append((offset, frame))
+        self.held_bytes += PyBytes_GET_SIZE(frame)
+        if (self.held_bytes > self.hub.send_buffer_limit
+                and self.held_bytes - self.hub.send_buffer_limit > self.replaying_bytes()):
+            # more live bytes came during the replays than they hold, and the limit on top:
+            # the channel is faster than the reader, which would never catch up
+            self.too_slow("live frames held during a replay over the limit")
         return True
+
+    cdef Py_ssize_t replaying_bytes(self) except -1:
+        """The bytes of the replays being written; unbounded while one is still being read
+        from the broker (its size is not known yet, and the broker's timeout bounds it)."""
+        cdef Py_ssize_t total = 0
+        cdef set replaying = set()
+        if self.replays is not None:
+            for r in self.replays:
+                total += (<Replay>r).size
+                replaying.add((<Replay>r).channel)
+        for channel in self.holding:
+            if channel not in replaying:
+                return PY_SSIZE_T_MAX  # compared with held - limit: no overflow
+        return total
+
+    cdef list take_held(self, str channel, bint stop):
+        """The frames held for `channel` (None if it is not held); holding goes on with an
+        empty list, or stops if `stop`."""
+        cdef list held
+        if self.holding is None:
+            return None
+        held = self.holding.pop(channel, None) if stop else self.holding.get(channel)
+        if held is None:
+            return None
+        if stop:
+            if not self.holding:
+                self.holding = None
+        else:
+            self.holding[channel] = []
+        for _, frame in held:
+            self.held_bytes -= PyBytes_GET_SIZE(frame)
+        return held
 
     def hold(self, str channel):
         """Hold live frames of `channel` until its replay is sent (`replay`) or `release`:
@@ -254,6 +305,7 @@ cdef class Session(Connection):
         self.replays.append(Replay(channel, frames, up_to))
         if not self.pacing:
             self.pacing = True
+            self.stall_ticks = 0
             # resume_writing as soon as the transport has handed everything to the kernel
             self.raw.set_write_buffer_limits(0, 0)
         self.pump()
@@ -289,7 +341,7 @@ cdef class Session(Connection):
                 r = <Replay>self.replays[0]
                 if r.channel not in self.channels:  # left, or the channel was deleted
                     del self.replays[0]
-                    self.unhold(r.channel)
+                    self.take_held(r.channel, True)
                     continue
                 while r.next < PyList_GET_SIZE(r.frames):
                     frame = r.frames[r.next]
@@ -299,18 +351,17 @@ cdef class Session(Connection):
                         # queued, or at resume_writing for what the transport holds
                         return
                     r.next += 1
+                    self.stall_ticks = 0
                     self.enqueue_frame(frame)
                     if self.closing:
                         return
-                held = self.holding.get(r.channel) if self.holding is not None else None
+                held = self.take_held(r.channel, False)
                 if held:
                     # live frames that came during the replay go next, at the same pace
-                    self.holding[r.channel] = []
-                    r.frames = [f for o, f in held if o < 0 or o > r.up_to]
-                    r.next = 0
+                    r.set_frames([f for o, f in held if o < 0 or o > r.up_to])
                     continue
                 del self.replays[0]
-                self.unhold(r.channel)
+                self.take_held(r.channel, True)
         finally:
             self.pumping = False
             if not self.replays:
@@ -323,25 +374,15 @@ cdef class Session(Connection):
             if not self.closing:
                 self.raw.set_write_buffer_limits()
 
-    cdef void unhold(self, str channel):
-        if self.holding is not None:
-            self.holding.pop(channel, None)
-            if not self.holding:
-                self.holding = None
-
     def drop_held(self, str channel):
         """Stop holding `channel` and drop what was held: the session has left it."""
         self.cancel_replay(channel)
-        self.unhold(channel)
+        self.take_held(channel, True)
 
     def release(self, str channel, long long replayed_up_to):
         """Send the frames held for `channel`, skipping publications the replay already
         carried (offset <= `replayed_up_to`), and stop holding."""
-        if self.holding is None:
-            return
-        held = self.holding.pop(channel, None)
-        if not self.holding:
-            self.holding = None
+        held = self.take_held(channel, True)
         if held is None:
             return
         for offset, frame in held:

@@ -168,3 +168,39 @@ def test_reader_that_never_reads_is_closed_4008_and_memory_stays_bounded(
         grown = _rss_kib(srv.proc.pid) - rss_before
         assert grown < 12 * 1024, f"the server grew by {grown} KiB"
         assert sloth.close_code() == 4008
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["live-traffic", "quiet"])
+def test_reader_that_never_reads_its_replay_is_closed_4008(
+    make_server: Callable[..., Server], live: bool
+) -> None:
+    """A join with `since` over 6 MB of history by a reader that never reads: the replay
+    waits for it, but not for ever. With live traffic, the publications held for it pass
+    the limit: 4008 at once. Without, the replay stalls: 4008 after about 10 s. The
+    publisher is never slowed."""
+    srv = make_server(SEND_BUFFER_LIMIT_BYTES="262144", **ENV)
+    ch = "bp.stall"
+    with Client(srv.ws_url, token=srv.token("pub"), channel=ch) as pub:
+        epoch = expect(pub, "connection", "connect")["data"]["epoch"]
+        for i in range(1, 101):
+            pub.publish(ch, _content(i))
+            expect(pub, "message", "ack")
+        query = {"token": srv.token("sloth"), "channel": ch, "since": "0", "epoch": epoch}
+        with RawWS(srv.port, query=query, rcvbuf=4096) as sloth:
+            assert sloth.status == 101
+            started = time.monotonic()
+            closes = 0
+            i = 100
+            while time.monotonic() - started < 15 and not closes:
+                if live:
+                    i += 1
+                    pub.publish(ch, _content(i))
+                    expect(pub, "message", "ack")
+                else:
+                    time.sleep(0.2)
+                _, body, _ = srv.http("GET", "/metrics/connections")
+                closes = body["slow_reader_closes"]
+            assert closes == 1
+            took = time.monotonic() - started
+            assert (took < 5) if live else (took > 8), took
+            assert sloth.close_code() == 4008
