@@ -1,6 +1,6 @@
 # session.pxi: the aether protocol on a Connection: JSON messages decoded and validated,
 # `message/send` published from here (rate checks, membership, broker), everything else
-# handed to the Python Node.
+# handed to the Python Node. A join's replay is written as the socket drains (`replay`, `pump`).
 #
 # Rule: a bad message gets an error frame and the connection stays open; only an RFC 6455
 # violation, an auth failure or a policy (slow reader, replaced, limits) closes it.
