@@ -421,11 +421,13 @@ class Node:
             )
             return
         if s.is_member(name):
-            self._joined(s, name, since, recovery)
-            s.release(name, recovery.offset)
+            self._joined(s, name, since, recovery)  # the replay ends the holding
+        else:
+            s.drop_held(name)
 
     def _joined(self, s: Session, name: str, since: int | None, recovery: Recovery) -> None:
-        """The reply to a join, then the replay of missed publications."""
+        """The reply to a join, then the replay of missed publications (written as the
+        socket drains; live publications of the channel wait for it, `Session.replay`)."""
         reply: dict[str, Any] = {
             "client_id": s.client_id,
             "user_id": s.user_id,
@@ -436,8 +438,7 @@ class Node:
         if since is not None:
             reply["recovered"] = recovery.recovered
         s.send_json({"type": "connection", "action": "connect", "data": reply})
-        for frame in recovery.frames:
-            s.send_frame(frame)
+        s.replay(name, recovery.frames, recovery.offset)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

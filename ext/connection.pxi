@@ -4,7 +4,14 @@
 # `on_message` and decide what they mean.
 #
 # Rule: every frame the server sends goes through the outbox, so order is kept and each
-# member gets one write per loop pass.
+# member gets one write per loop pass (an outbox that passes SEND_BUFFER_LIMIT_BYTES within
+# a pass is written at once instead).
+#
+# Slow-reader rule: only bytes the kernel has not taken count. After each write, what the
+# transport still holds (the kernel took none of it yet) is compared with
+# SEND_BUFFER_LIMIT_BYTES; over it, the connection is closed with 4008. A reader that never
+# reads so costs at most its kernel socket buffer, the limit, and one outbox of at most the
+# limit plus one frame.
 
 cdef void shrink(MemoryBuffer buffer) noexcept:
     """Give back a picows write buffer's memory, keeping a few bytes. Its content is
@@ -152,8 +159,9 @@ cdef class Connection(WSListener):
     cdef Py_ssize_t olen
     cdef int fd               # the socket for direct sends; -1: always through the transport
     cdef bint handed          # the transport holds bytes of ours that are not sent yet
-    cdef Py_ssize_t kernel_pending
     cdef bint dirty
+    cdef bint pacing          # frames wait for the socket to drain: `drained` after writes
+    cdef int stall_ticks      # ticks since pacing last queued a frame
     cdef readonly bint closing
     cdef readonly bint connected
     cdef Py_ssize_t max_message
@@ -177,8 +185,9 @@ cdef class Connection(WSListener):
         self.olen = 0
         self.fd = -1
         self.handed = False
-        self.kernel_pending = 0
         self.dirty = False
+        self.pacing = False
+        self.stall_ticks = 0
         self.closing = False
         self.connected = False
         self.max_message = max_message
@@ -213,6 +222,11 @@ cdef class Connection(WSListener):
     cdef void too_large(self, Py_ssize_t size):
         self.close(CloseCode.TOO_BIG, "message too big")
 
+    cdef void drained(self) except *:
+        """With `pacing` set: called after each flush of this connection, when its transport
+        has sent everything it held, and on the tick. Queue what waited for room."""
+        pass
+
     # -- picows callbacks -------------------------------------------------------------------
 
     cpdef on_ws_connected(self, WSTransport transport):
@@ -236,6 +250,7 @@ cdef class Connection(WSListener):
     cpdef on_ws_disconnected(self, WSTransport transport):
         self.connected = False
         self.closing = True
+        self.pacing = False
         self.fd = -1
         self.niov = 0
         self.olen = 0
@@ -293,7 +308,10 @@ cdef class Connection(WSListener):
         pass  # the send buffer limit (too_slow) is our backpressure rule, not pausing
 
     cpdef resume_writing(self):
-        pass
+        # while pacing, the transport's write buffer limits are 0: this comes once it has
+        # handed everything it held to the kernel
+        if self.pacing:
+            self.drained()
 
     # -- message assembly -------------------------------------------------------------------
 
@@ -359,12 +377,11 @@ cdef class Connection(WSListener):
         self.iov[self.niov].iov_len = <size_t>n
         self.niov += 1
         self.olen += n
-        if self.olen + self.kernel_pending > self.hub.send_buffer_limit:
-            # kernel_pending was read at the last flush; the transport may have drained since
-            self.kernel_pending = self.raw.get_write_buffer_size() if self.handed else 0
-            if self.olen + self.kernel_pending > self.hub.send_buffer_limit:
-                self.too_slow()
-                return 0
+        if self.olen > self.hub.send_buffer_limit:
+            # more than the limit in one pass: the kernel takes what it can now, and only
+            # what it does not take counts (flush_outbox closes a reader too slow)
+            self.flush_outbox()
+            return 0
         if not self.dirty:
             self.dirty = True
             self.hub.mark_dirty(self)
@@ -379,10 +396,11 @@ cdef class Connection(WSListener):
 
     cdef int flush_outbox(self) except -1:
         """One sendmsg() of everything queued; what the kernel does not take is copied to
-        the transport, which sends it when the socket is writable (and keeps order)."""
+        the transport, which sends it when the socket is writable (and keeps order). If
+        the transport then holds more than the limit, the reader is too slow: 4008."""
         cdef Py_ssize_t n = self.olen
         cdef Py_ssize_t sent = 0
-        cdef Py_ssize_t r, i, done, chunk_bytes
+        cdef Py_ssize_t r, i, done, chunk_bytes, pending
         cdef int chunk
         cdef msghdr msg
         if n == 0:
@@ -392,8 +410,7 @@ cdef class Connection(WSListener):
             self.olen = 0
             return 0
         if self.handed:
-            self.kernel_pending = self.raw.get_write_buffer_size()
-            self.handed = self.kernel_pending > 0
+            self.handed = self.raw.get_write_buffer_size() > 0
         if not self.handed and self.fd >= 0:
             memset(&msg, 0, sizeof(msghdr))
             i = 0
@@ -426,10 +443,15 @@ cdef class Connection(WSListener):
         self.niov = 0
         self.olen = 0
         self.handed = True
-        self.kernel_pending = self.raw.get_write_buffer_size()
-        if self.kernel_pending > self.hub.send_buffer_limit:
+        # what the kernel has not taken: the slow-reader rule judges this, and only this
+        pending = self.raw.get_write_buffer_size()
+        if pending > self.hub.send_buffer_limit:
             self.too_slow()
         return 0
+
+    cdef Py_ssize_t unsent(self) except -1:
+        """Bytes queued here or in the transport that the kernel has not taken."""
+        return self.olen + (self.raw.get_write_buffer_size() if self.handed else 0)
 
     cdef bytes rest_after(self, Py_ssize_t skip):
         """The queued bytes after the first `skip`, copied into one bytes object."""
@@ -455,11 +477,11 @@ cdef class Connection(WSListener):
             self.iov = NULL
             self.iovcap = 0
 
-    cdef void too_slow(self) except *:
+    cdef void too_slow(self, str reason="send buffer over limit") except *:
         self.hub.slow_reader_closes += 1
         self.niov = 0
         self.olen = 0
-        self.hub.node.security_event(self, "slow_reader", "send buffer over limit")
+        self.hub.node.security_event(self, "slow_reader", reason)
         self.close(CloseCode.SLOW_READER, "send buffer over its limit")
 
     cpdef send_frame(self, bytes frame):

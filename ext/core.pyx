@@ -14,6 +14,7 @@ member's outbox, and each outbox is written with one write per loop pass.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.exc cimport PyErr_SetFromErrno
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcpy, memset

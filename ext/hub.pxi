@@ -22,6 +22,11 @@ cdef extern from "<sched.h>" nogil:
 cdef enum:
     SPIN_MAX_WRITES = 4
 
+# a replay that could not queue a frame for this many ticks (seconds: the reader has not
+# taken what was already written) closes the connection with 4008
+cdef enum:
+    REPLAY_STALL_TICKS = 10
+
 
 cdef class Channel:
     """One channel's live state on this worker: members, rate bucket, limits."""
@@ -262,6 +267,8 @@ cdef class Hub:
             s = <Connection>PyList_GET_ITEM(dirty, i)
             s.dirty = False
             s.flush_outbox()
+            if s.pacing:  # a replay waits for room: the kernel may have taken everything
+                s.drained()
         if self.busy_poll_s > 0.0:
             if n > SPIN_MAX_WRITES:
                 self.spin_until = 0.0  # a busy pass: stop polling, let the next one batch
@@ -292,11 +299,14 @@ cdef class Hub:
         cdef list expired = []
         cdef list warn = []
         cdef list dead = []
+        cdef list pacing = []
         for o in self.sessions:
             s = <Connection>o
             s.release_buffer()  # an outbox emptied by the last flush is given back
             if s.closing:
                 continue
+            if s.pacing:
+                pacing.append(s)
             if s.expires_at > 0.0:
                 if wall_now >= s.expires_at:
                     expired.append(s)
@@ -321,6 +331,12 @@ cdef class Hub:
             (<Connection>o).expire()
         for o in dead:
             (<Connection>o).close(CloseCode.GOING_AWAY, "ping timeout")
+        for o in pacing:  # a fallback: writes and resume_writing normally wake them
+            s = <Connection>o
+            s.stall_ticks += 1
+            s.drained()
+            if s.pacing and not s.closing and s.stall_ticks > REPLAY_STALL_TICKS:
+                s.too_slow("replay stalled: the reader takes nothing")
         return len(expired), len(dead)
 
     def error_counts_snapshot(self) -> dict:

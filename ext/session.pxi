@@ -1,6 +1,6 @@
 # session.pxi: the aether protocol on a Connection: JSON messages decoded and validated,
 # `message/send` published from here (rate checks, membership, broker), everything else
-# handed to the Python Node.
+# handed to the Python Node. A join's replay is written as the socket drains (`replay`, `pump`).
 #
 # Rule: a bad message gets an error frame and the connection stays open; only an RFC 6455
 # violation, an auth failure or a policy (slow reader, replaced, limits) closes it.
@@ -21,6 +21,28 @@ cdef inline bint valid_channel_name(object name):
     return True
 
 
+cdef class Replay:
+    """A join's replay of one channel that is still being written (`Session.pump`)."""
+    cdef str channel
+    cdef list frames
+    cdef Py_ssize_t next
+    cdef Py_ssize_t size      # bytes in `frames`
+    cdef long long up_to
+
+    def __cinit__(self, str channel, list frames, long long up_to):
+        self.channel = channel
+        self.up_to = up_to
+        self.set_frames(frames)
+
+    cdef void set_frames(self, list frames) except *:
+        cdef bytes frame
+        self.frames = frames
+        self.next = 0
+        self.size = 0
+        for frame in frames:
+            self.size += PyBytes_GET_SIZE(frame)
+
+
 cdef class Session(Connection):
     """One client of the protocol. Created by the HTTP front at the upgrade, with the outcome
     of authentication already filled in; registered with the Hub once the handshake is done."""
@@ -36,7 +58,10 @@ cdef class Session(Connection):
     cdef public object auth_error
     cdef public object initial
     cdef public str limit_key
-    cdef dict holding
+    cdef dict holding         # channel -> [(offset, frame)] held while its replay is out
+    cdef Py_ssize_t held_bytes
+    cdef list replays         # Replay entries still being written, oldest first, or None
+    cdef bint pumping
 
     def __init__(self, Hub hub, str client_id, object claims, str peer):
         Connection.__init__(self, hub, peer, hub.max_message_bytes)
@@ -50,12 +75,18 @@ cdef class Session(Connection):
         self.initial = None
         self.limit_key = None
         self.holding = None
+        self.held_bytes = 0
+        self.replays = None
+        self.pumping = False
         bucket_init(&self.bucket, hub.conn_capacity, hub.conn_window, aether_monotonic())
 
     cdef void opened(self):
         self.hub.node.on_open(self)
 
     cdef void closed(self):
+        self.replays = None
+        self.holding = None
+        self.held_bytes = 0
         self.hub.node.on_close(self)
 
     cdef void too_large(self, Py_ssize_t size):
@@ -202,29 +233,160 @@ cdef class Session(Connection):
                         None)
         self.close(CloseCode.AUTH, "token expired")
 
-    # -- recovery with an asynchronous broker ---------------------------------------------
+    # -- recovery: the replay, paced by the socket, and live frames held meanwhile --------
 
-    cdef bint hold_frame(self, str channel, long long offset, bytes frame):
+    cdef bint hold_frame(self, str channel, long long offset, bytes frame) except -1:
         cdef list held = self.holding.get(channel)
         if held is None:
             return False
+        if self.closing:
+            return True
         held.append((offset, frame))
+        self.held_bytes += PyBytes_GET_SIZE(frame)
+        if (self.held_bytes > self.hub.send_buffer_limit
+                and self.held_bytes - self.hub.send_buffer_limit > self.replaying_bytes()):
+            # more live bytes came during the replays than they hold, and the limit on top:
+            # the channel is faster than the reader, which would never catch up
+            self.too_slow("live frames held during a replay over the limit")
         return True
 
+    cdef Py_ssize_t replaying_bytes(self) except -1:
+        """The bytes of the replays being written; unbounded while one is still being read
+        from the broker (its size is not known yet, and the broker's timeout bounds it)."""
+        cdef Py_ssize_t total = 0
+        cdef set replaying = set()
+        if self.replays is not None:
+            for r in self.replays:
+                total += (<Replay>r).size
+                replaying.add((<Replay>r).channel)
+        for channel in self.holding:
+            if channel not in replaying:
+                return PY_SSIZE_T_MAX  # compared with held - limit: no overflow
+        return total
+
+    cdef list take_held(self, str channel, bint stop):
+        """The frames held for `channel` (None if it is not held); holding goes on with an
+        empty list, or stops if `stop`."""
+        cdef list held
+        if self.holding is None:
+            return None
+        held = self.holding.pop(channel, None) if stop else self.holding.get(channel)
+        if held is None:
+            return None
+        if stop:
+            if not self.holding:
+                self.holding = None
+        else:
+            self.holding[channel] = []
+        for _, frame in held:
+            self.held_bytes -= PyBytes_GET_SIZE(frame)
+        return held
+
     def hold(self, str channel):
-        """Hold live frames of `channel` until `release`: its replay is still being read."""
+        """Hold live frames of `channel` until its replay is sent (`replay`) or `release`:
+        the replay is still being read from the broker. A join again while an earlier
+        replay of `channel` is still being written replaces that replay."""
+        self.cancel_replay(channel)
         if self.holding is None:
             self.holding = {}
-        self.holding[channel] = []
+        if channel not in self.holding:
+            self.holding[channel] = []
+
+    def replay(self, str channel, list frames, long long up_to):
+        """Send `frames`, a join's replay of `channel` up to offset `up_to`, then the live
+        frames of `channel` held meanwhile that it did not carry, in order. Only what fits
+        under SEND_BUFFER_LIMIT_BYTES beside the bytes the kernel has not taken is queued;
+        the rest follows as the socket drains, and live frames of `channel` wait for it."""
+        self.cancel_replay(channel)
+        if not frames and (self.holding is None or channel not in self.holding):
+            return
+        if self.holding is None:
+            self.holding = {}
+        if channel not in self.holding:
+            self.holding[channel] = []
+        if self.replays is None:
+            self.replays = []
+        self.replays.append(Replay(channel, frames, up_to))
+        if not self.pacing:
+            self.pacing = True
+            self.stall_ticks = 0
+            # resume_writing as soon as the transport has handed everything to the kernel
+            self.raw.set_write_buffer_limits(0, 0)
+        self.pump()
+
+    cdef void cancel_replay(self, str channel) except *:
+        cdef Py_ssize_t i
+        if self.replays is None:
+            return
+        for i in range(len(self.replays)):
+            if (<Replay>self.replays[i]).channel == channel:
+                del self.replays[i]
+                return
+
+    cdef void drained(self) except *:
+        self.pump()
+
+    cdef void pump(self) except *:
+        """Queue replay frames while they fit under the limit beside what the kernel has
+        not taken. Called again after each flush, when the transport has drained
+        (resume_writing) and on the tick, until every replay and what it held is out."""
+        cdef Replay r
+        cdef bytes frame
+        cdef Py_ssize_t unsent
+        cdef list held
+        if self.pumping or self.replays is None:
+            return
+        if self.closing:
+            self.end_pacing()
+            return
+        self.pumping = True
+        try:
+            while self.replays:
+                r = <Replay>self.replays[0]
+                if r.channel not in self.channels:  # left, or the channel was deleted
+                    del self.replays[0]
+                    self.take_held(r.channel, True)
+                    continue
+                while r.next < PyList_GET_SIZE(r.frames):
+                    frame = r.frames[r.next]
+                    unsent = self.unsent()
+                    if unsent > 0 and PyBytes_GET_SIZE(frame) > self.hub.send_buffer_limit - unsent:
+                        # the rest once the socket has drained: after the flush of what is
+                        # queued, or at resume_writing for what the transport holds
+                        return
+                    r.next += 1
+                    self.stall_ticks = 0
+                    self.enqueue_frame(frame)
+                    if self.closing:
+                        return
+                held = self.take_held(r.channel, False)
+                if held:
+                    # live frames that came during the replay go next, at the same pace
+                    r.set_frames([f for o, f in held if o < 0 or o > r.up_to])
+                    continue
+                del self.replays[0]
+                self.take_held(r.channel, True)
+        finally:
+            self.pumping = False
+            if not self.replays:
+                self.end_pacing()
+
+    cdef void end_pacing(self) except *:
+        self.replays = None
+        if self.pacing:
+            self.pacing = False
+            if not self.closing:
+                self.raw.set_write_buffer_limits()
+
+    def drop_held(self, str channel):
+        """Stop holding `channel` and drop what was held: the session has left it."""
+        self.cancel_replay(channel)
+        self.take_held(channel, True)
 
     def release(self, str channel, long long replayed_up_to):
         """Send the frames held for `channel`, skipping publications the replay already
         carried (offset <= `replayed_up_to`), and stop holding."""
-        if self.holding is None:
-            return
-        held = self.holding.pop(channel, None)
-        if not self.holding:
-            self.holding = None
+        held = self.take_held(channel, True)
         if held is None:
             return
         for offset, frame in held:

@@ -1,0 +1,206 @@
+"""SEND_BUFFER_LIMIT_BYTES counts only bytes the kernel has not taken (SPEC §6): a recovery
+larger than the limit is replayed as the socket drains (memory and Redis broker), a burst
+larger than the limit to a reader that keeps up is delivered, and a reader that never reads
+is still closed with 4008 while the server's memory stays bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Server
+from tests.integration.helpers import OP_CLOSE, OP_TEXT, RawWS, expect, send_msg
+from tests.integration.wsclient import Client
+
+SIZE = 60_000  # one publication's content
+ENV = {"MAX_MESSAGE_BYTES": "131072", "RATE_LIMIT_MESSAGES": "0"}
+
+
+def _content(i: int) -> str:
+    return f"{i:04d}" + "r" * (SIZE - 4)
+
+
+def _read_messages(ws: RawWS, count: int) -> list[dict[str, Any]]:
+    """The next `count` text messages; a CLOSE fails the test with its code."""
+    out: list[dict[str, Any]] = []
+    while len(out) < count:
+        _, op, payload = ws.recv_frame()
+        assert op != OP_CLOSE, f"closed {int.from_bytes(payload[:2], 'big')} after {len(out)}"
+        if op == OP_TEXT:
+            out.append(json.loads(payload))
+    return out
+
+
+def _send_frame(channel: str, content: str, sequence: int) -> bytes:
+    """A masked message/send frame (masked with one big-integer XOR: these are large)."""
+    payload = json.dumps(send_msg(channel, content, sequence)).encode()
+    key = os.urandom(4)
+    n = len(payload)
+    stream = (key * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+    if n < 65536:
+        head = struct.pack("!BBH", 0x80 | OP_TEXT, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | OP_TEXT, 0x80 | 127, n)
+    return head + key + masked
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+@pytest.mark.parametrize(
+    ("limit", "count"),
+    [
+        (1048576, 40),  # the default limit, 2.4 MB of history
+        (262144, 100),  # 6 MB: more than the kernel's socket buffer (4 MB at most) and the limit
+    ],
+    ids=["issue", "beyond-the-kernel"],
+)
+def test_recovery_larger_than_the_limit_is_replayed_as_the_socket_drains(
+    make_server: Callable[..., Server],
+    request: pytest.FixtureRequest,
+    broker: str,
+    limit: int,
+    count: int,
+) -> None:
+    """`count` publications of 60 KB (more than the limit) recovered over one reconnect with
+    `since`, by a reader with a small receive window that reads steadily; live publications
+    sent while the replay is under way come after it: all in offset order, none twice, and
+    no 4008."""
+    env = {**ENV, "SEND_BUFFER_LIMIT_BYTES": str(limit)}
+    if broker == "redis":
+        env["BROKER_URL"] = request.getfixturevalue("redis_url")
+    srv = make_server(**env)
+    ch = "bp.recover"
+    live = range(count + 1, count + 6)
+    with Client(srv.ws_url, token=srv.token("pub"), channel=ch) as pub:
+        epoch = expect(pub, "connection", "connect")["data"]["epoch"]
+        for i in range(1, count + 1):
+            pub.publish(ch, _content(i))
+            assert expect(pub, "message", "ack")["data"]["metadata"]["offset"] == i
+        query = {"token": srv.token("reader"), "channel": ch, "since": "0", "epoch": epoch}
+        with RawWS(srv.port, query=query, rcvbuf=16384) as reader:
+            assert reader.status == 101
+            for i in live:  # while the replay is still being written
+                pub.publish(ch, _content(i))
+            for i in live:
+                assert expect(pub, "message", "ack")["data"]["metadata"]["offset"] == i
+            got = _read_messages(reader, count + 6)
+            reply = got[0]
+            assert reply["type"] == "connection" and reply["action"] == "connect", reply
+            assert reply["data"]["recovered"] is True, reply
+            offsets = [m["data"]["metadata"]["offset"] for m in got[1:]]
+            assert offsets == list(range(1, count + 6)), offsets
+            contents = [m["data"]["content"] for m in got[1:]]
+            assert contents == [_content(i) for i in range(1, count + 6)]
+            reader.send_json({"type": "system", "action": "status", "data": {}})
+            status = _read_messages(reader, 1)[0]  # nothing more, and still open
+            assert status["type"] == "system" and status["action"] == "status", status
+    _, body, _ = srv.http("GET", "/metrics/connections")
+    assert body["slow_reader_closes"] == 0
+
+
+def test_burst_larger_than_the_limit_to_a_reader_that_keeps_up(
+    make_server: Callable[..., Server],
+) -> None:
+    """40 publications of 12 KB pipelined in one write reach the server in one loop pass:
+    480 KB for a reader whose limit is 64 KB but who reads all the time. It gets them all."""
+    srv = make_server(SEND_BUFFER_LIMIT_BYTES="65536", HISTORY_SIZE="0", **ENV)
+    ch = "bp.burst"
+    n = 40
+    with (
+        Client(srv.ws_url, token=srv.token("reader"), channel=ch) as reader,
+        RawWS(srv.port, query={"token": srv.token("pub"), "channel": ch}) as pub,
+    ):
+        expect(reader, "connection", "connect")
+        assert pub.recv_json()["action"] == "connect"
+        burst = b"".join(_send_frame(ch, f"{i:04d}" + "b" * 12_000, i) for i in range(1, n + 1))
+        pub.send_raw(burst)
+        got = [expect(reader, "message", "send")["data"] for _ in range(n)]
+        assert [m["metadata"]["offset"] for m in got] == list(range(1, n + 1))
+        assert [m["content"][:4] for m in got] == [f"{i:04d}" for i in range(1, n + 1)]
+    _, body, _ = srv.http("GET", "/metrics/connections")
+    assert body["slow_reader_closes"] == 0
+
+
+def test_reader_that_never_reads_is_closed_4008_and_memory_stays_bounded(
+    make_server: Callable[..., Server],
+) -> None:
+    """Pipelined bursts (~24 MB in all) to a member that never reads: it is closed with 4008
+    and the server's memory grows by far less than what was sent to it."""
+    srv = make_server(HISTORY_SIZE="0", **ENV)
+    assert srv.proc is not None
+    ch = "bp.never"
+    with (
+        RawWS(srv.port, query={"token": srv.token("sloth"), "channel": ch}, rcvbuf=4096) as sloth,
+        RawWS(srv.port, query={"token": srv.token("pub"), "channel": ch}) as pub,
+    ):
+        assert sloth.recv_json()["action"] == "connect"
+        assert pub.recv_json()["action"] == "connect"
+        rss_before = _rss_kib(srv.proc.pid)
+        acked = 0
+        for burst in range(10):  # 10 bursts of 40 x 60 KB
+            seq = burst * 40
+            pub.send_raw(b"".join(_send_frame(ch, _content(i), seq + i) for i in range(1, 41)))
+            while acked < seq + 40:  # the publisher reads its acks: it keeps up
+                msg = pub.recv_json()
+                if msg["type"] == "message" and msg["action"] == "ack":
+                    acked += 1
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            _, body, _ = srv.http("GET", "/metrics/connections")
+            if body["slow_reader_closes"] >= 1:
+                break
+            time.sleep(0.05)
+        assert body["slow_reader_closes"] == 1
+        grown = _rss_kib(srv.proc.pid) - rss_before
+        assert grown < 12 * 1024, f"the server grew by {grown} KiB"
+        assert sloth.close_code() == 4008
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["live-traffic", "quiet"])
+def test_reader_that_never_reads_its_replay_is_closed_4008(
+    make_server: Callable[..., Server], live: bool
+) -> None:
+    """A join with `since` over 6 MB of history by a reader that never reads: the replay
+    waits for it, but not for ever. With live traffic, the publications held for it pass
+    the limit: 4008 at once. Without, the replay stalls: 4008 after about 10 s. The
+    publisher is never slowed."""
+    srv = make_server(SEND_BUFFER_LIMIT_BYTES="262144", **ENV)
+    ch = "bp.stall"
+    with Client(srv.ws_url, token=srv.token("pub"), channel=ch) as pub:
+        epoch = expect(pub, "connection", "connect")["data"]["epoch"]
+        for i in range(1, 101):
+            pub.publish(ch, _content(i))
+            expect(pub, "message", "ack")
+        query = {"token": srv.token("sloth"), "channel": ch, "since": "0", "epoch": epoch}
+        with RawWS(srv.port, query=query, rcvbuf=4096) as sloth:
+            assert sloth.status == 101
+            started = time.monotonic()
+            closes = 0
+            i = 100
+            while time.monotonic() - started < 15 and not closes:
+                if live:
+                    i += 1
+                    pub.publish(ch, _content(i))
+                    expect(pub, "message", "ack")
+                else:
+                    time.sleep(0.2)
+                _, body, _ = srv.http("GET", "/metrics/connections")
+                closes = body["slow_reader_closes"]
+            assert closes == 1
+            took = time.monotonic() - started
+            assert (took < 5) if live else (took > 8), took
+            assert sloth.close_code() == 4008
