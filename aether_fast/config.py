@@ -432,7 +432,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "send_buffer_limit_bytes",
         _int(1),
         1048576,
-        "unsent bytes per connection before it is closed with 4008",
+        "bytes per connection that the kernel has not taken (after each write) before it is "
+        "closed with 4008; a recovery replay larger than this is written as the socket drains",
     ),
     Setting(
         "busy_poll_us",
