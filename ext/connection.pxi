@@ -213,6 +213,10 @@ cdef class Connection(WSListener):
     cdef void too_large(self, Py_ssize_t size):
         self.close(CloseCode.TOO_BIG, "message too big")
 
+    cdef bint ping_allowed(self):
+        """Whether a ping is answered (a subclass may charge it to a budget)."""
+        return True
+
     # -- picows callbacks -------------------------------------------------------------------
 
     cpdef on_ws_connected(self, WSTransport transport):
@@ -263,6 +267,8 @@ cdef class Connection(WSListener):
         if self.closing:
             return
         if t == WSMsgType.PING:
+            if not self.ping_allowed():
+                return
             # answered here, not by picows, so the pong keeps its place behind queued frames
             pong = frame_bytes(0xA, frame.payload_ptr, frame.payload_size)
             self.enqueue_frame(pong)
