@@ -53,6 +53,10 @@ cdef class Budget:
             bucket_take(&self.b)
         return wait
 
+    def try_take(self) -> float:
+        """`take` now, for tests."""
+        return self.take(aether_monotonic())
+
     def full(self) -> bool:
         """Refilled to capacity: forgetting it now gives nobody anything."""
         bucket_wait(&self.b, aether_monotonic())

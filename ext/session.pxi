@@ -91,6 +91,7 @@ cdef class Session(Connection):
         cdef double wait = self.take()
         if wait == 0.0:
             return True
+        self.hub.rate_limited += 1
         self.refusals += 1  # no pong, no error: a refused ping costs nothing more
         if self.refusals >= REFUSALS_BEFORE_CLOSE:
             self.flood_close()

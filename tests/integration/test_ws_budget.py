@@ -94,8 +94,7 @@ def test_status_flood_is_refused_then_closed_others_served(
         bob.send(STATUS)
         expect(bob, "system", "status")
     assert any(
-        line.get("event") == "rate_limit_close"
-        and line["data"]["details"]["user_id"] == "mallory"
+        line.get("event") == "rate_limit_close" and line["data"]["details"]["user_id"] == "mallory"
         for line in srv.log_lines()
     )
 
