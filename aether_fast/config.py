@@ -339,7 +339,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "rate_limit_messages",
         _int(0),
         50,
-        "messages per connection per RATE_LIMIT_WINDOW_S; 0 = no limit",
+        "inbound messages and pings per user (per peer address when anonymous), all their"
+        " connections on a worker together, per RATE_LIMIT_WINDOW_S; 0 = no limit",
     ),
     Setting(
         "rate_limit_window_s",

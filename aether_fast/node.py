@@ -2,7 +2,8 @@
 
 What it owns: everything a session does that is not `message/send` (open, join with ACLs
 and recovery, leave, refresh, status, admin broadcast, close), the per-user connection
-counts, presence notices, the once-a-second timer, and the operations the REST routes call.
+counts and inbound budgets, presence notices, the once-a-second timer, and the operations
+the REST routes call.
 Rule: the Node never touches a socket; it talks to clients only through `Session.send_*`,
 `Session.close` and `Hub.deliver`, so every frame keeps its place in the member's outbox.
 """
@@ -14,12 +15,13 @@ import os
 import secrets
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aether_fast import logs
-from aether_fast._core import Channel, Connection, Hub, Session, encode_json_frame
+from aether_fast._core import Budget, Channel, Connection, Hub, Session, encode_json_frame
 from aether_fast.auth import Authenticator, AuthError, Claims, channel_allowed
 from aether_fast.brokers.base import BROKER_UNAVAILABLE, Broker, Recovery
 from aether_fast.config import Config
@@ -93,6 +95,11 @@ class Node:
         self.rates = Rates()
         self.shutting_down = False
         self._per_key: dict[str, int] = {}
+        # inbound budgets by limit key: kept while the key has a connection here, and after
+        # its last one closes until full again (swept by the timer), so reconnecting does
+        # not refill them; `_idle` holds (when surely full, key) of keys left without one
+        self._budgets: dict[str, Budget] = {}
+        self._idle: deque[tuple[float, str]] = deque()
         self._live: dict[tuple[object, str], Session] = {}
         self._timer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -124,6 +131,7 @@ class Node:
                 last_ping = time.monotonic()
             try:
                 self.hub.tick(time.time(), ping_round)
+                self._sweep_budgets()
                 self._measure_rates()
                 logs.SECURITY.flush()
                 if ticks % 10 == 0:
@@ -190,6 +198,7 @@ class Node:
             return
         self._per_key[key] = self._per_key.get(key, 0) + 1
         s.limit_key = key
+        s.budget = self._budget(key)
         self._live[live_key] = s
         logs.log("debug", "connection_opened", "node", client_id=s.client_id, user_id=s.user_id)
         initial: dict[str, Any] | None = s.initial
@@ -232,6 +241,32 @@ class Node:
             self._per_key[key] = left
         else:
             self._per_key.pop(key, None)
+            if key in self._budgets:
+                # an empty budget is full again after one window at the latest
+                self._idle.append((time.monotonic() + self.hub.conn_window, key))
+
+    def _budget(self, key: str) -> Budget | None:
+        """The inbound budget of `key`, shared by all its sessions on this worker (None when
+        RATE_LIMIT_MESSAGES is 0: no limit)."""
+        if self.hub.conn_capacity <= 0:
+            return None
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = Budget(self.hub.conn_capacity, self.hub.conn_window)
+            self._budgets[key] = budget
+        return budget
+
+    def _sweep_budgets(self) -> None:
+        """Forget the budgets of keys without a connection here once they are full again:
+        memory is bounded by the keys seen within one RATE_LIMIT_WINDOW_S."""
+        now = time.monotonic()
+        idle = self._idle
+        while idle and idle[0][0] <= now:
+            _, key = idle.popleft()
+            budget = self._budgets.get(key)
+            # a key that connected again is live; one that left again has a later entry
+            if budget is not None and key not in self._per_key and budget.full():
+                del self._budgets[key]
 
     def local_session(self, identity: str | None, client_id: str) -> Session | None:
         """The live local session of (Session.identity, client_id), if this worker has it."""

@@ -227,6 +227,10 @@ cdef class Connection(WSListener):
         has sent everything it held, and on the tick. Queue what waited for room."""
         pass
 
+    cdef bint ping_allowed(self):
+        """Whether a ping is answered (a subclass may charge it to a budget)."""
+        return True
+
     # -- picows callbacks -------------------------------------------------------------------
 
     cpdef on_ws_connected(self, WSTransport transport):
@@ -278,6 +282,8 @@ cdef class Connection(WSListener):
         if self.closing:
             return
         if t == WSMsgType.PING:
+            if not self.ping_allowed():
+                return
             # answered here, not by picows, so the pong keeps its place behind queued frames
             pong = frame_bytes(0xA, frame.payload_ptr, frame.payload_size)
             self.enqueue_frame(pong)

@@ -4,6 +4,15 @@
 #
 # Rule: a bad message gets an error frame and the connection stays open; only an RFC 6455
 # violation, an auth failure or a policy (slow reader, replaced, limits) closes it.
+#
+# Budget: every inbound message and ping takes a token from the sender's `Budget` (per user,
+# per peer address when anonymous: RATE_LIMIT_MESSAGES per RATE_LIMIT_WINDOW_S) before
+# anything else is done with it. A refused message gets one RATE_LIMITED error (a refused
+# ping: no pong); REFUSALS_BEFORE_CLOSE refusals in a row close the connection with 1008.
+
+#: Refused frames in a row (no accepted one between) after which the connection is closed
+#: with 1008: a client that merely runs over now and then gets errors, a flood a close.
+cdef int REFUSALS_BEFORE_CLOSE = 10
 
 cdef inline bint valid_channel_name(object name):
     if type(name) is not str:
@@ -46,7 +55,8 @@ cdef class Replay:
 cdef class Session(Connection):
     """One client of the protocol. Created by the HTTP front at the upgrade, with the outcome
     of authentication already filled in; registered with the Hub once the handshake is done."""
-    cdef Bucket bucket
+    cdef public Budget budget   # set by the Node at open; None: no message limit
+    cdef int refusals           # refused frames in a row
     cdef readonly dict channels
     cdef public str client_id
     cdef public object user_id
@@ -78,7 +88,8 @@ cdef class Session(Connection):
         self.held_bytes = 0
         self.replays = None
         self.pumping = False
-        bucket_init(&self.bucket, hub.conn_capacity, hub.conn_window, aether_monotonic())
+        self.budget = None
+        self.refusals = 0
 
     cdef void opened(self):
         self.hub.node.on_open(self)
@@ -91,15 +102,79 @@ cdef class Session(Connection):
 
     cdef void too_large(self, Py_ssize_t size):
         self.hub.messages_in += 1
+        cdef double wait = self.take()
+        if wait > 0.0:
+            self.refuse(wait, None, None)
+            return
         self.send_error(ErrorCode.MESSAGE_TOO_LARGE,
                         "message is larger than MAX_MESSAGE_BYTES", "protocol",
                         "message over %d bytes" % self.max_message,
                         {"limit": self.max_message})
 
+    # -- the budget ---------------------------------------------------------------------------
+
+    cdef inline double take(self):
+        """One token from the budget: 0.0 when taken, else the seconds until one is there."""
+        if self.budget is None:
+            return 0.0
+        cdef double wait = self.budget.take(aether_monotonic())
+        if wait == 0.0:
+            self.refusals = 0
+        return wait
+
+    cdef bint ping_allowed(self):
+        cdef double wait = self.take()
+        if wait == 0.0:
+            return True
+        self.hub.rate_limited += 1
+        self.refusals += 1  # no pong, no error: a refused ping costs nothing more
+        if self.refusals >= REFUSALS_BEFORE_CLOSE:
+            self.flood_close()
+        return False
+
+    cdef void refuse(self, double wait, object channel, object seq):
+        """A message the budget refused: one RATE_LIMITED error, or the close of a flood."""
+        self.refusals += 1
+        self.limited("user", wait, channel, seq)
+        if self.refusals >= REFUSALS_BEFORE_CLOSE:
+            self.flood_close()
+
+    cdef void flood_close(self):
+        self.hub.node.security_event(self, "rate_limit_close",
+                                     "%d refused frames in a row" % self.refusals)
+        self.close(CloseCode.POLICY, "rate limit exceeded")
+
+    cdef void refuse_message(self, double wait, int opcode, bytes payload):
+        """`refuse`, naming the publication (channel, sequence) when the message is one, so
+        that a client can send it again after `retry_after_ms`."""
+        channel = None
+        seq = None
+        if opcode == WSMsgType.TEXT:
+            try:
+                msg = _loads(payload)
+            except JSONDecodeError:
+                msg = None
+            if type(msg) is dict and (<dict>msg).get("type") == "message":
+                data = (<dict>msg).get("data")
+                if type(data) is dict:
+                    channel = (<dict>data).get("channel")
+                    if not valid_channel_name(channel):
+                        channel = None
+                    meta = (<dict>data).get("metadata")
+                    if type(meta) is dict:
+                        seq = (<dict>meta).get("sequence")
+                        if type(seq) is not int:
+                            seq = None
+        self.refuse(wait, channel, seq)
+
     # -- messages ---------------------------------------------------------------------------
 
     cdef void on_message(self, int opcode, bytes payload):
         self.hub.messages_in += 1
+        cdef double wait = self.take()
+        if wait > 0.0:
+            self.refuse_message(wait, opcode, payload)
+            return
         if opcode == WSMsgType.BINARY:
             self.send_error(ErrorCode.INVALID_MESSAGE, "binary frames are not accepted",
                             "protocol", "send JSON text frames", None)
@@ -163,19 +238,16 @@ cdef class Session(Connection):
             self.send_error(ErrorCode.NOT_A_MEMBER, "join the channel before publishing",
                             "channel", "not a member", {"channel": channel, "sequence": seq})
             return
+        # the sender's budget was charged when the frame came in (on_message)
         cdef double now = aether_monotonic()
-        cdef double wait = bucket_wait(&self.bucket, now)
-        cdef str which = "connection"
-        if wait == 0.0:
-            wait = bucket_wait(&ch.bucket, now)
-            which = "channel"
+        cdef double wait = bucket_wait(&ch.bucket, now)
+        cdef str which = "channel"
         if wait == 0.0:
             wait = bucket_wait(&self.hub.global_bucket, now)
             which = "global"
         if wait > 0.0:
             self.limited(which, wait, channel, seq)
             return
-        bucket_take(&self.bucket)
         bucket_take(&ch.bucket)
         bucket_take(&self.hub.global_bucket)
         result = self.hub.broker.publish(ch, self, seq, content)

@@ -1,8 +1,9 @@
 """Shared fixtures: a real aether-fast server process on free ports of 127.0.0.1.
 
-`server` is one server for a test module; `make_server(*flags, **env)` starts a server with
-its own settings for one test; `redis_server`/`redis_url` (tests/integration/redis_fixture.py)
-give the cluster tests a real Redis. Each server writes its JSON log to a file; at teardown
+`server` is one server for a test module (with a message budget no module exhausts);
+`make_server(*flags, **env)` starts a server with its own settings for one test;
+`redis_server`/`redis_url` (tests/integration/redis_fixture.py) give the cluster tests a
+real Redis. Each server writes its JSON log to a file; at teardown
 the log must hold no error-level line unless the test said it expects some
 (`srv.allow_errors = True`): an unhandled exception in the loop fails the test that caused it.
 """
@@ -205,7 +206,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("srv"), {})
+    # a module's tests share this server and its few user names: the per-user inbound budget
+    # (RATE_LIMIT_MESSAGES, every frame) would be one module's, not one client's; tests of
+    # the budget start their own server (`make_server`) with the limits they test
+    srv = Server(tmp_path_factory.mktemp("srv"), {"RATE_LIMIT_MESSAGES": "100000"})
     yield srv
     code = srv.stop()
     srv.check_log()

@@ -23,6 +23,7 @@ from picows import WSMsgType, WSTransport
 from picows.picows import _make_test_ws_frame
 
 from aether_fast._core import (
+    Budget,
     Channel,
     Hub,
     RateBucket,
@@ -140,6 +141,9 @@ def connect(
     null = NullTransport(sock)
     transport = WSTransport(False, null, logging.getLogger("micro"), loop)  # type: ignore[call-arg]
     session.on_ws_connected(transport)  # type: ignore[attr-defined]
+    # the Node gives each session its user's budget at open: one that never runs out, so
+    # every frame pays for the check as with RATE_LIMIT_MESSAGES > 0
+    session.budget = Budget(1e18, 1.0)
     return session, transport
 
 

@@ -1,0 +1,160 @@
+"""SPEC §6, the inbound budget, over real sockets: every frame a client sends (control messages
+and pings too) costs its user's budget (its peer address's, when anonymous), shared by all
+their connections and kept across reconnects; a flood gets RATE_LIMITED errors, then close
+1008, while everyone else is served."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from tests.conftest import Server
+from tests.integration.helpers import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    RawWS,
+    build_frame,
+    expect,
+)
+from tests.integration.wsclient import Client
+
+#: RATE_LIMIT_MESSAGES of these tests, over a window long enough (one token every 30 s) that
+#: nothing refills while a test runs
+BUDGET = 20
+WINDOW = str(BUDGET * 30)
+#: refused frames in a row before the close (docs/protocol.md §13)
+REFUSALS_BEFORE_CLOSE = 10
+
+STATUS = {"type": "system", "action": "status", "data": {}}
+
+
+def _budget_server(make_server: Callable[..., Server]) -> Server:
+    return make_server(RATE_LIMIT_MESSAGES=str(BUDGET), RATE_LIMIT_WINDOW_S=WINDOW)
+
+
+def _raw(srv: Server, user: str | None) -> RawWS:
+    ws = RawWS(srv.port, query={"token": srv.token(user)} if user else None)
+    assert ws.status == 101, ws.status_line
+    assert ws.recv_json()["action"] == "connect"  # the greeting
+    return ws
+
+
+def _until_close(ws: RawWS) -> tuple[list[dict[str, Any]], int, int | None]:
+    """Every text message until the server's CLOSE, the pongs, and the close code."""
+    got: list[dict[str, Any]] = []
+    pongs = 0
+    while True:
+        _, op, payload = ws.recv_frame()
+        if op == OP_TEXT:
+            got.append(json.loads(payload))
+        elif op == OP_PONG:
+            pongs += 1
+        elif op == OP_CLOSE:
+            ws.send_frame(OP_CLOSE, payload[:2])
+            return got, pongs, struct.unpack("!H", payload[:2])[0] if payload else None
+
+
+def _refused(err: dict[str, Any]) -> None:
+    """A refusal by the budget: RATE_LIMITED, reason user, with when to retry."""
+    assert err["type"] == "error" and err["code"] == "RATE_LIMITED", err
+    d = err["details"]
+    assert d["component"] == "ratelimit" and d["reason"] == "user", err
+    assert isinstance(d["retry_after_ms"], int) and d["retry_after_ms"] > 0, err
+
+
+def test_status_flood_is_refused_then_closed_others_served(
+    make_server: Callable[..., Server],
+) -> None:
+    srv = _budget_server(make_server)
+    with Client(srv.ws_url, token=srv.token("bob"), channel="budget.room") as bob:
+        expect(bob, "connection", "connect")
+        with _raw(srv, "mallory") as flood:
+            # 5000 system/status in one burst, nothing read meanwhile
+            flood.send_raw(build_frame(OP_TEXT, json.dumps(STATUS).encode()) * 5000)
+
+            # another user is answered meanwhile: status and a publication
+            bob.send(STATUS)
+            expect(bob, "system", "status")
+            seq = bob.publish("budget.room", "still served")
+            assert expect(bob, "message", "ack")["data"]["metadata"]["sequence"] == seq
+
+            got, _, code = _until_close(flood)
+        statuses = [m for m in got if m["type"] == "system"]
+        errors = [m for m in got if m["type"] == "error"]
+        assert len(statuses) == BUDGET, len(statuses)  # what the budget allows, no more
+        assert len(errors) == REFUSALS_BEFORE_CLOSE, errors[-3:]  # one per refusal, bounded
+        for err in errors:
+            _refused(err)
+        assert got == statuses + errors, "each refusal after the budget, none before"
+        assert code == 1008
+        bob.send(STATUS)
+        expect(bob, "system", "status")
+    assert any(
+        line.get("event") == "rate_limit_close" and line["data"]["details"]["user_id"] == "mallory"
+        for line in srv.log_lines()
+    )
+
+
+def test_ping_flood_is_bounded_by_the_budget(make_server: Callable[..., Server]) -> None:
+    srv = _budget_server(make_server)
+    with _raw(srv, "mallory") as flood:
+        flood.send_raw(build_frame(OP_PING, b"p") * 5000)
+        got, pongs, code = _until_close(flood)
+    # a refused ping is not answered and gets no error: the close says why
+    assert pongs == BUDGET and got == [] and code == 1008
+
+
+def test_reconnecting_does_not_refill_the_budget(make_server: Callable[..., Server]) -> None:
+    srv = _budget_server(make_server)
+    for user in ("mallory", None):  # a user, and anonymous clients of one address
+        with _raw(srv, user) as flood:
+            flood.send_raw(build_frame(OP_TEXT, json.dumps(STATUS).encode()) * 100)
+            assert _until_close(flood)[2] == 1008
+        # a new connection, even with another client_id: the first message is refused
+        with Client(srv.ws_url, token=srv.token(user) if user else None, client_id="new") as c:
+            expect(c, "connection", "connect")
+            c.send(STATUS)
+            _refused(c.recv())
+    # another user is not affected
+    with Client(srv.ws_url, token=srv.token("bob")) as bob:
+        expect(bob, "connection", "connect")
+        bob.send(STATUS)
+        expect(bob, "system", "status")
+
+
+def test_connections_of_one_user_share_one_budget(make_server: Callable[..., Server]) -> None:
+    srv = make_server(RATE_LIMIT_MESSAGES="6", RATE_LIMIT_WINDOW_S="600")
+    ch = "budget.shared"
+    with (
+        Client(srv.ws_url, token=srv.token("alice"), client_id="a1", channel=ch) as a1,
+        Client(srv.ws_url, token=srv.token("alice"), client_id="a2", channel=ch) as a2,
+        Client(srv.ws_url, token=srv.token("bob"), channel=ch) as bob,
+    ):
+        for c in (a1, a2, bob):
+            expect(c, "connection", "connect")
+        # the join in the URL is part of the upgrade; each message from here costs a token
+        for i in range(3):
+            a1.publish(ch, f"a1-{i}")
+            assert expect(a1, "message", "ack")["data"]["metadata"]["sequence"] == i + 1
+        a2.send(STATUS)
+        a2.recv_until("system", "status")  # after a1's three publications
+        for i in range(2):
+            a2.publish(ch, f"a2-{i}")
+            a2.recv_until("message", "ack")
+        # six messages between the two connections: the seventh is refused, on either
+        seq = a2.publish(ch, "one too many")
+        err = a2.recv_until("error")
+        _refused(err)
+        assert err["details"]["channel"] == ch and err["details"]["sequence"] == seq, err
+        a1.send(STATUS)
+        _refused(a1.recv_until("error"))
+        # bob's budget is his own
+        bob.publish(ch, "bob")
+        bob.recv_until("message", "ack")
+        # a refusal now and then is not a flood: both connections stay open and served
+        for c in (a1, a2):
+            assert c.recv_until("message", "send")["data"]["content"] == "bob"
