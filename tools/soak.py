@@ -4,11 +4,13 @@
                          [--rate 0.2] [--rss-bound-mib 384] [--short] [--json]
 
 It starts `aether-fast serve` on free ports of 127.0.0.1 (a data directory, a JWT secret and
-an admin token of its own), opens `--clients` well-behaved WebSockets spread over
+an admin token of its own; `RATE_LIMIT_MESSAGES=300`, so that the hoarder meets the channel
+cap before its budget runs out), opens `--clients` well-behaved WebSockets spread over
 `--channels` channels (one in ten anonymous, each from a loopback address of its own, on
 channels configured with `require_auth: false`), and has each publish `--rate` messages a
 second for `--calm` seconds, then for `--attack` more seconds while an attacker process runs
-every attack of docs/security.md in a loop from other loopback addresses:
+every attack of docs/security.md in a loop from other loopback addresses, at a lower CPU
+priority (on a real network its CPU would be another machine's):
 
 | attack | what the attacker does | refused when |
 |---|---|---|
@@ -67,6 +69,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ATTACKER_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 CONNECT_CONCURRENCY = 50
 ANON_SHARE = 10  # one well-behaved client in ANON_SHARE is anonymous
+ATTACKER_NICE = 10  # see _attacker_priority
+BUDGET = 300  # RATE_LIMIT_MESSAGES of the server under test (per 60 s)
 
 
 def free_port() -> int:
@@ -103,6 +107,9 @@ class ServerProcess:
             "DATA_DIR": str(tmp / "data"),
             "LOG_LEVEL": "info",
             "HANDSHAKE_TIMEOUT_S": "2",
+            # a budget the hoarder can spend on more joins than MAX_CHANNELS_PER_CONNECTION
+            # (128), so the channel cap is what refuses it, not the budget alone
+            "RATE_LIMIT_MESSAGES": str(BUDGET),
             **env,
         }
         with open(self.log_path, "ab") as log:
@@ -437,7 +444,9 @@ class Attacker:
             msgs, code = await self.read_all(ws, 3)
         joined = sum(1 for m in msgs if m.get("type") == "connection" and m["data"].get("channel"))
         self.note("hoard", "over 128 joins accepted" if joined > 128 else "at most 128 accepted")
-        self.note("hoard", "joins refused", sum(1 for m in msgs if m.get("type") == "error"))
+        for m in msgs:
+            if m.get("type") == "error":
+                self.note("hoard", f"refused {m.get('code')}")
         if code:
             self.note("hoard", f"closed {code}")
 
@@ -450,7 +459,7 @@ class Attacker:
                     await ws.send(frame)
             msgs, code = await self.read_all(ws, 2)
         served = sum(1 for m in msgs if m.get("type") == "system" and m.get("action") == "status")
-        self.note("status", "over 200 served" if served > 200 else "at most 200 served")
+        self.note("status", f"over {BUDGET} served" if served > BUDGET else "within the budget")
         self.note("status", "refused", sum(1 for m in msgs if m.get("type") == "error"))
         self.note("status", f"closed {code}" if code else "left open")
 
@@ -634,6 +643,7 @@ async def run(args: argparse.Namespace, server: ServerProcess) -> dict[str, Any]
         str(args.attack),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
+        preexec_fn=_attacker_priority,
     )
     given = json.dumps({"secret": server.secret, "victims": victims or ["x soak.anon.0"]})
     attack_out, _ = await asyncio.wait_for(attacker.communicate(given.encode()), args.attack + 60)
@@ -709,10 +719,13 @@ def summarize(
     check("silent" in a and not a["silent"]["still open after 6 s"], "silent sockets kept open")
     hoard = a.get("hoard", Counter())
     check(hoard.total() > 0, "the hoard attack did not run")
-    check(hoard["over 128 joins accepted"] == 0, f"hoarding: {dict(hoard)}")
+    check(
+        hoard["over 128 joins accepted"] == 0 and hoard["refused CHANNEL_LIMIT"] > 0,
+        f"hoarding: {dict(hoard)}",
+    )
     status = a.get("status", Counter())
     check(status["left open"] == 0, f"status flood: {status['left open']} connections left open")
-    check(status["over 200 served"] == 0, f"status flood: {dict(status)}")
+    check(status[f"over {BUDGET} served"] == 0, f"status flood: {dict(status)}")
     check(a.get("steal", Counter())["got error/None"] == 0, "steal: refused oddly")
     mangled = a.get("mangled", Counter())
     check(mangled.total() > 0 and mangled["accepted"] == 0, f"mangled tokens: {dict(mangled)}")
@@ -762,6 +775,13 @@ def summarize(
         "ok": not problems,
         "problems": problems,
     }
+
+
+def _attacker_priority() -> None:
+    """In the attacker's child, before it runs: a lower CPU priority. On a real network the
+    attacker's own CPU is another machine's; here it shares the cores with the server and
+    the well-behaved clients, whose latency would otherwise measure the attacker's Python."""
+    os.nice(ATTACKER_NICE)
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -830,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
             ("--channels", 1 <= args.channels <= args.clients),
             ("--calm", 1 <= args.calm <= 3600),
             ("--attack", 1 <= args.attack <= 3600),
-            ("--rate", 0 < args.rate <= 0.8),  # RATE_LIMIT_MESSAGES allows 50 a minute
+            ("--rate", 0 < args.rate <= 0.8 * BUDGET / 60),  # within the budget
         )
         if not ok
     ]
