@@ -6,6 +6,9 @@ import base64
 import hashlib
 import hmac
 import json
+import re
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -297,6 +300,54 @@ def test_channel_glob_semantics() -> None:
     assert not allowed(["chat.?"], "chat.a")
     assert not allowed(["chat.[ab]"], "chat.a")
     assert allowed(["a-b_c.d"], "a-b_c.d") and not allowed(["a-b_c.d"], "a-b_cxd")
+
+
+def _reference_glob(pattern: str) -> re.Pattern[str]:
+    """The claim's semantics as a regex (the matcher before issue 12's review; it
+    backtracks, so it is only run here on small cases)."""
+    parts = []
+    for piece in re.split(r"(\*\*|\*)", pattern):
+        if piece == "**":
+            parts.append(".*")
+        elif piece == "*":
+            parts.append("[^.:]*")
+        else:
+            parts.append(re.escape(piece))
+    return re.compile("".join(parts), re.DOTALL)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    patterns=st.lists(st.text(alphabet="ab.:*?-", max_size=8), min_size=0, max_size=3),
+    channel=st.text(alphabet="ab.:-", max_size=10),
+)
+def test_channel_globs_agree_with_the_regex(patterns: list[str], channel: str) -> None:
+    claims = Claims(user_id="u", expires_at=NOW, admin=False, channels=tuple(patterns))
+    expected = any(_reference_glob(p).fullmatch(channel) for p in patterns)
+    assert channel_allowed(claims, channel) is expected
+
+
+_PATHOLOGICAL = ["*a*a*a*a*a*b", "**a**a**a**a**a**b", "*a" * 60 + "*b", "**a" * 60 + "**b"]
+
+
+def test_channel_globs_do_not_backtrack() -> None:
+    """A backtracking matcher takes seconds to refuse one of these (`*a*a*a*a*a*b` on 128 `a`:
+    17 s) and hours for all; the automaton reads each name once. Run in a child process so
+    a regression fails at the (generous) timeout instead of hanging the suite."""
+    code = f"""
+from aether_fast.auth import Claims, channel_allowed
+for pattern in {_PATHOLOGICAL!r}:
+    claims = Claims(user_id="u", expires_at=0.0, admin=False, channels=(pattern,) * 8)
+    for _ in range(10):
+        assert not channel_allowed(claims, "a" * 128)
+        assert not channel_allowed(claims, "a." * 64)
+        assert channel_allowed(claims, "a" * 127 + "b")
+print("done")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert done.stdout.strip() == "done"
 
 
 def test_mint_token_hs_roundtrip() -> None:
