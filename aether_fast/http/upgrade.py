@@ -37,7 +37,10 @@ MAX_SINCE = 2**63 - 1
 
 class _PicowsLog:
     """A logger-like object for picows: its per-connection info lines are dropped (they would
-    cost a Logger per connection), its warnings and errors go to our JSON log."""
+    cost a Logger per connection); its warnings and errors, nearly all a client's protocol
+    violations (one a bad connection), are security events: they go through the throttle
+    (`logs.security`, kind "picows"), so a flood of bad connections writes a line a second.
+    `exception` (our own code failed) is an error line, never throttled."""
 
     name = "picows"
 
@@ -46,7 +49,7 @@ class _PicowsLog:
 
     def log(self, level: int, msg: str, *args: object) -> None:
         if level >= 30:
-            logs.log("warn", "picows", "websocket", message=msg % args if args else msg)
+            logs.security("picows", kind="picows", message=msg % args if args else msg)
 
     def debug(self, msg: str, *args: object) -> None:
         return None
