@@ -75,6 +75,14 @@ class Rates:
     per_second: float = 0.0
 
 
+
+def limit_key(user_id: str | None, peer: str) -> str:
+    """Whose connections and inbound budget a session counts in: `u:<sub>` for a token's
+    user, `ip:<address>` for an anonymous client. The two are kept apart by their prefix:
+    a token whose sub is `ip:1.2.3.4` is a user, never the anonymous clients of that
+    address. The keys are also those of the cluster table (brokers/redis.py `CONNS_HASH`)."""
+    return f"ip:{peer}" if user_id is None else f"u:{user_id}"
+
 class Node:
     def __init__(
         self,
@@ -182,7 +190,7 @@ class Node:
             )
             old.close(CloseCode.REPLACED, "replaced by a newer connection")
             self._release_key(old)
-        key = s.user_id if s.user_id is not None else f"ip:{s.peer}"
+        key = limit_key(s.user_id, s.peer)
         count = self._per_key.get(key, 0) + self.broker.remote_connections(key)
         limit = self.config.rate_limit_connections
         if 0 < limit <= count:

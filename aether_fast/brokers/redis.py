@@ -14,8 +14,8 @@ It keeps every guarantee of `base.Broker` across the cluster:
   too): a channel nobody uses leaves nothing behind after CHANNEL_STATE_TTL_S, and its
   next use starts a new epoch, as after a flush.
 
-The cluster table: every second each worker writes its figures (connections, per-user
-connection counts, per-channel member counts) under keys that expire after
+The cluster table: every second each worker writes its figures (connections, connection
+counts per limit key, per-channel member counts) under keys that expire after
 `WORKER_TTL_S`, and reads everyone else's. Limits that span workers
 (RATE_LIMIT_CONNECTIONS, a channel's max_connections) use those figures, so they are exact
 on one worker and at most a second stale across workers; a dead worker's counts vanish
@@ -68,6 +68,11 @@ CONFIG_CHANNEL = PREFIX + "config"
 CONFIG_CHANNEL_B = CONFIG_CHANNEL.encode()
 CHANNELS_HASH = PREFIX + "channels"
 WORKERS_ZSET = PREFIX + "workers"
+#: Suffix of a worker's hash of connection counts by limit key (`u:<sub>` or `ip:<peer>`,
+#: node.limit_key). Earlier builds wrote `:conns`, keyed by the bare sub: during a rolling
+#: upgrade old and new workers do not read each other's counts (docs/operations.md §14), so
+#: none mistakes a key of the other format for one of its own.
+CONNS_SUFFIX = ":limit_conns"
 WORKER_TTL_S = 5
 #: Connections to Redis per worker (a caller waits for a free one rather than failing).
 POOL_SIZE = 32
@@ -595,7 +600,7 @@ class RedisBroker:
 
     def _worker_keys(self) -> list[str]:
         base = f"{PREFIX}worker:{self.worker_id}"
-        return [base, base + ":conns", base + ":members"]
+        return [base, base + CONNS_SUFFIX, base + ":members"]
 
     async def _heartbeat_forever(self) -> None:
         while True:
@@ -637,7 +642,7 @@ class RedisBroker:
             for wid in others:
                 base = f"{PREFIX}worker:{wid}"
                 pipe.hget(base, "stats")
-                pipe.hgetall(base + ":conns")
+                pipe.hgetall(base + CONNS_SUFFIX)
                 pipe.hgetall(base + ":members")
             answers = await pipe.execute()
         for i, wid in enumerate(others):

@@ -202,7 +202,7 @@ def test_killed_worker_is_restarted_and_its_connection_counts_released(
         def kuser_by_pid() -> dict[int, int] | None:
             with redis_server.client(db) as r:
                 counts = {
-                    pid: int(r.hget(f"aether:worker:{wid}:conns", "kuser") or 0)
+                    pid: int(r.hget(f"aether:worker:{wid}:limit_conns", "u:kuser") or 0)
                     for pid, wid in ids.items()
                 }
             return counts if sum(counts.values()) == limit else None

@@ -219,6 +219,60 @@ def test_connection_limit_per_ip_for_anonymous(make_server: Callable[..., Server
             _joined(alice)
 
 
+def test_a_user_named_like_an_address_is_not_its_anonymous_clients(
+    make_server: Callable[..., Server],
+) -> None:
+    """Users and anonymous clients are counted apart whatever the sub: a token whose sub is
+    `ip:127.0.0.1` neither takes nor is refused the places of anonymous clients from
+    127.0.0.1 (both used to be the key `ip:127.0.0.1`)."""
+    srv = make_server(RATE_LIMIT_CONNECTIONS="2")
+    lookalike = srv.token("ip:127.0.0.1")
+    with Client(srv.ws_url) as a1, Client(srv.ws_url) as a2:
+        _joined(a1)
+        _joined(a2)
+        with (
+            Client(srv.ws_url, token=lookalike, client_id="u1") as u1,
+            Client(srv.ws_url, token=lookalike, client_id="u2") as u2,
+        ):
+            _joined(u1)
+            _joined(u2)
+            # each side is at its own limit
+            with Client(srv.ws_url, token=lookalike, client_id="u3") as u3:
+                msgs, close = drain(u3)
+                assert [m.get("code") for m in msgs] == ["CONNECTION_LIMIT"], msgs
+                assert close == 4029
+            with Client(srv.ws_url) as a3:
+                msgs, close = drain(a3)
+                assert [m.get("code") for m in msgs] == ["CONNECTION_LIMIT"], msgs
+                assert close == 4029
+            _status_ok(u1)
+            _status_ok(a1)
+
+
+def test_a_user_named_like_an_address_has_its_own_budget(
+    make_server: Callable[..., Server],
+) -> None:
+    """The inbound budget is keyed like the connection count: anonymous clients of
+    127.0.0.1 spending theirs leave a user whose sub is `ip:127.0.0.1` untouched, and the
+    other way round."""
+    srv = make_server(RATE_LIMIT_MESSAGES="3", RATE_LIMIT_WINDOW_S="600")
+    status = {"type": "system", "action": "status", "data": {}}
+    with (
+        Client(srv.ws_url) as anon,
+        Client(srv.ws_url, token=srv.token("ip:127.0.0.1")) as lookalike,
+    ):
+        _joined(anon)
+        _joined(lookalike)
+        for _ in range(3):
+            _status_ok(anon)
+        anon.send(status)
+        assert expect_error(anon, "RATE_LIMITED")["details"]["reason"] == "user"
+        for _ in range(3):
+            _status_ok(lookalike)
+        lookalike.send(status)
+        assert expect_error(lookalike, "RATE_LIMITED")["details"]["reason"] == "user"
+
+
 def test_max_connections_refuses_upgrade_with_503(make_server: Callable[..., Server]) -> None:
     srv = make_server(MAX_CONNECTIONS="2")
     with (
