@@ -244,3 +244,20 @@ def test_picows_protocol_errors_are_throttled(make_server: MakeServer) -> None:
     first = next(o for o in srv.log_lines() if o.get("event") == "picows")
     assert first["level"] == "warn" and first["data"]["component"] == "security"
     assert "mask" in first["data"]["details"]["message"].lower()
+
+
+def test_echo_path_is_admitted_like_ws_path(make_server: MakeServer) -> None:
+    """ECHO_PATH (the conformance endpoint, no auth, no budget) still passes the upgrade's
+    admission: a refused Origin gets 403 and MAX_CONNECTIONS counts its sockets (503)."""
+    srv = make_server(ECHO_PATH="/echo", MAX_CONNECTIONS="2", ALLOWED_ORIGINS="https://ok.example")
+    evil = RawWS(srv.port, "/echo", headers={"Origin": "https://evil.example"})
+    assert evil.status == 403
+    evil.sock.close()
+    first, second = RawWS(srv.port, "/echo"), RawWS(srv.port, "/ws")
+    assert (first.status, second.status) == (101, 101)
+    third = RawWS(srv.port, "/echo", headers={"Origin": "https://ok.example"})
+    assert third.status == 503
+    first.send_frame(OP_TEXT, b"still echoed")
+    assert first.recv_frame()[1:] == (OP_TEXT, b"still echoed")
+    for ws in (first, second, third):
+        ws.sock.close()
