@@ -75,13 +75,13 @@ class Rates:
     per_second: float = 0.0
 
 
-
 def limit_key(user_id: str | None, peer: str) -> str:
     """Whose connections and inbound budget a session counts in: `u:<sub>` for a token's
     user, `ip:<address>` for an anonymous client. The two are kept apart by their prefix:
     a token whose sub is `ip:1.2.3.4` is a user, never the anonymous clients of that
     address. The keys are also those of the cluster table (brokers/redis.py `CONNS_HASH`)."""
     return f"ip:{peer}" if user_id is None else f"u:{user_id}"
+
 
 class Node:
     def __init__(
