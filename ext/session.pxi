@@ -367,7 +367,8 @@ cdef class Session(Connection):
     def replay(self, str channel, list frames, long long up_to):
         """Send `frames`, a join's replay of `channel` up to offset `up_to`, then the live
         frames of `channel` held meanwhile that it did not carry, in order. Only what fits
-        under SEND_BUFFER_LIMIT_BYTES beside the bytes the kernel has not taken is queued;
+        under half of SEND_BUFFER_LIMIT_BYTES beside the bytes the kernel has not taken is
+        queued (the other half is room for frames that are not paced);
         the rest follows as the socket drains, and live frames of `channel` wait for it."""
         self.cancel_replay(channel)
         if not frames and (self.holding is None or channel not in self.holding):
@@ -399,13 +400,16 @@ cdef class Session(Connection):
         self.pump()
 
     cdef void pump(self) except *:
-        """Queue replay frames while they fit under the limit beside what the kernel has
-        not taken. Called again after each flush, when the transport has drained
+        """Queue replay frames while they fit under half the limit beside what the kernel
+        has not taken. Called again after each flush, when the transport has drained
         (resume_writing) and on the tick, until every replay and what it held is out."""
         cdef Replay r
         cdef bytes frame
         cdef Py_ssize_t unsent
         cdef list held
+        # replays fill at most half the limit: the other half is room for every frame that
+        # is not paced (replies, acks, errors, pongs, other channels' live frames)
+        cdef Py_ssize_t share = self.hub.send_buffer_limit // 2
         if self.pumping or self.replays is None:
             return
         if self.closing:
@@ -422,7 +426,7 @@ cdef class Session(Connection):
                 while r.next < PyList_GET_SIZE(r.frames):
                     frame = r.frames[r.next]
                     unsent = self.unsent()
-                    if unsent > 0 and PyBytes_GET_SIZE(frame) > self.hub.send_buffer_limit - unsent:
+                    if unsent > 0 and PyBytes_GET_SIZE(frame) > share - unsent:
                         # the rest once the socket has drained: after the flush of what is
                         # queued, or at resume_writing for what the transport holds
                         return
