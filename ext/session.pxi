@@ -9,10 +9,14 @@
 # per peer address when anonymous: RATE_LIMIT_MESSAGES per RATE_LIMIT_WINDOW_S) before
 # anything else is done with it. A refused message gets one RATE_LIMITED error (a refused
 # ping: no pong); REFUSALS_BEFORE_CLOSE refusals in a row close the connection with 1008.
+# Pongs and continuation frames carry no message of their own: every FREE_FRAMES_PER_TOKEN-th
+# of them takes a token (refused: a refusal, no error), so that no frame is free for ever.
 
 #: Refused frames in a row (no accepted one between) after which the connection is closed
 #: with 1008: a client that merely runs over now and then gets errors, a flood a close.
 cdef int REFUSALS_BEFORE_CLOSE = 10
+#: Pongs and continuation frames (together) per token taken from the budget.
+cdef int FREE_FRAMES_PER_TOKEN = 64
 
 cdef inline bint valid_channel_name(object name):
     if type(name) is not str:
@@ -57,6 +61,7 @@ cdef class Session(Connection):
     of authentication already filled in; registered with the Hub once the handshake is done."""
     cdef public Budget budget   # set by the Node at open; None: no message limit
     cdef int refusals           # refused frames in a row
+    cdef int free_frames        # pongs and continuations since the last one charged
     cdef readonly dict channels
     cdef public str client_id
     cdef public object user_id
@@ -90,6 +95,7 @@ cdef class Session(Connection):
         self.pumping = False
         self.budget = None
         self.refusals = 0
+        self.free_frames = 0
 
     cdef void opened(self):
         self.hub.node.on_open(self)
@@ -123,11 +129,22 @@ cdef class Session(Connection):
         return wait
 
     cdef bint ping_allowed(self):
+        return self.charge()
+
+    cdef void free_frame(self) except *:
+        self.free_frames += 1
+        if self.free_frames >= FREE_FRAMES_PER_TOKEN:
+            self.free_frames = 0
+            self.charge()
+
+    cdef bint charge(self) except *:
+        """A token for a frame that gets no error when refused (a ping: no pong either):
+        False when refused, which counts towards the close of a flood."""
         cdef double wait = self.take()
         if wait == 0.0:
             return True
         self.hub.rate_limited += 1
-        self.refusals += 1  # no pong, no error: a refused ping costs nothing more
+        self.refusals += 1
         if self.refusals >= REFUSALS_BEFORE_CLOSE:
             self.flood_close()
         return False
