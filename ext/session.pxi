@@ -17,6 +17,9 @@
 cdef int REFUSALS_BEFORE_CLOSE = 10
 #: Pongs and continuation frames (together) per token taken from the budget.
 cdef int FREE_FRAMES_PER_TOKEN = 64
+#: The replay bytes a connection may have waiting to be written, in SEND_BUFFER_LIMIT_BYTES:
+#: a join whose replay would pass it is answered `recovered: false` (`Session.replay_fits`).
+cdef Py_ssize_t REPLAY_LIMITS = 16
 
 cdef inline bint valid_channel_name(object name):
     if type(name) is not str:
@@ -40,6 +43,7 @@ cdef class Replay:
     cdef list frames
     cdef Py_ssize_t next
     cdef Py_ssize_t size      # bytes in `frames`
+    cdef Py_ssize_t left      # bytes in `frames` not queued yet
     cdef long long up_to
 
     def __cinit__(self, str channel, list frames, long long up_to):
@@ -54,6 +58,7 @@ cdef class Replay:
         self.size = 0
         for frame in frames:
             self.size += PyBytes_GET_SIZE(frame)
+        self.left = self.size
 
 
 cdef class Session(Connection):
@@ -381,6 +386,23 @@ cdef class Session(Connection):
         if channel not in self.holding:
             self.holding[channel] = []
 
+    def replay_fits(self, str channel, list frames) -> bool:
+        """Whether a replay of `frames` for `channel` may be written: the replay bytes this
+        connection would then have waiting (its other replays' frames not yet queued, and
+        these) stay within REPLAY_LIMITS x SEND_BUFFER_LIMIT_BYTES, or it has none waiting
+        (one replay, whatever its size, is always written: HISTORY_SIZE bounds it)."""
+        cdef Py_ssize_t waiting = 0, size = 0
+        cdef bytes frame
+        if self.replays is not None:
+            for r in self.replays:
+                if (<Replay>r).channel != channel:  # one of `channel` would be replaced
+                    waiting += (<Replay>r).left
+        if waiting == 0:
+            return True
+        for frame in frames:
+            size += PyBytes_GET_SIZE(frame)
+        return waiting + size <= REPLAY_LIMITS * self.hub.send_buffer_limit
+
     def replay(self, str channel, list frames, long long up_to):
         """Send `frames`, a join's replay of `channel` up to offset `up_to`, then the live
         frames of `channel` held meanwhile that it did not carry, in order. Only what fits
@@ -447,7 +469,9 @@ cdef class Session(Connection):
                         # the rest once the socket has drained: after the flush of what is
                         # queued, or at resume_writing for what the transport holds
                         return
+                    r.frames[r.next] = None  # the outbox's pass keeps it alive, not the replay
                     r.next += 1
+                    r.left -= PyBytes_GET_SIZE(frame)
                     self.stall_ticks = 0
                     self.enqueue_frame(frame)
                     if self.closing:

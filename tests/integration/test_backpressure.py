@@ -268,3 +268,45 @@ def test_other_frames_during_a_paced_replay_find_room(
             assert [m["data"]["channel"] for m in joins] == ["bp.c", "bp.x"]
     _, body, _ = srv.http("GET", "/metrics/connections")
     assert body["slow_reader_closes"] == 0
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+def test_replays_waiting_past_the_cap_answer_recovered_false(
+    make_server: Callable[..., Server], request: pytest.FixtureRequest, broker: str
+) -> None:
+    """A reader whose replay of one channel (6 MB) is still waiting joins another channel
+    with `since`: that replay would put more than 16 x SEND_BUFFER_LIMIT_BYTES (1 MiB here)
+    of replays on the server for it, so the join is answered `recovered: false` with the
+    channel's offset and epoch and replays nothing; later publications arrive live. The
+    first replay is written whole."""
+    env = {**ENV, "SEND_BUFFER_LIMIT_BYTES": "65536"}
+    if broker == "redis":
+        env["BROKER_URL"] = request.getfixturevalue("redis_url")
+    srv = make_server(**env)
+    with RawWS(srv.port, query={"token": srv.token("pub"), "channel": "bp.a"}) as pub:
+        epoch = pub.recv_json()["data"]["epoch"]
+        pub.send_json({"type": "connection", "action": "connect", "data": {"channel": "bp.b"}})
+        epoch_b = pub.recv_json()["data"]["epoch"]
+        _publish_pipelined(pub, "bp.a", [_content(i) for i in range(1, 101)], 1)
+        _publish_pipelined(pub, "bp.b", [_content(i) for i in range(1, 21)], 1)
+        query = {"token": srv.token("reader"), "channel": "bp.a", "since": "0", "epoch": epoch}
+        with RawWS(srv.port, query=query, rcvbuf=4096) as reader:
+            time.sleep(0.5)  # the replay of bp.a waits for the reader
+            join_b = {"channel": "bp.b", "since": 0, "epoch": epoch_b}
+            reader.send_json({"type": "connection", "action": "connect", "data": join_b})
+            time.sleep(0.5)
+            _publish_pipelined(pub, "bp.b", ["live" * 50], 21)
+            got = _read_messages(reader, 1 + 100 + 1 + 1)
+            replies = {m["data"]["channel"]: m["data"] for m in got if m["type"] == "connection"}
+            assert replies["bp.a"]["recovered"] is True
+            b = replies["bp.b"]
+            assert (b["recovered"], b["offset"], b["epoch"]) == (False, 20, epoch_b), b
+            msgs = [m["data"] for m in got if m["type"] == "message"]
+            a_offsets = [m["metadata"]["offset"] for m in msgs if m["channel"] == "bp.a"]
+            assert a_offsets == list(range(1, 101))
+            b_offsets = [m["metadata"]["offset"] for m in msgs if m["channel"] == "bp.b"]
+            assert b_offsets == [21]
+    assert any(
+        line.get("event") == "replay_limit" and line["data"]["details"]["reason"] == "bp.b"
+        for line in srv.log_lines()
+    ), "no replay_limit security line"
