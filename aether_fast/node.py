@@ -471,6 +471,12 @@ class Node:
     def _joined(self, s: Session, name: str, since: int | None, recovery: Recovery) -> None:
         """The reply to a join, then the replay of missed publications (written as the
         socket drains; live publications of the channel wait for it, `Session.replay`)."""
+        frames, recovered = recovery.frames, recovery.recovered
+        if frames and not s.replay_fits(name, frames):
+            # the connection's replays already waiting, and this one, pass the cap: answered
+            # as if the history were gone (the client reloads and continues from `offset`)
+            frames, recovered = [], False
+            self.security_event(s, "replay_limit", name)
         reply: dict[str, Any] = {
             "client_id": s.client_id,
             "user_id": s.user_id,
@@ -479,9 +485,9 @@ class Node:
             "epoch": recovery.epoch,
         }
         if since is not None:
-            reply["recovered"] = recovery.recovered
+            reply["recovered"] = recovered
         s.send_json({"type": "connection", "action": "connect", "data": reply})
-        s.replay(name, recovery.frames, recovery.offset)
+        s.replay(name, frames, recovery.offset)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -231,6 +231,11 @@ cdef class Connection(WSListener):
         """Whether a ping is answered (a subclass may charge it to a budget)."""
         return True
 
+    cdef void free_frame(self) except *:
+        """A pong or a continuation frame came in: frames that carry no message of their
+        own (a subclass may charge some of them to a budget; it may close the connection)."""
+        pass
+
     # -- picows callbacks -------------------------------------------------------------------
 
     cpdef on_ws_connected(self, WSTransport transport):
@@ -278,6 +283,8 @@ cdef class Connection(WSListener):
             return
         if t == WSMsgType.PONG:
             self.ping_outstanding = False
+            if not self.closing:
+                self.free_frame()
             return
         if self.closing:
             return
@@ -291,6 +298,9 @@ cdef class Connection(WSListener):
         if t == WSMsgType.CONTINUATION:
             if self.frag_opcode == 0:
                 self.close(CloseCode.PROTOCOL_ERROR, "continuation without a message")
+                return
+            self.free_frame()
+            if self.closing:
                 return
             self.add_fragment(frame)
             if frame.fin:

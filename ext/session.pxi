@@ -9,10 +9,17 @@
 # per peer address when anonymous: RATE_LIMIT_MESSAGES per RATE_LIMIT_WINDOW_S) before
 # anything else is done with it. A refused message gets one RATE_LIMITED error (a refused
 # ping: no pong); REFUSALS_BEFORE_CLOSE refusals in a row close the connection with 1008.
+# Pongs and continuation frames carry no message of their own: every FREE_FRAMES_PER_TOKEN-th
+# of them takes a token (refused: a refusal, no error), so that no frame is free for ever.
 
 #: Refused frames in a row (no accepted one between) after which the connection is closed
 #: with 1008: a client that merely runs over now and then gets errors, a flood a close.
 cdef int REFUSALS_BEFORE_CLOSE = 10
+#: Pongs and continuation frames (together) per token taken from the budget.
+cdef int FREE_FRAMES_PER_TOKEN = 64
+#: The replay bytes a connection may have waiting to be written, in SEND_BUFFER_LIMIT_BYTES:
+#: a join whose replay would pass it is answered `recovered: false` (`Session.replay_fits`).
+cdef Py_ssize_t REPLAY_LIMITS = 16
 
 cdef inline bint valid_channel_name(object name):
     if type(name) is not str:
@@ -36,6 +43,7 @@ cdef class Replay:
     cdef list frames
     cdef Py_ssize_t next
     cdef Py_ssize_t size      # bytes in `frames`
+    cdef Py_ssize_t left      # bytes in `frames` not queued yet
     cdef long long up_to
 
     def __cinit__(self, str channel, list frames, long long up_to):
@@ -50,6 +58,7 @@ cdef class Replay:
         self.size = 0
         for frame in frames:
             self.size += PyBytes_GET_SIZE(frame)
+        self.left = self.size
 
 
 cdef class Session(Connection):
@@ -57,6 +66,7 @@ cdef class Session(Connection):
     of authentication already filled in; registered with the Hub once the handshake is done."""
     cdef public Budget budget   # set by the Node at open; None: no message limit
     cdef int refusals           # refused frames in a row
+    cdef int free_frames        # pongs and continuations since the last one charged
     cdef readonly dict channels
     cdef public str client_id
     cdef public object user_id
@@ -90,6 +100,7 @@ cdef class Session(Connection):
         self.pumping = False
         self.budget = None
         self.refusals = 0
+        self.free_frames = 0
 
     cdef void opened(self):
         self.hub.node.on_open(self)
@@ -123,11 +134,22 @@ cdef class Session(Connection):
         return wait
 
     cdef bint ping_allowed(self):
+        return self.charge()
+
+    cdef void free_frame(self) except *:
+        self.free_frames += 1
+        if self.free_frames >= FREE_FRAMES_PER_TOKEN:
+            self.free_frames = 0
+            self.charge()
+
+    cdef bint charge(self) except *:
+        """A token for a frame that gets no error when refused (a ping: no pong either):
+        False when refused, which counts towards the close of a flood."""
         cdef double wait = self.take()
         if wait == 0.0:
             return True
         self.hub.rate_limited += 1
-        self.refusals += 1  # no pong, no error: a refused ping costs nothing more
+        self.refusals += 1
         if self.refusals >= REFUSALS_BEFORE_CLOSE:
             self.flood_close()
         return False
@@ -364,10 +386,28 @@ cdef class Session(Connection):
         if channel not in self.holding:
             self.holding[channel] = []
 
+    def replay_fits(self, str channel, list frames) -> bool:
+        """Whether a replay of `frames` for `channel` may be written: the replay bytes this
+        connection would then have waiting (its other replays' frames not yet queued, and
+        these) stay within REPLAY_LIMITS x SEND_BUFFER_LIMIT_BYTES, or it has none waiting
+        (one replay, whatever its size, is always written: HISTORY_SIZE bounds it)."""
+        cdef Py_ssize_t waiting = 0, size = 0
+        cdef bytes frame
+        if self.replays is not None:
+            for r in self.replays:
+                if (<Replay>r).channel != channel:  # one of `channel` would be replaced
+                    waiting += (<Replay>r).left
+        if waiting == 0:
+            return True
+        for frame in frames:
+            size += PyBytes_GET_SIZE(frame)
+        return waiting + size <= REPLAY_LIMITS * self.hub.send_buffer_limit
+
     def replay(self, str channel, list frames, long long up_to):
         """Send `frames`, a join's replay of `channel` up to offset `up_to`, then the live
         frames of `channel` held meanwhile that it did not carry, in order. Only what fits
-        under SEND_BUFFER_LIMIT_BYTES beside the bytes the kernel has not taken is queued;
+        under half of SEND_BUFFER_LIMIT_BYTES beside the bytes the kernel has not taken is
+        queued (the other half is room for frames that are not paced);
         the rest follows as the socket drains, and live frames of `channel` wait for it."""
         self.cancel_replay(channel)
         if not frames and (self.holding is None or channel not in self.holding):
@@ -399,13 +439,16 @@ cdef class Session(Connection):
         self.pump()
 
     cdef void pump(self) except *:
-        """Queue replay frames while they fit under the limit beside what the kernel has
-        not taken. Called again after each flush, when the transport has drained
+        """Queue replay frames while they fit under half the limit beside what the kernel
+        has not taken. Called again after each flush, when the transport has drained
         (resume_writing) and on the tick, until every replay and what it held is out."""
         cdef Replay r
         cdef bytes frame
         cdef Py_ssize_t unsent
         cdef list held
+        # replays fill at most half the limit: the other half is room for every frame that
+        # is not paced (replies, acks, errors, pongs, other channels' live frames)
+        cdef Py_ssize_t share = self.hub.send_buffer_limit // 2
         if self.pumping or self.replays is None:
             return
         if self.closing:
@@ -422,11 +465,13 @@ cdef class Session(Connection):
                 while r.next < PyList_GET_SIZE(r.frames):
                     frame = r.frames[r.next]
                     unsent = self.unsent()
-                    if unsent > 0 and PyBytes_GET_SIZE(frame) > self.hub.send_buffer_limit - unsent:
+                    if unsent > 0 and PyBytes_GET_SIZE(frame) > share - unsent:
                         # the rest once the socket has drained: after the flush of what is
                         # queued, or at resume_writing for what the transport holds
                         return
+                    r.frames[r.next] = None  # the outbox's pass keeps it alive, not the replay
                     r.next += 1
+                    r.left -= PyBytes_GET_SIZE(frame)
                     self.stall_ticks = 0
                     self.enqueue_frame(frame)
                     if self.closing:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Server
-from tests.integration.helpers import OP_CLOSE, OP_TEXT, RawWS, expect, send_msg
+from tests.integration.helpers import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, expect, send_msg
 from tests.integration.wsclient import Client
 
 SIZE = 60_000  # one publication's content
@@ -204,3 +204,109 @@ def test_reader_that_never_reads_its_replay_is_closed_4008(
             took = time.monotonic() - started
             assert (took < 5) if live else (took > 8), took
             assert sloth.close_code() == 4008
+
+
+def _publish_pipelined(pub: RawWS, ch: str, contents: list[str], first_seq: int) -> None:
+    """Publish `contents` to `ch` in one write, then read until every ack is in."""
+    pub.send_raw(b"".join(_send_frame(ch, c, first_seq + i) for i, c in enumerate(contents)))
+    acked = 0
+    while acked < len(contents):
+        msg = pub.recv_json()
+        if msg["type"] == "message" and msg["action"] == "ack":
+            acked += 1
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+def test_other_frames_during_a_paced_replay_find_room(
+    make_server: Callable[..., Server], request: pytest.FixtureRequest, broker: str
+) -> None:
+    """A replay of 6 MB in 1 KB publications (far more than the kernel's buffers and the
+    limit) to a reader that reads slowly: the replay leaves room under the limit for
+    everything else. Publications of another channel the reader is in, the reply to another
+    join and a pong arrive while it is under way: the reader gets all of it, no 4008."""
+    env = {**ENV, "SEND_BUFFER_LIMIT_BYTES": "65536", "HISTORY_SIZE": "6000"}
+    if broker == "redis":
+        env["BROKER_URL"] = request.getfixturevalue("redis_url")
+    srv = make_server(**env)
+    count = 6000
+    with RawWS(srv.port, query={"token": srv.token("pub"), "channel": "bp.c"}) as pub:
+        epoch = pub.recv_json()["data"]["epoch"]
+        pub.send_json({"type": "connection", "action": "connect", "data": {"channel": "bp.o"}})
+        assert pub.recv_json()["data"]["channel"] == "bp.o"
+        _publish_pipelined(pub, "bp.c", [f"{i:05d}" + "c" * 995 for i in range(count)], 1)
+        query = {"token": srv.token("reader"), "channel": "bp.o"}
+        with RawWS(srv.port, query=query, rcvbuf=8192) as reader:
+            assert reader.recv_json()["data"]["channel"] == "bp.o"
+            reader.send_json(
+                {
+                    "type": "connection",
+                    "action": "connect",
+                    "data": {"channel": "bp.c", "since": 0, "epoch": epoch},
+                }
+            )
+            got = _read_messages(reader, 11)
+            assert got[0]["data"]["recovered"] is True, got[0]
+            time.sleep(1.5)  # the replay fills what the server lets it
+            _publish_pipelined(pub, "bp.o", ["o" * 3000] * 3, 1)
+            reader.send_json(
+                {"type": "connection", "action": "connect", "data": {"channel": "bp.x"}}
+            )
+            reader.send_frame(OP_PING, b"still there")
+            pongs = 0
+            while len(got) < count + 1 + 3 + 1 or not pongs:
+                _, op, payload = reader.recv_frame()
+                assert op != OP_CLOSE, f"closed {int.from_bytes(payload[:2], 'big')}"
+                if op == OP_PONG:
+                    pongs += 1
+                elif op == OP_TEXT:
+                    got.append(json.loads(payload))
+            replayed = [m for m in got if m["type"] == "message" and m["data"]["channel"] == "bp.c"]
+            assert [m["data"]["metadata"]["offset"] for m in replayed] == list(range(1, count + 1))
+            others = [m for m in got if m["type"] == "message" and m["data"]["channel"] == "bp.o"]
+            assert len(others) == 3
+            joins = [m for m in got if m["type"] == "connection"]
+            assert [m["data"]["channel"] for m in joins] == ["bp.c", "bp.x"]
+    _, body, _ = srv.http("GET", "/metrics/connections")
+    assert body["slow_reader_closes"] == 0
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+def test_replays_waiting_past_the_cap_answer_recovered_false(
+    make_server: Callable[..., Server], request: pytest.FixtureRequest, broker: str
+) -> None:
+    """A reader whose replay of one channel (6 MB) is still waiting joins another channel
+    with `since`: that replay would put more than 16 x SEND_BUFFER_LIMIT_BYTES (1 MiB here)
+    of replays on the server for it, so the join is answered `recovered: false` with the
+    channel's offset and epoch and replays nothing; later publications arrive live. The
+    first replay is written whole."""
+    env = {**ENV, "SEND_BUFFER_LIMIT_BYTES": "65536"}
+    if broker == "redis":
+        env["BROKER_URL"] = request.getfixturevalue("redis_url")
+    srv = make_server(**env)
+    with RawWS(srv.port, query={"token": srv.token("pub"), "channel": "bp.a"}) as pub:
+        epoch = pub.recv_json()["data"]["epoch"]
+        pub.send_json({"type": "connection", "action": "connect", "data": {"channel": "bp.b"}})
+        epoch_b = pub.recv_json()["data"]["epoch"]
+        _publish_pipelined(pub, "bp.a", [_content(i) for i in range(1, 101)], 1)
+        _publish_pipelined(pub, "bp.b", [_content(i) for i in range(1, 21)], 1)
+        query = {"token": srv.token("reader"), "channel": "bp.a", "since": "0", "epoch": epoch}
+        with RawWS(srv.port, query=query, rcvbuf=4096) as reader:
+            time.sleep(0.5)  # the replay of bp.a waits for the reader
+            join_b = {"channel": "bp.b", "since": 0, "epoch": epoch_b}
+            reader.send_json({"type": "connection", "action": "connect", "data": join_b})
+            time.sleep(0.5)
+            _publish_pipelined(pub, "bp.b", ["live" * 50], 21)
+            got = _read_messages(reader, 1 + 100 + 1 + 1)
+            replies = {m["data"]["channel"]: m["data"] for m in got if m["type"] == "connection"}
+            assert replies["bp.a"]["recovered"] is True
+            b = replies["bp.b"]
+            assert (b["recovered"], b["offset"], b["epoch"]) == (False, 20, epoch_b), b
+            msgs = [m["data"] for m in got if m["type"] == "message"]
+            a_offsets = [m["metadata"]["offset"] for m in msgs if m["channel"] == "bp.a"]
+            assert a_offsets == list(range(1, 101))
+            b_offsets = [m["metadata"]["offset"] for m in msgs if m["channel"] == "bp.b"]
+            assert b_offsets == [21]
+    assert any(
+        line.get("event") == "replay_limit" and line["data"]["details"]["reason"] == "bp.b"
+        for line in srv.log_lines()
+    ), "no replay_limit security line"

@@ -13,6 +13,7 @@ from typing import Any
 from tests.conftest import Server
 from tests.integration.helpers import (
     OP_CLOSE,
+    OP_CONT,
     OP_PING,
     OP_PONG,
     OP_TEXT,
@@ -158,3 +159,51 @@ def test_connections_of_one_user_share_one_budget(make_server: Callable[..., Ser
         # a refusal now and then is not a flood: both connections stay open and served
         for c in (a1, a2):
             assert c.recv_until("message", "send")["data"]["content"] == "bob"
+
+
+#: pongs and continuation frames per token (docs/protocol.md §13)
+FREE_FRAMES_PER_TOKEN = 64
+
+
+def test_pong_flood_is_bounded_by_the_budget(make_server: Callable[..., Server]) -> None:
+    """Unsolicited pongs are not free for ever: one token per 64, then close 1008."""
+    srv = _budget_server(make_server)
+    with _raw(srv, "mallory") as flood:
+        flood.send_raw(build_frame(OP_PONG, b"p") * 5000)
+        got, pongs, code = _until_close(flood)
+    assert (got, pongs, code) == ([], 0, 1008)
+    assert any(
+        line.get("event") == "rate_limit_close" and line["data"]["details"]["user_id"] == "mallory"
+        for line in srv.log_lines()
+    )
+
+
+def test_endless_continuation_frames_are_closed(make_server: Callable[..., Server]) -> None:
+    """A message that never ends (empty non-final continuations for ever, which never pass
+    MAX_MESSAGE_BYTES) costs one token per 64 of its frames: close 1008."""
+    srv = _budget_server(make_server)
+    with _raw(srv, "mallory") as flood:
+        flood.send_raw(build_frame(OP_TEXT, b"{", fin=False))
+        flood.send_raw(build_frame(OP_CONT, b"", fin=False) * 5000)
+        got, _, code = _until_close(flood)
+    assert (got, code) == ([], 1008)
+
+
+def test_a_message_in_many_fragments_and_some_pongs_are_served(
+    make_server: Callable[..., Server],
+) -> None:
+    """Below the budget, fragments and pongs cost only a token per 64: a status request in
+    200 fragments (plus 100 pongs) is answered, and the connection stays open."""
+    srv = _budget_server(make_server)
+    with _raw(srv, "alice") as ws:
+        body = json.dumps(STATUS).encode()
+        pieces = [body[:1]] + [b""] * 198 + [body[1:]]
+        frames = [build_frame(OP_TEXT, pieces[0], fin=False)]
+        frames += [build_frame(OP_CONT, p, fin=False) for p in pieces[1:-1]]
+        frames.append(build_frame(OP_CONT, pieces[-1]))
+        ws.send_raw(b"".join(frames) + build_frame(OP_PONG, b"") * 100)
+        reply = ws.recv_json()
+        assert reply["type"] == "system" and reply["action"] == "status", reply
+        ws.send_json(STATUS)
+        reply = ws.recv_json()
+        assert reply["type"] == "system" and reply["action"] == "status", reply
