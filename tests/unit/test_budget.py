@@ -80,7 +80,7 @@ def test_budget_outlives_its_connections_until_refilled(node: Node) -> None:
     time.sleep(WINDOW + 0.05)
     node._sweep_budgets()
     assert _open(node, "alice", "a3").budget is not budget  # refilled, so forgotten
-    assert node._budgets.keys() == {"alice"}
+    assert node._budgets.keys() == {"u:alice"}
 
 
 def test_no_budget_without_a_limit(tmp_path: Path) -> None:
