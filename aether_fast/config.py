@@ -434,7 +434,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _int(1),
         1048576,
         "bytes per connection that the kernel has not taken (after each write) before it is "
-        "closed with 4008; a recovery replay larger than this is written as the socket drains",
+        "closed with 4008; a recovery replay is written as the socket drains, taking at most "
+        "half of this",
     ),
     Setting(
         "busy_poll_us",
