@@ -2,7 +2,8 @@
 
 What it owns: request parsing, keep-alive, limits on heads and bodies, the idle and
 handshake timeouts (the first request's deadline runs from the accept, TLS handshake
-included), the cap on sockets not yet upgraded (MAX_PENDING_CONNECTIONS), backpressure (a
+included), the cap on sockets not yet upgraded (MAX_PENDING_CONNECTIONS, and its share per
+peer address, MAX_PENDING_CONNECTIONS_PER_PEER), backpressure (a
 client that does not read its answers stops being read: bounded write buffer, answers in
 flight and unparsed bytes), fairness (at most BATCH_PER_PASS requests of one connection per
 loop pass, the rest held unparsed until the next), and the hand-off of a WebSocket upgrade
@@ -126,14 +127,22 @@ class PendingSockets:
     """The sockets of one port that have not upgraded yet (in a TLS handshake, or speaking
     HTTP), against MAX_PENDING_CONNECTIONS: past it a new socket is closed at once, so idle
     or stalled sockets cannot exhaust the worker's file descriptors. Refusals are logged at
-    warn, summed into at most one line a second."""
+    warn, summed into at most one line a second.
 
-    __slots__ = ("_logged_at", "_refused", "count", "limit", "port")
+    Of those, one peer address may hold at most `per_peer` (MAX_PENDING_CONNECTIONS_PER_PEER,
+    0 = no share), so one address cannot take every slot and lock everyone else out. The
+    peer is known once the socket is handed to the front (`admit_peer`): with TLS, after its
+    handshake. Those refusals go through the security log's throttle, like the other
+    refused connections."""
 
-    def __init__(self, limit: int, port: str) -> None:
+    __slots__ = ("_by_peer", "_logged_at", "_refused", "count", "limit", "per_peer", "port")
+
+    def __init__(self, limit: int, per_peer: int, port: str) -> None:
         self.limit = limit
+        self.per_peer = per_peer
         self.port = port
         self.count = 0
+        self._by_peer: dict[str, int] = {}  # only peers with a pending socket
         self._refused = 0
         self._logged_at = 0.0
 
@@ -155,6 +164,29 @@ class PendingSockets:
             self._logged_at, self._refused = now, 0
         return False
 
+    def admit_peer(self, peer: str) -> bool:
+        """Count an admitted socket against its peer's share; False past it."""
+        held = self._by_peer.get(peer, 0)
+        if self.per_peer and held >= self.per_peer:
+            logs.security(
+                "connection_refused",
+                kind="connection_refused:max_pending_connections_per_peer",
+                peer=peer,
+                reason="max_pending_connections_per_peer",
+                port=self.port,
+                limit=self.per_peer,
+            )
+            return False
+        self._by_peer[peer] = held + 1
+        return True
+
+    def release_peer(self, peer: str) -> None:
+        held = self._by_peer.get(peer, 0) - 1
+        if held > 0:
+            self._by_peer[peer] = held
+        else:
+            self._by_peer.pop(peer, None)
+
 
 class HttpFront(asyncio.Protocol):
     """One client socket until it upgrades or closes."""
@@ -175,6 +207,7 @@ class HttpFront(asyncio.Protocol):
         "_next_pass",
         "_parser",
         "_peer",
+        "_peer_counted",
         "_pending",
         "_read_paused",
         "_request_timeout",
@@ -210,6 +243,7 @@ class HttpFront(asyncio.Protocol):
             first_request_timeout, self._on_idle
         )
         self._peer = ""
+        self._peer_counted = False  # counted in its peer's share of the pending sockets
         self._done = False
         self._in_request = False
         self._feeding = False
@@ -238,10 +272,17 @@ class HttpFront(asyncio.Protocol):
             self._cancel_idle()
             t.abort()
             return
-        self._transport = t
-        t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if peer else ""
+        if not self._pending.admit_peer(self._peer):
+            self._done = True  # past this address's share of MAX_PENDING_CONNECTIONS
+            self._cancel_idle()
+            self._release()
+            t.abort()
+            return
+        self._peer_counted = True
+        self._transport = t
+        t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._done = True
@@ -518,6 +559,9 @@ class HttpFront(asyncio.Protocol):
         if self._counted:
             self._counted = False
             self._pending.count -= 1
+        if self._peer_counted:
+            self._peer_counted = False
+            self._pending.release_peer(self._peer)
 
     def _cancel_idle(self) -> None:
         if self._idle is not None:

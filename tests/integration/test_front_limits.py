@@ -159,6 +159,35 @@ def test_sockets_not_yet_upgraded_are_capped(make_server: MakeServer) -> None:
     )
 
 
+def test_one_address_cannot_take_every_pending_slot(make_server: MakeServer) -> None:
+    """MAX_PENDING_CONNECTIONS_PER_PEER: one address that opens idle sockets gets its share of
+    MAX_PENDING_CONNECTIONS, no more; a client from another address is still served."""
+    srv = make_server(
+        MAX_PENDING_CONNECTIONS="8", MAX_PENDING_CONNECTIONS_PER_PEER="3", HANDSHAKE_TIMEOUT_S="30"
+    )
+    hog = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(8)]
+    time.sleep(0.2)
+    kept = [s for s in hog if not _closed_within(s, 0.3)]
+    assert len(kept) == 3, f"one address holds {len(kept)} sockets that never upgrade"
+    with RawConn(srv.port, source="127.0.0.2") as conn:
+        conn.send(request_bytes("GET", "/health"))
+        assert conn.read_response().status == 200
+    for s in hog:
+        s.close()
+    time.sleep(0.2)
+    # the share is given back: the same address is served again
+    with RawConn(srv.port) as conn:
+        conn.send(request_bytes("GET", "/health"))
+        assert conn.read_response().status == 200
+    refused = [
+        line["data"]["details"]
+        for line in srv.log_lines()
+        if line.get("event") == "connection_refused"
+        and line["data"]["details"].get("reason") == "max_pending_connections_per_peer"
+    ]
+    assert refused and refused[0]["peer"] == "127.0.0.1" and refused[0]["limit"] == 3, refused
+
+
 @pytest.mark.parametrize(
     "query",
     [
