@@ -132,7 +132,9 @@ async def start(config: Config) -> Worker:
                 upgrader,
                 config.max_http_body_bytes,
                 config.handshake_timeout_s,
-                PendingSockets(config.max_pending_connections, "ws"),
+                PendingSockets(
+                    config.max_pending_connections, config.max_pending_connections_per_peer, "ws"
+                ),
             ),
             sock=_listen(config.ws_host, config.ws_port, reuse_port=config.workers > 1),
             ssl=tls,
@@ -151,7 +153,11 @@ async def start(config: Config) -> Worker:
                     None,
                     1024,
                     config.handshake_timeout_s,
-                    PendingSockets(config.max_pending_connections, "metrics"),
+                    PendingSockets(
+                        config.max_pending_connections,
+                        config.max_pending_connections_per_peer,
+                        "metrics",
+                    ),
                 ),
                 sock=_listen(config.metrics_host, config.metrics_port, config.workers > 1),
             )

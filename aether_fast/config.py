@@ -56,6 +56,7 @@ class Config:
     max_http_body_bytes: int = 1048576
     max_connections: int = 10000
     max_pending_connections: int = 4096
+    max_pending_connections_per_peer: int = 512
     max_channels_per_connection: int = 128
     max_channels: int = 100000
     dedup_ttl_s: int = 300
@@ -369,6 +370,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _int(1),
         4096,
         "sockets not yet upgraded (TLS handshake, HTTP) per worker and port; past it closed",
+    ),
+    Setting(
+        "max_pending_connections_per_peer",
+        _int(0),
+        512,
+        "of those, sockets from one peer address (HTTP; TLS: once its handshake is done); "
+        "past it closed; 0 = no per-address share",
     ),
     Setting(
         "max_channels_per_connection",

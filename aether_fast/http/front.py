@@ -2,9 +2,12 @@
 
 What it owns: request parsing, keep-alive, limits on heads and bodies, the idle and
 handshake timeouts (the first request's deadline runs from the accept, TLS handshake
-included), the cap on sockets not yet upgraded (MAX_PENDING_CONNECTIONS), backpressure (a
+included), the cap on sockets not yet upgraded (MAX_PENDING_CONNECTIONS, and its share per
+peer address, MAX_PENDING_CONNECTIONS_PER_PEER), backpressure (a
 client that does not read its answers stops being read: bounded write buffer, answers in
-flight and unparsed bytes), and the hand-off of a WebSocket upgrade to picows.
+flight and unparsed bytes), fairness (at most BATCH_PER_PASS requests of one connection per
+loop pass, the rest held unparsed until the next), and the hand-off of a WebSocket upgrade
+to picows.
 Rule: the front never interprets a route; it passes each complete `Request` to the router
 (`routes.Router`) or, for an upgrade on WS_PATH, to the `Upgrader` and then steps aside:
 after `transport.set_protocol(...)` this object no longer sees a byte.
@@ -39,9 +42,14 @@ WRITE_LOW_WATER = 16 * 1024
 #: Answers per connection not yet written (pipelined requests, slow asynchronous routes):
 #: at this many the front stops reading until they drain.
 MAX_IN_FLIGHT = 32
+#: Requests of one connection answered per loop pass: past it the rest of what was read
+#: waits unparsed (reading paused) and is continued on the next pass, after the other
+#: connections had their turn. One read of pipelined requests (up to 256 KiB, ~6 500 tiny
+#: requests) would otherwise be answered in one go, a stall of the worker for everyone.
+BATCH_PER_PASS = 32
 #: Received bytes are fed to the parser this many at a time, and the front checks between
-#: two pieces whether it must stop: one read of pipelined requests (up to 256 KiB) can then
-#: add at most a piece's worth of requests past MAX_IN_FLIGHT; the rest waits unparsed.
+#: two pieces whether it must stop: one read of pipelined requests can then add at most a
+#: piece's worth of requests past MAX_IN_FLIGHT or BATCH_PER_PASS; the rest waits unparsed.
 FEED_PIECE = 2048
 
 
@@ -119,14 +127,22 @@ class PendingSockets:
     """The sockets of one port that have not upgraded yet (in a TLS handshake, or speaking
     HTTP), against MAX_PENDING_CONNECTIONS: past it a new socket is closed at once, so idle
     or stalled sockets cannot exhaust the worker's file descriptors. Refusals are logged at
-    warn, summed into at most one line a second."""
+    warn, summed into at most one line a second.
 
-    __slots__ = ("_logged_at", "_refused", "count", "limit", "port")
+    Of those, one peer address may hold at most `per_peer` (MAX_PENDING_CONNECTIONS_PER_PEER,
+    0 = no share), so one address cannot take every slot and lock everyone else out. The
+    peer is known once the socket is handed to the front (`admit_peer`): with TLS, after its
+    handshake. Those refusals go through the security log's throttle, like the other
+    refused connections."""
 
-    def __init__(self, limit: int, port: str) -> None:
+    __slots__ = ("_by_peer", "_logged_at", "_refused", "count", "limit", "per_peer", "port")
+
+    def __init__(self, limit: int, per_peer: int, port: str) -> None:
         self.limit = limit
+        self.per_peer = per_peer
         self.port = port
         self.count = 0
+        self._by_peer: dict[str, int] = {}  # only peers with a pending socket
         self._refused = 0
         self._logged_at = 0.0
 
@@ -148,11 +164,35 @@ class PendingSockets:
             self._logged_at, self._refused = now, 0
         return False
 
+    def admit_peer(self, peer: str) -> bool:
+        """Count an admitted socket against its peer's share; False past it."""
+        held = self._by_peer.get(peer, 0)
+        if self.per_peer and held >= self.per_peer:
+            logs.security(
+                "connection_refused",
+                kind="connection_refused:max_pending_connections_per_peer",
+                peer=peer,
+                reason="max_pending_connections_per_peer",
+                port=self.port,
+                limit=self.per_peer,
+            )
+            return False
+        self._by_peer[peer] = held + 1
+        return True
+
+    def release_peer(self, peer: str) -> None:
+        held = self._by_peer.get(peer, 0) - 1
+        if held > 0:
+            self._by_peer[peer] = held
+        else:
+            self._by_peer.pop(peer, None)
+
 
 class HttpFront(asyncio.Protocol):
     """One client socket until it upgrades or closes."""
 
     __slots__ = (
+        "_batch",
         "_body",
         "_body_size",
         "_counted",
@@ -164,8 +204,10 @@ class HttpFront(asyncio.Protocol):
         "_in_request",
         "_loop",
         "_max_body",
+        "_next_pass",
         "_parser",
         "_peer",
+        "_peer_counted",
         "_pending",
         "_read_paused",
         "_request_timeout",
@@ -201,12 +243,15 @@ class HttpFront(asyncio.Protocol):
             first_request_timeout, self._on_idle
         )
         self._peer = ""
+        self._peer_counted = False  # counted in its peer's share of the pending sockets
         self._done = False
         self._in_request = False
         self._feeding = False
         self._read_paused = False
         self._write_paused = False
         self._unparsed = b""
+        self._batch = 0  # requests answered in this loop pass
+        self._next_pass: asyncio.Handle | None = None
         self._slots: deque[_Slot] = deque()
         self._reset()
 
@@ -227,10 +272,17 @@ class HttpFront(asyncio.Protocol):
             self._cancel_idle()
             t.abort()
             return
-        self._transport = t
-        t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if peer else ""
+        if not self._pending.admit_peer(self._peer):
+            self._done = True  # past this address's share of MAX_PENDING_CONNECTIONS
+            self._cancel_idle()
+            self._release()
+            t.abort()
+            return
+        self._peer_counted = True
+        self._transport = t
+        t.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._done = True
@@ -238,6 +290,9 @@ class HttpFront(asyncio.Protocol):
         self._release()
         self._unparsed = b""
         self._slots.clear()
+        if self._next_pass is not None:
+            self._next_pass.cancel()
+            self._next_pass = None
 
     def pause_writing(self) -> None:
         # the client does not read its answers as fast as it sends requests
@@ -263,19 +318,24 @@ class HttpFront(asyncio.Protocol):
             self._unparsed += data
             self._pause_reading()
             return
+        if self._next_pass is None:
+            self._batch = 0  # a new loop pass
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
         """Parse `data` a piece at a time; stop (keeping the rest unparsed, reading paused)
-        when the answers in flight reach MAX_IN_FLIGHT or the client stops reading."""
+        when the answers in flight reach MAX_IN_FLIGHT or the client stops reading, and
+        when this loop pass answered BATCH_PER_PASS requests (then go on at the next)."""
         view = memoryview(data)
         pos = 0
         self._feeding = True
         try:
             while pos < len(view) and not self._closing():
-                if self._blocked():
+                if self._blocked() or self._batch >= BATCH_PER_PASS:
                     self._unparsed = bytes(view[pos:])
                     self._pause_reading()
+                    if not self._blocked() and self._next_pass is None:
+                        self._next_pass = self._loop.call_soon(self._go_on)
                     return
                 start, pos = pos, min(pos + FEED_PIECE, len(view))
                 try:
@@ -307,6 +367,12 @@ class HttpFront(asyncio.Protocol):
         if not self._read_paused and self._transport is not None:
             self._read_paused = True
             self._transport.pause_reading()
+
+    def _go_on(self) -> None:
+        """The next loop pass after a full batch: a new batch of what was held back."""
+        self._next_pass = None
+        self._batch = 0
+        self._unblock()
 
     def _unblock(self) -> None:
         """Answers drained or the client read: feed what was held back, then read again."""
@@ -353,6 +419,7 @@ class HttpFront(asyncio.Protocol):
             return  # handled by HttpParserUpgrade in _feed
         self._in_request = False
         self._cancel_idle()
+        self._batch += 1
         request = self._request()
         # answers leave in request order, whichever route finishes first (pipelining)
         slot = _Slot(self._parser.should_keep_alive(), request.method == "HEAD")
@@ -492,6 +559,9 @@ class HttpFront(asyncio.Protocol):
         if self._counted:
             self._counted = False
             self._pending.count -= 1
+        if self._peer_counted:
+            self._peer_counted = False
+            self._pending.release_peer(self._peer)
 
     def _cancel_idle(self) -> None:
         if self._idle is not None:

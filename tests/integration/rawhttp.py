@@ -69,8 +69,17 @@ def upgrade_bytes(path: str, headers: dict[str, str] | None = None) -> bytes:
 class RawConn:
     """One TCP connection to the server, read with an explicit buffer."""
 
-    def __init__(self, port: int, timeout: float = TIMEOUT, rcvbuf: int | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        timeout: float = TIMEOUT,
+        rcvbuf: int | None = None,
+        source: str | None = None,
+    ) -> None:
+        """`source`: the local address to connect from (e.g. 127.0.0.2, another peer)."""
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if source is not None:
+            self.sock.bind((source, 0))
         if rcvbuf is not None:  # before connect, so the window is small from the start
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import trustme
 
 from tests.conftest import Server
-from tests.integration.rawhttp import RawConn, upgrade_bytes
+from tests.integration.rawhttp import RawConn, request_bytes, upgrade_bytes
 
 MakeServer = Callable[..., Server]
 
@@ -158,6 +159,35 @@ def test_sockets_not_yet_upgraded_are_capped(make_server: MakeServer) -> None:
     )
 
 
+def test_one_address_cannot_take_every_pending_slot(make_server: MakeServer) -> None:
+    """MAX_PENDING_CONNECTIONS_PER_PEER: one address that opens idle sockets gets its share of
+    MAX_PENDING_CONNECTIONS, no more; a client from another address is still served."""
+    srv = make_server(
+        MAX_PENDING_CONNECTIONS="8", MAX_PENDING_CONNECTIONS_PER_PEER="3", HANDSHAKE_TIMEOUT_S="30"
+    )
+    hog = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(8)]
+    time.sleep(0.2)
+    kept = [s for s in hog if not _closed_within(s, 0.3)]
+    assert len(kept) == 3, f"one address holds {len(kept)} sockets that never upgrade"
+    with RawConn(srv.port, source="127.0.0.2") as conn:
+        conn.send(request_bytes("GET", "/health"))
+        assert conn.read_response().status == 200
+    for s in hog:
+        s.close()
+    time.sleep(0.2)
+    # the share is given back: the same address is served again
+    with RawConn(srv.port) as conn:
+        conn.send(request_bytes("GET", "/health"))
+        assert conn.read_response().status == 200
+    refused = [
+        line["data"]["details"]
+        for line in srv.log_lines()
+        if line.get("event") == "connection_refused"
+        and line["data"]["details"].get("reason") == "max_pending_connections_per_peer"
+    ]
+    assert refused and refused[0]["peer"] == "127.0.0.1" and refused[0]["limit"] == 3, refused
+
+
 @pytest.mark.parametrize(
     "query",
     [
@@ -180,3 +210,55 @@ def test_malformed_upgrade_query_is_a_400(server: Server, query: str) -> None:
     assert response.status in (400, 431), query
     body = response.json
     assert body["type"] == "error" and body["code"] == "INVALID_MESSAGE", body
+
+
+#: Slowest /health round trip allowed to another client while one socket pipelines (seen:
+#: 13-23 ms with a batch per loop pass; 2.5-3.7 s when a read was answered in one go)
+OTHER_CLIENT_MAX_S = 0.1
+
+
+def test_a_pipelining_client_does_not_stall_the_worker(make_server: MakeServer) -> None:
+    """One socket pipelines ~6 MB of `GET /nothing` on the metrics port (404s), as fast as
+    the kernel takes them, and its answers are taken too (read and dropped, as kernel
+    buffers would for a while). The worker answers it a small batch per loop pass, so
+    another client's /health round trips on the main port stay quick throughout."""
+    srv = make_server(ENABLE_METRICS="true")
+    request = b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n"
+    chunk = request * (262144 // len(request))
+    n_chunks = 6 * 1024 * 1024 // len(chunk)
+    attacker = socket.create_connection(("127.0.0.1", srv.metrics_port))
+    attacker.sendall(request)
+    attacker.settimeout(5)
+    answer = attacker.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 404")
+    expected = len(answer) * (len(chunk) // len(request)) * n_chunks
+
+    def pipeline() -> None:
+        for _ in range(n_chunks):
+            attacker.sendall(chunk)
+
+    def drop_answers() -> None:
+        got, deadline = 0, time.monotonic() + 30
+        with contextlib.suppress(OSError):
+            while got < expected and time.monotonic() < deadline:
+                got += len(attacker.recv(1 << 20))
+
+    worst, rounds = 0.0, 0
+    with RawConn(srv.port) as other:
+        other.send(request_bytes("GET", "/health"))  # connected and warm before the attack
+        assert other.read_response().status == 200
+        threads = [threading.Thread(target=f, daemon=True) for f in (pipeline, drop_answers)]
+        for t in threads:
+            t.start()
+        while threads[1].is_alive():  # until every answer of the attacker has come
+            t0 = time.monotonic()
+            other.send(request_bytes("GET", "/health"))
+            assert other.read_response().status == 200
+            worst = max(worst, time.monotonic() - t0)
+            rounds += 1
+    attacker.close()
+    threads[0].join(5)
+    assert worst < OTHER_CLIENT_MAX_S, (
+        f"another client waited {worst * 1000:.0f} ms for /health ({rounds} round trips)"
+    )
+    assert rounds >= 10, f"only {rounds} round trips during the attack"
