@@ -26,12 +26,13 @@ priority (on a real network its CPU would be another machine's):
 
 Pass: every well-behaved client's message is acked, every member receives every other
 member's messages exactly once and in offset order, no well-behaved client is closed, the
-ack p99 under attack stays within `--p99-factor` (2) times the calm p99, the server's RSS stays
+ack p99 under attack stays within `--p99-factor` (2) times the calm p99 (or within the calm p99
+plus `--p99-slack-ms`, 3 ms, whichever is larger: a calm p99 of 2-4 ms varies that much from
+run to run on a shared 2-core machine), the server's RSS stays
 under `--rss-bound-mib` (which is also what bounds the pipelining attack's cost: how many
 MB it got to send, reported as information, says little, as loopback buffers on both sides
 take several MB from a server that stopped reading), every attack is refused as the table
-says, and the server logs no
-error line and few security lines. Exit 0 on pass, 1 on fail, 2 on bad arguments. The run is
+says, and the server logs no error line and few security lines. Exit 0 on pass, 1 on fail, 2 on bad arguments. The run is
 bounded: it ends by itself whatever the server does, and stops only the server it started.
 
 `--short` (the CI form, `tests/integration/test_soak.py`): 200 clients, 20 channels,
@@ -733,8 +734,11 @@ def summarize(
     check(not s.errors, f"well-behaved clients got errors: {dict(s.errors)}")
     calm, attacked = p99["calm"], p99["attack"]
     check(
-        calm is not None and attacked is not None and attacked <= args.p99_factor * calm,
-        f"ack p99 under attack {attacked} ms > {args.p99_factor} x calm {calm} ms",
+        calm is not None
+        and attacked is not None
+        and attacked <= max(args.p99_factor * calm, calm + args.p99_slack_ms),
+        f"ack p99 under attack {attacked} ms > max({args.p99_factor} x calm {calm} ms, "
+        f"calm + {args.p99_slack_ms} ms)",
     )
     check(rss_max <= args.rss_bound_mib, f"server RSS {rss_max:.0f} MiB > {args.rss_bound_mib}")
     check(not errors, f"{len(errors)} error lines in the server log: {errors[:2]}")
@@ -865,6 +869,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", type=float, default=30.0, help="seconds under attack (30)")
     p.add_argument("--rate", type=float, default=0.2, help="messages/s per client (0.2)")
     p.add_argument("--p99-factor", type=float, default=2.0, help="ack p99 bound, x calm (2)")
+    p.add_argument(
+        "--p99-slack-ms",
+        type=float,
+        default=3.0,
+        help="the p99 bound is at least calm + this (3 ms: the run-to-run noise of a calm p99 "
+        "of a few ms on a shared 2-core machine)",
+    )
     p.add_argument("--rss-bound-mib", type=float, default=384.0, help="server RSS bound (384)")
     p.add_argument(
         "--short", action="store_true", help="CI form: 200 clients, 20 channels, 10+10 s"
