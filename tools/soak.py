@@ -3,11 +3,11 @@
     python tools/soak.py [--clients 1000] [--channels 50] [--calm 30] [--attack 30]
                          [--rate 0.2] [--rss-bound-mib 384] [--short] [--json]
 
-It starts `aether-fast serve` on free ports of 127.0.0.1 (a data directory, a JWT secret and
-an admin token of its own, every limit at its default), opens `--clients` well-behaved
-WebSockets spread over `--channels` channels (one in ten anonymous, each from a loopback
-address of its own, on channels configured with `require_auth: false`), and has each publish `--rate` messages a
-second for `--calm` seconds, then for `--attack` more seconds while an attacker process runs
+It starts `aether-fast serve` on free ports of 127.0.0.1 (a data directory, a JWT secret and an
+admin token of its own, every limit at its default), opens `--clients` well-behaved WebSockets
+spread over `--channels` channels (one in ten anonymous, each from a loopback address of its
+own, on channels configured with `require_auth: false`), and has each publish `--rate` messages
+a second for `--calm` seconds, then for `--attack` more seconds while an attacker process runs
 every attack of docs/security.md in a loop from other loopback addresses, at a lower CPU
 priority (on a real network its CPU would be another machine's):
 
@@ -24,20 +24,19 @@ priority (on a real network its CPU would be another machine's):
 | `peek` | the public routes (`/metrics/channels`, `/ws/status`, `/health`) | no names |
 | `narrow` | refreshes to a token that no longer allows its channel | removed |
 
-Pass: every well-behaved client's message is acked, every member receives every other
-member's messages exactly once and in offset order, no well-behaved client is closed, the
-ack p99 under attack stays within `--p99-factor` (2) times the calm p99 (or within the calm p99
-plus `--p99-slack-ms`, 3 ms, whichever is larger: a calm p99 of 2-4 ms varies that much from
-run to run on a shared 2-core machine), the server's RSS stays
-under `--rss-bound-mib` (which is also what bounds the pipelining attack's cost: how many
-MB it got to send, reported as information, says little, as loopback buffers on both sides
-take several MB from a server that stopped reading), every attack is refused as the table
-says, and the server logs no error line and few security lines. Exit 0 on pass, 1 on fail, 2 on bad arguments. The run is
-bounded: it ends by itself whatever the server does, and stops only the server it started.
+Pass: every well-behaved client's message is acked, every member receives every other member's
+messages exactly once and in offset order, no well-behaved client is closed, the ack p99 under
+attack stays within `--p99-factor` (2) times the calm p99 (or within the calm p99 plus
+`--p99-slack-ms`, 3 ms, whichever is larger: a calm p99 of 2-4 ms varies that much from run to
+run on a shared 2-core machine), the server's RSS stays under `--rss-bound-mib` (which is also
+what bounds the pipelining attack's cost: how many MB it got to send, reported as information,
+says little, as loopback buffers on both sides take several MB from a server that stopped
+reading), every attack is refused as the table says, and the server logs no error line and few
+security lines. Exit 0 on pass, 1 on fail, 2 on bad arguments. The run is bounded: it ends by
+itself whatever the server does, and stops only the server it started.
 
-`--short` (the CI form, `tests/integration/test_soak.py`): 200 clients, 20 channels,
-10 + 10 seconds.
-"""
+`--short` (the CI form, `tests/integration/test_soak.py`): 200 clients, 20 channels, 10 + 10
+seconds."""
 
 from __future__ import annotations
 
