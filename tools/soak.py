@@ -1,7 +1,7 @@
 """`make soak`: well-behaved clients and every known attack at once, against a server of its own.
 
     python tools/soak.py [--clients 1000] [--channels 50] [--calm 30] [--attack 30]
-                         [--rate 0.2] [--rss-bound-mib 384] [--short] [--json]
+                         [--rate 0.2] [--rss-bound-mib 384] [--attacks a,b] [--short] [--json]
 
 It starts `aether-fast serve` on free ports of 127.0.0.1 (a data directory, a JWT secret and an
 admin token of its own, every limit at its default), opens `--clients` well-behaved WebSockets
@@ -35,8 +35,8 @@ reading), every attack is refused as the table says, and the server logs no erro
 security lines. Exit 0 on pass, 1 on fail, 2 on bad arguments. The run is bounded: it ends by
 itself whatever the server does, and stops only the server it started.
 
-`--short` (the CI form, `tests/integration/test_soak.py`): 200 clients, 20 channels, 10 + 10
-seconds."""
+`--short` (the CI form, `tests/integration/test_soak.py`): 200 clients, 20 channels, 0.6
+messages a second each, 10 + 10 seconds. `--attacks pipeline,status` runs only those."""
 
 from __future__ import annotations
 
