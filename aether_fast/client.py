@@ -140,6 +140,7 @@ class _Pending:
     future: asyncio.Future[Ack]
     sent: bool = False  # sent on some socket: a resend is a `retry`
     socket: int = 0  # the socket (generation) it is in flight on; 0: to be (re)sent
+    size: int = 0  # bytes of its frame as last sent
 
 
 @dataclass(slots=True)
@@ -865,7 +866,14 @@ class AetherClient:
         error = AetherError(code, str(msg.get("message", "")), details)
         seq = details.get("sequence")
         item = self._pending.get(seq) if isinstance(seq, int) else None
-        if item is not None and item.channel == details.get("channel"):
+        channel = details.get("channel")
+        limit = details.get("limit")
+        if code == "MESSAGE_TOO_LARGE" and isinstance(limit, int):
+            # the error names no publication: it answers the oldest one out over the limit
+            out = [p for p in self._pending.values() if p.socket == self._generation]
+            item = min((p for p in out if p.size > limit), key=lambda p: p.sequence, default=None)
+            channel = item.channel if item is not None else None
+        if item is not None and item.channel == channel:
             if item.socket == self._generation:
                 self._pubs_out -= 1
             if code in RETRYABLE_CODES:
@@ -879,7 +887,6 @@ class AetherClient:
                 item.future.set_exception(error)
             self._pump()
             return
-        channel = details.get("channel")
         if (
             isinstance(channel, str)
             and channel in self._joins_out
@@ -912,12 +919,14 @@ class AetherClient:
 
     # -- frames out ------------------------------------------------------------------------
 
-    def _send(self, obj: dict[str, Any]) -> bool:
+    def _send(self, obj: dict[str, Any]) -> int:
+        """Send `obj` on this socket: the bytes of its frame, 0 when there is no socket."""
         transport = self._transport
         if transport is None or not self._first_frame:
-            return False
-        transport.send(WSMsgType.TEXT, json.dumps(obj, separators=(",", ":")).encode())
-        return True
+            return 0
+        payload = json.dumps(obj, separators=(",", ":")).encode()
+        transport.send(WSMsgType.TEXT, payload)
+        return len(payload)
 
     def _send_publication(self, item: _Pending) -> bool:
         action = "retry" if item.sent else "send"
@@ -933,9 +942,9 @@ class AetherClient:
             }
         )
         if sent:
-            item.sent, item.socket = True, self._generation
+            item.sent, item.socket, item.size = True, self._generation, sent
             self._pubs_out += 1
-        return sent
+        return sent > 0
 
     def _maybe_ready(self) -> None:
         """Once every join of this socket is answered: flush the queue, in order."""

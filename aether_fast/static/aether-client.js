@@ -136,7 +136,7 @@ export class AetherClient {
     // reuse sequences the server still remembers (DEDUP_TTL_S).
     this.sequence = (options.firstSequence ?? Date.now() * 1000) - 1;
     this.channelStates = new Map((options.channels ?? []).map((n) => [n, new ChannelState(n)]));
-    this.pendingMap = new Map(); // sequence -> {sequence, channel, content, resolve, reject, sent, socket}
+    this.pendingMap = new Map(); // sequence -> {sequence, channel, content, resolve, reject, sent, socket, action}
     this.joinWaiters = new Map(); // channel -> [{resolve, reject}]
     this.leaveWaiters = new Map();
     this.syncing = new Set(); // joins of this socket still unanswered
@@ -222,7 +222,7 @@ export class AetherClient {
     const sequence = this.sequence;
     let item;
     const promise = new Promise((resolve, reject) => {
-      item = { sequence, channel, content: String(content), resolve, reject, sent: false, socket: 0 };
+      item = { sequence, channel, content: String(content), resolve, reject, sent: false, socket: 0, action: 'send' };
     });
     item.settled = promise.then(
       () => undefined,
@@ -666,8 +666,18 @@ export class AetherClient {
     const details = msg.details && typeof msg.details === 'object' ? msg.details : {};
     const code = String(msg.code);
     const error = new AetherError(code, String(msg.message ?? ''), details);
-    const item = Number.isInteger(details.sequence) ? this.pendingMap.get(details.sequence) : undefined;
-    if (item && item.channel === details.channel) {
+    let item = Number.isInteger(details.sequence) ? this.pendingMap.get(details.sequence) : undefined;
+    let channel = details.channel;
+    if (code === 'MESSAGE_TOO_LARGE' && Number.isInteger(details.limit)) {
+      // the error names no publication: it answers the oldest one out over the limit
+      const encoder = new TextEncoder();
+      for (const p of this.pendingMap.values()) {
+        if (p.socket !== this.generation || encoder.encode(publicationFrame(p)).length <= details.limit) continue;
+        if (!item || p.sequence < item.sequence) item = p;
+      }
+      channel = item?.channel;
+    }
+    if (item && item.channel === channel) {
       if (item.socket === this.generation) this.pubsOut -= 1;
       if (RETRYABLE_CODES.has(code)) {
         // sent again after the wait, before anything newer
@@ -681,7 +691,6 @@ export class AetherClient {
       this.pump();
       return;
     }
-    const channel = details.channel;
     if (
       typeof channel === 'string' &&
       this.joinsOut.has(channel) &&
@@ -724,17 +733,14 @@ export class AetherClient {
   }
 
   sendPublication(item) {
-    const sent = this.send({
-      type: 'message',
-      action: item.sent ? 'retry' : 'send',
-      data: { channel: item.channel, content: item.content, metadata: { sequence: item.sequence } },
-    });
-    if (sent) {
-      item.sent = true;
-      item.socket = this.generation;
-      this.pubsOut += 1;
-    }
-    return sent;
+    item.action = item.sent ? 'retry' : 'send';
+    const ws = this.ws;
+    if (!ws || !this.firstFrame || ws.readyState !== 1) return false;
+    ws.send(publicationFrame(item));
+    item.sent = true;
+    item.socket = this.generation;
+    this.pubsOut += 1;
+    return true;
   }
 
   maybeReady() {
@@ -834,6 +840,15 @@ export class AetherClient {
       }
     }
   }
+}
+
+/** The text of a publication's frame, as `sendPublication` sends it. */
+function publicationFrame(item) {
+  return JSON.stringify({
+    type: 'message',
+    action: item.action,
+    data: { channel: item.channel, content: item.content, metadata: { sequence: item.sequence } },
+  });
 }
 
 /** Where `value` goes in the ascending array `list`. */

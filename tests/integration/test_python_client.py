@@ -308,6 +308,26 @@ def test_rate_limited_messages_are_resent(make_server: Callable[..., Server]) ->
     run(main(), timeout=30)
 
 
+def test_too_large_publications_are_refused_and_hold_nothing_up(server: Server) -> None:
+    """MESSAGE_TOO_LARGE names no publication: the client ties it to the oldest one out that
+    is over `limit` and rejects that one; more of them than the window (8) do not stop the
+    publications behind them."""
+
+    async def main() -> None:
+        async with client(server, "ivy", channels=["pc.big"]) as c:
+            big = [c.publish_nowait("pc.big", "x" * 70_000) for _ in range(10)]
+            ack = await asyncio.wait_for(c.publish("pc.big", "small"), 10)
+            assert ack.offset == 1
+            for fut in big:
+                with pytest.raises(AetherError) as refused:
+                    await fut
+                assert refused.value.code == "MESSAGE_TOO_LARGE"
+                assert refused.value.details["limit"] == 65536
+            assert c.pending == 0
+
+    run(main(), timeout=30)
+
+
 def _flood_closed(srv: Server) -> bool:
     """Whether the server closed a connection as a flood (1008, logged `rate_limit_close`)."""
     return any(line.get("event") == "rate_limit_close" for line in srv.log_lines())

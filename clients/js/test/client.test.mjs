@@ -140,6 +140,23 @@ describe('against a server', () => {
     await Promise.all([alice.close(), bob.close()]);
   });
 
+  test('too large publications are refused and hold nothing up', { timeout: 30000 }, async () => {
+    // MESSAGE_TOO_LARGE names no publication: it is tied to the oldest one out over `limit`;
+    // more of them than the window (8) do not stop the publications behind them
+    const c = makeClient(server, 'ivy', { channels: ['js.big'] });
+    await c.connect();
+    const big = Array.from({ length: 10 }, () => c.publish('js.big', 'x'.repeat(70000)));
+    const settled = Promise.allSettled(big);
+    assert.equal((await c.publish('js.big', 'small')).offset, 1);
+    for (const r of await settled) {
+      assert.equal(r.status, 'rejected');
+      assert.equal(r.reason.code, 'MESSAGE_TOO_LARGE');
+      assert.equal(r.reason.details.limit, 65536);
+    }
+    assert.equal(c.pending, 0);
+    await c.close();
+  });
+
   test('no reconnect after 4001 unless a new token is supplied', async () => {
     const bad = makeClient(server, null, { token: 'not-a-jwt' });
     await assert.rejects(bad.connect(), (e) => e instanceof ClientClosed && e.closeCode === 4001);
