@@ -7,6 +7,13 @@ sockets; numbers every publication and keeps it until its ack, resending unacked
 with `since` + `epoch` and drops anything it already delivered; refreshes its token before
 expiry through a callback. See docs/clients.md.
 
+Pacing: every frame costs the user's budget on the server (RATE_LIMIT_MESSAGES; 10 refusals
+in a row, or one budget's worth when that is more, close the socket with 1008). So joins and
+publications go out through one window (`max_in_flight` frames awaiting their answer, fewer
+than the 10 that could close the socket); a join or publication refused with RATE_LIMITED /
+SERVER_BUSY is sent again after `retry_after_ms`, before anything newer, nothing is sent
+until then, and the window then opens again one answer at a time (`_pump`).
+
 Rules it keeps:
 - A message is delivered to the application at most once: per channel, every offset of the
   current epoch is delivered once, and (sender user, sender client_id, sequence) - which the
@@ -23,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import heapq
 import inspect
 import json
 import logging
@@ -30,7 +38,7 @@ import random
 import struct
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
@@ -60,6 +68,8 @@ AUTH_CLOSE_CODES: Final = frozenset({4001, 4003})
 FINAL_CLOSE_CODES: Final = frozenset({1000, 4009})
 #: Errors about one publication that are worth sending it again after `retry_after_ms`.
 RETRYABLE_CODES: Final = frozenset({"RATE_LIMITED", "SERVER_BUSY", "INTERNAL_ERROR"})
+#: Errors about one join that are worth sending it again after `retry_after_ms`.
+RETRYABLE_JOIN_CODES: Final = frozenset({"RATE_LIMITED", "SERVER_BUSY"})
 #: How many (user, client_id, sequence) keys per channel are remembered for dedupe.
 SEEN_WINDOW: Final = 4096
 
@@ -129,8 +139,8 @@ class _Pending:
     content: str
     future: asyncio.Future[Ack]
     sent: bool = False  # sent on some socket: a resend is a `retry`
-    socket: int = 0  # the socket (generation) it was last sent on; 0: to be (re)sent
-    not_before: float = 0.0  # monotonic time before which it is not resent (rate limits)
+    socket: int = 0  # the socket (generation) it is in flight on; 0: to be (re)sent
+    size: int = 0  # bytes of its frame as last sent
 
 
 @dataclass(slots=True)
@@ -254,6 +264,7 @@ class AetherClient:
         first_sequence: int | None = None,
         handshake_timeout: float = 5.0,
         ping_idle_s: float = 20.0,
+        max_in_flight: int = 8,
     ) -> None:
         self.url = url
         self._token = token
@@ -272,6 +283,10 @@ class AetherClient:
         self.jitter = jitter
         self.refresh_before_s = refresh_before_s
         self.max_pending = max_pending
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        #: joins and publications sent and not answered yet, at most (see the module doc)
+        self.max_in_flight = max_in_flight
         self._handshake_timeout = handshake_timeout
         self._ping_idle_s = ping_idle_s
         # Sequences start at the clock (µs) so that a restarted process with the same
@@ -284,6 +299,15 @@ class AetherClient:
         self._joins: dict[str, list[asyncio.Future[JoinResult]]] = {}
         self._leaves: dict[str, list[asyncio.Future[None]]] = {}
         self._syncing: set[str] = set()  # joins of this socket still unanswered
+        # pacing (`_pump`): joins to send on this socket, joins sent and unanswered,
+        # sequences of publications to send (a heap: the oldest first), publications sent
+        # and unanswered, the window, and no sending before `_paused_until` (monotonic)
+        self._join_queue: deque[str] = deque()
+        self._joins_out: set[str] = set()
+        self._to_send: list[int] = []
+        self._pubs_out = 0
+        self._window = max_in_flight
+        self._paused_until = 0.0
         self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
         self.state: State = "idle"
         self.attempts = 0  #: failed connection attempts since the last open
@@ -358,8 +382,9 @@ class AetherClient:
         fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         item = _Pending(self._sequence, channel, content, fut)
         self._pending[item.sequence] = item
+        heapq.heappush(self._to_send, item.sequence)
         if self._ready:
-            self._send_publication(item)
+            self._pump()
         return fut
 
     async def join(
@@ -373,7 +398,8 @@ class AetherClient:
         fut: asyncio.Future[JoinResult] = asyncio.get_running_loop().create_future()
         self._joins.setdefault(channel, []).append(fut)
         if self._first_frame:
-            self._send_join(ch)
+            self._queue_join(ch)
+            self._pump()
         return await fut
 
     async def leave(self, channel: str) -> None:
@@ -381,6 +407,8 @@ class AetherClient:
         if self._channels.pop(channel, None) is None:
             return
         self._syncing.discard(channel)
+        if channel in self._join_queue:
+            self._join_queue.remove(channel)
         if not self._first_frame:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -553,10 +581,12 @@ class AetherClient:
             self._first_frame = False
             self._ready = False
             self._syncing.clear()
+            self._join_queue.clear()
+            self._joins_out.clear()
+            self._pubs_out = 0
             self._cancel_timer("_resend_timer")
             for item in self._pending.values():
                 item.socket = 0  # unacked: resend on the next socket
-                item.not_before = 0.0
             for ch in self._channels.values():
                 ch.resyncing, ch.held = False, []
             for waiters in self._leaves.values():  # the server forgets membership anyway
@@ -664,9 +694,18 @@ class AetherClient:
         self.user_id = data.get("user_id")
         self.attempts = 0
         self._arm_refresh()
+        # every unacked publication is sent again on this socket, oldest first
+        self._to_send = list(self._pending)  # ascending sequences: already a heap
         for ch in list(self._channels.values()):
-            self._send_join(ch)
+            self._queue_join(ch)
+        self._pump()
         self._maybe_ready()
+
+    def _queue_join(self, ch: _Channel) -> None:
+        """(Re)join `ch` on this socket when the window lets it (`_pump`)."""
+        self._syncing.add(ch.name)
+        if ch.name not in self._joins_out and ch.name not in self._join_queue:
+            self._join_queue.append(ch.name)  # else on its way: its reply answers all waiters
 
     def _send_join(self, ch: _Channel) -> None:
         data: dict[str, Any] = {"channel": ch.name}
@@ -676,13 +715,15 @@ class AetherClient:
             if ch.epoch is not None:
                 data["epoch"] = ch.epoch
         ch.resyncing, ch.new_epoch, ch.held = False, False, []
-        self._syncing.add(ch.name)
-        self._send({"type": "connection", "action": "connect", "data": data})
+        if self._send({"type": "connection", "action": "connect", "data": data}):
+            self._joins_out.add(ch.name)
 
     def _on_join_reply(self, data: dict[str, Any]) -> None:
         name = data.get("channel")
         ch = self._channels.get(name) if isinstance(name, str) else None
         if ch is None:
+            if isinstance(name, str):
+                self._answered_join(name)  # left meanwhile
             return
         offset, epoch = int(data.get("offset") or 0), str(data.get("epoch"))
         recovered = data.get("recovered")
@@ -727,7 +768,15 @@ class AetherClient:
             if not fut.done():
                 fut.set_result(result)
         self._emit(self._on_join, result)
+        self._answered_join(ch.name)
         self._maybe_ready()
+
+    def _answered_join(self, name: str) -> None:
+        """A join of this socket was answered: its place in the window is free."""
+        if name in self._joins_out:
+            self._joins_out.discard(name)
+            self._window = min(self.max_in_flight, self._window + 1)
+            self._pump()
 
     def _flush_held(self, ch: _Channel) -> None:
         if ch.held and (ch.floor or 0) >= ch.replay_until:
@@ -797,6 +846,9 @@ class AetherClient:
         item = self._pending.pop(meta.get("sequence"), None)  # type: ignore[arg-type]
         if item is None:
             return  # an ack repeated for a retry we already settled
+        if item.socket == self._generation:
+            self._pubs_out -= 1
+            self._window = min(self.max_in_flight, self._window + 1)
         ack = Ack(item.channel, item.sequence, int(meta["offset"]), str(meta.get("timestamp")))
         ch = self._channels.get(item.channel)
         if ch is not None and not ch.resyncing and item.channel not in self._syncing:
@@ -805,6 +857,7 @@ class AetherClient:
             self._flush_held(ch)
         if not item.future.done():
             item.future.set_result(ack)
+        self._pump()
 
     def _on_error_frame(self, msg: dict[str, Any]) -> None:
         details = msg.get("details") if isinstance(msg.get("details"), dict) else {}
@@ -813,19 +866,39 @@ class AetherClient:
         error = AetherError(code, str(msg.get("message", "")), details)
         seq = details.get("sequence")
         item = self._pending.get(seq) if isinstance(seq, int) else None
-        if item is not None and item.channel == details.get("channel"):
+        channel = details.get("channel")
+        limit = details.get("limit")
+        if code == "MESSAGE_TOO_LARGE" and isinstance(limit, int):
+            # the error names no publication: it answers the oldest one out over the limit
+            out = [p for p in self._pending.values() if p.socket == self._generation]
+            item = min((p for p in out if p.size > limit), key=lambda p: p.sequence, default=None)
+            channel = item.channel if item is not None else None
+        if item is not None and item.channel == channel:
+            if item.socket == self._generation:
+                self._pubs_out -= 1
             if code in RETRYABLE_CODES:
-                wait_ms = details.get("retry_after_ms")
-                delay = (wait_ms if isinstance(wait_ms, int) else 1000) / 1000.0
-                item.not_before = time.monotonic() + delay
+                # sent again after the wait, before anything newer
                 item.socket = 0
-                self._schedule_resend(delay)
+                heapq.heappush(self._to_send, item.sequence)
+                self._hold_off(details)
                 return
             del self._pending[item.sequence]
             if not item.future.done():
                 item.future.set_exception(error)
+            self._pump()
             return
-        channel = details.get("channel")
+        if (
+            isinstance(channel, str)
+            and channel in self._joins_out
+            and code in RETRYABLE_JOIN_CODES
+            and not isinstance(seq, int)
+        ):
+            # a join refused by a rate limit: sent again after the wait
+            self._joins_out.discard(channel)
+            if channel in self._syncing:
+                self._join_queue.appendleft(channel)
+            self._hold_off(details)
+            return
         if (
             isinstance(channel, str)
             and channel in self._syncing
@@ -834,6 +907,7 @@ class AetherClient:
         ):
             # a refused join (CHANNEL_FULL, FORBIDDEN, ...): stop waiting for it
             self._syncing.discard(channel)
+            self._answered_join(channel)
             for fut in self._joins.pop(channel, []):
                 if not fut.done():
                     fut.set_exception(error)
@@ -845,14 +919,16 @@ class AetherClient:
 
     # -- frames out ------------------------------------------------------------------------
 
-    def _send(self, obj: dict[str, Any]) -> bool:
+    def _send(self, obj: dict[str, Any]) -> int:
+        """Send `obj` on this socket: the bytes of its frame, 0 when there is no socket."""
         transport = self._transport
         if transport is None or not self._first_frame:
-            return False
-        transport.send(WSMsgType.TEXT, json.dumps(obj, separators=(",", ":")).encode())
-        return True
+            return 0
+        payload = json.dumps(obj, separators=(",", ":")).encode()
+        transport.send(WSMsgType.TEXT, payload)
+        return len(payload)
 
-    def _send_publication(self, item: _Pending) -> None:
+    def _send_publication(self, item: _Pending) -> bool:
         action = "retry" if item.sent else "send"
         sent = self._send(
             {
@@ -866,41 +942,57 @@ class AetherClient:
             }
         )
         if sent:
-            item.sent, item.socket = True, self._generation
+            item.sent, item.socket, item.size = True, self._generation, sent
+            self._pubs_out += 1
+        return sent > 0
 
     def _maybe_ready(self) -> None:
         """Once every join of this socket is answered: flush the queue, in order."""
         if self._ready or not self._first_frame or self._syncing:
             return
         self._ready = True
-        self._resend_due()
+        self._pump()
         self._set_state("open")
         if self._opened is not None and not self._opened.done():
             self._opened.set_result(None)
 
-    def _resend_due(self) -> None:
-        """Send, in sequence order, every pending publication not sent on this socket yet
-        whose rate-limit wait is over."""
-        self._resend_timer = None
+    def _pump(self) -> None:
+        """Send what the window lets out: queued joins first, then (once every join of this
+        socket is answered) pending publications, oldest first; nothing while a rate limit's
+        `retry_after_ms` runs."""
+        if not self._first_frame or self._transport is None:
+            return
+        wait = self._paused_until - time.monotonic()
+        if wait > 0:
+            if self._resend_timer is None:
+                self._resend_timer = asyncio.get_running_loop().call_later(wait, self._resume)
+            return
+        while self._join_queue and len(self._joins_out) + self._pubs_out < self._window:
+            ch = self._channels.get(self._join_queue.popleft())
+            if ch is not None and ch.name in self._syncing and ch.name not in self._joins_out:
+                self._send_join(ch)
         if not self._ready:
             return
-        now = time.monotonic()
-        later: float | None = None
-        for item in list(self._pending.values()):
-            if item.socket == self._generation:
-                continue
-            if item.not_before > now:
-                wait = item.not_before - now
-                later = wait if later is None else min(later, wait)
-                continue
-            item.not_before = 0.0
-            self._send_publication(item)
-        if later is not None:
-            self._schedule_resend(later)
+        while self._to_send and len(self._joins_out) + self._pubs_out < self._window:
+            item = self._pending.get(heapq.heappop(self._to_send))
+            if item is None or item.socket == self._generation:
+                continue  # settled meanwhile, or already out on this socket
+            if not self._send_publication(item):
+                heapq.heappush(self._to_send, item.sequence)
+                return
 
-    def _schedule_resend(self, delay: float) -> None:
-        if self._resend_timer is None:
-            self._resend_timer = asyncio.get_running_loop().call_later(delay, self._resend_due)
+    def _resume(self) -> None:
+        self._resend_timer = None
+        self._pump()
+
+    def _hold_off(self, details: dict[str, Any]) -> None:
+        """A rate limit refused a frame: send nothing for `retry_after_ms`, then one frame
+        at a time, the window growing by one per answer."""
+        wait_ms = details.get("retry_after_ms")
+        delay = (wait_ms if isinstance(wait_ms, int) and wait_ms >= 0 else 1000) / 1000.0
+        self._paused_until = max(self._paused_until, time.monotonic() + delay)
+        self._window = 1
+        self._pump()
 
     # -- token refresh ---------------------------------------------------------------------
 

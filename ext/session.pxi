@@ -8,12 +8,15 @@
 # Budget: every inbound message and ping takes a token from the sender's `Budget` (per user,
 # per peer address when anonymous: RATE_LIMIT_MESSAGES per RATE_LIMIT_WINDOW_S) before
 # anything else is done with it. A refused message gets one RATE_LIMITED error (a refused
-# ping: no pong); REFUSALS_BEFORE_CLOSE refusals in a row close the connection with 1008.
+# ping: no pong); max(REFUSALS_BEFORE_CLOSE, the budget's capacity) refusals in a row close
+# the connection with 1008 (`flood_close`).
 # Pongs and continuation frames carry no message of their own: every FREE_FRAMES_PER_TOKEN-th
 # of them takes a token (refused: a refusal, no error), so that no frame is free for ever.
 
 #: Refused frames in a row (no accepted one between) after which the connection is closed
-#: with 1008: a client that merely runs over now and then gets errors, a flood a close.
+#: with 1008 (or the budget's capacity, when that is more: a client may have sent one
+#: budget's worth of frames before it heard the first refusal): a client that merely runs
+#: over gets errors, a flood a close after a bounded number of them.
 cdef int REFUSALS_BEFORE_CLOSE = 10
 #: Pongs and continuation frames (together) per token taken from the budget.
 cdef int FREE_FRAMES_PER_TOKEN = 64
@@ -162,13 +165,18 @@ cdef class Session(Connection):
             self.flood_close()
 
     cdef void flood_close(self):
+        """Called once the refusals in a row reach REFUSALS_BEFORE_CLOSE: close the
+        connection (1008) when they reach max(REFUSALS_BEFORE_CLOSE, budget capacity)."""
+        if self.budget is not None and self.refusals < self.budget.b.capacity:
+            return
         self.hub.node.security_event(self, "rate_limit_close",
                                      "%d refused frames in a row" % self.refusals)
         self.close(CloseCode.POLICY, "rate limit exceeded")
 
     cdef void refuse_message(self, double wait, int opcode, bytes payload):
-        """`refuse`, naming the publication (channel, sequence) when the message is one, so
-        that a client can send it again after `retry_after_ms`."""
+        """`refuse`, naming the message's channel (a join, a leave, a publication...) and a
+        publication's sequence, so that a client knows what to send again after
+        `retry_after_ms`."""
         channel = None
         seq = None
         if opcode == WSMsgType.TEXT:
@@ -176,12 +184,12 @@ cdef class Session(Connection):
                 msg = _loads(payload)
             except JSONDecodeError:
                 msg = None
-            if type(msg) is dict and (<dict>msg).get("type") == "message":
-                data = (<dict>msg).get("data")
-                if type(data) is dict:
-                    channel = (<dict>data).get("channel")
-                    if not valid_channel_name(channel):
-                        channel = None
+            data = (<dict>msg).get("data") if type(msg) is dict else None
+            if type(data) is dict:
+                channel = (<dict>data).get("channel")
+                if not valid_channel_name(channel):
+                    channel = None
+                if (<dict>msg).get("type") == "message":
                     meta = (<dict>data).get("metadata")
                     if type(meta) is dict:
                         seq = (<dict>meta).get("sequence")

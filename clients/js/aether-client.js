@@ -6,7 +6,13 @@
 // reconnect; queues publications while disconnected; rejoins every channel with
 // since + epoch and drops anything already delivered; refreshes its token before expiry.
 // No reconnect after close 4001/4003 unless a new token is supplied (tokenRefresh or
-// setToken), none after 4009 (replaced by a newer connection). Protocol: docs/protocol.md;
+// setToken), none after 4009 (replaced by a newer connection).
+// Pacing: every frame costs the user's budget on the server (10 refusals in a row, or one
+// budget's worth when that is more, close the socket with 1008), so joins and publications go
+// out through one window (maxInFlight frames awaiting their answer); one refused with
+// RATE_LIMITED / SERVER_BUSY is sent again after retry_after_ms, before anything newer,
+// nothing is sent until then, and the window then opens one answer at a time (pump).
+// Protocol: docs/protocol.md;
 // usage: docs/clients.md. Served by the server at /client.js.
 //
 //   import { AetherClient } from '/client.js';
@@ -18,6 +24,7 @@
 const AUTH_CLOSE_CODES = new Set([4001, 4003]);
 const FINAL_CLOSE_CODES = new Set([1000, 4009]);
 const RETRYABLE_CODES = new Set(['RATE_LIMITED', 'SERVER_BUSY', 'INTERNAL_ERROR']);
+const RETRYABLE_JOIN_CODES = new Set(['RATE_LIMITED', 'SERVER_BUSY']);
 const SEEN_WINDOW = 4096;
 const EVENTS = ['message', 'system', 'error', 'state', 'join'];
 
@@ -105,6 +112,8 @@ export class AetherClient {
    *   reconnect delays in ms (default 500 doubling to 30000, jitter 0.5)
    * @param {number} [options.refreshBeforeMs]  refresh this long before exp (default 30000)
    * @param {number} [options.maxPending]  publications waiting for acks at most (default 10000)
+   * @param {number} [options.maxInFlight]  joins and publications sent and not answered yet, at
+   *   most (default 8: fewer than the 10 refusals in a row that close a socket)
    * @param {number} [options.firstSequence]  default: the clock in µs
    * @param {typeof WebSocket} [options.WebSocketImpl]  default: the global WebSocket
    */
@@ -119,16 +128,27 @@ export class AetherClient {
     this.backoff = { initial: b.initial ?? 500, max: b.max ?? 30000, factor: b.factor ?? 2, jitter: b.jitter ?? 0.5 };
     this.refreshBeforeMs = options.refreshBeforeMs ?? 30000;
     this.maxPending = options.maxPending ?? 10000;
+    this.maxInFlight = options.maxInFlight ?? 8;
+    if (!(this.maxInFlight >= 1)) throw new Error('maxInFlight must be at least 1');
     this.WebSocketImpl = options.WebSocketImpl ?? globalThis.WebSocket;
     if (!this.WebSocketImpl) throw new Error('no WebSocket: pass options.WebSocketImpl (e.g. the ws package)');
     // Sequences start at the clock (µs) so a reloaded page with the same clientId does not
     // reuse sequences the server still remembers (DEDUP_TTL_S).
     this.sequence = (options.firstSequence ?? Date.now() * 1000) - 1;
     this.channelStates = new Map((options.channels ?? []).map((n) => [n, new ChannelState(n)]));
-    this.pendingMap = new Map(); // sequence -> {sequence, channel, content, resolve, reject, sent, socket, notBefore}
+    this.pendingMap = new Map(); // sequence -> {sequence, channel, content, resolve, reject, sent, socket, action}
     this.joinWaiters = new Map(); // channel -> [{resolve, reject}]
     this.leaveWaiters = new Map();
     this.syncing = new Set(); // joins of this socket still unanswered
+    // pacing (pump): joins to send on this socket, joins sent and unanswered, publications to
+    // send (sequences, kept sorted: the oldest first), publications sent and unanswered, the
+    // window, and nothing sent before pausedUntil (Date.now() ms)
+    this.joinQueue = [];
+    this.joinsOut = new Set();
+    this.toSend = [];
+    this.pubsOut = 0;
+    this.window = this.maxInFlight;
+    this.pausedUntil = 0;
     this.listeners = new Map(EVENTS.map((e) => [e, new Set()]));
     this.state = 'idle';
     this.attempts = 0;
@@ -202,14 +222,15 @@ export class AetherClient {
     const sequence = this.sequence;
     let item;
     const promise = new Promise((resolve, reject) => {
-      item = { sequence, channel, content: String(content), resolve, reject, sent: false, socket: 0, notBefore: 0 };
+      item = { sequence, channel, content: String(content), resolve, reject, sent: false, socket: 0, action: 'send' };
     });
     item.settled = promise.then(
       () => undefined,
       () => undefined,
     );
     this.pendingMap.set(sequence, item);
-    if (this.ready) this.sendPublication(item);
+    this.toSend.push(sequence); // the newest: the list stays sorted
+    if (this.ready) this.pump();
     return promise;
   }
 
@@ -224,7 +245,10 @@ export class AetherClient {
     return new Promise((resolve, reject) => {
       if (!this.joinWaiters.has(channel)) this.joinWaiters.set(channel, []);
       this.joinWaiters.get(channel).push({ resolve, reject });
-      if (this.firstFrame) this.sendJoin(ch);
+      if (this.firstFrame) {
+        this.queueJoin(ch);
+        this.pump();
+      }
     });
   }
 
@@ -232,6 +256,7 @@ export class AetherClient {
   leave(channel) {
     if (!this.channelStates.delete(channel)) return Promise.resolve();
     this.syncing.delete(channel);
+    this.joinQueue = this.joinQueue.filter((name) => name !== channel);
     if (!this.firstFrame) return Promise.resolve();
     return new Promise((resolve, reject) => {
       if (!this.leaveWaiters.has(channel)) this.leaveWaiters.set(channel, []);
@@ -354,12 +379,12 @@ export class AetherClient {
     this.firstFrame = false;
     this.ready = false;
     this.syncing.clear();
+    this.joinQueue = [];
+    this.joinsOut.clear();
+    this.pubsOut = 0;
     clearTimeout(this.timers.resend);
     this.timers.resend = null;
-    for (const item of this.pendingMap.values()) {
-      item.socket = 0; // unacked: resend on the next socket
-      item.notBefore = 0;
-    }
+    for (const item of this.pendingMap.values()) item.socket = 0; // unacked: resend on the next socket
     for (const ch of this.channelStates.values()) {
       ch.resyncing = false;
       ch.held = [];
@@ -480,8 +505,18 @@ export class AetherClient {
     this.userId = data.user_id ?? null;
     this.attempts = 0;
     this.armRefresh();
-    for (const ch of this.channelStates.values()) this.sendJoin(ch);
+    // every unacked publication is sent again on this socket, oldest first
+    this.toSend = [...this.pendingMap.keys()]; // ascending sequences
+    for (const ch of this.channelStates.values()) this.queueJoin(ch);
+    this.pump();
     this.maybeReady();
+  }
+
+  /** (Re)join a channel on this socket when the window lets it (pump). */
+  queueJoin(ch) {
+    this.syncing.add(ch.name);
+    // else on its way: its reply answers every waiter
+    if (!this.joinsOut.has(ch.name) && !this.joinQueue.includes(ch.name)) this.joinQueue.push(ch.name);
   }
 
   sendJoin(ch) {
@@ -494,13 +529,15 @@ export class AetherClient {
     ch.resyncing = false;
     ch.newEpoch = false;
     ch.held = [];
-    this.syncing.add(ch.name);
-    this.send({ type: 'connection', action: 'connect', data });
+    if (this.send({ type: 'connection', action: 'connect', data })) this.joinsOut.add(ch.name);
   }
 
   onJoinReply(data) {
     const ch = this.channelStates.get(data.channel);
-    if (!ch) return;
+    if (!ch) {
+      this.answeredJoin(data.channel); // left meanwhile
+      return;
+    }
     const offset = Number(data.offset || 0);
     const epoch = String(data.epoch);
     const recovered = data.recovered;
@@ -544,7 +581,15 @@ export class AetherClient {
     for (const w of this.joinWaiters.get(ch.name) ?? []) w.resolve(result);
     this.joinWaiters.delete(ch.name);
     this.emit('join', result);
+    this.answeredJoin(ch.name);
     this.maybeReady();
+  }
+
+  /** A join of this socket was answered: its place in the window is free. */
+  answeredJoin(name) {
+    if (!this.joinsOut.delete(name)) return;
+    this.window = Math.min(this.maxInFlight, this.window + 1);
+    this.pump();
   }
 
   flushHeld(ch) {
@@ -602,6 +647,10 @@ export class AetherClient {
     const item = meta && this.pendingMap.get(meta.sequence);
     if (!item) return; // an ack repeated for a retry already settled
     this.pendingMap.delete(item.sequence);
+    if (item.socket === this.generation) {
+      this.pubsOut -= 1;
+      this.window = Math.min(this.maxInFlight, this.window + 1);
+    }
     const ack = { channel: item.channel, sequence: item.sequence, offset: meta.offset, timestamp: meta.timestamp };
     const ch = this.channelStates.get(item.channel);
     if (ch && !ch.resyncing && !this.syncing.has(item.channel)) {
@@ -610,26 +659,50 @@ export class AetherClient {
       this.flushHeld(ch);
     }
     item.resolve(ack);
+    this.pump();
   }
 
   onErrorFrame(msg) {
     const details = msg.details && typeof msg.details === 'object' ? msg.details : {};
     const code = String(msg.code);
     const error = new AetherError(code, String(msg.message ?? ''), details);
-    const item = Number.isInteger(details.sequence) ? this.pendingMap.get(details.sequence) : undefined;
-    if (item && item.channel === details.channel) {
+    let item = Number.isInteger(details.sequence) ? this.pendingMap.get(details.sequence) : undefined;
+    let channel = details.channel;
+    if (code === 'MESSAGE_TOO_LARGE' && Number.isInteger(details.limit)) {
+      // the error names no publication: it answers the oldest one out over the limit
+      const encoder = new TextEncoder();
+      for (const p of this.pendingMap.values()) {
+        if (p.socket !== this.generation || encoder.encode(publicationFrame(p)).length <= details.limit) continue;
+        if (!item || p.sequence < item.sequence) item = p;
+      }
+      channel = item?.channel;
+    }
+    if (item && item.channel === channel) {
+      if (item.socket === this.generation) this.pubsOut -= 1;
       if (RETRYABLE_CODES.has(code)) {
-        const delay = Number.isInteger(details.retry_after_ms) ? details.retry_after_ms : 1000;
-        item.notBefore = Date.now() + delay;
+        // sent again after the wait, before anything newer
         item.socket = 0;
-        this.scheduleResend(delay);
+        this.toSend.splice(sortedIndex(this.toSend, item.sequence), 0, item.sequence);
+        this.holdOff(details);
         return;
       }
       this.pendingMap.delete(item.sequence);
       item.reject(error);
+      this.pump();
       return;
     }
-    const channel = details.channel;
+    if (
+      typeof channel === 'string' &&
+      this.joinsOut.has(channel) &&
+      RETRYABLE_JOIN_CODES.has(code) &&
+      !Number.isInteger(details.sequence)
+    ) {
+      // a join refused by a rate limit: sent again after the wait
+      this.joinsOut.delete(channel);
+      if (this.syncing.has(channel)) this.joinQueue.unshift(channel);
+      this.holdOff(details);
+      return;
+    }
     if (
       typeof channel === 'string' &&
       this.syncing.has(channel) &&
@@ -639,6 +712,7 @@ export class AetherClient {
     ) {
       // a refused join (CHANNEL_FULL, FORBIDDEN, ...): stop waiting for it
       this.syncing.delete(channel);
+      this.answeredJoin(channel);
       for (const w of this.joinWaiters.get(channel) ?? []) w.reject(error);
       this.joinWaiters.delete(channel);
       this.channelStates.delete(channel);
@@ -659,44 +733,62 @@ export class AetherClient {
   }
 
   sendPublication(item) {
-    const sent = this.send({
-      type: 'message',
-      action: item.sent ? 'retry' : 'send',
-      data: { channel: item.channel, content: item.content, metadata: { sequence: item.sequence } },
-    });
-    if (sent) {
-      item.sent = true;
-      item.socket = this.generation;
-    }
+    item.action = item.sent ? 'retry' : 'send';
+    const ws = this.ws;
+    if (!ws || !this.firstFrame || ws.readyState !== 1) return false;
+    ws.send(publicationFrame(item));
+    item.sent = true;
+    item.socket = this.generation;
+    this.pubsOut += 1;
+    return true;
   }
 
   maybeReady() {
     if (this.ready || !this.firstFrame || this.syncing.size) return;
     this.ready = true;
-    this.resendDue();
+    this.pump();
     this.setState('open');
     for (const w of this.openWaiters.splice(0)) w.resolve();
   }
 
-  resendDue() {
-    this.timers.resend = null;
-    if (!this.ready) return;
-    const now = Date.now();
-    let later = null;
-    for (const item of [...this.pendingMap.values()]) {
-      if (item.socket === this.generation) continue;
-      if (item.notBefore > now) {
-        later = later === null ? item.notBefore - now : Math.min(later, item.notBefore - now);
-        continue;
+  /** Send what the window lets out: queued joins first, then (once every join of this socket
+   * is answered) pending publications, oldest first; nothing while a rate limit's
+   * retry_after_ms runs. */
+  pump() {
+    if (!this.firstFrame || !this.ws) return;
+    const wait = this.pausedUntil - Date.now();
+    if (wait > 0) {
+      if (this.timers.resend === null) {
+        this.timers.resend = setTimeout(() => {
+          this.timers.resend = null;
+          this.pump();
+        }, wait);
       }
-      item.notBefore = 0;
-      this.sendPublication(item);
+      return;
     }
-    if (later !== null) this.scheduleResend(later);
+    while (this.joinQueue.length && this.joinsOut.size + this.pubsOut < this.window) {
+      const ch = this.channelStates.get(this.joinQueue.shift());
+      if (ch && this.syncing.has(ch.name) && !this.joinsOut.has(ch.name)) this.sendJoin(ch);
+    }
+    if (!this.ready) return;
+    while (this.toSend.length && this.joinsOut.size + this.pubsOut < this.window) {
+      const item = this.pendingMap.get(this.toSend.shift());
+      if (!item || item.socket === this.generation) continue; // settled meanwhile, or already out
+      if (!this.sendPublication(item)) {
+        this.toSend.unshift(item.sequence);
+        return;
+      }
+    }
   }
 
-  scheduleResend(delay) {
-    if (this.timers.resend === null) this.timers.resend = setTimeout(() => this.resendDue(), delay);
+  /** A rate limit refused a frame: send nothing for retry_after_ms, then one frame at a time,
+   * the window growing by one per answer. */
+  holdOff(details) {
+    const ms = details.retry_after_ms;
+    const delay = Number.isInteger(ms) && ms >= 0 ? ms : 1000;
+    this.pausedUntil = Math.max(this.pausedUntil, Date.now() + delay);
+    this.window = 1;
+    this.pump();
   }
 
   // -- token refresh ----------------------------------------------------------------------
@@ -748,6 +840,27 @@ export class AetherClient {
       }
     }
   }
+}
+
+/** The text of a publication's frame, as `sendPublication` sends it. */
+function publicationFrame(item) {
+  return JSON.stringify({
+    type: 'message',
+    action: item.action,
+    data: { channel: item.channel, content: item.content, metadata: { sequence: item.sequence } },
+  });
+}
+
+/** Where `value` goes in the ascending array `list`. */
+function sortedIndex(list, value) {
+  let lo = 0;
+  let hi = list.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (list[mid] < value) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
 export default AetherClient;

@@ -308,6 +308,95 @@ def test_rate_limited_messages_are_resent(make_server: Callable[..., Server]) ->
     run(main(), timeout=30)
 
 
+def test_too_large_publications_are_refused_and_hold_nothing_up(server: Server) -> None:
+    """MESSAGE_TOO_LARGE names no publication: the client ties it to the oldest one out that
+    is over `limit` and rejects that one; more of them than the window (8) do not stop the
+    publications behind them."""
+
+    async def main() -> None:
+        async with client(server, "ivy", channels=["pc.big"]) as c:
+            big = [c.publish_nowait("pc.big", "x" * 70_000) for _ in range(10)]
+            ack = await asyncio.wait_for(c.publish("pc.big", "small"), 10)
+            assert ack.offset == 1
+            for fut in big:
+                with pytest.raises(AetherError) as refused:
+                    await fut
+                assert refused.value.code == "MESSAGE_TOO_LARGE"
+                assert refused.value.details["limit"] == 65536
+            assert c.pending == 0
+
+    run(main(), timeout=30)
+
+
+def _flood_closed(srv: Server) -> bool:
+    """Whether the server closed a connection as a flood (1008, logged `rate_limit_close`)."""
+    return any(line.get("event") == "rate_limit_close" for line in srv.log_lines())
+
+
+def _members(srv: Server, channels: list[str]) -> list[int]:
+    views = [srv.http("GET", f"/ws/channels/{name}", token=srv.admin()) for name in channels]
+    return [body["members"] if status == 200 else -1 for status, body, _ in views]
+
+
+#: a budget of 5 frames per 2 s (RATE_LIMIT_MESSAGES, every frame): the flood close comes after
+#: max(10, 5) = 10 refusals in a row
+SMALL_BUDGET = {"RATE_LIMIT_MESSAGES": "5", "RATE_LIMIT_WINDOW_S": "2"}
+
+
+def test_joins_past_the_budget_are_paced_and_retried(make_server: Callable[..., Server]) -> None:
+    """A client in more channels than its budget allows at once (12 against 5): connecting,
+    and again after its socket drops (the budget does not refill on reconnect), it ends up
+    in every channel; joins refused with RATE_LIMITED are sent again after
+    `retry_after_ms`, never so many at once that the server closes it as a flood."""
+    srv = make_server(**SMALL_BUDGET)
+    channels = [f"pc.many.{i}" for i in range(12)]
+
+    async def main() -> None:
+        rec = Recorder()
+        alice = client(srv, "alice", rec, client_id="pc-many", channels=channels)
+        await alice.connect(timeout=30)
+        assert sorted(j.channel for j in rec.joins) == sorted(channels)
+        assert await asyncio.to_thread(_members, srv, channels) == [1] * 12
+        alice.reconnect()  # the socket drops; the budget is still spent
+        await until(lambda: rec.states.count("open") == 2, timeout=30)
+        assert sorted(j.channel for j in rec.joins[12:]) == sorted(channels)
+        assert all(j.recovered is True for j in rec.joins[12:]), rec.joins[12:]
+        assert await asyncio.to_thread(_members, srv, channels) == [1] * 12
+        assert rec.errors == []  # refusals were retried, not reported
+        assert rec.states.count("reconnecting") == 1  # the drop we made, no other
+        await alice.close()
+
+    run(main(), timeout=60)
+    assert not _flood_closed(srv)
+
+
+def test_publish_burst_past_the_budget(make_server: Callable[..., Server]) -> None:
+    """A burst of 20 publications against a budget of 5: every one is acked exactly once and
+    delivered once, the publications refused with RATE_LIMITED are sent again, paced, and
+    the connection is never closed as a flood."""
+    srv = make_server(**SMALL_BUDGET)
+
+    async def main() -> None:
+        rb, ra = Recorder(), Recorder()
+        async with (
+            client(srv, "bob", rb, channels=["pc.burst"]),
+            client(srv, "alice", ra, client_id="pc-burst", channels=["pc.burst"]) as alice,
+        ):
+            sent = [f"b{i}" for i in range(20)]
+            futures = [alice.publish_nowait("pc.burst", text) for text in sent]
+            acks = await asyncio.wait_for(asyncio.gather(*futures), 40)
+            assert sorted(a.offset for a in acks) == list(range(1, 21))
+            assert sorted(a.sequence for a in acks) == sorted({a.sequence for a in acks})
+            await rb.wait_count(20, timeout=10)
+            await asyncio.sleep(0.3)
+            assert Counter(rb.contents()) == Counter(sent)  # each once, none lost
+            assert ra.states.count("open") == 1  # never dropped
+            assert ra.errors == []
+
+    run(main(), timeout=60)
+    assert not _flood_closed(srv)
+
+
 # -- tokens ------------------------------------------------------------------------------------
 
 

@@ -27,8 +27,9 @@ from tests.integration.wsclient import Client
 #: nothing refills while a test runs
 BUDGET = 20
 WINDOW = str(BUDGET * 30)
-#: refused frames in a row before the close (docs/protocol.md §13)
-REFUSALS_BEFORE_CLOSE = 10
+#: refused frames in a row before the close (docs/protocol.md §13): max(10, the budget), so
+#: that a client that sent one budget's worth before it heard the first refusal stays open
+REFUSALS_BEFORE_CLOSE = max(10, BUDGET)
 
 STATUS = {"type": "system", "action": "status", "data": {}}
 
@@ -207,3 +208,43 @@ def test_a_message_in_many_fragments_and_some_pongs_are_served(
         ws.send_json(STATUS)
         reply = ws.recv_json()
         assert reply["type"] == "system" and reply["action"] == "status", reply
+
+
+def test_refused_join_and_leave_name_their_channel(make_server: Callable[..., Server]) -> None:
+    """A join or leave the budget refuses names its channel (so that a client knows which
+    join to send again after `retry_after_ms`); a few refusals do not close."""
+    srv = make_server(RATE_LIMIT_MESSAGES="2", RATE_LIMIT_WINDOW_S="600")
+    with Client(srv.ws_url, token=srv.token("alice")) as c:
+        expect(c, "connection", "connect")
+        c.join("budget.j1")
+        c.join("budget.j2")
+        assert expect(c, "connection", "connect")["data"]["channel"] == "budget.j1"
+        assert expect(c, "connection", "connect")["data"]["channel"] == "budget.j2"
+        c.join("budget.j3")
+        err = c.recv()
+        _refused(err)
+        assert err["details"]["channel"] == "budget.j3" and err["details"]["sequence"] is None
+        c.leave("budget.j1")
+        err = c.recv()
+        _refused(err)
+        assert err["details"]["channel"] == "budget.j1", err
+        c.send({"type": "connection", "action": "connect", "data": {"channel": "bad name!"}})
+        err = c.recv()
+        _refused(err)
+        assert err["details"]["channel"] is None, err
+        c.nothing()
+
+
+def test_flood_close_waits_for_one_budget_of_refusals(make_server: Callable[..., Server]) -> None:
+    """A client that sent a burst of twice its budget before hearing a refusal (a budget of
+    30, above the floor of 10): every frame over the budget is refused, none closes; one
+    more refusal in a row than the budget closes with 1008."""
+    srv = make_server(RATE_LIMIT_MESSAGES="30", RATE_LIMIT_WINDOW_S="9000")
+    with _raw(srv, "alice") as ws:
+        ws.send_raw(build_frame(OP_TEXT, json.dumps(STATUS).encode()) * 59)
+        got = [ws.recv_json() for _ in range(59)]
+        assert [m["type"] for m in got] == ["system"] * 30 + ["error"] * 29
+        ws.send_raw(build_frame(OP_TEXT, json.dumps(STATUS).encode()))
+        got, _, code = _until_close(ws)
+        assert len(got) == 1 and code == 1008
+        _refused(got[0])

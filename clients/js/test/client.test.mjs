@@ -140,6 +140,23 @@ describe('against a server', () => {
     await Promise.all([alice.close(), bob.close()]);
   });
 
+  test('too large publications are refused and hold nothing up', { timeout: 30000 }, async () => {
+    // MESSAGE_TOO_LARGE names no publication: it is tied to the oldest one out over `limit`;
+    // more of them than the window (8) do not stop the publications behind them
+    const c = makeClient(server, 'ivy', { channels: ['js.big'] });
+    await c.connect();
+    const big = Array.from({ length: 10 }, () => c.publish('js.big', 'x'.repeat(70000)));
+    const settled = Promise.allSettled(big);
+    assert.equal((await c.publish('js.big', 'small')).offset, 1);
+    for (const r of await settled) {
+      assert.equal(r.status, 'rejected');
+      assert.equal(r.reason.code, 'MESSAGE_TOO_LARGE');
+      assert.equal(r.reason.details.limit, 65536);
+    }
+    assert.equal(c.pending, 0);
+    await c.close();
+  });
+
   test('no reconnect after 4001 unless a new token is supplied', async () => {
     const bad = makeClient(server, null, { token: 'not-a-jwt' });
     await assert.rejects(bad.connect(), (e) => e instanceof ClientClosed && e.closeCode === 4001);
@@ -220,3 +237,62 @@ describe('server restart', () => {
   });
 });
 
+
+describe('a small budget (RATE_LIMIT_MESSAGES 5 per 2 s: 10 refusals in a row close with 1008)', () => {
+  let server;
+  before(async () => {
+    server = await new Server({ RATE_LIMIT_MESSAGES: '5', RATE_LIMIT_WINDOW_S: '2' }).start();
+  });
+  after(async () => {
+    const errors = server.errors();
+    const floodCloses = server.log().split('\n').filter((line) => line.includes('rate_limit_close'));
+    await server.dispose();
+    assert.deepEqual(errors, []);
+    assert.deepEqual(floodCloses, [], 'no connection was closed as a flood');
+  });
+
+  async function members(channels) {
+    const token = mintToken('root', { admin: true });
+    return Promise.all(
+      channels.map(async (name) => {
+        const res = await fetch(`http://127.0.0.1:${server.port}/ws/channels/${name}`, {
+          headers: { Authorization: `Bearer ${token}` },
+        });
+        return res.status === 200 ? (await res.json()).members : -1;
+      }),
+    );
+  }
+
+  test('more channels than the budget: joined, and rejoined after a drop, paced and retried', { timeout: 60000 }, async () => {
+    const channels = Array.from({ length: 12 }, (_, i) => `js.many.${i}`);
+    const c = makeClient(server, 'alice', { clientId: 'js-many', channels });
+    await c.connect();
+    assert.deepEqual(c.rec.joins.map((j) => j.channel).sort(), [...channels].sort());
+    assert.deepEqual(await members(channels), Array(12).fill(1));
+    c.ws.terminate(); // the network drops; the budget is still spent
+    await until(() => c.rec.states.filter((s) => s === 'open').length === 2, 30000, 'reopened');
+    const again = c.rec.joins.slice(12);
+    assert.deepEqual(again.map((j) => j.channel).sort(), [...channels].sort());
+    assert.ok(again.every((j) => j.recovered === true), JSON.stringify(again));
+    assert.deepEqual(await members(channels), Array(12).fill(1));
+    assert.deepEqual(c.rec.errors, []); // refusals were retried, not reported
+    assert.equal(c.rec.states.filter((s) => s === 'reconnecting').length, 1); // only our drop
+    await c.close();
+  });
+
+  test('a burst bigger than the budget: every message acked and delivered once', { timeout: 60000 }, async () => {
+    const bob = makeClient(server, 'bob', { channels: ['js.burst'] });
+    const alice = makeClient(server, 'alice2', { clientId: 'js-burst', channels: ['js.burst'] });
+    await Promise.all([alice.connect(), bob.connect()]);
+    const sent = Array.from({ length: 20 }, (_, i) => `b${i}`);
+    const acks = await Promise.all(sent.map((t) => alice.publish('js.burst', t)));
+    assert.deepEqual(acks.map((a) => a.offset).sort((a, b) => a - b), Array.from({ length: 20 }, (_, i) => i + 1));
+    assert.equal(new Set(acks.map((a) => a.sequence)).size, 20);
+    await until(() => bob.rec.messages.length >= 20, 10000, 'all 20 at bob');
+    await sleep(300);
+    assert.deepEqual(bob.rec.messages.map((m) => m.content).sort(), [...sent].sort()); // each once
+    assert.equal(alice.rec.states.filter((s) => s === 'open').length, 1); // never dropped
+    assert.deepEqual(alice.rec.errors, []);
+    await Promise.all([alice.close(), bob.close()]);
+  });
+});
