@@ -363,14 +363,14 @@ class Attacker:
         attacks: dict[str, tuple[Any, float]] = {
             "pipeline": (lambda: self.pipeline("pipeline", self.port), 0.5),
             "pipeline_metrics": (lambda: self.pipeline("pipeline_metrics", self.metrics_port), 0.5),
-            "silent": (self.silent, 0.2),
+            "silent": (self.silent, 0.5),
             "hoard": (self.hoard, 0.5),
             "status": (self.status_flood, 0.5),
             "lazy": (self.lazy, 0.5),
             "steal": (self.steal, 0.5),
-            "mangled": (self.mangled, 0.1),
-            "query": (self.bad_query, 0.1),
-            "peek": (self.peek, 0.2),
+            "mangled": (self.mangled, 0.3),
+            "query": (self.bad_query, 0.3),
+            "peek": (self.peek, 0.5),
             "narrow": (self.narrow, 0.5),
         }
         await asyncio.gather(
