@@ -263,7 +263,8 @@ def _canonical(token: str) -> bool:
     """Is `token` three segments of canonical base64url (see the module docstring)?"""
     if _SHAPE.fullmatch(token) is None:
         return False
-    return all(_canonical_tail(segment) for segment in token.split("."))
+    head, body, signature = token.split(".")
+    return _canonical_tail(head) and _canonical_tail(body) and _canonical_tail(signature)
 
 
 def _canonical_tail(segment: str) -> bool:
