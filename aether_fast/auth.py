@@ -28,10 +28,7 @@ import jwt.exceptions
 import orjson
 
 from aether_fast.config import HMAC_ALGORITHMS, Config
-
-AUTH_INVALID: Final = "AUTH_INVALID"
-TOKEN_EXPIRED: Final = "TOKEN_EXPIRED"
-AUTH_REQUIRED: Final = "AUTH_REQUIRED"
+from aether_fast.protocol import ErrorCode
 
 #: Longest token accepted; longer ones are refused before any parsing.
 MAX_TOKEN_CHARS: Final = 8192
@@ -96,7 +93,7 @@ def _number(payload: dict[str, Any], claim: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AuthError(AUTH_INVALID, f"claim {claim} must be a number")
+        raise AuthError(ErrorCode.AUTH_INVALID, f"claim {claim} must be a number")
     return float(value)
 
 
@@ -135,17 +132,17 @@ class Authenticator:
         if now is None:
             now = time.time()
         if not token:
-            raise AuthError(AUTH_REQUIRED, "no token")
+            raise AuthError(ErrorCode.AUTH_REQUIRED, "no token")
         cached = self._cache.get(token)
         if cached is not None:
             if cached.expires_at <= now - self._leeway:
                 del self._cache[token]
-                raise AuthError(TOKEN_EXPIRED, "token expired")
+                raise AuthError(ErrorCode.TOKEN_EXPIRED, "token expired")
             return cached
         if len(token) > MAX_TOKEN_CHARS:
-            raise AuthError(AUTH_INVALID, "token too long")
+            raise AuthError(ErrorCode.AUTH_INVALID, "token too long")
         if not _canonical(token):
-            raise AuthError(AUTH_INVALID, "malformed token")
+            raise AuthError(ErrorCode.AUTH_INVALID, "malformed token")
         claims = self._decode(token, now)
         if len(self._cache) >= CACHE_SIZE:
             del self._cache[next(iter(self._cache))]
@@ -224,27 +221,27 @@ class Authenticator:
                 },
             )
         except jwt.exceptions.PyJWTError as e:
-            raise AuthError(AUTH_INVALID, _reason(e)) from None
+            raise AuthError(ErrorCode.AUTH_INVALID, _reason(e)) from None
         except (ValueError, TypeError):
-            raise AuthError(AUTH_INVALID, "malformed token") from None
+            raise AuthError(ErrorCode.AUTH_INVALID, "malformed token") from None
         return self._claims(payload, now)
 
     def _claims(self, payload: dict[str, Any], now: float) -> Claims:
         exp = _number(payload, "exp")
         if exp is None:  # "require" already refused this; kept for the type checker
-            raise AuthError(AUTH_INVALID, "missing claim: exp")
+            raise AuthError(ErrorCode.AUTH_INVALID, "missing claim: exp")
         nbf = _number(payload, "nbf")
         iat = _number(payload, "iat")
         if exp <= now - self._leeway:
-            raise AuthError(TOKEN_EXPIRED, "token expired")
+            raise AuthError(ErrorCode.TOKEN_EXPIRED, "token expired")
         if nbf is not None and nbf > now + self._leeway:
-            raise AuthError(AUTH_INVALID, "token not yet valid (nbf)")
+            raise AuthError(ErrorCode.AUTH_INVALID, "token not yet valid (nbf)")
         if iat is not None and iat > now + self._leeway:
-            raise AuthError(AUTH_INVALID, "token issued in the future (iat)")
+            raise AuthError(ErrorCode.AUTH_INVALID, "token issued in the future (iat)")
 
         sub = payload.get("sub")
         if not isinstance(sub, str) or not sub:
-            raise AuthError(AUTH_INVALID, "claim sub must be a non-empty string")
+            raise AuthError(ErrorCode.AUTH_INVALID, "claim sub must be a non-empty string")
 
         channels: tuple[str, ...] | None = None
         raw_channels = payload.get("channels")
@@ -252,7 +249,7 @@ class Authenticator:
             if not isinstance(raw_channels, list) or not all(
                 isinstance(p, str) and p for p in raw_channels
             ):
-                raise AuthError(AUTH_INVALID, "claim channels must be a list of strings")
+                raise AuthError(ErrorCode.AUTH_INVALID, "claim channels must be a list of strings")
             channels = tuple(raw_channels)
 
         admin = payload.get("admin") is True or payload.get("role") == "admin"

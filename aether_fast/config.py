@@ -1,9 +1,10 @@
 """One frozen `Config` built from environment variables and CLI flags, validated once.
 
 Rule: every setting is declared exactly once, in `SETTINGS` (name, parser, default, meaning);
-the environment variable is the upper-case name. `load_config` either returns a Config in
-which every value is valid and consistent with the others, or raises `ConfigError` naming the
-one variable at fault. Nothing else in the server reads `os.environ`.
+the environment variable is the upper-case name. `Config` lists the typed fields and has no
+defaults of its own: `load_config` fills each one from its row. `load_config` either returns
+a Config in which every value is valid and consistent with the others, or raises
+`ConfigError` naming the one variable at fault. Nothing else in the server reads `os.environ`.
 """
 
 from __future__ import annotations
@@ -30,59 +31,60 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """The server's settings. Build it with `load_config`; see `describe()` for meanings."""
+    """The server's settings. Build it with `load_config`, which fills every field: the
+    defaults and meanings are the `SETTINGS` rows (`describe()`), not written here."""
 
-    ws_host: str = "0.0.0.0"
-    ws_port: int = 8000
-    ws_path: str = "/ws"
-    jwt_secret: str = ""
-    jwt_secret_generated: bool = False
-    jwt_algorithm: str = "HS256"
-    jwt_expires_s: int = 3600
-    jwt_public_key: str | None = None
-    jwt_private_key: str | None = None
-    jwt_audience: str | None = None
-    jwt_issuer: str | None = None
-    jwt_leeway_s: float = 0.0
-    token_refresh_notice_s: float = 60.0
-    rate_limit_connections: int = 100
-    rate_limit_messages: int = 50
-    rate_limit_window_s: float = 60.0
-    rate_limit_global_messages: int = 0
-    enable_metrics: bool = True
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 9090
-    max_message_bytes: int = 65536
-    max_http_body_bytes: int = 1048576
-    max_connections: int = 10000
-    max_pending_connections: int = 4096
-    max_pending_connections_per_peer: int = 512
-    max_channels_per_connection: int = 128
-    max_channels: int = 100000
-    dedup_ttl_s: int = 300
-    channel_auto_create: bool = True
-    channel_default_require_auth: bool = True
-    channel_default_max_connections: int = 0
-    channel_default_message_rate_limit: float = 0.0
-    channel_default_presence: bool = False
-    history_size: int = 100
-    history_ttl_s: int = 3600
-    channel_state_ttl_s: int = 86400
-    data_dir: str = "./data"
-    allowed_origins: tuple[str, ...] = ()
-    handshake_timeout_s: float = 5.0
-    ping_interval_s: float = 20.0
-    send_buffer_limit_bytes: int = 1048576
-    busy_poll_us: int = 0
-    shutdown_timeout_s: float = 10.0
-    workers: int = 1
-    broker_url: str | None = None
-    node_id: str | None = None
-    log_level: str = "info"
-    admin_token: str | None = None
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
-    echo_path: str | None = None
+    ws_host: str
+    ws_port: int
+    ws_path: str
+    jwt_secret: str
+    jwt_secret_generated: bool
+    jwt_algorithm: str
+    jwt_expires_s: int
+    jwt_public_key: str | None
+    jwt_private_key: str | None
+    jwt_audience: str | None
+    jwt_issuer: str | None
+    jwt_leeway_s: float
+    token_refresh_notice_s: float
+    rate_limit_connections: int
+    rate_limit_messages: int
+    rate_limit_window_s: float
+    rate_limit_global_messages: int
+    enable_metrics: bool
+    metrics_host: str
+    metrics_port: int
+    max_message_bytes: int
+    max_http_body_bytes: int
+    max_connections: int
+    max_pending_connections: int
+    max_pending_connections_per_peer: int
+    max_channels_per_connection: int
+    max_channels: int
+    dedup_ttl_s: int
+    channel_auto_create: bool
+    channel_default_require_auth: bool
+    channel_default_max_connections: int
+    channel_default_message_rate_limit: float
+    channel_default_presence: bool
+    history_size: int
+    history_ttl_s: int
+    channel_state_ttl_s: int
+    data_dir: str
+    allowed_origins: tuple[str, ...]
+    handshake_timeout_s: float
+    ping_interval_s: float
+    send_buffer_limit_bytes: int
+    busy_poll_us: int
+    shutdown_timeout_s: float
+    workers: int
+    broker_url: str | None
+    node_id: str | None
+    log_level: str
+    admin_token: str | None
+    tls_cert_file: str | None
+    tls_key_file: str | None
+    echo_path: str | None
 
 
 # -- parsers: each takes the raw value (a str from the environment, or a typed CLI value) and

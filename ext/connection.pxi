@@ -3,9 +3,13 @@
 # its flush, the slow-reader rule. Subclasses (Session, EchoSession) get whole messages in
 # `on_message` and decide what they mean.
 #
-# Rule: every frame the server sends goes through the outbox, so order is kept and each
-# member gets one write per loop pass (an outbox that passes SEND_BUFFER_LIMIT_BYTES within
-# a pass is written at once instead).
+# Rule: every message frame the server sends (publications, acks, errors, notices) and every
+# pong goes through the outbox, so their order is kept and each member gets one write per
+# loop pass (an outbox that passes SEND_BUFFER_LIMIT_BYTES within a pass is written at once
+# instead). Two control frames bypass it and are written by picows at once: the server's
+# pings (the hub's tick, `transport.send_ping`; a ping may overtake frames still queued,
+# which RFC 6455 allows between messages) and the close frame (`close` flushes the outbox
+# first, then `transport.send_close`, so the close frame is still the last frame sent).
 #
 # Slow-reader rule: only bytes the kernel has not taken count. After each write, what the
 # transport still holds (the kernel took none of it yet) is compared with
