@@ -182,7 +182,7 @@ def _health(config: Config, args: argparse.Namespace) -> int:
 
 _BROKER_NOTE = (
     "covers the SQLite channel store only; with BROKER_URL set the channel configs live in "
-    "Redis (hash aether:channels): back up Redis instead (docs/operations.md, Backups)"
+    "Redis (hash aether:channels): back up Redis instead (docs/operations.md §16)"
 )
 
 

@@ -61,7 +61,7 @@ log = logging.getLogger("aether_fast.client")
 State = Literal["idle", "connecting", "open", "reconnecting", "closed"]
 TokenSource = Callable[[], str | Awaitable[str | None] | None]
 
-#: Close codes after which the same token must not be used again (SPEC §3, protocol §12).
+#: Close codes after which the same token must not be used again (docs/protocol.md §12, §15).
 AUTH_CLOSE_CODES: Final = frozenset({4001, 4003})
 #: Close codes after which the client stops for good: 1000 is our own close, 4009 means a
 #: newer connection with our user and client_id took over (reconnecting would fight it).
@@ -115,7 +115,7 @@ class JoinResult:
 
 
 class AetherError(Exception):
-    """An error message of the server (SPEC §4), or a refusal of the client itself."""
+    """An error message of the server (docs/protocol.md §11), or a refusal of the client itself."""
 
     def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(f"{code}: {message}")

@@ -1,4 +1,5 @@
-"""JSON logs: one object a line on stdout, in the seed's shape, with secrets redacted.
+"""JSON logs: one object a line on stdout, in the shape of docs/operations.md §7, with
+secrets redacted.
 
 Shape: {"timestamp": "2024-01-02T03:04:05.678Z", "level": "debug|info|warn|error",
 "event": str, "data": {"component": str, "details": {...}}}.
@@ -95,7 +96,7 @@ def _fallback(value: object) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats our records (made by `log`) and library records in the seed's shape."""
+    """Formats our records (made by `log`) and library records in that shape."""
 
     def format(self, record: logging.LogRecord) -> str:
         component = getattr(record, "aether_component", None)

@@ -175,7 +175,7 @@ class Node:
             s.expires_at = s.claims.expires_at + self.config.jwt_leeway_s
         else:
             # an anonymous client proves nothing: it replaces nobody and shares no one's
-            # dedupe window, whatever client_id it names (docs/protocol.md, dedupe)
+            # dedupe window, whatever client_id it names (docs/protocol.md §6)
             s.identity = ANONYMOUS + secrets.token_hex(8)
         live_key = (s.identity, s.client_id)
         old = self._live.get(live_key)

@@ -164,7 +164,7 @@ def require_severity(data: dict[str, Any]) -> str:
 def error_body(
     code: str, message: str, component: str, reason: str, **details: object
 ) -> dict[str, object]:
-    """The error shape of SPEC §4, used on the WebSocket and by every REST error."""
+    """The error shape of docs/protocol.md §11, used on the WebSocket and by every REST error."""
     return {
         "type": "error",
         "code": code,

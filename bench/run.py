@@ -223,7 +223,7 @@ def _aether_env(port: int, tmp: Path) -> dict[str, str]:
         "RATE_LIMIT_MESSAGES": "0",
         "RATE_LIMIT_CONNECTIONS": "0",
         "MAX_CONNECTIONS": "19000",
-        # docs/operations.md "Busy polling"; BUSY_POLL_US=0 in the environment compares
+        # docs/operations.md §15, "Busy polling"; BUSY_POLL_US=0 in the environment compares
         "BUSY_POLL_US": os.environ.get("BUSY_POLL_US", "100"),
         "LOG_LEVEL": "info",
     }

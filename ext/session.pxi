@@ -322,7 +322,7 @@ cdef class Session(Connection):
                         details)
 
     cpdef send_error(self, str code, str message, str component, str reason, dict details):
-        """Queue an error message of SPEC §4's shape."""
+        """Queue an error message of the shape of docs/protocol.md §11."""
         self.hub.count_error(code)
         if details is None:
             self.send_json(error_body(code, message, component, reason))

@@ -1,4 +1,5 @@
-"""The REST routes of SPEC §2: status, health, channels, broadcast and the JSON metrics.
+"""The REST routes of docs/operations.md §4: status, health, channels, broadcast and the
+JSON metrics.
 
 What it owns: the route table, admin authentication of the admin routes, request body
 validation and the JSON error answers. Rule: a route reads or changes state only through

@@ -3,7 +3,7 @@
 What it owns: the checks made before a WebSocket exists (MAX_CONNECTIONS -> 503, Origin ->
 403, malformed query -> 400), reading the token from the query or the Authorization header,
 and building the `Session` with the outcome. A bad token still gets its upgrade: the
-session then sends AUTH_* and closes 4001, as SPEC §3 says.
+session then sends AUTH_* and closes 4001, as docs/protocol.md §1 says.
 Rule: after `upgrade` returns None, picows owns the socket: it is fed the rebuilt request
 head and whatever bytes followed it, and performs the handshake itself.
 """

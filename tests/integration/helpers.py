@@ -114,7 +114,8 @@ def collect(c: Client, timeout: float) -> tuple[list[dict[str, Any]], int | None
 
 
 def expect_error(c: Client, code: str, timeout: float = TIMEOUT) -> dict[str, Any]:
-    """The next message must be `{"type":"error","code":code,...}` with the §4 shape."""
+    """The next message must be `{"type":"error","code":code,...}`, in the shape of
+    docs/protocol.md §11."""
     msg = c.recv(timeout)
     assert msg.get("type") == "error", msg
     assert msg.get("code") == code, msg

@@ -1,5 +1,5 @@
-"""SEND_BUFFER_LIMIT_BYTES counts only bytes the kernel has not taken (SPEC §6): a recovery
-larger than the limit is replayed as the socket drains (memory and Redis broker), a burst
+"""SEND_BUFFER_LIMIT_BYTES counts only bytes the kernel has not taken (docs/protocol.md §12):
+a recovery larger than the limit is replayed as the socket drains (memory and Redis broker), a burst
 larger than the limit to a reader that keeps up is delivered, and a reader that never reads
 is still closed with 4008 while the server's memory stays bounded."""
 

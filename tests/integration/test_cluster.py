@@ -1,5 +1,5 @@
-"""Two machines sharing one Redis (SPEC §5, §7): two server processes on two ports with the
-same BROKER_URL and JWT secret and different NODE_IDs.
+"""Two machines sharing one Redis (docs/operations.md §14): two server processes on two ports
+with the same BROKER_URL and JWT secret and different NODE_IDs.
 
 Fan-out exactly once and in offset order across them, echo, recovery on the other machine
 and after a flushed Redis, idempotent retry across machines, channel configs and deletes

@@ -450,7 +450,7 @@ def test_upgrade_on_another_path_is_404(server: Server, bystander: Client, path:
 def test_malformed_upgrade_on_ws_path_is_a_json_error(
     server: Server, bystander: Client, drop: str | None, extra: dict[str, str]
 ) -> None:
-    """SPEC §2: every error is JSON in the error shape, the handshake's included."""
+    """docs/operations.md §4: every error is JSON in the error shape, the handshake's included."""
     req = upgrade_bytes(f"/ws?token={server.token('q')}", headers=extra)
     if drop is not None:
         req = b"\r\n".join(

@@ -255,7 +255,7 @@ def test_unacked_messages_resent_with_retry(make_server: Callable[..., Server]) 
 
 
 def test_server_restart_mid_stream(make_server: Callable[..., Server]) -> None:
-    """SPEC §5 with the in-memory broker: the server restarts (history and dedupe memory
+    """docs/protocol.md §8 with the in-memory broker: the server restarts (history and dedupe memory
     lost, new epoch) while alice publishes; both clients reconnect by themselves; every
     message reaches bob exactly once."""
     srv = make_server(RATE_LIMIT_MESSAGES="100000")

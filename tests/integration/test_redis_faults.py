@@ -1,5 +1,5 @@
-"""Redis goes away mid-traffic and comes back (SPEC §7): two machines keep their members
-connected, say `degraded` with the reason on /health and /ws/status, refuse what cannot be
+"""Redis goes away mid-traffic and comes back (docs/operations.md §14): two machines keep their
+members connected, say `degraded` with the reason on /health and /ws/status, refuse what cannot be
 made durable with an error instead of a false ack, reconnect by themselves with backoff,
 and serve fan-out again to the members that stayed (their subscriptions restored).
 

@@ -1,5 +1,5 @@
-"""SPEC §2 over real HTTP: status, channels, broadcast, admin auth, health, metrics,
-errors, keep-alive and persistence of channel configs across a restart."""
+"""docs/operations.md §4-6 over real HTTP: status, channels, broadcast, admin auth, health,
+metrics, errors, keep-alive and persistence of channel configs across a restart."""
 
 from __future__ import annotations
 
@@ -234,7 +234,8 @@ def test_channel_delete_removes_members(server: Server) -> None:
         for c in (a, b):
             gone = c.recv_until("connection", "disconnect")
             assert gone["data"]["channel"] == "rest.del", gone
-            notice = c.recv_until("system", "status")  # SPEC §2: members get a system notice
+            # docs/protocol.md §4: members get a system notice
+            notice = c.recv_until("system", "status")
             assert "rest.del" in notice["data"]["message"], notice
         # they are no longer members: a publish is refused, the connection stays open
         a.publish("rest.del", "after delete")

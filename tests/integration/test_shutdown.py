@@ -1,4 +1,4 @@
-"""Graceful shutdown (SIGTERM/SIGINT) and the JSON log (SPEC §7)."""
+"""Graceful shutdown (SIGTERM/SIGINT) and the JSON log (docs/operations.md §7 and §9)."""
 
 from __future__ import annotations
 
@@ -281,8 +281,8 @@ def test_log_shape_and_no_token_in_the_log(make_server: Callable[..., Server]) -
 
 
 def test_admin_auth_failures_are_logged_at_warn(server: Server) -> None:
-    """SPEC §7: security events (auth failures ...) are logged at warn; a refused admin
-    request over HTTP is one, and the token it carried is not logged."""
+    """docs/operations.md §7: security events (auth failures ...) are logged at warn; a refused
+    admin request over HTTP is one, and the token it carried is not logged."""
     forged = server.token("mallory", admin=True, secret="forged-secret-forged-secret-forged-0123")
     user = server.token("mallory-user")
     before = len(server.log_lines())

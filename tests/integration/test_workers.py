@@ -1,4 +1,5 @@
-"""WORKERS=N (SPEC §7): a supervisor and N worker processes sharing one port over Redis.
+"""WORKERS=N (docs/operations.md §14): a supervisor and N worker processes sharing one port
+over Redis.
 
 The workers share the port (SO_REUSEPORT) and meet in Redis: status and Prometheus report
 the whole node; clients spread over the workers still get each other's messages; a worker

@@ -1,6 +1,7 @@
-"""SPEC §4 validation over real sockets: every malformed message gets an error and the
-connection stays open; RFC 6455 violations close it with the RFC's code. After each bad input
-the server is shown to still serve: the same connection (when open) and other clients."""
+"""docs/protocol.md §3 and §11 (validation) over real sockets: every malformed message gets an
+error and the connection stays open; RFC 6455 violations close it with the RFC's code. After
+each bad input the server is shown to still serve: the same connection (when open) and other
+clients."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""SPEC §6, the inbound budget, over real sockets: every frame a client sends (control messages
-and pings too) costs its user's budget (its peer address's, when anonymous), shared by all
-their connections and kept across reconnects; a flood gets RATE_LIMITED errors, then close
-1008, while everyone else is served."""
+"""docs/protocol.md §13, the inbound budget, over real sockets: every frame a client sends
+(control messages and pings too) costs its user's budget (its peer address's, when anonymous),
+shared by all their connections and kept across reconnects; a flood gets RATE_LIMITED errors,
+then close 1008, while everyone else is served."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""SPEC §6 over real sockets: message rate limits (connection, channel, global), connection
-limits per user and per worker, allowed origins, slow readers, and the Firefox upgrade."""
+"""docs/protocol.md §13 and §14 over real sockets: message rate limits (connection, channel,
+global), connection limits per user and per worker, allowed origins, slow readers, and the
+Firefox upgrade."""
 
 from __future__ import annotations
 
@@ -395,7 +396,7 @@ def test_firefox_connection_header_is_accepted(server: Server) -> None:
         assert (ack["type"], ack["action"]) == ("message", "ack"), ack
 
 
-# -- channel caps (SPEC §6: what one client can make a worker hold) ----------------------------
+# -- channel caps (docs/protocol.md §5: what one client can make a worker hold) ---------------
 
 
 def _channel_limit(c: Client, channel: str, reason: str, limit: int) -> None:

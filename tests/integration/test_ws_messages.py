@@ -1,4 +1,4 @@
-"""SPEC §4/§5 over real sockets: join/leave, publish/ack/fan-out, offsets, idempotence,
+"""docs/protocol.md §3-9 over real sockets: join/leave, publish/ack/fan-out, offsets, idempotence,
 replacement, history and recovery, presence, status, broadcasts and channel admin effects."""
 
 from __future__ import annotations

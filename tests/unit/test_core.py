@@ -195,7 +195,7 @@ def test_dedupe_window_matches_a_reference_of_the_last_1024(
     broker: tuple[MemoryBroker, Hub, object], pattern: str
 ) -> None:
     """Whatever the sequences look like, a retry is recognised exactly while it is among
-    the last 1024 sequences accepted (SPEC: a window of at least the last 1024)."""
+    the last 1024 sequences accepted (docs/protocol.md §6: the last 1024)."""
     from collections import OrderedDict
 
     b, hub, ch = broker

@@ -1,5 +1,5 @@
 """docs/operations.md stays true to the code: the configuration table is describe(), every
-subcommand and make target it names exists, and the seed's production checklist is covered."""
+subcommand and make target it names exists, and each production checklist item is answered."""
 
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ def test_make_targets_named_in_the_docs_exist() -> None:
     assert named <= targets, named - targets
 
 
-def test_production_checklist_answers_each_seed_item() -> None:
+def test_production_checklist_answers_each_item() -> None:
     checklist = section("## 17. Production checklist")
-    seed = (
+    items = (
         "Configure SSL certificates",
         "Set up load balancer",
         "Configure monitoring",
@@ -61,7 +61,7 @@ def test_production_checklist_answers_each_seed_item() -> None:
         "Configure backups",
         "Test recovery procedures",
     )
-    for n, item in enumerate(seed, 1):
+    for n, item in enumerate(items, 1):
         row = re.search(rf"^\| {n}\. {item} \| (.+) \|$", checklist, re.M)
         assert row and len(row.group(1)) > 40, item
 
