@@ -16,6 +16,8 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY ext/ ext/
 COPY aether_fast/ aether_fast/
+# the JS client's one source: the wheel build copies it into the package (served at /client.js)
+COPY clients/js/aether-client.js clients/js/
 # build requirements (Cython, picows headers) come from [build-system] in pyproject.toml
 RUN python -m pip wheel --no-deps --wheel-dir dist . \
     && python -m venv "$VIRTUAL_ENV" \

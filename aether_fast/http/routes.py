@@ -46,7 +46,7 @@ class Router:
             "/metrics/messages": {"GET": self.metric("messages")},
             "/metrics/channels": {"GET": self.metric_channels},
             "/metrics/errors": {"GET": self.metric("errors")},
-            # the JS client, /dashboard, /demo and their assets (aether_fast/static/)
+            # the JS client (clients/js/), /dashboard, /demo and their assets (aether_fast/static/)
             **{path: {"GET": self._static.serve} for path in STATIC_FILES},
         }
         self._prefixed: dict[str, dict[str, Handler]] = {

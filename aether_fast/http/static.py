@@ -4,7 +4,9 @@ What it owns: the table of servable files (URL path -> file in `aether_fast/stat
 type), their caching headers and the conditional answers (ETag / 304). Rule: only a file
 named in `FILES` is ever read, so no request path reaches the file system and no traversal
 is possible; everything is same-origin with no CDN, which the Content-Security-Policy of
-the pages enforces.
+the pages enforces. The JS client has one source, `clients/js/aether-client.js`: the build
+copies it into the package (setup.py) and a source checkout serves it from there
+(`FROM_REPOSITORY`), so no second copy is committed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Final
 
 from aether_fast.http.front import Request, Response
@@ -26,6 +29,13 @@ FILES: Final[dict[str, tuple[str, str]]] = {
     "/static/demo.js": ("demo.js", "text/javascript; charset=utf-8"),
     "/static/aether.css": ("aether.css", "text/css; charset=utf-8"),
 }
+
+#: Files of `FILES` whose source lives elsewhere in the repository; setup.py's build copies
+#: each into the package's static/. A source checkout (`make install` is an editable install)
+#: has no such copy and reads the source itself; an installed package has no repository
+#: around it and reads the build's copy.
+FROM_REPOSITORY: Final[dict[str, str]] = {"aether-client.js": "clients/js/aether-client.js"}
+_REPOSITORY: Final = Path(__file__).resolve().parents[2]
 
 #: The pages load scripts, styles and data from their own origin only (no CDN, no inline
 #: code); connect-src 'self' covers the same-origin WebSocket as well (CSP level 3).
@@ -60,7 +70,7 @@ class StaticFiles:
         if entry is None:
             return None
         name, content_type = entry
-        body = resources.files("aether_fast").joinpath("static", name).read_bytes()
+        body = _read(name)
         loaded = _File(body, content_type, '"' + hashlib.sha256(body).hexdigest()[:20] + '"')
         self._cache[path] = loaded
         return loaded
@@ -87,6 +97,13 @@ class StaticFiles:
         if _matches(request.header("if-none-match"), found.etag):
             return Response(304, b"", found.content_type, tuple(headers))
         return Response(200, found.body, found.content_type, tuple(headers))
+
+
+def _read(name: str) -> bytes:
+    source = FROM_REPOSITORY.get(name)
+    if source is not None and (_REPOSITORY / source).is_file():
+        return (_REPOSITORY / source).read_bytes()
+    return resources.files("aether_fast").joinpath("static", name).read_bytes()
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:

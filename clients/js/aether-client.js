@@ -28,7 +28,7 @@ const RETRYABLE_JOIN_CODES = new Set(['RATE_LIMITED', 'SERVER_BUSY']);
 const SEEN_WINDOW = 4096;
 const EVENTS = ['message', 'system', 'error', 'state', 'join'];
 
-/** An error message of the server (SPEC §4), or a refusal of the client itself. */
+/** An error message of the server (docs/protocol.md §11), or a refusal of the client itself. */
 export class AetherError extends Error {
   constructor(code, message, details = {}) {
     super(`${code}: ${message}`);

@@ -12,7 +12,9 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Server
+from tests.integration.helpers import no_new_server_errors  # noqa: F401 (autouse fixture)
+from tests.integration.rawhttp import exchange
 
 JS = ROOT / "clients" / "js"
 
@@ -24,13 +26,12 @@ def _need(tool: str) -> str:
     return path
 
 
-def test_packaged_client_is_the_served_one() -> None:
-    served = (ROOT / "aether_fast" / "static" / "aether-client.js").read_bytes()
-    packaged = (JS / "aether-client.js").read_bytes()
-    assert packaged == served, (
-        "clients/js/aether-client.js differs from aether_fast/static/aether-client.js: "
-        "copy the static one over"
-    )
+def test_served_client_is_the_package_file(server: Server) -> None:
+    """`GET /client.js` answers the bytes of clients/js/aether-client.js, the one source (an
+    installed wheel serves the build's copy: test_operations.py's Dockerfile build checks it)."""
+    resp = exchange(server.port, b"GET /client.js HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert resp.status == 200
+    assert resp.body == (JS / "aether-client.js").read_bytes()
 
 
 def test_node_test_runner() -> None:

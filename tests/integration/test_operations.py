@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -620,6 +621,11 @@ def test_dockerfile_build_steps_in_a_fresh_venv(
     probe = subprocess.run(probe_cmd, env=serve_env, capture_output=True, text=True, timeout=30)
     assert probe.returncode == 0, probe.stdout + probe.stderr
     assert json.loads(probe.stdout)["status"] == "healthy"
+    # the wheel carries the JS client, copied in by the build from its one source
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports['WS_PORT']}/client.js", timeout=10) as r:
+        assert r.read() == (ROOT / "clients" / "js" / "aether-client.js").read_bytes()
+    packaged = list(venv.rglob("aether_fast/static/aether-client.js"))
+    assert len(packaged) == 1, packaged
 
     stop = runtime.last("STOPSIGNAL")
     assert stop is not None

@@ -1,9 +1,11 @@
-"""The static files of aether_fast/static/ as the server serves them: /client.js,
-/dashboard, /demo and their assets; content types, caching (ETag, 304), security headers,
-only known files, and the API answers keep `Cache-Control: no-store`."""
+"""The static files as the server serves them: /client.js (clients/js/aether-client.js, its
+one source), /dashboard, /demo and their assets (aether_fast/static/); content types, caching
+(ETag, 304), security headers, only known files, and the API answers keep
+`Cache-Control: no-store`."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,22 +15,23 @@ from tests.integration.helpers import no_new_server_errors  # noqa: F401 (autous
 from tests.integration.rawhttp import exchange
 
 STATIC = ROOT / "aether_fast" / "static"
+CLIENT = ROOT / "clients" / "js" / "aether-client.js"
 
 FILES = [
-    ("/client.js", "aether-client.js", "text/javascript"),
-    ("/dashboard", "dashboard.html", "text/html"),
-    ("/demo", "demo.html", "text/html"),
-    ("/static/dashboard.js", "dashboard.js", "text/javascript"),
-    ("/static/demo.js", "demo.js", "text/javascript"),
-    ("/static/aether.css", "aether.css", "text/css"),
+    ("/client.js", CLIENT, "text/javascript"),
+    ("/dashboard", STATIC / "dashboard.html", "text/html"),
+    ("/demo", STATIC / "demo.html", "text/html"),
+    ("/static/dashboard.js", STATIC / "dashboard.js", "text/javascript"),
+    ("/static/demo.js", STATIC / "demo.js", "text/javascript"),
+    ("/static/aether.css", STATIC / "aether.css", "text/css"),
 ]
 
 
-@pytest.mark.parametrize(("path", "name", "ctype"), FILES)
-def test_served_file(server: Server, path: str, name: str, ctype: str) -> None:
+@pytest.mark.parametrize(("path", "source", "ctype"), FILES)
+def test_served_file(server: Server, path: str, source: Path, ctype: str) -> None:
     status, body, headers = server.http("GET", path)
     assert status == 200
-    assert body == (STATIC / name).read_text()
+    assert body == source.read_text()
     assert headers["Content-Type"] == f"{ctype}; charset=utf-8"
     assert headers["Cache-Control"] == "no-cache"
     assert headers["X-Content-Type-Options"] == "nosniff"
@@ -53,7 +56,7 @@ def test_pages_forbid_foreign_code(server: Server) -> None:
 def test_head_and_methods(server: Server) -> None:
     status, body, headers = server.http("HEAD", "/client.js")
     assert status == 200 and body == ""
-    assert int(headers["Content-Length"]) == len((STATIC / "aether-client.js").read_bytes())
+    assert int(headers["Content-Length"]) == len(CLIENT.read_bytes())
     status, body, headers = server.http("POST", "/demo", raw=b"x")
     assert status == 405 and headers["Allow"] == "GET"
     assert body["code"] == "INVALID_MESSAGE"
@@ -90,10 +93,26 @@ def test_api_answers_are_not_cached(server: Server) -> None:
 
 
 def test_static_files_are_package_data() -> None:
+    """Every file of the table is package data: committed under static/, or copied there by
+    the build from its one source elsewhere in the repository (never committed twice)."""
     import tomllib
+
+    committed = subprocess.run(
+        ["git", "ls-files", "aether_fast/static", "clients/js"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    clients = [p for p in committed if Path(p).name == "aether-client.js"]
+    assert clients == ["clients/js/aether-client.js"], f"the JS client committed twice: {clients}"
 
     data = tomllib.loads(Path(ROOT / "pyproject.toml").read_text())
     assert "static/*" in data["tool"]["setuptools"]["package-data"]["aether_fast"]
-    from aether_fast.http.static import FILES as TABLE
+    from aether_fast.http import static
 
-    assert {name for name, _ in TABLE.values()} == {p.name for p in STATIC.iterdir()}
+    copied = static.FROM_REPOSITORY
+    assert copied == {"aether-client.js": "clients/js/aether-client.js"}
+    names = {Path(p).name for p in committed if p.startswith("aether_fast/static/")}
+    assert not names & set(copied), "a copy of a file whose source is elsewhere"
+    assert {name for name, _ in static.FILES.values()} == names | set(copied)

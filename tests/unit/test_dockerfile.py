@@ -64,6 +64,7 @@ def test_the_wheel_is_built_with_cython_in_the_build_stage(docker: Dockerfile) -
     assert '-I -c "import aether_fast._core"' in runs
     copied = {w for c in build.all("COPY") for w in c.words()[:-1]}
     assert {"pyproject.toml", "setup.py", "ext/", "aether_fast/"} <= copied
+    assert "clients/js/aether-client.js" in copied  # the wheel build copies it into the package
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"Cython==' in pyproject.split("[project]")[0]  # [build-system] brings Cython
 
@@ -137,9 +138,20 @@ def test_dockerignore_sends_sources_only() -> None:
     assert "aether_fast/py.typed" in files and "aether_fast/_core.pyi" in files
     for path in files:
         top = path.split("/")[0]
-        assert top in ("ext", "aether_fast", "pyproject.toml", "setup.py", "README.md"), path
+        assert top in ("ext", "aether_fast", "pyproject.toml", "setup.py", "README.md") or path == (
+            "clients/js/aether-client.js"
+        ), path
         assert not path.endswith((".so", ".c", ".pyc")), path
-    for path in (".git/config", ".venv/bin/python", "data/channels.sqlite3", "build/x", "tests/a"):
+    assert "clients/js/aether-client.js" in files
+    for path in (
+        ".git/config",
+        ".venv/bin/python",
+        "data/channels.sqlite3",
+        "build/x",
+        "tests/a",
+        "clients/js/node_modules/ws/index.js",
+        "clients/js/package.json",
+    ):
         assert ignore.excluded(path), path
     assert ignore.excluded("aether_fast/_core.cpython-311-x86_64-linux-gnu.so")
     assert ignore.excluded("aether_fast/__pycache__/cli.cpython-311.pyc")

@@ -19,9 +19,6 @@ from tests.conftest import ROOT
 SCANNED = ("aether_fast", "ext", "tools", "bench", "docs", "tests", "clients")
 SUFFIXES = frozenset({".py", ".pyx", ".pxi", ".pyi", ".md", ".js", ".mjs", ".html", ".c"})
 SKIPPED_DIRS = frozenset({"node_modules", "__pycache__", ".venv", "build"})
-#: The JS client still cites the product contract outside the repository in its line 31; it
-#: is being made one source (issue 13, Habits), which fixes that line. Remove these once it has.
-PENDING = frozenset({"clients/js/aether-client.js", "aether_fast/static/aether-client.js"})
 
 #: Documents that are not in the repository and must not be cited.
 OUTSIDE = re.compile(r"\bSPEC\b|\bSTYLE\.md\b|\bFACTS\.md\b|(?i:\bthe seed\b|\bseed's\b)")
@@ -88,8 +85,6 @@ def citations(rel: str, text: str) -> list[tuple[str, int, int]]:
 def test_no_citation_of_a_document_outside_the_repository() -> None:
     bad = []
     for rel, text in FILES.items():
-        if rel in PENDING:
-            continue
         for i, line in enumerate(text.splitlines(), 1):
             if OUTSIDE.search(line):
                 bad.append(f"{rel}:{i}: {line.strip()}")
@@ -116,8 +111,6 @@ def test_every_cited_section_exists() -> None:
     have = {doc: numbered_sections(doc) for doc in DOC_NAMES}
     bad = []
     for rel, text in FILES.items():
-        if rel in PENDING:
-            continue
         for doc, n, line in citations(rel, text):
             if not doc:
                 bad.append(f"{rel}:{line}: §{n} names no document (docs/protocol.md §{n}?)")
