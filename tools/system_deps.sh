@@ -14,6 +14,7 @@
 #   promtool                      prometheus       tests/unit/test_deploy.py (deploy/ rules)
 #   node, npm                     nodejs, npm      the JS client's tests
 #   $CHROMIUM (/usr/bin/chromium) chromium         the browser tests (playwright)
+#   curl                          curl             the README's Try it (tests/integration/test_readme.py)
 #
 # When some are missing: with apt-get on PATH and root (or sudo) it installs the packages;
 # otherwise it prints exactly what to install and exits 1. `--dry-run` only reports: what is
@@ -50,6 +51,7 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyth
 fi
 command -v redis-server >/dev/null 2>&1 || missing redis-server "redis-server (Redis tests)"
 command -v promtool >/dev/null 2>&1 || missing prometheus "promtool (checks deploy/ in the tests)"
+command -v curl >/dev/null 2>&1 || missing curl "curl (the README's Try it and its test)"
 command -v node >/dev/null 2>&1 || missing nodejs "node (the JS client's tests)"
 command -v npm >/dev/null 2>&1 || missing npm "npm (the JS client's tests)"
 [ -x "$CHROMIUM" ] || command -v "$CHROMIUM" >/dev/null 2>&1 \

@@ -23,6 +23,7 @@ TOOLS = {
     "make": "make",
     "redis-server": "redis-server",
     "promtool": "prometheus",
+    "curl": "curl",
     "node": "nodejs",
     "npm": "npm",
 }
