@@ -4,14 +4,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 URL ?= 127.0.0.1:8000
 
-.PHONY: install run dev test test-unit test-integration lint build clean fuzz
+.PHONY: system-deps install run dev test test-unit test-integration lint build clean fuzz
 .PHONY: dev-watch dev-debug load
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-install: $(BIN)/python  ## create .venv, build the Cython extension, install with dev tools
+system-deps:  ## the system packages the build and the tests need: apt-get installs what is missing (root or sudo), else says what to install
+	@PYTHON=$(PYTHON) bash tools/system_deps.sh $(if $(DRY_RUN),--dry-run)
+
+install: system-deps $(BIN)/python  ## system-deps, then create .venv, build the Cython extension, install with dev tools
 	$(BIN)/python -m pip install -q -e '.[dev]'
 
 build: $(BIN)/python  ## rebuild the extension in place after editing ext/

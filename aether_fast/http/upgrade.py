@@ -16,8 +16,9 @@ import traceback
 from typing import Any
 from urllib.parse import parse_qs
 
+# WSProtocol is internal to picows (pinned): docs/architecture.md, "picows internals we rely on"
 from picows import WSAutoPingStrategy
-from picows.picows import WSProtocol  # type: ignore[attr-defined]  # internal, pinned
+from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
 from aether_fast import logs
 from aether_fast._core import Connection, EchoSession, Hub, Session, hand_over
@@ -154,22 +155,24 @@ class WebSocketUpgrader:
         self, listener: Connection, head: bytes, transport: asyncio.Transport, rest: bytes
     ) -> None:
         """Give the socket to picows with `listener` as its WSListener."""
+        # by keyword: WSProtocol's constructor is internal to picows (docs/architecture.md,
+        # "picows internals we rely on")
         protocol = WSProtocol(
-            None,
-            None,
-            False,
-            lambda _request: listener,
-            self._log,
-            True,
-            self._config.handshake_timeout_s,
-            False,
-            20,
-            20,
-            WSAutoPingStrategy.PING_WHEN_IDLE,
-            False,  # pings are answered by Connection.on_ws_frame, in outbox order
-            self._max_frame,
-            None,
-            READ_BUFFER_INIT,
+            host_port=None,
+            ws_path=None,
+            is_client_side=False,
+            ws_listener_factory=lambda _request: listener,
+            logger=self._log,
+            disconnect_on_exception=True,
+            websocket_handshake_timeout=self._config.handshake_timeout_s,
+            enable_auto_ping=False,  # Hub.tick pings every PING_INTERVAL_S itself
+            auto_ping_idle_timeout=20,
+            auto_ping_reply_timeout=20,
+            auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
+            enable_auto_pong=False,  # Connection.on_ws_frame answers, in outbox order
+            max_frame_size=self._max_frame,
+            extra_headers=None,
+            read_buffer_init_size=READ_BUFFER_INIT,
         )
         transport.set_protocol(protocol)
         hand_over(protocol, transport, listener, head, rest)
