@@ -14,7 +14,7 @@ $(BIN)/python:
 system-deps:  ## the system packages the build and the tests need: apt-get installs what is missing (root or sudo), else says what to install
 	@PYTHON=$(PYTHON) bash tools/system_deps.sh $(if $(DRY_RUN),--dry-run)
 
-install: system-deps $(BIN)/python  ## system-deps, then create .venv, build the Cython extension, install with dev tools
+install: $(BIN)/python  ## create .venv, build the Cython extension, install with dev tools
 	$(BIN)/python -m pip install -q -e '.[dev]'
 
 build: $(BIN)/python  ## rebuild the extension in place after editing ext/
@@ -34,7 +34,7 @@ dev-debug:  ## debug build of ext/ (bounds checks, line tracing) + asyncio debug
 	@echo "dev-debug: aether_fast/_core is now a debug build; 'make build' restores the release build"
 	PYTHONASYNCIODEBUG=1 PYTHONDEVMODE=1 LOG_LEVEL=debug $(BIN)/aether-fast serve
 
-test:  ## every test: unit and integration
+test: system-deps  ## system-deps, then every test: unit and integration
 	$(BIN)/python -m pytest -q
 
 test-unit:
