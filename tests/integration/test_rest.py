@@ -240,7 +240,7 @@ def test_channel_delete_removes_members(server: Server) -> None:
         a.publish("rest.del", "after delete")
         err = a.recv_until("error")
         assert err["code"] == "NOT_A_MEMBER", err
-        b.nothing()
+        b.quiet()
         a.send({"type": "system", "action": "status", "data": {}})
         assert a.recv_until("system", "status")["data"]["severity"] == "info"
     code, body, _ = server.http("GET", "/ws/channels/rest.del", token=admin)
@@ -311,7 +311,7 @@ def test_broadcast_to_one_channel(server: Server) -> None:
         assert code == 200, body
         msg = a.recv_until("system", "broadcast")
         assert msg["data"]["message"] == "only bc1" and msg["data"]["severity"] == "error"
-        b.nothing(0.5)
+        b.quiet()
 
 
 # -- admin auth -------------------------------------------------------------------------------
