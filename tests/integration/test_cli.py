@@ -96,7 +96,7 @@ def test_check_config_without_secret_prints_no_generated_secret(tmp_path: Path) 
     out = run(["check-config"], cli_env(tmp_path), tmp_path)
     assert out.returncode == 0, out.stderr
     config = json.loads(out.stdout)
-    assert config["jwt_secret"] in ("***", "", None)
+    assert config["jwt_secret"] == "***"  # secrets print as "***", set or generated
     assert config["ws_port"] > 0
 
 
@@ -172,7 +172,7 @@ def test_bad_serve_flag_exits_2(tmp_path: Path) -> None:
     out = run(["serve", "--port", "0"], cli_env(tmp_path, JWT_SECRET=SECRET), tmp_path, timeout=15)
     assert out.returncode == 2, (out.returncode, out.stderr)
     line = one_line(out.stderr)
-    assert "WS_PORT" in line or "--port" in line, line
+    assert line.startswith("aether-fast: configuration error: WS_PORT: "), line
     assert "Traceback" not in out.stderr
 
 
@@ -191,7 +191,7 @@ def test_token_is_accepted_by_the_server(server: Server, tmp_path: Path) -> None
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
     claims = jwt.decode(token, SECRET, algorithms=["HS256"])
     assert claims["sub"] == "alice"
-    assert claims.get("admin") is True or claims.get("role") == "admin"
+    assert claims["admin"] is True
     assert claims["channels"] == ["chat.*"]
     assert abs(claims["exp"] - time.time() - 60) < 10, claims
 
@@ -297,7 +297,7 @@ def test_corrupt_store_exits_2_naming_data_dir(
     assert code == 2, (code, out[-1000:], err)
     line = one_line(err)
     assert "DATA_DIR" in line, line
-    assert "channels.sqlite3" in line or str(data) in line, line
+    assert f"DATA_DIR: {data / 'channels.sqlite3'}: corrupt" in line, line
     assert "Traceback" not in out + err
 
 
@@ -322,7 +322,8 @@ def test_port_in_use_exits_cleanly(tmp_path: Path, spawned: list[subprocess.Pope
         code, out, err = finish(p)
     assert code != 0, (code, out[-1000:], err)
     line = one_line(err)
-    assert str(port) in line or "in use" in line.lower(), line
+    # the one line says why (it does not name the port: see the report of issue 13)
+    assert line.startswith("aether-fast: cannot listen: ") and "in use" in line, line
     assert "Traceback" not in out + err
 
 
@@ -339,7 +340,8 @@ def test_metrics_port_in_use_exits_cleanly(
         code, out, err = finish(p)
     assert code != 0, (code, out[-1000:], err)
     line = one_line(err)
-    assert str(port) in line or "in use" in line.lower(), line
+    # the one line says why (it does not name the port: see the report of issue 13)
+    assert line.startswith("aether-fast: cannot listen: ") and "in use" in line, line
     assert "Traceback" not in out + err
 
 
@@ -370,4 +372,4 @@ def test_serve_exits_0_on_sigterm(tmp_path: Path, spawned: list[subprocess.Popen
     assert code == 0, (out[-1000:], err)
     assert err.strip() == "", err
     events = [json.loads(line)["event"] for line in out.splitlines() if line.strip()]
-    assert "server_started" in events or any("start" in e for e in events), events
+    assert "server_started" in events, events

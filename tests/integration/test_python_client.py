@@ -22,6 +22,7 @@ from aether_fast.client import (
     State,
 )
 from tests.conftest import Server
+from tests.integration.wiretap import Tapped, WireTap
 
 T = TypeVar("T")
 
@@ -233,14 +234,21 @@ def test_reconnect_recovers_missed_messages(server: Server) -> None:
 
 def test_unacked_messages_resent_with_retry(make_server: Callable[..., Server]) -> None:
     """Drop the sender's socket right after a burst: what the server accepted but never
-    acked is resent with `retry`, acked with its original offset, published once."""
+    acked is resent with `retry`, acked with its original offset, published once. A relay
+    between client and server shows the retries on the wire and the server's acks."""
     srv = make_server(RATE_LIMIT_MESSAGES="100000")
 
-    async def main() -> None:
+    async def main(tap: WireTap) -> None:
         rb = Recorder()
         async with (
             client(srv, "bob", rb, channels=["pc.retry"]),
-            client(srv, "alice", client_id="pc-retry", channels=["pc.retry"]) as alice,
+            AetherClient(
+                tap.url(),
+                token=srv.token("alice"),
+                client_id="pc-retry",
+                channels=["pc.retry"],
+                **FAST,
+            ) as alice,
         ):
             sent = [f"r{i}" for i in range(200)]
             futures = [alice.publish_nowait("pc.retry", text) for text in sent]
@@ -250,8 +258,48 @@ def test_unacked_messages_resent_with_retry(make_server: Callable[..., Server]) 
             await rb.wait_count(200)
             await asyncio.sleep(0.2)
             assert_once_in_order(rb.contents(), sent)
+            final = {a.sequence: a.offset for a in acks}
+        assert_retried_and_acked_once(tap.snapshot(), final)
 
-    run(main())
+    with WireTap(("127.0.0.1", srv.port)) as tap:
+        run(main(tap))
+
+
+def assert_retried_and_acked_once(conns: list[Tapped], final: dict[int, int]) -> None:
+    """The first socket carried `send`s; the next one `retry`s of some of those sequences,
+    each acked once by the server, with the offset the client reported (the original one
+    when the server had already published it on the first socket)."""
+    assert len(conns) >= 2, conns
+
+    def publications(msgs: list[dict[str, Any]], action: str) -> list[int]:
+        return [
+            m["data"]["metadata"]["sequence"]
+            for m in msgs
+            if (m.get("type"), m.get("action")) == ("message", action)
+        ]
+
+    def acks(msgs: list[dict[str, Any]]) -> Counter[tuple[int, int]]:
+        return Counter(
+            (m["data"]["metadata"]["sequence"], m["data"]["metadata"]["offset"])
+            for m in msgs
+            if (m.get("type"), m.get("action")) == ("message", "ack")
+        )
+
+    first, second = conns[0], conns[1]
+    sent_first = publications(first.up, "send")
+    assert sent_first and not publications(first.up, "retry"), first.up[:5]
+    retried = publications(second.up, "retry")
+    assert retried, "no retry on the second socket"
+    assert len(set(retried)) == len(retried) and set(retried) <= set(sent_first), retried
+    # what the first socket never carried goes out as a plain send
+    assert set(publications(second.up, "send")).isdisjoint(sent_first)
+    second_acks = acks(second.down)
+    first_acks = {seq: off for seq, off in acks(first.down)}
+    for seq in retried:
+        got = [(s, o) for s, o in second_acks.elements() if s == seq]
+        assert got == [(seq, final[seq])], (seq, got)  # acked once, as the client saw it
+        if seq in first_acks:  # published on the first socket: the retry is no new one
+            assert first_acks[seq] == final[seq], (seq, first_acks[seq], final[seq])
 
 
 def test_server_restart_mid_stream(make_server: Callable[..., Server]) -> None:

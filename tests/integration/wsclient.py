@@ -40,6 +40,17 @@ class Client:
             return
         raise AssertionError(f"unexpected message: {msg!r}")
 
+    def quiet(self, timeout: float = TIMEOUT) -> None:
+        """Assert that nothing is on its way: a status request's reply must be the next frame.
+
+        The server answers on this connection in order, so whatever it had queued for this
+        client before it read the request (a delivery, an error) would come first. Unlike a
+        silent wait, this cannot pass because the unwanted frame was merely slow."""
+        self.send({"type": "system", "action": "status", "data": {}})
+        msg = self.recv(timeout)
+        assert (msg.get("type"), msg.get("action")) == ("system", "status"), msg
+        assert "connections" in msg["data"], msg  # the reply, not a notice
+
     def send(self, obj: Any) -> None:
         self.ws.send(obj if isinstance(obj, (str, bytes)) else json.dumps(obj))
 

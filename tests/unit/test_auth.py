@@ -227,18 +227,42 @@ def test_cache_still_checks_expiry() -> None:
 
 
 def test_cache_skips_signature_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HS256 is checked by the hmac fast path, not jwt.decode: count the HMACs computed."""
     auth = Authenticator(hs_config())
     token = hs_token(good())
-    auth.verify(token, now=NOW)
+    real_digest = hmac.digest
     calls: list[str] = []
 
-    def boom(*args: object, **kwargs: object) -> None:
-        calls.append("decode")
-        raise AssertionError("decode called")
+    def counting(key: bytes, msg: bytes, digest: str) -> bytes:
+        calls.append(digest)
+        return real_digest(key, msg, digest)
 
-    monkeypatch.setattr(jwt, "decode", boom)
+    monkeypatch.setattr(hmac, "digest", counting)
+    assert auth.verify(token, now=NOW).user_id == "alice"
+    assert calls == ["sha256"]  # the first sight is verified ...
     assert auth.verify(token, now=NOW + 1).user_id == "alice"
-    assert calls == []
+    assert calls == ["sha256"]  # ... the second is served from the cache
+
+
+def test_cache_skips_pyjwt_decode(
+    rsa_pems: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RS256 has no fast path: the first verify goes through jwt.decode, the second must not."""
+    private, public = rsa_pems
+    auth = Authenticator(load_config({"JWT_ALGORITHM": "RS256", "JWT_PUBLIC_KEY": public}))
+    token = jwt.encode(good(), private, algorithm="RS256")
+    real_decode = jwt.decode
+    calls: list[str] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append("decode")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    assert auth.verify(token, now=NOW).user_id == "alice"
+    assert calls == ["decode"]
+    assert auth.verify(token, now=NOW + 1).user_id == "alice"
+    assert calls == ["decode"]
 
 
 def test_cache_is_bounded() -> None:

@@ -1,5 +1,6 @@
 // The JS client against a real aether-fast server (node --test).
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 
 import { AetherClient, AetherError, ClientClosed, tokenExpiry } from '../aether-client.js';
@@ -126,18 +127,27 @@ describe('against a server', () => {
   });
 
   test('unacked messages are resent with retry after a reconnect: none lost, none doubled', async () => {
+    // alice talks through a relay that records the frames both ways: the retries are on
+    // the wire and the server acks each once
+    const tap = await wireTap(server.port);
     const bob = makeClient(server, 'bob', { channels: ['js.retry'] });
-    const alice = makeClient(server, 'alice', { clientId: 'js-retry', channels: ['js.retry'] });
-    await Promise.all([alice.connect(), bob.connect()]);
-    const sent = Array.from({ length: 200 }, (_, i) => `r${i}`);
-    const acks = sent.map((t) => alice.publish('js.retry', t));
-    alice.reconnect(); // the socket goes while acks are on their way
-    const offsets = (await Promise.all(acks)).map((a) => a.offset).sort((a, b) => a - b);
-    assert.deepEqual(offsets, Array.from({ length: 200 }, (_, i) => i + 1));
-    await until(() => bob.rec.messages.length >= 200);
-    await sleep(200);
-    onceInOrder(bob.rec.messages.map((m) => m.content), sent);
-    await Promise.all([alice.close(), bob.close()]);
+    const alice = makeClient({ url: tap.url }, 'alice', { clientId: 'js-retry', channels: ['js.retry'] });
+    try {
+      await Promise.all([alice.connect(), bob.connect()]);
+      const sent = Array.from({ length: 200 }, (_, i) => `r${i}`);
+      const acks = sent.map((t) => alice.publish('js.retry', t));
+      alice.reconnect(); // the socket goes while acks are on their way
+      const got = await Promise.all(acks);
+      const offsets = got.map((a) => a.offset).sort((a, b) => a - b);
+      assert.deepEqual(offsets, Array.from({ length: 200 }, (_, i) => i + 1));
+      await until(() => bob.rec.messages.length >= 200);
+      await sleep(200);
+      onceInOrder(bob.rec.messages.map((m) => m.content), sent);
+      await Promise.all([alice.close(), bob.close()]);
+      assertRetriedAndAckedOnce(tap.connections, new Map(got.map((a) => [a.sequence, a.offset])));
+    } finally {
+      tap.close();
+    }
   });
 
   test('too large publications are refused and hold nothing up', { timeout: 30000 }, async () => {
@@ -296,3 +306,110 @@ describe('a small budget (RATE_LIMIT_MESSAGES 5 per 2 s: 10 refusals in a row cl
     await Promise.all([alice.close(), bob.close()]);
   });
 });
+
+// -- a relay that records the WebSocket text messages crossing it ------------------------------
+
+/** Relay 127.0.0.1:<port> to the server; each connection's JSON text messages are kept in
+ * `up` (client to server) and `down` (server to client, also what the server wrote after the
+ * client had gone). It skips the HTTP upgrade, then parses frames (the server negotiates no
+ * compression). */
+async function wireTap(targetPort) {
+  const connections = [];
+  const sockets = new Set();
+  const listener = net.createServer((client) => {
+    const upstream = net.connect(targetPort, '127.0.0.1');
+    const tapped = { up: [], down: [] };
+    connections.push(tapped);
+    for (const [src, dst, out] of [[client, upstream, tapped.up], [upstream, client, tapped.down]]) {
+      sockets.add(src);
+      const parse = frameParser(out);
+      src.on('data', (data) => {
+        parse(data);
+        if (!dst.destroyed) dst.write(data);
+      });
+      src.on('end', () => dst.end());
+      src.on('error', () => dst.destroy());
+      src.on('close', () => sockets.delete(src));
+    }
+  });
+  await new Promise((resolve) => listener.listen(0, '127.0.0.1', resolve));
+  return {
+    url: `ws://127.0.0.1:${listener.address().port}/ws`,
+    connections,
+    close() {
+      listener.close();
+      for (const s of sockets) s.destroy();
+    },
+  };
+}
+
+function frameParser(out) {
+  let buf = Buffer.alloc(0);
+  let inHead = true;
+  let parts = null;
+  return (data) => {
+    buf = Buffer.concat([buf, data]);
+    if (inHead) {
+      const end = buf.indexOf('\r\n\r\n');
+      if (end < 0) return;
+      buf = buf.subarray(end + 4);
+      inHead = false;
+    }
+    for (;;) {
+      if (buf.length < 2) return;
+      const fin = (buf[0] & 0x80) !== 0;
+      const opcode = buf[0] & 0x0f;
+      const masked = (buf[1] & 0x80) !== 0;
+      let length = buf[1] & 0x7f;
+      let pos = 2;
+      if (length === 126) {
+        if (buf.length < 4) return;
+        length = buf.readUInt16BE(2);
+        pos = 4;
+      } else if (length === 127) {
+        if (buf.length < 10) return;
+        length = Number(buf.readBigUInt64BE(2));
+        pos = 10;
+      }
+      const maskAt = pos;
+      if (masked) pos += 4;
+      if (buf.length < pos + length) return;
+      const payload = Buffer.from(buf.subarray(pos, pos + length));
+      if (masked) for (let i = 0; i < length; i++) payload[i] ^= buf[maskAt + (i % 4)];
+      buf = buf.subarray(pos + length);
+      if (opcode === 0x1) parts = [payload];
+      else if (opcode === 0x0 && parts) parts.push(payload);
+      else continue; // binary, ping, pong, close
+      if (fin) {
+        out.push(JSON.parse(Buffer.concat(parts).toString('utf8')));
+        parts = null;
+      }
+    }
+  };
+}
+
+/** The first socket carried `send`s, the next one `retry`s of some of those sequences, each
+ * acked once by the server with the offset the client reported (the original one when the
+ * server had already published it on the first socket). */
+function assertRetriedAndAckedOnce(connections, final) {
+  assert.ok(connections.length >= 2, `${connections.length} connection(s)`);
+  const pubs = (msgs, action) =>
+    msgs.filter((m) => m.type === 'message' && m.action === action).map((m) => m.data.metadata.sequence);
+  const acks = (msgs) =>
+    msgs.filter((m) => m.type === 'message' && m.action === 'ack').map((m) => m.data.metadata);
+  const [first, second] = connections;
+  const sentFirst = new Set(pubs(first.up, 'send'));
+  assert.ok(sentFirst.size > 0 && pubs(first.up, 'retry').length === 0);
+  const retried = pubs(second.up, 'retry');
+  assert.ok(retried.length > 0, 'no retry on the second socket');
+  assert.equal(new Set(retried).size, retried.length);
+  for (const seq of retried) assert.ok(sentFirst.has(seq), `retry of ${seq} never sent before`);
+  for (const seq of pubs(second.up, 'send')) assert.ok(!sentFirst.has(seq), `send of ${seq} again`);
+  const firstAcks = new Map(acks(first.down).map((a) => [a.sequence, a.offset]));
+  const secondAcks = acks(second.down);
+  for (const seq of retried) {
+    const got = secondAcks.filter((a) => a.sequence === seq).map((a) => a.offset);
+    assert.deepEqual(got, [final.get(seq)], `acks of ${seq}`);
+    if (firstAcks.has(seq)) assert.equal(firstAcks.get(seq), final.get(seq), `offset of ${seq}`);
+  }
+}
