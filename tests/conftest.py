@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -53,9 +54,17 @@ def free_ports(n: int) -> list[int]:
 class Server:
     """A running `aether-fast serve` and the helpers tests use to talk to it."""
 
-    def __init__(self, tmp: Path, env: dict[str, str], args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        env: dict[str, str],
+        args: Sequence[str] = (),
+        *,
+        fd_limit: int | None = None,
+    ) -> None:
         self.tmp = tmp
         self.args = list(args)  # command-line flags of `serve`
+        self.fd_limit = fd_limit  # the process's RLIMIT_NOFILE (soft and hard), if set
         self.port, self.metrics_port = free_ports(2)
         self.data_dir = tmp / "data"
         self.log_path = tmp / f"server-{self.port}.log"
@@ -84,6 +93,7 @@ class Server:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.tmp,
+            preexec_fn=None if self.fd_limit is None else self._limit_fds,
         )
         log.close()
         deadline = time.monotonic() + 15
@@ -96,6 +106,11 @@ class Server:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("server did not start: " + self.log_text())
+
+    def _limit_fds(self) -> None:
+        """In the child, before exec: the server's descriptor limit, whatever the machine's."""
+        assert self.fd_limit is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.fd_limit, self.fd_limit))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         assert self.proc is not None
@@ -220,9 +235,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def make_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     made: list[Server] = []
 
-    def make(*args: str, **env: str) -> Server:
-        """A server with these environment variables (and `serve` flags in `args`)."""
-        srv = Server(tmp_path, {k: str(v) for k, v in env.items()}, args)
+    def make(*args: str, fd_limit: int | None = None, **env: str) -> Server:
+        """A server with these environment variables (and `serve` flags in `args`), and
+        `fd_limit` as its RLIMIT_NOFILE if given."""
+        srv = Server(tmp_path, {k: str(v) for k, v in env.items()}, args, fd_limit=fd_limit)
         made.append(srv)
         return srv
 
