@@ -6,6 +6,7 @@ after 4001 without a new token; refresh before expiry)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -526,5 +527,47 @@ def test_token_refreshed_before_expiry(server: Server) -> None:
         ack = await c.publish("pc.tok", "still here")
         assert ack.offset == 1
         await c.close()
+
+    run(main())
+
+
+# -- close codes that stop the client or slow it down --------------------------------------------
+
+
+def test_stops_for_good_on_4009(server: Server) -> None:
+    async def main() -> None:
+        rec = Recorder()
+        first = client(server, "quinn", rec, client_id="dev-1")
+        await first.connect(timeout=10)
+        second = client(server, "quinn", client_id="dev-1")  # replaces the first
+        await second.connect(timeout=10)
+        await until(lambda: first.state == "closed")
+        await asyncio.sleep(0.5)  # time for a reconnect that must not come
+        assert rec.states.count("connecting") == 1 and "reconnecting" not in rec.states
+        assert second.state == "open"
+        await second.close()
+
+    run(main())
+
+
+def test_backs_off_longer_after_4029(make_server: Callable[..., Server]) -> None:
+    srv = make_server(RATE_LIMIT_CONNECTIONS="1")
+
+    async def main() -> None:
+        holder = client(srv, "ursa")
+        await holder.connect(timeout=10)
+        rec = Recorder()
+        over = client(srv, "ursa", rec, backoff_initial=0.05, backoff_max=60)
+        task = asyncio.ensure_future(over.connect(timeout=30))
+        await until(lambda: over.attempts >= 1)
+        # after 4029 the attempt count jumps to at least 6: the next wait is the 6th step of
+        # the backoff (0.05 * 2**5 = 1.6 s before jitter), not the first (0.05 s)
+        assert over.attempts >= 6, over.attempts
+        assert over.backoff_delay(over.attempts) >= 0.05 * 2**5 * 0.5
+        assert "CONNECTION_LIMIT" in [e.code for e in rec.errors]
+        await over.close()
+        with contextlib.suppress(Exception):
+            await task
+        await holder.close()
 
     run(main())
