@@ -3,6 +3,9 @@
 from collections import deque
 from typing import Any
 
+from aether_fast.brokers.base import Broker
+from aether_fast.events import SessionEvents
+
 class Budget:
     def __init__(self, capacity: float, per_seconds: float) -> None: ...
     def try_take(self) -> float: ...
@@ -73,8 +76,8 @@ class Session(Connection):
     def is_member(self, name: str) -> bool: ...
 
 class Hub:
-    node: Any
-    broker: Any
+    node: SessionEvents  # set by app.wire (None until then)
+    broker: Broker
     send_buffer_limit: int
     max_message_bytes: int
     conn_capacity: float

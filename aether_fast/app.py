@@ -68,6 +68,15 @@ def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+def wire(hub: Hub, node: Node, broker: Broker) -> None:
+    """Connect the calls back up (aether_fast/events.py): the sessions report to the Node
+    through `Hub.node`, publish through `Hub.broker`, and the broker asks the Node about
+    this worker. Done here only, once the parts exist; tests that build a Node call it too."""
+    hub.node = node
+    hub.broker = broker
+    broker.bind(node)
+
+
 #: Allocations between two young-generation collections (CPython's default is 700): a
 #: connection's set-up makes a few hundred objects, and each collection walks them all.
 GC_YOUNG_THRESHOLD = 20_000
@@ -120,6 +129,7 @@ async def start(config: Config) -> Worker:
         store = sqlite_store
     auth = Authenticator(config)
     node = Node(config, hub, broker, store, auth)
+    wire(hub, node, broker)
     metrics = Metrics(hub, node)
     router = Router(config, node, auth, metrics)
     upgrader = WebSocketUpgrader(config, hub, node, auth)

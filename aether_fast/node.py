@@ -6,6 +6,8 @@ counts and inbound budgets, presence notices, the once-a-second timer, and the o
 the REST routes call.
 Rule: the Node never touches a socket; it talks to clients only through `Session.send_*`,
 `Session.close` and `Hub.deliver`, so every frame keeps its place in the member's outbox.
+The sessions and the broker call back up only through `events.SessionEvents` and
+`events.ClusterEvents`, which the Node implements; `app.wire` connects them.
 """
 
 from __future__ import annotations
@@ -112,9 +114,6 @@ class Node:
         self._timer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._dropped_at = -1.0
-        hub.node = self
-        hub.broker = broker
-        broker.bind(self)
 
     # -- lifecycle -------------------------------------------------------------------------
 

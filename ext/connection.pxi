@@ -15,7 +15,8 @@
 # transport still holds (the kernel took none of it yet) is compared with
 # SEND_BUFFER_LIMIT_BYTES; over it, the connection is closed with 4008. A reader that never
 # reads so costs at most its kernel socket buffer, the limit, and one outbox of at most the
-# limit plus one frame.
+# limit plus one frame. The frame layer never calls the control plane: a subclass reports
+# the close in `slow_reader_event` (Session and EchoSession log a security event).
 
 cdef void shrink(MemoryBuffer buffer) noexcept:
     """Give back a picows write buffer's memory, keeping a few bytes. Its content is
@@ -225,6 +226,11 @@ cdef class Connection(WSListener):
 
     cdef void too_large(self, Py_ssize_t size):
         self.close(CloseCode.TOO_BIG, "message too big")
+
+    cdef void slow_reader_event(self, str reason) except *:
+        """`too_slow` is closing this connection (4008): a subclass may report it (the frame
+        layer never calls the control plane)."""
+        pass
 
     cdef void drained(self) except *:
         """With `pacing` set: called after each flush of this connection, when its transport
@@ -501,7 +507,7 @@ cdef class Connection(WSListener):
         self.hub.slow_reader_closes += 1
         self.niov = 0
         self.olen = 0
-        self.hub.node.security_event(self, "slow_reader", reason)
+        self.slow_reader_event(reason)
         self.close(CloseCode.SLOW_READER, "send buffer over its limit")
 
     cpdef send_frame(self, bytes frame):

@@ -8,6 +8,9 @@ cdef class EchoSession(Connection):
     def __init__(self, Hub hub, str peer, Py_ssize_t max_message):
         Connection.__init__(self, hub, peer, max_message)
 
+    cdef void slow_reader_event(self, str reason) except *:
+        self.hub.node.security_event(self, "slow_reader", reason)
+
     cdef void on_message(self, int opcode, bytes payload):
         if opcode == WSMsgType.TEXT:
             try:

@@ -114,6 +114,9 @@ cdef class Session(Connection):
         self.held_bytes = 0
         self.hub.node.on_close(self)
 
+    cdef void slow_reader_event(self, str reason) except *:
+        self.hub.node.security_event(self, "slow_reader", reason)
+
     cdef void too_large(self, Py_ssize_t size):
         self.hub.messages_in += 1
         cdef double wait = self.take()

@@ -24,6 +24,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from aether_fast.events import ClusterEvents
+
 #: The reason code of a broker that cannot be reached (its details are logged, not shown).
 BROKER_UNAVAILABLE = "broker_unavailable"
 
@@ -94,9 +96,9 @@ class Broker(Protocol):
         text of an exception, which names hosts and ports: that goes to the log."""
         ...
 
-    def bind(self, node: Any) -> None:
-        """Called once by the Node: the broker may call node.local_session(identity, client_id),
-        node.on_config_change(name, cfg) and node.local_figures()."""
+    def bind(self, node: ClusterEvents) -> None:
+        """Called once by `app.wire`: the worker the broker may call back
+        (`events.ClusterEvents`: local_session, on_config_change, local_figures)."""
         ...
 
     def remote_connections(self, key: str) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 
 from aether_fast._core import ChannelLog, DedupeWindow, MemoryLogs
 from aether_fast.brokers.base import PublishResult, Recovery
+from aether_fast.events import ClusterEvents
 
 #: The number of accepted sequences remembered per (user, client_id, channel): the last 1024,
 #: whatever their pattern (`_core.DedupeWindow`).
@@ -47,8 +48,8 @@ class MemoryBroker:
     def health(self) -> tuple[str, str]:
         return ("healthy", "")
 
-    def bind(self, node: Any) -> None:
-        return None
+    def bind(self, node: ClusterEvents) -> None:
+        return None  # one worker: nothing to ask it
 
     def remote_connections(self, key: str) -> int:
         return 0

@@ -59,6 +59,7 @@ from aether_fast.brokers.base import (
     new_epoch,
 )
 from aether_fast.brokers.memory import DEDUP_WINDOW
+from aether_fast.events import ClusterEvents
 from aether_fast.store import ChannelConfig
 
 PREFIX = "aether:"
@@ -219,12 +220,12 @@ class RedisBroker:
         self._faults: dict[str, str] = {"commands": "redis: not connected yet"}
         self._remote: dict[str, dict[str, Any]] = {}
         self._configs: dict[str, ChannelConfig] = {}
-        #: set by the Node: local_session(identity, client_id) and apply_config(cfg)
+        #: the bound worker's `ClusterEvents` (set by `bind`), held as bound methods
         self.local_session: Callable[[str | None, str], Any] = lambda u, c: None
         self.on_config: Callable[[str, ChannelConfig | None], None] = lambda n, c: None
         self.local_figures: Callable[[], dict[str, Any]] = dict
 
-    def bind(self, node: Any) -> None:
+    def bind(self, node: ClusterEvents) -> None:
         self.local_session = node.local_session
         self.on_config = node.on_config_change
         self.local_figures = node.local_figures

@@ -25,6 +25,7 @@ from picows.picows import _make_test_ws_frame
 from aether_fast._core import (
     Budget,
     Channel,
+    Connection,
     Hub,
     RateBucket,
     Session,
@@ -85,7 +86,8 @@ class StubLoop:
 
 
 class StubNode:
-    """What a Session asks of the Node on open, close and non-publish messages: nothing."""
+    """What a Session asks of the Node (events.SessionEvents) on open, close and
+    non-publish messages: nothing."""
 
     def on_open(self, session: Session) -> None:
         return None
@@ -96,7 +98,7 @@ class StubNode:
     def on_control(self, session: Session, mtype: Any, action: Any, data: Any) -> None:
         return None
 
-    def security_event(self, session: Session, event: str, reason: str) -> None:
+    def security_event(self, session: Connection, event: str, reason: str) -> None:
         return None
 
 
@@ -128,7 +130,7 @@ def make_hub(broker: Any = None) -> Hub:
         refresh_notice=60,
     )
     hub.node = StubNode()
-    hub.broker = broker if broker is not None else StubBroker()
+    hub.broker = broker if broker is not None else StubBroker()  # type: ignore[assignment]
     return hub
 
 

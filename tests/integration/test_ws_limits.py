@@ -371,6 +371,9 @@ def test_slow_reader_closed_4008_others_keep_receiving(make_server: Callable[...
             assert expect(fast, "message", "send")["data"]["content"] == "after"
         _, body, _ = srv.http("GET", "/metrics/connections")
         assert body["slow_reader_closes"] == 1
+    # the close is logged as a security event naming the reader (Session.slow_reader_event)
+    logged = [o for o in srv.log_lines() if o.get("event") == "slow_reader"]
+    assert [(o["level"], o["data"]["details"]["user_id"]) for o in logged] == [("warn", "sloth")]
 
 
 # -- the upgrade request ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from aether_fast._core import Budget, Hub, Session
+from aether_fast.app import wire
 from aether_fast.auth import Authenticator, Claims
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import load_config
@@ -44,7 +45,9 @@ def node(tmp_path: Path) -> Iterator[Node]:
     store = ChannelStore(str(tmp_path))
     store.open()
     broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)
-    yield Node(config, hub, broker, store, Authenticator(config))
+    node = Node(config, hub, broker, store, Authenticator(config))
+    wire(hub, node, broker)
+    yield node
     store.close()
     loop.close()
 
@@ -97,13 +100,9 @@ def test_no_budget_without_a_limit(tmp_path: Path) -> None:
     )
     store = ChannelStore(str(tmp_path))
     store.open()
-    node = Node(
-        config,
-        hub,
-        MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60),
-        store,
-        Authenticator(config),
-    )
+    broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)
+    node = Node(config, hub, broker, store, Authenticator(config))
+    wire(hub, node, broker)
     assert _open(node, "alice", "a1").budget is None
     store.close()
     loop.close()
