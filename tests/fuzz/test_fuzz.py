@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Server
-from tests.integration.helpers import OP_TEXT, RawWS
+from tests.integration.helpers import OP_TEXT, RawWS, rss_kib
 from tests.integration.rawhttp import RawConn
 from tests.integration.wsclient import Client
 
@@ -84,14 +84,6 @@ messages = st.fixed_dictionaries(
         "extra": json_values,
     },
 )
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@
   to send (bad UTF-8, reserved bits, stray continuations, unmasked frames) and for a reader
   that never reads.
 - `wait_for`: poll a condition with a deadline instead of sleeping.
+- `rss_kib`: a process's resident set size, for the bounded-memory checks.
 - `no_new_server_errors`: an autouse fixture for modules on the shared `server`.
 """
 
@@ -77,22 +78,10 @@ class HClient(Client):
 
 def drain(c: Client, timeout: float = TIMEOUT) -> tuple[list[dict[str, Any]], int | None]:
     """Every message until the server closes the connection, and the close code it sent."""
-    got: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"connection not closed within {timeout}s; got {got}")
-            try:
-                msg = c.ws.recv(timeout=left)
-            except TimeoutError:
-                raise AssertionError(
-                    f"connection not closed within {timeout}s; got {got}"
-                ) from None
-            got.append(json.loads(msg) if isinstance(msg, str) else {"binary": msg})
-    except ConnectionClosed as closed:
-        return got, (closed.rcvd.code if closed.rcvd is not None else None)
+    got, code, closed = collect(c, timeout)
+    if not closed:
+        raise AssertionError(f"connection not closed within {timeout}s; got {got}")
+    return got, code
 
 
 def collect(c: Client, timeout: float) -> tuple[list[dict[str, Any]], int | None, bool]:
@@ -134,14 +123,24 @@ def expect(c: Client, mtype: str, action: str, timeout: float = TIMEOUT) -> dict
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
+    """Call `cond` until it returns a truthy value; fail with its last value at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"condition not met within {timeout}s; last: {value!r}")
         time.sleep(interval)
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size of process `pid`, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
 
 
 def join_msg(channel: Any, **extra: Any) -> dict[str, Any]:

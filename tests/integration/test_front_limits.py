@@ -16,20 +16,13 @@ import pytest
 import trustme
 
 from tests.conftest import Server
+from tests.integration.helpers import rss_kib
 from tests.integration.rawhttp import RawConn, request_bytes, upgrade_bytes
 
 MakeServer = Callable[..., Server]
 
 #: RSS growth allowed while one client pipelines several MB and reads nothing
 RSS_BOUND_KIB = 32 * 1024
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def _pipeline_without_reading(srv: Server, port: int, path: str) -> int:

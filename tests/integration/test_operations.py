@@ -33,6 +33,7 @@ from aether_fast.store import (
 from tests.conftest import ROOT, SECRET, Server, free_port
 from tests.deploy import referenced_metrics, scraped_names
 from tests.dockerfile import Ignore, context_files, parse
+from tests.integration.helpers import wait_for
 from tests.integration.wsclient import Client
 
 VENV = Path(sys.executable).parent.parent
@@ -57,17 +58,6 @@ def cli(args: list[str], timeout: float = 30, **env: str) -> subprocess.Complete
         )
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"aether-fast {args} did not exit within {timeout}s") from exc
-
-
-def poll(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s; last: {last!r}")
 
 
 def listening(port: int) -> bool:
@@ -446,12 +436,12 @@ def test_dev_watch_restarts_the_server_on_a_source_change(
         text=True,
     )
     procs.append(watcher)
-    first = poll(lambda: worker_label(metrics), timeout=60)
+    first = wait_for(lambda: worker_label(metrics), timeout=60)
     (watched / "notes.txt").write_text("not a source file")
     time.sleep(1.0)
     assert worker_label(metrics) == first, "restarted for a file that is not a source"
     (watched / "module.py").write_text("x = 1\n")
-    second = poll(lambda: (w := worker_label(metrics)) != first and w, timeout=30)
+    second = wait_for(lambda: (w := worker_label(metrics)) != first and w, timeout=30)
     assert second and second != first
     watcher.send_signal(signal.SIGTERM)
     assert watcher.wait(30) == 0
@@ -612,7 +602,7 @@ def test_dockerfile_build_steps_in_a_fresh_venv(
         stderr=subprocess.DEVNULL,
     )
     procs.append(server)
-    poll(lambda: listening(int(ports["WS_PORT"])) or server.poll() is not None, timeout=30)
+    wait_for(lambda: listening(int(ports["WS_PORT"])) or server.poll() is not None, timeout=30)
     assert server.poll() is None, "the image's server did not start"
 
     check = runtime.last("HEALTHCHECK")

@@ -15,20 +15,9 @@ import jwt
 import pytest
 
 from tests.conftest import SECRET, Server
+from tests.integration.helpers import wait_for
 from tests.integration.rawhttp import RawConn, request_bytes
 from tests.integration.wsclient import Client
-
-
-def poll(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
-    """Call `check` until it returns a truthy value; fail with its last value at the deadline."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s; last: {last!r}")
 
 
 def assert_error(body: Any, code: str) -> None:
@@ -105,10 +94,10 @@ def test_status_numbers_move_with_clients(server: Server) -> None:
             a.publish("status.room", "tick")
             return float(status(server)["channels"]["messages_per_second"])
 
-        assert poll(rate, timeout=4.0, interval=0.2) > 0
+        assert wait_for(rate, timeout=4.0, interval=0.2) > 0
         a.close()
         b.close()
-    poll(lambda: status(server)["connections"]["active"] <= before["connections"]["active"])
+    wait_for(lambda: status(server)["connections"]["active"] <= before["connections"]["active"])
     after = status(server)
     assert after["connections"]["total"] >= before["connections"]["total"] + 2
 

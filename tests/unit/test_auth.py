@@ -28,6 +28,7 @@ from aether_fast.auth import (
     mint_token,
 )
 from aether_fast.config import Config, load_config
+from tests.unit import support
 
 SECRET = "k" * 32
 NOW = 1_700_000_000.0
@@ -55,18 +56,7 @@ def refused(auth: Authenticator, token: str, now: float = NOW) -> AuthError:
 
 @pytest.fixture(scope="module")
 def rsa_pems() -> tuple[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private, public
+    return support.rsa_pems()
 
 
 def test_hs256_roundtrip() -> None:

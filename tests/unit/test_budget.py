@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from aether_fast._core import Budget, Hub, Session
+from aether_fast._core import Budget, Session
 from aether_fast.app import wire
 from aether_fast.auth import Authenticator, Claims
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import load_config
 from aether_fast.node import Node
 from aether_fast.store import ChannelStore
+from tests.unit.support import make_hub
 
 WINDOW = 0.3
 
@@ -33,14 +34,10 @@ def node(tmp_path: Path) -> Iterator[Node]:
             "RATE_LIMIT_WINDOW_S": str(WINDOW),
         }
     )
-    hub = Hub(
+    hub = make_hub(
         loop,
-        send_buffer_limit=1 << 20,
-        max_message_bytes=65536,
         conn_capacity=float(config.rate_limit_messages),
         conn_window=float(config.rate_limit_window_s),
-        global_rate=0,
-        refresh_notice=60,
     )
     store = ChannelStore(str(tmp_path))
     store.open()
@@ -89,15 +86,7 @@ def test_budget_outlives_its_connections_until_refilled(node: Node) -> None:
 def test_no_budget_without_a_limit(tmp_path: Path) -> None:
     loop = asyncio.new_event_loop()
     config = load_config({"JWT_SECRET": "x" * 40, "RATE_LIMIT_MESSAGES": "0"})
-    hub = Hub(
-        loop,
-        send_buffer_limit=1 << 20,
-        max_message_bytes=65536,
-        conn_capacity=0,
-        conn_window=60,
-        global_rate=0,
-        refresh_notice=60,
-    )
+    hub = make_hub(loop)
     store = ChannelStore(str(tmp_path))
     store.open()
     broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from aether_fast.config import SETTINGS, Config, ConfigError, describe, load_config, masked
+from tests.unit.support import rsa_pems
 
 SECRET = "s" * 32
 
@@ -18,21 +19,6 @@ def _err(env: dict[str, str], overrides: dict[str, object] | None = None) -> Con
     with pytest.raises(ConfigError) as info:
         load_config(env, overrides)
     return info.value
-
-
-def _rsa_pems() -> tuple[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private, public
 
 
 def test_defaults() -> None:
@@ -248,7 +234,7 @@ def test_overrides_are_validated() -> None:
 
 
 def test_rsa_keys_inline_and_from_files(tmp_path: Path) -> None:
-    private, public = _rsa_pems()
+    private, public = rsa_pems()
     c = load_config({"JWT_ALGORITHM": "rs256", "JWT_PUBLIC_KEY": public})
     assert c.jwt_algorithm == "RS256" and c.jwt_public_key == public
     assert c.jwt_secret == "" and c.jwt_secret_generated is False
@@ -271,7 +257,7 @@ def test_rsa_keys_inline_and_from_files(tmp_path: Path) -> None:
 
 
 def test_key_errors(tmp_path: Path) -> None:
-    private, public = _rsa_pems()
+    private, public = rsa_pems()
     e = _err({"JWT_ALGORITHM": "RS256", "JWT_PUBLIC_KEY_FILE": str(tmp_path / "missing.pem")})
     assert e.variable == "JWT_PUBLIC_KEY_FILE" and "cannot read" in e.message
     e = _err({"JWT_ALGORITHM": "RS256", "JWT_PUBLIC_KEY_FILE": str(tmp_path)})
@@ -322,7 +308,7 @@ def test_tls_files(tmp_path: Path) -> None:
 
 
 def test_masked() -> None:
-    private, public = _rsa_pems()
+    private, public = rsa_pems()
     c = load_config(
         {
             "JWT_ALGORITHM": "RS256",

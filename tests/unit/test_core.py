@@ -25,6 +25,7 @@ from aether_fast.auth import Claims
 from aether_fast.brokers.memory import DEDUP_WINDOW, MemoryBroker
 from aether_fast.config import load_config
 from aether_fast.store import default_channel_config
+from tests.unit.support import make_hub
 
 
 def parse_frame(frame: bytes) -> tuple[int, bool, bytes]:
@@ -122,23 +123,10 @@ def sender(hub: Hub, user: str, client_id: str) -> Session:
     return Session(hub, client_id, Claims(user, 2e9, False, None), "127.0.0.1")
 
 
-def _hub(loop: asyncio.AbstractEventLoop, busy_poll_s: float) -> Hub:
-    return Hub(
-        loop,
-        send_buffer_limit=1 << 20,
-        max_message_bytes=65536,
-        conn_capacity=0,
-        conn_window=1,
-        global_rate=0,
-        refresh_notice=60,
-        busy_poll_s=busy_poll_s,
-    )
-
-
 @pytest.fixture
 def broker() -> tuple[MemoryBroker, Hub, object]:
     loop = asyncio.new_event_loop()
-    hub = _hub(loop, 0.0)
+    hub = make_hub(loop, conn_window=1, busy_poll_s=0.0)
     config = load_config({"JWT_SECRET": "x" * 40, "HISTORY_SIZE": "5"})
     channel = hub.add_channel("chat", default_channel_config("chat", config))
     yield MemoryBroker(hub, history_ttl_s=3600, dedup_ttl_s=300), hub, channel
@@ -302,7 +290,7 @@ def test_sweep_forgets_what_joins_of_unused_channels_left(
 def test_busy_poll_spins_after_a_flush_then_stops() -> None:
     loop = asyncio.new_event_loop()
     try:
-        hub = _hub(loop, 0.02)
+        hub = make_hub(loop, conn_window=1, busy_poll_s=0.02)
         hub.flush()
         assert hub.spinning
         loop.run_until_complete(asyncio.sleep(0.1))
@@ -314,7 +302,7 @@ def test_busy_poll_spins_after_a_flush_then_stops() -> None:
 def test_busy_poll_off_never_spins() -> None:
     loop = asyncio.new_event_loop()
     try:
-        hub = _hub(loop, 0.0)
+        hub = make_hub(loop, conn_window=1, busy_poll_s=0.0)
         hub.flush()
         assert not hub.spinning
     finally:
