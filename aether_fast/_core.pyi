@@ -160,6 +160,14 @@ def encode_publication(
     client_id: str,
     user_id: str | None,
 ) -> bytes: ...
+def publication_halves(
+    channel: str,
+    content: str,
+    sequence: int,
+    timestamp: str,
+    client_id: str,
+    user_id: str | None,
+) -> tuple[bytes, bytes]: ...
 def utc_timestamp() -> str: ...
 def monotonic() -> float: ...
 def hand_over(

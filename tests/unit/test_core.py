@@ -19,6 +19,7 @@ from aether_fast._core import (
     encode_json_frame,
     encode_publication,
     encode_text_frame,
+    publication_halves,
     utc_timestamp,
 )
 from aether_fast.auth import Claims
@@ -379,6 +380,9 @@ def test_publication_frame_is_what_orjson_makes_of_the_dict(
     )
     got = encode_publication("room.1", content, sequence, ts, 99, client_id, user_id)  # type: ignore[arg-type]
     assert got == expected
+    # the Redis broker's halves, joined around the offset as its script does: the same text
+    head, tail = publication_halves("room.1", content, sequence, ts, client_id, user_id)  # type: ignore[arg-type]
+    assert head + b"99" + tail == parse_frame(expected)[2]
 
 
 @pytest.mark.parametrize("sequence", [-1, 2**64])
