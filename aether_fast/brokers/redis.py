@@ -53,12 +53,12 @@ from aether_fast._core import encode_text_frame, publication_halves, utc_timesta
 from aether_fast.brokers import resp
 from aether_fast.brokers.base import (
     BROKER_UNAVAILABLE,
+    DEDUP_WINDOW,
     BrokerUnavailable,
     PublishResult,
     Recovery,
     new_epoch,
 )
-from aether_fast.brokers.memory import DEDUP_WINDOW
 from aether_fast.store import ChannelConfig
 
 PREFIX = "aether:"

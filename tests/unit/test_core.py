@@ -23,7 +23,8 @@ from aether_fast._core import (
     utc_timestamp,
 )
 from aether_fast.auth import Claims
-from aether_fast.brokers.memory import DEDUP_WINDOW, MemoryBroker
+from aether_fast.brokers.base import DEDUP_WINDOW
+from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import load_config
 from aether_fast.store import default_channel_config
 
@@ -187,7 +188,7 @@ def test_dedupe_window_grows_with_use(broker: tuple[MemoryBroker, Hub, object]) 
     for seq in range(start + 3, start + 5000):
         b.publish(ch, alice, seq, "x")
     assert (window.remembered, window.capacity) == (DEDUP_WINDOW, DEDUP_WINDOW)
-    assert all(b.publish(ch, alice, s, "x")[2] for s in range(start + 5000 - 1024, start + 5000))
+    assert all(b.publish(ch, alice, s, "x")[2] for s in range(start + 5000 - DEDUP_WINDOW, start + 5000))
     assert not b.publish(ch, alice, start + 5000 - 1025, "x")[2]
 
 
