@@ -30,7 +30,17 @@ CLIENT_MESSAGES: Final[frozenset[tuple[str, str]]] = frozenset(
 
 SEVERITIES: Final[frozenset[str]] = frozenset({"info", "warning", "error"})
 
+#: The rule for a channel name (and a client_id): the regex and its words, for every place
+#: that checks one. The compiled check (ext/session.pxi `valid_channel_name`) is the same
+#: rule in C; tests/unit/test_protocol.py holds it to this regex.
 CHANNEL_NAME_RE: Final[re.Pattern[str]] = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+NAME_RULE: Final = "1-128 characters of A-Z a-z 0-9 _ . : -"
+
+
+def name_error(field: str) -> str:
+    """The reason given for a `field` (channel, client_id, name) that breaks the name rule."""
+    return f"{field} must be {NAME_RULE}"
+
 
 # -- error codes ---------------------------------------------------------------------------
 
@@ -117,11 +127,7 @@ def valid_channel(name: object) -> bool:
 def require_channel(data: dict[str, Any]) -> str:
     channel = data.get("channel")
     if not valid_channel(channel):
-        raise Invalid(
-            ErrorCode.INVALID_MESSAGE,
-            "channel",
-            "channel must be 1-128 characters of A-Z a-z 0-9 _ . : -",
-        )
+        raise Invalid(ErrorCode.INVALID_MESSAGE, "channel", name_error("channel"))
     assert isinstance(channel, str)
     return channel
 
