@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from aether_fast import logs
+from aether_fast import logs, protocol
 from aether_fast._core import Budget, Channel, Connection, Hub, Session, encode_json_frame
 from aether_fast.auth import Authenticator, AuthError, Claims, channel_allowed
 from aether_fast.brokers.base import BROKER_UNAVAILABLE, Broker, Recovery
@@ -180,13 +180,7 @@ class Node:
         old = self._live.get(live_key)
         if old is not None:
             # the newer connection replaces the older one before limits are counted
-            old.send_json(
-                {
-                    "type": "system",
-                    "action": "status",
-                    "data": {"message": "replaced by a newer connection", "severity": "warning"},
-                }
-            )
+            old.send_json(protocol.status("replaced by a newer connection", "warning"))
             old.close(CloseCode.REPLACED, "replaced by a newer connection")
             self._release_key(old)
         key = limit_key(s.user_id, s.peer)
@@ -224,19 +218,7 @@ class Node:
 
     def _greet(self, s: Session) -> None:
         """The first frame after open when no channel was joined with it."""
-        s.send_json(
-            {
-                "type": "connection",
-                "action": "connect",
-                "data": {
-                    "client_id": s.client_id,
-                    "user_id": s.user_id,
-                    "channel": None,
-                    "offset": None,
-                    "epoch": None,
-                },
-            }
-        )
+        s.send_json(protocol.connected(s.client_id, s.user_id, None, None, None))
 
     def _release_key(self, s: Session) -> None:
         key = s.limit_key
@@ -343,13 +325,7 @@ class Node:
             elif pair == ("connection", "refresh"):
                 self.refresh(s, require_str(data, "token", 16384))
             elif pair == ("system", "status"):
-                s.send_json(
-                    {
-                        "type": "system",
-                        "action": "status",
-                        "data": {"message": "ok", "severity": "info", **self.status_counts()},
-                    }
-                )
+                s.send_json(protocol.status("ok", "info", **self.status_counts()))
             else:
                 self.client_broadcast(s, data)
         except Invalid as bad:
@@ -476,16 +452,16 @@ class Node:
             # as if the history were gone (the client reloads and continues from `offset`)
             frames, recovered = [], False
             self.security_event(s, "replay_limit", name)
-        reply: dict[str, Any] = {
-            "client_id": s.client_id,
-            "user_id": s.user_id,
-            "channel": name,
-            "offset": recovery.offset,
-            "epoch": recovery.epoch,
-        }
-        if since is not None:
-            reply["recovered"] = recovered
-        s.send_json({"type": "connection", "action": "connect", "data": reply})
+        s.send_json(
+            protocol.connected(
+                s.client_id,
+                s.user_id,
+                name,
+                recovery.offset,
+                recovery.epoch,
+                recovered if since is not None else None,
+            )
+        )
         s.replay(name, frames, recovery.offset)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -524,22 +500,10 @@ class Node:
         if ch is not None and ch.presence:
             self._presence(ch, s, "disconnect")
         self.hub.leave(s, name)
-        s.send_json(
-            {
-                "type": "connection",
-                "action": "disconnect",
-                "data": {"client_id": s.client_id, "user_id": s.user_id, "channel": name},
-            }
-        )
+        s.send_json(protocol.disconnected(s.client_id, s.user_id, name))
 
     def _presence(self, ch: Channel, s: Session, action: str) -> None:
-        frame = encode_json_frame(
-            {
-                "type": "connection",
-                "action": action,
-                "data": {"client_id": s.client_id, "user_id": s.user_id, "channel": ch.name},
-            }
-        )
+        frame = encode_json_frame(protocol.presence(action, s.client_id, s.user_id, ch.name))
         self.hub.deliver(ch, frame, s)
 
     def refresh(self, s: Session, token: str) -> None:
@@ -571,9 +535,7 @@ class Node:
         s.claims = claims
         s.expires_at = claims.expires_at + self.config.jwt_leeway_s
         s.warned = False
-        s.send_json(
-            {"type": "connection", "action": "refresh", "data": {"expires_at": claims.expires_at}}
-        )
+        s.send_json(protocol.refreshed(claims.expires_at))
         # the new claims decide from now on: channels they no longer allow are left
         for name in s.joined():
             if not channel_allowed(claims, name):
@@ -599,13 +561,7 @@ class Node:
     def broadcast(self, message: str, severity: str, channel: str | None) -> int:
         """Send a system/broadcast notice to every connection, or to one channel's members.
         Returns how many connections it was queued for."""
-        frame = encode_json_frame(
-            {
-                "type": "system",
-                "action": "broadcast",
-                "data": {"message": message, "severity": severity, "channel": channel},
-            }
-        )
+        frame = encode_json_frame(protocol.broadcast(message, severity, channel))
         if channel is None:
             n: int = self.hub.deliver_all(frame)
             return n
@@ -670,25 +626,8 @@ class Node:
     def _tell_removed(self, s: Session, name: str, reason: str) -> None:
         """The notice of a removal: connection/disconnect with `reason` (a client does not
         rejoin), then a system/status warning saying it in words."""
-        s.send_json(
-            {
-                "type": "connection",
-                "action": "disconnect",
-                "data": {
-                    "client_id": s.client_id,
-                    "user_id": s.user_id,
-                    "channel": name,
-                    "reason": reason,
-                },
-            }
-        )
-        s.send_json(
-            {
-                "type": "system",
-                "action": "status",
-                "data": {"message": _REMOVED_TEXT[reason].format(name), "severity": "warning"},
-            }
-        )
+        s.send_json(protocol.disconnected(s.client_id, s.user_id, name, reason))
+        s.send_json(protocol.status(_REMOVED_TEXT[reason].format(name), "warning"))
 
     async def channel_view(self, name: str) -> dict[str, Any] | None:
         stored = self.store.get(name)
@@ -786,11 +725,7 @@ class Node:
         """Tell every client the server is going away and close each with 1001."""
         self.shutting_down = True
         connections = self.hub.session_list()
-        notice = {
-            "type": "system",
-            "action": "status",
-            "data": {"message": "server shutting down", "severity": "warning"},
-        }
+        notice = protocol.status("server shutting down", "warning")
         for c in connections:
             if isinstance(c, Session):
                 c.send_json(notice)

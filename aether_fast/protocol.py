@@ -30,7 +30,17 @@ CLIENT_MESSAGES: Final[frozenset[tuple[str, str]]] = frozenset(
 
 SEVERITIES: Final[frozenset[str]] = frozenset({"info", "warning", "error"})
 
+#: The rule for a channel name (and a client_id): the regex and its words, for every place
+#: that checks one. The compiled check (ext/session.pxi `valid_channel_name`) is the same
+#: rule in C; tests/unit/test_protocol.py holds it to this regex.
 CHANNEL_NAME_RE: Final[re.Pattern[str]] = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+NAME_RULE: Final = "1-128 characters of A-Z a-z 0-9 _ . : -"
+
+
+def name_error(field: str) -> str:
+    """The reason given for a `field` (channel, client_id, name) that breaks the name rule."""
+    return f"{field} must be {NAME_RULE}"
+
 
 # -- error codes ---------------------------------------------------------------------------
 
@@ -117,11 +127,7 @@ def valid_channel(name: object) -> bool:
 def require_channel(data: dict[str, Any]) -> str:
     channel = data.get("channel")
     if not valid_channel(channel):
-        raise Invalid(
-            ErrorCode.INVALID_MESSAGE,
-            "channel",
-            "channel must be 1-128 characters of A-Z a-z 0-9 _ . : -",
-        )
+        raise Invalid(ErrorCode.INVALID_MESSAGE, "channel", name_error("channel"))
     assert isinstance(channel, str)
     return channel
 
@@ -159,6 +165,78 @@ def require_severity(data: dict[str, Any]) -> str:
         )
     assert isinstance(severity, str)
     return severity
+
+
+# -- server messages -----------------------------------------------------------------------
+# One builder for each message the control plane sends, in docs/protocol.md's key order
+# (tests/unit/test_protocol.py compares orjson.dumps of each with the documented lines). The
+# per-message frames (publication, ack) are compiled: ext/codec.pxi.
+
+
+def connected(
+    client_id: str,
+    user_id: str | None,
+    channel: str | None,
+    offset: int | None,
+    epoch: str | None,
+    recovered: bool | None = None,
+) -> dict[str, Any]:
+    """`connection/connect` to the connection itself: its first frame (no channel) or its
+    join reply; `recovered` only when it asked for recovery (`since`)."""
+    data: dict[str, Any] = {
+        "client_id": client_id,
+        "user_id": user_id,
+        "channel": channel,
+        "offset": offset,
+        "epoch": epoch,
+    }
+    if recovered is not None:
+        data["recovered"] = recovered
+    return {"type": "connection", "action": "connect", "data": data}
+
+
+def presence(action: str, client_id: str, user_id: str | None, channel: str) -> dict[str, Any]:
+    """`connection/connect` or `connection/disconnect` to the other members of `channel`."""
+    return {
+        "type": "connection",
+        "action": action,
+        "data": {"client_id": client_id, "user_id": user_id, "channel": channel},
+    }
+
+
+def disconnected(
+    client_id: str, user_id: str | None, channel: str, reason: str | None = None
+) -> dict[str, Any]:
+    """`connection/disconnect` to the connection itself: the reply to its leave, or with
+    `reason` the server's removal of it (docs/protocol.md §5)."""
+    msg = presence("disconnect", client_id, user_id, channel)
+    if reason is not None:
+        msg["data"]["reason"] = reason
+    return msg
+
+
+def refreshed(expires_at: float) -> dict[str, Any]:
+    """`connection/refresh`: the new token was accepted."""
+    return {"type": "connection", "action": "refresh", "data": {"expires_at": expires_at}}
+
+
+def status(message: str, severity: str, **extra: object) -> dict[str, Any]:
+    """`system/status`: the reply to a status request (`extra`: the counts) or a notice
+    (replaced, removed, token expiring with `expires_at`, shutting down)."""
+    return {
+        "type": "system",
+        "action": "status",
+        "data": {"message": message, "severity": severity, **extra},
+    }
+
+
+def broadcast(message: str, severity: str, channel: str | None) -> dict[str, Any]:
+    """`system/broadcast`: an admin's notice to everyone (`channel` None) or one channel."""
+    return {
+        "type": "system",
+        "action": "broadcast",
+        "data": {"message": message, "severity": severity, "channel": channel},
+    }
 
 
 def error_body(

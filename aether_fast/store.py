@@ -15,7 +15,6 @@ import builtins
 import fcntl
 import math
 import os
-import re
 import sqlite3
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
@@ -24,12 +23,12 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from aether_fast.config import Config
+from aether_fast.protocol import NAME_RULE, valid_channel
 
 DB_FILE: Final = "channels.sqlite3"
 LOCK_FILE: Final = "channels.lock"
 SCHEMA_VERSION: Final = 1
 
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 # Limits the compiled hot path can hold in C ints/doubles.
 _MAX_CONNECTIONS: Final = 2**31 - 1
 _MAX_RATE: Final = 1e9
@@ -73,11 +72,6 @@ class FieldError(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
-
-
-def valid_channel_name(name: object) -> bool:
-    """A str of 1-128 characters from [A-Za-z0-9_.:-]."""
-    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
 
 
 def default_channel_config(name: str, config: Config) -> ChannelConfig:
@@ -146,8 +140,8 @@ def parse_channel_config(
     if "name" not in body:
         raise FieldError("name", "is required")
     name = body["name"]
-    if not isinstance(name, str) or not valid_channel_name(name):
-        raise FieldError("name", "must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+    if not isinstance(name, str) or not valid_channel(name):
+        raise FieldError("name", f"must be {NAME_RULE}")
     if existing is not None and existing.name != name:
         raise FieldError("name", "does not match the channel being updated")
     base = existing if existing is not None else default_channel_config(name, config)

@@ -156,6 +156,35 @@ cdef Py_ssize_t PUB_FIXED = (len(PUB_CHANNEL) + len(PUB_CONTENT) + len(PUB_SEQUE
                              + len(PUB_USER_ID) + len(PUB_END))
 
 
+cdef inline char* put_publication_head(char* p, bytes ch, bytes body, const char* seq,
+                                       int seq_len, bytes ts) noexcept:
+    """The publication up to its offset's value (the offset is the only part a Redis
+    publish cannot know before its script runs)."""
+    p = put_bytes(p, PUB_CHANNEL)
+    p = put_bytes(p, ch)
+    p = put_bytes(p, PUB_CONTENT)
+    p = put_bytes(p, body)
+    p = put_bytes(p, PUB_SEQUENCE)
+    p = put(p, seq, seq_len)
+    p = put_bytes(p, PUB_TIMESTAMP)
+    p = put_bytes(p, ts)
+    return put_bytes(p, PUB_OFFSET)
+
+
+cdef inline char* put_publication_tail(char* p, bytes cid, bytes uid) noexcept:
+    """The publication after its offset's value."""
+    p = put_bytes(p, PUB_CLIENT_ID)
+    p = put_bytes(p, cid)
+    p = put_bytes(p, PUB_USER_ID)
+    p = put_bytes(p, uid)
+    return put_bytes(p, PUB_END)
+
+
+cdef Py_ssize_t PUB_HEAD_FIXED = (len(PUB_CHANNEL) + len(PUB_CONTENT) + len(PUB_SEQUENCE)
+                                  + len(PUB_TIMESTAMP) + len(PUB_OFFSET))
+cdef Py_ssize_t PUB_TAIL_FIXED = len(PUB_CLIENT_ID) + len(PUB_USER_ID) + len(PUB_END)
+
+
 cdef bytes publication_frame(str channel, str content, unsigned long long sequence,
                              str timestamp, long long offset, str client_id, object user_id):
     """The fan-out frame, assembled from its parts: orjson escapes only the strings (and
@@ -176,21 +205,9 @@ cdef bytes publication_frame(str channel, str content, unsigned long long sequen
     cdef bytes out = PyBytes_FromStringAndSize(NULL, hl + n)
     cdef char* p = PyBytes_AS_STRING(out)
     write_header(<uint8_t*>p, 0x1, n)
-    p = put_bytes(p + hl, PUB_CHANNEL)
-    p = put_bytes(p, ch)
-    p = put_bytes(p, PUB_CONTENT)
-    p = put_bytes(p, body)
-    p = put_bytes(p, PUB_SEQUENCE)
-    p = put(p, seq, seq_len)
-    p = put_bytes(p, PUB_TIMESTAMP)
-    p = put_bytes(p, ts)
-    p = put_bytes(p, PUB_OFFSET)
+    p = put_publication_head(p + hl, ch, body, seq, seq_len, ts)
     p = put(p, off, off_len)
-    p = put_bytes(p, PUB_CLIENT_ID)
-    p = put_bytes(p, cid)
-    p = put_bytes(p, PUB_USER_ID)
-    p = put_bytes(p, uid)
-    put_bytes(p, PUB_END)
+    put_publication_tail(p, cid, uid)
     return out
 
 
@@ -199,6 +216,26 @@ def encode_publication(str channel, str content, unsigned long long sequence, st
     """The fan-out frame of one accepted message: encoded once, sent to every member. The
     sequence is a 64-bit unsigned integer (what a client may send: see Session.publish)."""
     return publication_frame(channel, content, sequence, timestamp, offset, client_id, user_id)
+
+
+def publication_halves(str channel, str content, unsigned long long sequence, str timestamp,
+                       str client_id, object user_id) -> tuple:
+    """The JSON text of a publication (no frame header) in two halves, before and after
+    the offset's digits: the Redis broker's script assigns the offset and joins
+    `head + offset + tail`, the same bytes `encode_publication` frames."""
+    cdef bytes ch = _dumps(channel)
+    cdef bytes body = _dumps(content)
+    cdef bytes ts = _dumps(timestamp)
+    cdef bytes cid = _dumps(client_id)
+    cdef bytes uid = _dumps(user_id)
+    cdef char seq[24]
+    cdef int seq_len = snprintf(seq, sizeof(seq), "%llu", sequence)
+    cdef bytes head = PyBytes_FromStringAndSize(
+        NULL, PUB_HEAD_FIXED + len(ch) + len(body) + seq_len + len(ts))
+    put_publication_head(PyBytes_AS_STRING(head), ch, body, seq, seq_len, ts)
+    cdef bytes tail = PyBytes_FromStringAndSize(NULL, PUB_TAIL_FIXED + len(cid) + len(uid))
+    put_publication_tail(PyBytes_AS_STRING(tail), cid, uid)
+    return head, tail
 
 
 def utc_timestamp() -> str:

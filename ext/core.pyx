@@ -33,7 +33,8 @@ from orjson import JSONDecodeError
 from orjson import dumps as _dumps
 from orjson import loads as _loads
 
-from aether_fast.protocol import CloseCode, ErrorCode, error_body
+from aether_fast.protocol import CloseCode, ErrorCode, error_body, name_error
+from aether_fast.protocol import status as status_message
 
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:

@@ -324,9 +324,9 @@ cdef class Hub:
         for o in warn:
             s = <Connection>o
             s.warned = True
-            s.send_json({"type": "system", "action": "status", "data": {
-                "message": "token expires soon; send connection/refresh with a new token",
-                "severity": "warning", "expires_at": s.expires_at}})
+            s.send_json(status_message(
+                "token expires soon; send connection/refresh with a new token", "warning",
+                expires_at=s.expires_at))
         for o in expired:
             (<Connection>o).expire()
         for o in dead:

@@ -5,11 +5,15 @@
 # encode once, history, deliver. What is not per message (recovery, sweeps, forget) stays in
 # aether_fast/brokers/memory.py and reads the same objects.
 
-from aether_fast.brokers.base import new_epoch
+from aether_fast.brokers.base import DEDUP_WINDOW as _DEDUP_WINDOW, new_epoch
+
+#: the sequences remembered per (user, client_id, channel): brokers.base.DEDUP_WINDOW, read
+#: once at import (a power of two: the tables double up to it)
+cdef Py_ssize_t DEDUP_WINDOW = _DEDUP_WINDOW
+if DEDUP_WINDOW < 16 or DEDUP_WINDOW & (DEDUP_WINDOW - 1):
+    raise ValueError("brokers.base.DEDUP_WINDOW must be a power of two, at least 16")
 
 cdef enum:
-    # the sequences remembered per (user, client_id, channel): brokers.memory.DEDUP_WINDOW
-    DEDUP_WINDOW = 1024
     DEDUP_FIRST = 16      # remembered before the first growth; the table has twice the slots
 
 
@@ -20,11 +24,11 @@ cdef struct DedupeEntry:
 
 
 cdef class DedupeWindow:
-    """The last 1024 sequences one sender had accepted on one channel, whatever their
-    pattern: a hash table (open addressing, linear probing, at most half full) for the
-    lookup, and a ring in acceptance order that says which one to forget. Both start small
-    and double up to 1024 entries, so memory follows use (56 KiB at most, where the Python
-    OrderedDict it replaces took about 150)."""
+    """The last DEDUP_WINDOW (1024) sequences one sender had accepted on one channel,
+    whatever their pattern: a hash table (open addressing, linear probing, at most half
+    full) for the lookup, and a ring in acceptance order that says which one to forget. Both
+    start small and double up to DEDUP_WINDOW entries, so memory follows use (56 KiB at most,
+    where the Python OrderedDict it replaces took about 150)."""
     cdef DedupeEntry* table
     cdef unsigned long long* ring
     cdef Py_ssize_t cap       # entries the ring holds; the table has 2 * cap slots
@@ -105,7 +109,8 @@ cdef class DedupeWindow:
         self.table[i].offset = 0
 
     cdef int put(self, unsigned long long seq, long long offset, long long ms) except -1:
-        """Remember a sequence that `find` did not know; the oldest goes once 1024 are held."""
+        """Remember a sequence that `find` did not know; the oldest goes once DEDUP_WINDOW
+        are held."""
         if self.count == self.cap and self.cap < DEDUP_WINDOW:
             self.grow()
         if self.count < self.cap:

@@ -7,7 +7,8 @@ Guarantees (every implementation keeps all of them):
   offsets are 1, 2, 3, ... without gaps for as long as the epoch stays the same.
 - Exactly once per member: a publication is handed to `Hub.deliver` once per worker that has
   members of the channel; a (user, client_id, channel, sequence) already accepted within the
-  dedupe window is not published again, and its original offset is returned.
+  dedupe window (`DEDUP_WINDOW`) is not published again, and its original offset is
+  returned.
 - Atomicity: offset assignment, the history append and the dedupe record happen together;
   a publish that cannot be made durable raises instead of returning an offset.
 - The epoch changes exactly when a channel's history is lost (a restart of the memory
@@ -25,6 +26,12 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from aether_fast.events import ClusterEvents
+
+#: The dedupe window: the number of accepted sequences each broker remembers per (user,
+#: client_id, channel), the last ones whatever their pattern (docs/protocol.md §6). The memory
+#: broker's `_core.DedupeWindow` holds at most this many (a power of two: its tables double
+#: up to it); the Redis broker keeps one slot per `sequence % DEDUP_WINDOW`.
+DEDUP_WINDOW: Final = 1024
 
 #: The reason code of a broker that cannot be reached (its details are logged, not shown).
 BROKER_UNAVAILABLE = "broker_unavailable"

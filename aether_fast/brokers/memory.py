@@ -20,10 +20,6 @@ from aether_fast._core import ChannelLog, DedupeWindow, MemoryLogs
 from aether_fast.brokers.base import PublishResult, Recovery
 from aether_fast.events import ClusterEvents
 
-#: The number of accepted sequences remembered per (user, client_id, channel): the last 1024,
-#: whatever their pattern (`_core.DedupeWindow`).
-DEDUP_WINDOW = 1024
-
 
 class MemoryBroker:
     name = "memory"

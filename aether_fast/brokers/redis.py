@@ -49,16 +49,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from aether_fast import logs
-from aether_fast._core import encode_text_frame, utc_timestamp
+from aether_fast._core import encode_text_frame, publication_halves, utc_timestamp
 from aether_fast.brokers import resp
 from aether_fast.brokers.base import (
     BROKER_UNAVAILABLE,
+    DEDUP_WINDOW,
     BrokerUnavailable,
     PublishResult,
     Recovery,
     new_epoch,
 )
-from aether_fast.brokers.memory import DEDUP_WINDOW
 from aether_fast.events import ClusterEvents
 from aether_fast.store import ChannelConfig
 
@@ -290,21 +290,8 @@ class RedisBroker:
     ) -> asyncio.Future[PublishResult]:
         name: str = channel.name
         ts = utc_timestamp()
-        head = b'{"type":"message","action":"send","data":{"metadata":{"offset":'
-        tail = (
-            b',"sequence":'
-            + orjson.dumps(sequence)
-            + b',"timestamp":'
-            + orjson.dumps(ts)
-            + b',"client_id":'
-            + orjson.dumps(sender.client_id)
-            + b',"user_id":'
-            + orjson.dumps(sender.user_id)
-            + b'},"channel":'
-            + orjson.dumps(name)
-            + b',"content":'
-            + orjson.dumps(content)
-            + b"}}"
+        head, tail = publication_halves(
+            name, content, sequence, ts, sender.client_id, sender.user_id
         )
         meta_key, hist_key = _keys(name)
         who = sender_key(sender.identity, sender.client_id)

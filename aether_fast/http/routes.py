@@ -23,8 +23,8 @@ from aether_fast.http.static import FILES as STATIC_FILES
 from aether_fast.http.static import StaticFiles
 from aether_fast.metrics import Metrics
 from aether_fast.node import Node
-from aether_fast.protocol import SEVERITIES, ErrorCode, error_body, valid_channel
-from aether_fast.store import FieldError, parse_channel_config, valid_channel_name
+from aether_fast.protocol import SEVERITIES, ErrorCode, error_body, name_error, valid_channel
+from aether_fast.store import FieldError, parse_channel_config
 
 Handler = Callable[[Request, str], Response | Awaitable[Response]]
 
@@ -163,7 +163,7 @@ class Router:
         denied = self._admin(request)
         if denied is not None:
             return denied
-        view = await self._node.channel_view(name) if valid_channel_name(name) else None
+        view = await self._node.channel_view(name) if valid_channel(name) else None
         if view is None:
             return Response.error(
                 404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name
@@ -198,7 +198,7 @@ class Router:
         denied = self._admin(request)
         if denied is not None:
             return denied
-        if not valid_channel_name(name) or not await self._node.delete_channel(name):
+        if not valid_channel(name) or not await self._node.delete_channel(name):
             return Response.error(
                 404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name
             )
@@ -222,9 +222,7 @@ class Router:
             return _field_error("severity", "severity must be info, warning or error")
         channel = body.get("channel")
         if channel is not None and not valid_channel(channel):
-            return _field_error(
-                "channel", "channel must be 1-128 characters of A-Z a-z 0-9 _ . : -"
-            )
+            return _field_error("channel", name_error("channel"))
         unknown = set(body) - {"message", "severity", "channel"}
         if unknown:
             return _field_error(sorted(unknown)[0], "unknown field")

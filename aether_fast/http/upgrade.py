@@ -25,7 +25,7 @@ from aether_fast._core import Connection, EchoSession, Hub, Session, hand_over
 from aether_fast.auth import Authenticator, AuthError
 from aether_fast.config import Config
 from aether_fast.http.front import Request, Response
-from aether_fast.protocol import CHANNEL_NAME_RE, ErrorCode
+from aether_fast.protocol import ErrorCode, name_error, valid_channel
 
 #: Initial per-connection read buffer; picows grows it on demand for larger frames.
 READ_BUFFER_INIT = 1024
@@ -113,11 +113,11 @@ class WebSocketUpgrader:
             return values[-1] if values else None
 
         client_id = one("client_id")
-        if client_id is not None and not CHANNEL_NAME_RE.fullmatch(client_id):
-            return _bad("client_id", "client_id must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        if client_id is not None and not valid_channel(client_id):
+            return _bad("client_id", name_error("client_id"))
         channel = one("channel")
-        if channel is not None and not CHANNEL_NAME_RE.fullmatch(channel):
-            return _bad("channel", "channel must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+        if channel is not None and not valid_channel(channel):
+            return _bad("channel", name_error("channel"))
         since_text = one("since")
         since: int | None = None
         if since_text is not None:

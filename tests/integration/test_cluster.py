@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import Server
@@ -221,6 +222,46 @@ def test_recovery_on_the_other_machine_and_after_a_flushed_redis(
             again = joined(r, ch)
             assert again["recovered"] is True and again["epoch"] == data["epoch"], again
             assert messages(r, 1)[0]["data"]["content"] == "after flush"
+
+
+def test_publications_through_redis_are_the_documented_bytes(pair: Pair) -> None:
+    """A publication that went through Redis, live and replayed from its history, is the
+    text of docs/protocol.md's shape in its key order, byte for byte (what the memory
+    broker sends too: tests/unit/test_core.py)."""
+    a, b = pair
+    ch = "cl.bytes"
+
+    def documented(raw: str | bytes) -> None:
+        msg = orjson.loads(raw)
+        data, meta = msg["data"], msg["data"]["metadata"]
+        shape = {
+            "type": "message",
+            "action": "send",
+            "data": {
+                "channel": data["channel"],
+                "content": data["content"],
+                "metadata": {
+                    "sequence": meta["sequence"],
+                    "timestamp": meta["timestamp"],
+                    "offset": meta["offset"],
+                    "client_id": meta["client_id"],
+                    "user_id": meta["user_id"],
+                },
+            },
+        }
+        assert raw == orjson.dumps(shape).decode(), raw
+
+    with (
+        Client(a.ws_url, token=a.token("pub"), client_id="pub-1", channel=ch) as pub,
+        Client(b.ws_url, token=b.token("live"), channel=ch) as live,
+    ):
+        joined(pub, ch)
+        epoch = joined(live, ch)["epoch"]
+        pub.publish(ch, 'quo"te é 😀')
+        documented(live.ws.recv(timeout=5.0))
+        with Client(b.ws_url, token=b.token("late"), channel=ch, since=0, epoch=epoch) as late:
+            assert joined(late, ch)["recovered"] is True
+            documented(late.ws.recv(timeout=5.0))
 
 
 # -- idempotence -----------------------------------------------------------------------------

@@ -19,10 +19,12 @@ from aether_fast._core import (
     encode_json_frame,
     encode_publication,
     encode_text_frame,
+    publication_halves,
     utc_timestamp,
 )
 from aether_fast.auth import Claims
-from aether_fast.brokers.memory import DEDUP_WINDOW, MemoryBroker
+from aether_fast.brokers.base import DEDUP_WINDOW
+from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import load_config
 from aether_fast.store import default_channel_config
 from tests.unit.support import make_hub
@@ -174,8 +176,10 @@ def test_dedupe_window_grows_with_use(broker: tuple[MemoryBroker, Hub, object]) 
     for seq in range(start + 3, start + 5000):
         b.publish(ch, alice, seq, "x")
     assert (window.remembered, window.capacity) == (DEDUP_WINDOW, DEDUP_WINDOW)
-    assert all(b.publish(ch, alice, s, "x")[2] for s in range(start + 5000 - 1024, start + 5000))
-    assert not b.publish(ch, alice, start + 5000 - 1025, "x")[2]
+    assert all(
+        b.publish(ch, alice, s, "x")[2] for s in range(start + 5000 - DEDUP_WINDOW, start + 5000)
+    )
+    assert not b.publish(ch, alice, start + 5000 - DEDUP_WINDOW - 1, "x")[2]
 
 
 @pytest.mark.parametrize("pattern", ["counter", "stride", "random", "clock"])
@@ -367,6 +371,9 @@ def test_publication_frame_is_what_orjson_makes_of_the_dict(
     )
     got = encode_publication("room.1", content, sequence, ts, 99, client_id, user_id)  # type: ignore[arg-type]
     assert got == expected
+    # the Redis broker's halves, joined around the offset as its script does: the same text
+    head, tail = publication_halves("room.1", content, sequence, ts, client_id, user_id)  # type: ignore[arg-type]
+    assert head + b"99" + tail == parse_frame(expected)[2]
 
 
 @pytest.mark.parametrize("sequence", [-1, 2**64])

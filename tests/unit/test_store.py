@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from aether_fast.config import Config, load_config
+from aether_fast.protocol import valid_channel
 from aether_fast.store import (
     DB_FILE,
     ChannelConfig,
@@ -18,7 +19,6 @@ from aether_fast.store import (
     StoreError,
     default_channel_config,
     parse_channel_config,
-    valid_channel_name,
 )
 
 CONFIG = load_config({"JWT_SECRET": "k" * 32})
@@ -54,12 +54,12 @@ def connect(path: object) -> closing[sqlite3.Connection]:
 
 @pytest.mark.parametrize("name", ["a", "chat.lobby", "room:42", "x_y-z", "A" * 128])
 def test_valid_names(name: str) -> None:
-    assert valid_channel_name(name)
+    assert valid_channel(name)
 
 
 @pytest.mark.parametrize("name", ["", "A" * 129, "with space", "slash/no", "é", None, 3, ["a"]])
 def test_invalid_names(name: object) -> None:
-    assert not valid_channel_name(name)
+    assert not valid_channel(name)
 
 
 def test_to_json() -> None:
