@@ -206,8 +206,10 @@ def test_malformed_upgrade_query_is_a_400(server: Server, query: str) -> None:
 
 
 #: Slowest /health round trip allowed to another client while one socket pipelines (seen:
-#: 13-23 ms with a batch per loop pass; 2.5-3.7 s when a read was answered in one go)
-OTHER_CLIENT_MAX_S = 0.1
+#: 13-23 ms with a batch per loop pass, 102 ms once with the other core busy with tests;
+#: 2.5-3.7 s when a read was answered in one go): far from both, so a busy machine does not
+#: fail it and the old behaviour does
+OTHER_CLIENT_MAX_S = 0.5
 
 
 def test_a_pipelining_client_does_not_stall_the_worker(make_server: MakeServer) -> None:
