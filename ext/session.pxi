@@ -10,9 +10,10 @@
 # anything else is done with it. A refused message gets one RATE_LIMITED error (a refused
 # ping: no pong; a refused message over MAX_MESSAGE_BYTES: its MESSAGE_TOO_LARGE); each
 # refusal takes a strike from the session's `strikes` bucket (capacity
-# max(REFUSALS_BEFORE_CLOSE, the budget's), refilled at the budget's rate), and the refusal
-# that takes the last one closes the connection with 1008 (`flood_close`): refusals are
-# bounded to about one budget per window however many of the frames get a token.
+# max(REFUSALS_BEFORE_CLOSE, the budget's), refilled at STRIKES_PER_TOKEN times the budget's
+# rate), and the refusal that takes the last one closes the connection with 1008
+# (`flood_close`): refusals are bounded to a few budgets per window however many of the
+# frames get a token.
 # Pongs and continuation frames carry no message of their own: every FREE_FRAMES_PER_TOKEN-th
 # of them takes a token (refused: a refusal, no error), so that no frame is free for ever.
 
@@ -21,6 +22,10 @@
 #: first refusal): a client that merely runs over gets errors, a flood a close after a
 #: bounded number of them.
 cdef int REFUSALS_BEFORE_CLOSE = 10
+#: Strikes given back per token the budget refills: a client that paces itself after each
+#: refusal (the bundled ones get up to two refusals per accepted frame while the budget is
+#: spent) is never closed, a flood is (290k refusals a second against a few thousand).
+cdef double STRIKES_PER_TOKEN = 3.0
 #: Pongs and continuation frames (together) per token taken from the budget.
 cdef int FREE_FRAMES_PER_TOKEN = 64
 #: The replay bytes a connection may have waiting to be written, in SEND_BUFFER_LIMIT_BYTES:
@@ -167,11 +172,12 @@ cdef class Session(Connection):
 
     cdef void strike(self):
         """A refusal takes a strike; the one that takes the last closes the connection
-        (1008). The strikes refill at the budget's rate, so a client that runs over now and
-        then is never closed, and a flood is however many of its frames get a token."""
+        (1008). The strikes refill at STRIKES_PER_TOKEN times the budget's rate, so a client
+        that runs over now and then is never closed, and a flood is however many of its
+        frames get a token."""
         cdef Budget budget = self.budget
         cdef double now = aether_monotonic()
-        cdef double capacity
+        cdef double capacity, rate
         if budget is None:
             return
         self.refusals += 1
@@ -179,8 +185,8 @@ cdef class Session(Connection):
             capacity = budget.b.capacity
             if capacity < REFUSALS_BEFORE_CLOSE:
                 capacity = REFUSALS_BEFORE_CLOSE
-            bucket_init(&self.strikes, capacity,
-                        capacity / budget.b.rate if budget.b.rate > 0.0 else 0.0, now)
+            rate = budget.b.rate * STRIKES_PER_TOKEN
+            bucket_init(&self.strikes, capacity, capacity / rate if rate > 0.0 else 0.0, now)
         bucket_wait(&self.strikes, now)
         bucket_take(&self.strikes)
         if self.strikes.tokens < 1.0 - 1e-9:
