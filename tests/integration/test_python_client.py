@@ -494,6 +494,42 @@ def test_4001_with_token_refresh_reconnects(server: Server) -> None:
     run(main())
 
 
+def test_token_refresh_refused_by_the_budget_is_sent_again(
+    make_server: Callable[..., Server],
+) -> None:
+    """A token refresh the budget refuses (2 per 20 s: the join and a publication spend it;
+    the refresh comes half-way to the token's exp) is sent again after `retry_after_ms`,
+    before the token expires: the connection is never closed 4001 and reopened."""
+    srv = make_server(RATE_LIMIT_MESSAGES="2", RATE_LIMIT_WINDOW_S="20")
+
+    async def main() -> None:
+        calls: list[float] = []
+
+        def fresh() -> str:
+            calls.append(asyncio.get_running_loop().time())
+            return srv.token("hana", ttl=3600)
+
+        rec = Recorder()
+        c = AetherClient(
+            srv.ws_url,
+            token=srv.token("hana", ttl=12),
+            token_refresh=fresh,
+            channels=["pc.tokbudget"],
+            refresh_before_s=30,
+            **FAST,
+            **rec.kwargs(),
+        )
+        await c.connect()
+        await c.publish("pc.tokbudget", "spends the budget")
+        await asyncio.sleep(13.5)  # past the first token's exp
+        assert len(calls) == 1
+        assert c.state == "open" and rec.states.count("open") == 1, rec.states  # never closed
+        await c.close()
+
+    run(main())
+    assert not _flood_closed(srv)
+
+
 def test_token_refreshed_before_expiry(server: Server) -> None:
     async def main() -> None:
         calls: list[float] = []
