@@ -120,7 +120,7 @@ export class AetherClient {
    * @param {number} [options.refreshBeforeMs]  refresh this long before exp (default 30000)
    * @param {number} [options.maxPending]  publications waiting for acks at most (default 10000)
    * @param {number} [options.maxInFlight]  joins and publications sent and not answered yet, at
-   *   most (default 8: fewer than the 10 refusals in a row that close a socket)
+   *   most (default 8: fewer than the 10 strikes that close a socket)
    * @param {number} [options.firstSequence]  default: the clock in µs
    * @param {typeof WebSocket} [options.WebSocketImpl]  default: the global WebSocket
    */

@@ -339,7 +339,7 @@ def _members(srv: Server, channels: list[str]) -> list[int]:
 
 
 #: a budget of 5 frames per 2 s (RATE_LIMIT_MESSAGES, every frame): the flood close comes after
-#: max(10, 5) = 10 refusals in a row
+#: max(10, 5) = 10 strikes, refilled at 3 x 5 per 2 s
 SMALL_BUDGET = {"RATE_LIMIT_MESSAGES": "5", "RATE_LIMIT_WINDOW_S": "2"}
 
 

@@ -29,8 +29,8 @@ from tests.integration.wsclient import Client
 #: nothing refills while a test runs
 BUDGET = 20
 WINDOW = str(BUDGET * 30)
-#: refused frames in a row before the close (docs/protocol.md §13): max(10, the budget), so
-#: that a client that sent one budget's worth before it heard the first refusal stays open
+#: refusals (strikes) before the close when nothing refills (docs/protocol.md §13):
+#: max(10, the budget), so that a client that sent one budget's worth before it heard the first refusal stays open
 REFUSALS_BEFORE_CLOSE = max(10, BUDGET)
 
 STATUS = {"type": "system", "action": "status", "data": {}}
@@ -276,7 +276,7 @@ def test_oversized_message_on_an_empty_budget_is_still_message_too_large(
 def test_flood_with_a_large_budget_is_closed(make_server: Callable[..., Server]) -> None:
     """A budget of 1000 per second refills a token every millisecond: a publication flood
     gets some of its frames accepted all the time, and is closed all the same (1008), since
-    the refusals are bounded to about one budget per window, not counted in a row."""
+    the refusals are bounded to about three budgets per window, not counted in a row."""
     srv = make_server(RATE_LIMIT_MESSAGES="1000", RATE_LIMIT_WINDOW_S="1")
     pub = {
         "type": "message",
