@@ -30,7 +30,8 @@ from tests.integration.wsclient import Client
 BUDGET = 20
 WINDOW = str(BUDGET * 30)
 #: refusals (strikes) before the close when nothing refills (docs/protocol.md §13):
-#: max(10, the budget), so that a client that sent one budget's worth before it heard the first refusal stays open
+#: max(10, the budget), so that a client that sent one budget's worth before it heard the
+#: first refusal stays open
 REFUSALS_BEFORE_CLOSE = max(10, BUDGET)
 
 STATUS = {"type": "system", "action": "status", "data": {}}
