@@ -7,12 +7,15 @@ sockets; numbers every publication and keeps it until its ack, resending unacked
 with `since` + `epoch` and drops anything it already delivered; refreshes its token before
 expiry through a callback. See docs/clients.md.
 
-Pacing: every frame costs the user's budget on the server (RATE_LIMIT_MESSAGES; 10 refusals
-in a row, or one budget's worth when that is more, close the socket with 1008). So joins and
-publications go out through one window (`max_in_flight` frames awaiting their answer, fewer
-than the 10 that could close the socket); a join or publication refused with RATE_LIMITED /
-SERVER_BUSY is sent again after `retry_after_ms`, before anything newer, nothing is sent
-until then, and the window then opens again one answer at a time (`_pump`).
+Pacing: every frame costs the user's budget on the server (RATE_LIMIT_MESSAGES; 10 refusals,
+or one budget's worth when that is more, refilled at 3x the budget's rate, close the socket with
+1008). So joins, leaves and publications go out through one window (`max_in_flight` frames
+awaiting their answer, fewer than the 10 that could close the socket); one refused with
+RATE_LIMITED / SERVER_BUSY is sent again after `retry_after_ms`, before anything newer, and
+no frame of ours but pings is sent until then (status requests and token refreshes wait
+too); the window then opens again one answer at a time (`_pump`). A slot with no answer
+for IN_FLIGHT_TIMEOUT_S is freed (the join or leave sent again), so that nothing can jam
+the window for good.
 
 Rules it keeps:
 - A message is delivered to the application at most once: per channel, every offset of the
@@ -70,6 +73,10 @@ FINAL_CLOSE_CODES: Final = frozenset({1000, 4009})
 RETRYABLE_CODES: Final = frozenset({"RATE_LIMITED", "SERVER_BUSY", "INTERNAL_ERROR"})
 #: Errors about one join that are worth sending it again after `retry_after_ms`.
 RETRYABLE_JOIN_CODES: Final = frozenset({"RATE_LIMITED", "SERVER_BUSY"})
+#: Seconds after which a join, leave or publication still unanswered frees its place in the
+#: window (a join or leave is sent again; a publication waits for its answer or the next
+#: socket): a safety net, the server answers every one of them.
+IN_FLIGHT_TIMEOUT_S: Final = 30.0
 #: How many (user, client_id, sequence) keys per channel are remembered for dedupe.
 SEEN_WINDOW: Final = 4096
 
@@ -141,6 +148,7 @@ class _Pending:
     sent: bool = False  # sent on some socket: a resend is a `retry`
     socket: int = 0  # the socket (generation) it is in flight on; 0: to be (re)sent
     size: int = 0  # bytes of its frame as last sent
+    sent_at: float = 0.0  # monotonic time it was last sent
 
 
 @dataclass(slots=True)
@@ -299,11 +307,18 @@ class AetherClient:
         self._joins: dict[str, list[asyncio.Future[JoinResult]]] = {}
         self._leaves: dict[str, list[asyncio.Future[None]]] = {}
         self._syncing: set[str] = set()  # joins of this socket still unanswered
-        # pacing (`_pump`): joins to send on this socket, joins sent and unanswered,
-        # sequences of publications to send (a heap: the oldest first), publications sent
-        # and unanswered, the window, and no sending before `_paused_until` (monotonic)
+        # pacing (`_pump`): joins and leaves to send on this socket, those sent and
+        # unanswered (name -> when sent), sequences of publications to send (a heap: the
+        # oldest first), publications sent and unanswered, the window, frames that take no
+        # place in it (status, refresh) but wait for the pause too, and no sending before
+        # `_paused_until` (monotonic)
         self._join_queue: deque[str] = deque()
-        self._joins_out: set[str] = set()
+        self._joins_out: dict[str, float] = {}
+        self._leave_queue: deque[str] = deque()
+        self._leaves_out: dict[str, float] = {}
+        self._control: deque[dict[str, Any]] = deque()
+        self._refresh_out: str | None = None  # a refresh sent (or to send), unanswered
+        self._stall_timer: asyncio.TimerHandle | None = None
         self._to_send: list[int] = []
         self._pubs_out = 0
         self._window = max_in_flight
@@ -413,12 +428,15 @@ class AetherClient:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._leaves.setdefault(channel, []).append(fut)
-        self._send({"type": "connection", "action": "disconnect", "data": {"channel": channel}})
+        if channel not in self._leaves_out and channel not in self._leave_queue:
+            self._leave_queue.append(channel)  # through the window, like a join
+        self._pump()
         await fut
 
     async def request_status(self) -> None:
-        """Ask the server for a status notice (arrives at `on_system`)."""
-        self._send({"type": "system", "action": "status", "data": {}})
+        """Ask the server for a status notice (arrives at `on_system`); sent once no rate
+        limit's `retry_after_ms` runs."""
+        self._send_control({"type": "system", "action": "status", "data": {}})
 
     def set_token(self, token: str) -> None:
         """Use `token` from now on: refresh the live connection with it, or reconnect with
@@ -430,7 +448,7 @@ class AetherClient:
             return
         self._wake.set()
         if self._first_frame:
-            self._send({"type": "connection", "action": "refresh", "data": {"token": token}})
+            self._send_refresh(token)
         self._arm_refresh()
 
     def _restart(self) -> bool:
@@ -583,8 +601,14 @@ class AetherClient:
             self._syncing.clear()
             self._join_queue.clear()
             self._joins_out.clear()
+            self._leave_queue.clear()
+            self._leaves_out.clear()
+            self._control.clear()
+            self._refresh_out = None
+            self._refreshing = False  # a new token, if any, is used at the next connect
             self._pubs_out = 0
             self._cancel_timer("_resend_timer")
+            self._cancel_timer("_stall_timer")
             for item in self._pending.values():
                 item.socket = 0  # unacked: resend on the next socket
             for ch in self._channels.values():
@@ -623,6 +647,7 @@ class AetherClient:
         self.last_close_code = code
         self._cancel_timer("_refresh_timer")
         self._cancel_timer("_resend_timer")
+        self._cancel_timer("_stall_timer")
         error = ClientClosed(reason, code)
         for item in self._pending.values():
             if not item.future.done():
@@ -679,6 +704,7 @@ class AetherClient:
             self._on_leave(msg, data)
         elif mtype == "connection" and action == "refresh":
             self._refreshing = False
+            self._refresh_out = None
             self._arm_refresh()
         elif mtype == "system":
             if action == "status" and "expires_at" in data:
@@ -716,7 +742,7 @@ class AetherClient:
                 data["epoch"] = ch.epoch
         ch.resyncing, ch.new_epoch, ch.held = False, False, []
         if self._send({"type": "connection", "action": "connect", "data": data}):
-            self._joins_out.add(ch.name)
+            self._joins_out[ch.name] = time.monotonic()
 
     def _on_join_reply(self, data: dict[str, Any]) -> None:
         name = data.get("channel")
@@ -774,7 +800,7 @@ class AetherClient:
     def _answered_join(self, name: str) -> None:
         """A join of this socket was answered: its place in the window is free."""
         if name in self._joins_out:
-            self._joins_out.discard(name)
+            del self._joins_out[name]
             self._window = min(self.max_in_flight, self._window + 1)
             self._pump()
 
@@ -792,9 +818,17 @@ class AetherClient:
         if data.get("reason"):  # removed by an admin: do not rejoin
             self._channels.pop(name, None)
             self._emit(self._on_system, msg)
+        self._answered_leave(name)
+
+    def _answered_leave(self, name: str) -> None:
+        """A leave of this socket was answered (or refused for good): its waiters are done,
+        its place in the window is free."""
         for fut in self._leaves.pop(name, []):
             if not fut.done():
                 fut.set_result(None)
+        if self._leaves_out.pop(name, None) is not None:
+            self._window = min(self.max_in_flight, self._window + 1)
+            self._pump()
 
     def _on_publication(self, data: dict[str, Any]) -> None:
         name = data.get("channel")
@@ -894,11 +928,28 @@ class AetherClient:
             and not isinstance(seq, int)
         ):
             # a join refused by a rate limit: sent again after the wait
-            self._joins_out.discard(channel)
+            del self._joins_out[channel]
             if channel in self._syncing:
                 self._join_queue.appendleft(channel)
             self._hold_off(details)
             return
+        if isinstance(channel, str) and channel in self._leaves_out and not isinstance(seq, int):
+            if code in RETRYABLE_JOIN_CODES:
+                # a leave refused by a rate limit: sent again after the wait
+                del self._leaves_out[channel]
+                self._leave_queue.appendleft(channel)
+                self._hold_off(details)
+                return
+            self._answered_leave(channel)  # refused for good (not a member...): done
+        if code in RETRYABLE_JOIN_CODES and channel is None and seq is None:
+            # a rate limit refused a frame it cannot name (a status request, a token
+            # refresh, a frame over MAX_MESSAGE_BYTES...): hold off all the same, and send
+            # a refresh that is still unanswered again after the wait
+            if self._refresh_out is not None:
+                self._control.append(_refresh_frame(self._refresh_out))
+                self._hold_off(details)
+                return
+            self._hold_off(details)
         if (
             isinstance(channel, str)
             and channel in self._syncing
@@ -915,6 +966,7 @@ class AetherClient:
             self._maybe_ready()
         elif details.get("component") == "auth" and msg.get("message") == "refresh token refused":
             self._refreshing = False
+            self._refresh_out = None
         self._emit(self._on_error, error)
 
     # -- frames out ------------------------------------------------------------------------
@@ -943,6 +995,7 @@ class AetherClient:
         )
         if sent:
             item.sent, item.socket, item.size = True, self._generation, sent
+            item.sent_at = time.monotonic()
             self._pubs_out += 1
         return sent > 0
 
@@ -957,9 +1010,9 @@ class AetherClient:
             self._opened.set_result(None)
 
     def _pump(self) -> None:
-        """Send what the window lets out: queued joins first, then (once every join of this
-        socket is answered) pending publications, oldest first; nothing while a rate limit's
-        `retry_after_ms` runs."""
+        """Send what the window lets out: status requests and refreshes (no place in it),
+        queued leaves and joins, then (once every join of this socket is answered) pending
+        publications, oldest first; nothing while a rate limit's `retry_after_ms` runs."""
         if not self._first_frame or self._transport is None:
             return
         wait = self._paused_until - time.monotonic()
@@ -967,19 +1020,72 @@ class AetherClient:
             if self._resend_timer is None:
                 self._resend_timer = asyncio.get_running_loop().call_later(wait, self._resume)
             return
-        while self._join_queue and len(self._joins_out) + self._pubs_out < self._window:
+        while self._control:
+            self._send(self._control.popleft())
+        while self._leave_queue and self._in_flight() < self._window:
+            name = self._leave_queue.popleft()
+            frame = {"type": "connection", "action": "disconnect", "data": {"channel": name}}
+            if self._send(frame):
+                self._leaves_out[name] = time.monotonic()
+        while self._join_queue and self._in_flight() < self._window:
             ch = self._channels.get(self._join_queue.popleft())
             if ch is not None and ch.name in self._syncing and ch.name not in self._joins_out:
                 self._send_join(ch)
-        if not self._ready:
-            return
-        while self._to_send and len(self._joins_out) + self._pubs_out < self._window:
-            item = self._pending.get(heapq.heappop(self._to_send))
-            if item is None or item.socket == self._generation:
-                continue  # settled meanwhile, or already out on this socket
-            if not self._send_publication(item):
-                heapq.heappush(self._to_send, item.sequence)
-                return
+        if self._ready:
+            while self._to_send and self._in_flight() < self._window:
+                item = self._pending.get(heapq.heappop(self._to_send))
+                if item is None or item.socket == self._generation:
+                    continue  # settled meanwhile, or already out on this socket
+                if not self._send_publication(item):
+                    heapq.heappush(self._to_send, item.sequence)
+                    break
+        if self._stall_timer is None and self._in_flight():
+            self._stall_timer = asyncio.get_running_loop().call_later(
+                IN_FLIGHT_TIMEOUT_S, self._unstall
+            )
+
+    def _in_flight(self) -> int:
+        return len(self._joins_out) + len(self._leaves_out) + self._pubs_out
+
+    def _unstall(self) -> None:
+        """The safety net: free the places of frames unanswered for IN_FLIGHT_TIMEOUT_S."""
+        self._stall_timer = None
+        cutoff = time.monotonic() - IN_FLIGHT_TIMEOUT_S
+        stale = 0
+        for item in self._pending.values():
+            if item.socket == self._generation and item.sent_at <= cutoff:
+                item.socket = -1  # still awaited (a late ack settles it), resent next socket
+                self._pubs_out -= 1
+                stale += 1
+        for name in [n for n, at in self._joins_out.items() if at <= cutoff]:
+            del self._joins_out[name]
+            if name in self._syncing:
+                self._join_queue.append(name)
+            stale += 1
+        for name in [n for n, at in self._leaves_out.items() if at <= cutoff]:
+            del self._leaves_out[name]
+            self._leave_queue.append(name)
+            stale += 1
+        if stale:
+            log.warning(
+                "%d frames unanswered for %.0f s: their places freed", stale, IN_FLIGHT_TIMEOUT_S
+            )
+            self._window = min(self.max_in_flight, self._window + stale)
+        self._pump()
+
+    def _send_control(self, frame: dict[str, Any]) -> None:
+        """A frame that takes no place in the window, sent once no pause runs."""
+        self._control.append(frame)
+        self._pump()
+
+    def _send_refresh(self, token: str) -> bool:
+        """Refresh this socket's token (sent again if a rate limit refuses it); False
+        when there is no socket (the token is used at the next connect)."""
+        if not self._first_frame or self._transport is None:
+            return False
+        self._refresh_out = token
+        self._send_control(_refresh_frame(token))
+        return True
 
     def _resume(self) -> None:
         self._resend_timer = None
@@ -1026,7 +1132,7 @@ class AetherClient:
             self._refreshing = False
             return
         self._token = fresh
-        if not self._send({"type": "connection", "action": "refresh", "data": {"token": fresh}}):
+        if not self._send_refresh(fresh):
             self._refreshing = False  # used at the next connect
 
     # -- helpers ---------------------------------------------------------------------------
@@ -1053,6 +1159,10 @@ class AetherClient:
                 task.add_done_callback(self._tasks.discard)
         except Exception:
             log.exception("callback %r failed", callback)
+
+
+def _refresh_frame(token: str) -> dict[str, Any]:
+    return {"type": "connection", "action": "refresh", "data": {"token": token}}
 
 
 def token_expiry(token: str) -> float | None:

@@ -8,16 +8,24 @@
 # Budget: every inbound message and ping takes a token from the sender's `Budget` (per user,
 # per peer address when anonymous: RATE_LIMIT_MESSAGES per RATE_LIMIT_WINDOW_S) before
 # anything else is done with it. A refused message gets one RATE_LIMITED error (a refused
-# ping: no pong); max(REFUSALS_BEFORE_CLOSE, the budget's capacity) refusals in a row close
-# the connection with 1008 (`flood_close`).
+# ping: no pong; a refused message over MAX_MESSAGE_BYTES: its MESSAGE_TOO_LARGE); each
+# refusal takes a strike from the session's `strikes` bucket (capacity
+# max(REFUSALS_BEFORE_CLOSE, the budget's), refilled at STRIKES_PER_TOKEN times the budget's
+# rate), and the refusal that takes the last one closes the connection with 1008
+# (`flood_close`): refusals are bounded to a few budgets per window however many of the
+# frames get a token.
 # Pongs and continuation frames carry no message of their own: every FREE_FRAMES_PER_TOKEN-th
 # of them takes a token (refused: a refusal, no error), so that no frame is free for ever.
 
-#: Refused frames in a row (no accepted one between) after which the connection is closed
-#: with 1008 (or the budget's capacity, when that is more: a client may have sent one
-#: budget's worth of frames before it heard the first refusal): a client that merely runs
-#: over gets errors, a flood a close after a bounded number of them.
+#: The least strikes a session has (the `strikes` bucket holds the budget's capacity when
+#: that is more: a client may have sent one budget's worth of frames before it heard the
+#: first refusal): a client that merely runs over gets errors, a flood a close after a
+#: bounded number of them.
 cdef int REFUSALS_BEFORE_CLOSE = 10
+#: Strikes given back per token the budget refills: a client that paces itself after each
+#: refusal (the bundled ones get up to two refusals per accepted frame while the budget is
+#: spent) is never closed, a flood is (290k refusals a second against a few thousand).
+cdef double STRIKES_PER_TOKEN = 3.0
 #: Pongs and continuation frames (together) per token taken from the budget.
 cdef int FREE_FRAMES_PER_TOKEN = 64
 #: The replay bytes a connection may have waiting to be written, in SEND_BUFFER_LIMIT_BYTES:
@@ -78,7 +86,8 @@ cdef class Session(Connection):
     """One client of the protocol. Created by the HTTP front at the upgrade, with the outcome
     of authentication already filled in; registered with the Hub once the handshake is done."""
     cdef public Budget budget   # set by the Node at open; None: no message limit
-    cdef int refusals           # refused frames in a row
+    cdef int refusals           # refused frames, for the log line of the close
+    cdef Bucket strikes         # refusals left before the close (capacity 0: not set yet)
     cdef int free_frames        # pongs and continuations since the last one charged
     cdef readonly dict channels
     cdef public str client_id
@@ -113,6 +122,7 @@ cdef class Session(Connection):
         self.pumping = False
         self.budget = None
         self.refusals = 0
+        self.strikes.capacity = 0.0
         self.free_frames = 0
 
     cdef void opened(self):
@@ -128,15 +138,18 @@ cdef class Session(Connection):
         self.hub.node.security_event(self, "slow_reader", reason)
 
     cdef void too_large(self, Py_ssize_t size):
+        """A message over MAX_MESSAGE_BYTES: MESSAGE_TOO_LARGE whether or not the budget had
+        a token for it (a client matches it by `limit`); a refusal all the same when not."""
         self.hub.messages_in += 1
-        cdef double wait = self.take()
-        if wait > 0.0:
-            self.refuse(wait, None, None)
-            return
+        cdef bint refused = self.take() > 0.0
+        if refused:
+            self.hub.rate_limited += 1
         self.send_error(ErrorCode.MESSAGE_TOO_LARGE,
                         "message is larger than MAX_MESSAGE_BYTES", "protocol",
                         "message over %d bytes" % self.max_message,
                         {"limit": self.max_message})
+        if refused:
+            self.strike()
 
     # -- the budget ---------------------------------------------------------------------------
 
@@ -144,10 +157,7 @@ cdef class Session(Connection):
         """One token from the budget: 0.0 when taken, else the seconds until one is there."""
         if self.budget is None:
             return 0.0
-        cdef double wait = self.budget.take(aether_monotonic())
-        if wait == 0.0:
-            self.refusals = 0
-        return wait
+        return self.budget.take(aether_monotonic())
 
     cdef bint ping_allowed(self):
         return self.charge()
@@ -165,25 +175,40 @@ cdef class Session(Connection):
         if wait == 0.0:
             return True
         self.hub.rate_limited += 1
-        self.refusals += 1
-        if self.refusals >= REFUSALS_BEFORE_CLOSE:
-            self.flood_close()
+        self.strike()
         return False
 
     cdef void refuse(self, double wait, object channel, object seq):
         """A message the budget refused: one RATE_LIMITED error, or the close of a flood."""
-        self.refusals += 1
         self.limited("user", wait, channel, seq)
-        if self.refusals >= REFUSALS_BEFORE_CLOSE:
+        self.strike()
+
+    cdef void strike(self):
+        """A refusal takes a strike; the one that takes the last closes the connection
+        (1008). The strikes refill at STRIKES_PER_TOKEN times the budget's rate, so a client
+        that runs over now and then is never closed, and a flood is however many of its
+        frames get a token."""
+        cdef Budget budget = self.budget
+        cdef double now = aether_monotonic()
+        cdef double capacity, rate
+        if budget is None:
+            return
+        self.refusals += 1
+        if self.strikes.capacity <= 0.0:
+            capacity = budget.b.capacity
+            if capacity < REFUSALS_BEFORE_CLOSE:
+                capacity = REFUSALS_BEFORE_CLOSE
+            rate = budget.b.rate * STRIKES_PER_TOKEN
+            bucket_init(&self.strikes, capacity, capacity / rate if rate > 0.0 else 0.0, now)
+        bucket_wait(&self.strikes, now)
+        bucket_take(&self.strikes)
+        if self.strikes.tokens < 1.0 - 1e-9:
             self.flood_close()
 
     cdef void flood_close(self):
-        """Called once the refusals in a row reach REFUSALS_BEFORE_CLOSE: close the
-        connection (1008) when they reach max(REFUSALS_BEFORE_CLOSE, budget capacity)."""
-        if self.budget is not None and self.refusals < self.budget.b.capacity:
-            return
+        """The strikes are spent: close the connection (1008)."""
         self.hub.node.security_event(self, "rate_limit_close",
-                                     "%d refused frames in a row" % self.refusals)
+                                     "%d refused frames" % self.refusals)
         self.close(CloseCode.POLICY, "rate limit exceeded")
 
     cdef void refuse_message(self, double wait, int opcode, bytes payload):

@@ -7,11 +7,14 @@
 // since + epoch and drops anything already delivered; refreshes its token before expiry.
 // No reconnect after close 4001/4003 unless a new token is supplied (tokenRefresh or
 // setToken), none after 4009 (replaced by a newer connection).
-// Pacing: every frame costs the user's budget on the server (10 refusals in a row, or one
-// budget's worth when that is more, close the socket with 1008), so joins and publications go
-// out through one window (maxInFlight frames awaiting their answer); one refused with
-// RATE_LIMITED / SERVER_BUSY is sent again after retry_after_ms, before anything newer,
-// nothing is sent until then, and the window then opens one answer at a time (pump).
+// Pacing: every frame costs the user's budget on the server (10 refusals, or one budget's
+// worth when that is more, refilled at 3x the budget's rate, close the socket with 1008), so
+// joins, leaves and publications go out through one window (maxInFlight frames awaiting their
+// answer); one refused with RATE_LIMITED / SERVER_BUSY is sent again after retry_after_ms,
+// before anything newer, no frame of ours is sent until then (status requests and token
+// refreshes wait too; pings are the browser's), and the window then opens one answer at a
+// time (pump). A slot with no answer for IN_FLIGHT_TIMEOUT_MS is freed (a join or leave is
+// sent again), so that nothing can jam the window for good.
 // Protocol: docs/protocol.md;
 // usage: docs/clients.md. Served by the server at /client.js.
 //
@@ -26,6 +29,10 @@ const FINAL_CLOSE_CODES = new Set([1000, 4009]);
 const RETRYABLE_CODES = new Set(['RATE_LIMITED', 'SERVER_BUSY', 'INTERNAL_ERROR']);
 const RETRYABLE_JOIN_CODES = new Set(['RATE_LIMITED', 'SERVER_BUSY']);
 const SEEN_WINDOW = 4096;
+// a join, leave or publication still unanswered after this frees its place in the window (a
+// join or leave is sent again; a publication waits for its answer or the next socket): a
+// safety net, the server answers every one of them
+const IN_FLIGHT_TIMEOUT_MS = 30000;
 const EVENTS = ['message', 'system', 'error', 'state', 'join'];
 
 /** An error message of the server (docs/protocol.md §11), or a refusal of the client itself. */
@@ -113,7 +120,7 @@ export class AetherClient {
    * @param {number} [options.refreshBeforeMs]  refresh this long before exp (default 30000)
    * @param {number} [options.maxPending]  publications waiting for acks at most (default 10000)
    * @param {number} [options.maxInFlight]  joins and publications sent and not answered yet, at
-   *   most (default 8: fewer than the 10 refusals in a row that close a socket)
+   *   most (default 8: fewer than the 10 strikes that close a socket)
    * @param {number} [options.firstSequence]  default: the clock in µs
    * @param {typeof WebSocket} [options.WebSocketImpl]  default: the global WebSocket
    */
@@ -140,11 +147,17 @@ export class AetherClient {
     this.joinWaiters = new Map(); // channel -> [{resolve, reject}]
     this.leaveWaiters = new Map();
     this.syncing = new Set(); // joins of this socket still unanswered
-    // pacing (pump): joins to send on this socket, joins sent and unanswered, publications to
-    // send (sequences, kept sorted: the oldest first), publications sent and unanswered, the
-    // window, and nothing sent before pausedUntil (Date.now() ms)
+    // pacing (pump): joins and leaves to send on this socket, those sent and unanswered
+    // (name -> Date.now() when sent), publications to send (sequences, kept sorted: the oldest
+    // first), publications sent and unanswered, the window, frames that take no place in it
+    // (status, refresh) but wait for the pause too, and nothing sent before pausedUntil
+    // (Date.now() ms)
     this.joinQueue = [];
-    this.joinsOut = new Set();
+    this.joinsOut = new Map();
+    this.leaveQueue = [];
+    this.leavesOut = new Map();
+    this.control = [];
+    this.refreshOut = null; // a refresh sent (or to send), unanswered
     this.toSend = [];
     this.pubsOut = 0;
     this.window = this.maxInFlight;
@@ -159,7 +172,7 @@ export class AetherClient {
     this.ready = false;
     this.closing = false;
     this.refusedToken = null;
-    this.timers = { reconnect: null, refresh: null, resend: null };
+    this.timers = { reconnect: null, refresh: null, resend: null, stall: null };
     this.refreshing = false;
     this.openWaiters = [];
     this.onOnline = () => {
@@ -261,13 +274,16 @@ export class AetherClient {
     return new Promise((resolve, reject) => {
       if (!this.leaveWaiters.has(channel)) this.leaveWaiters.set(channel, []);
       this.leaveWaiters.get(channel).push({ resolve, reject });
-      this.send({ type: 'connection', action: 'disconnect', data: { channel } });
+      // through the window, like a join
+      if (!this.leavesOut.has(channel) && !this.leaveQueue.includes(channel)) this.leaveQueue.push(channel);
+      this.pump();
     });
   }
 
-  /** Ask the server for a status notice (arrives as a 'system' event). */
+  /** Ask the server for a status notice (arrives as a 'system' event); sent once no rate
+   * limit's retry_after_ms runs. */
   requestStatus() {
-    this.send({ type: 'system', action: 'status', data: {} });
+    this.sendControl({ type: 'system', action: 'status', data: {} });
   }
 
   /** Use a new token: refresh the live connection with it, or reconnect with it when the
@@ -278,7 +294,7 @@ export class AetherClient {
       if (this.restart()) this.openSocket();
       return;
     }
-    if (this.firstFrame) this.send({ type: 'connection', action: 'refresh', data: { token } });
+    if (this.firstFrame) this.sendRefresh(token);
     this.armRefresh();
   }
 
@@ -381,9 +397,16 @@ export class AetherClient {
     this.syncing.clear();
     this.joinQueue = [];
     this.joinsOut.clear();
+    this.leaveQueue = [];
+    this.leavesOut.clear();
+    this.control = [];
+    this.refreshOut = null;
+    this.refreshing = false; // a new token, if any, is used at the next connect
     this.pubsOut = 0;
     clearTimeout(this.timers.resend);
     this.timers.resend = null;
+    clearTimeout(this.timers.stall);
+    this.timers.stall = null;
     for (const item of this.pendingMap.values()) item.socket = 0; // unacked: resend on the next socket
     for (const ch of this.channelStates.values()) {
       ch.resyncing = false;
@@ -492,6 +515,7 @@ export class AetherClient {
     } else if (type === 'connection' && action === 'disconnect') this.onLeave(msg, data);
     else if (type === 'connection' && action === 'refresh') {
       this.refreshing = false;
+      this.refreshOut = null;
       this.armRefresh();
     } else if (type === 'system') {
       if (action === 'status' && 'expires_at' in data) this.refreshNow();
@@ -529,7 +553,7 @@ export class AetherClient {
     ch.resyncing = false;
     ch.newEpoch = false;
     ch.held = [];
-    if (this.send({ type: 'connection', action: 'connect', data })) this.joinsOut.add(ch.name);
+    if (this.send({ type: 'connection', action: 'connect', data })) this.joinsOut.set(ch.name, Date.now());
   }
 
   onJoinReply(data) {
@@ -609,8 +633,17 @@ export class AetherClient {
       this.channelStates.delete(data.channel); // removed by an admin: do not rejoin
       this.emit('system', msg);
     }
-    for (const w of this.leaveWaiters.get(data.channel) ?? []) w.resolve();
-    this.leaveWaiters.delete(data.channel);
+    this.answeredLeave(data.channel);
+  }
+
+  /** A leave of this socket was answered (or refused for good): its waiters are done, its
+   * place in the window is free. */
+  answeredLeave(name) {
+    for (const w of this.leaveWaiters.get(name) ?? []) w.resolve();
+    this.leaveWaiters.delete(name);
+    if (!this.leavesOut.delete(name)) return;
+    this.window = Math.min(this.maxInFlight, this.window + 1);
+    this.pump();
   }
 
   onPublication(data) {
@@ -703,6 +736,27 @@ export class AetherClient {
       this.holdOff(details);
       return;
     }
+    if (typeof channel === 'string' && this.leavesOut.has(channel) && !Number.isInteger(details.sequence)) {
+      if (RETRYABLE_JOIN_CODES.has(code)) {
+        // a leave refused by a rate limit: sent again after the wait
+        this.leavesOut.delete(channel);
+        this.leaveQueue.unshift(channel);
+        this.holdOff(details);
+        return;
+      }
+      this.answeredLeave(channel); // refused for good (not a member...): done
+    }
+    if (RETRYABLE_JOIN_CODES.has(code) && channel == null && details.sequence == null) {
+      // a rate limit refused a frame it cannot name (a status request, a token refresh, a
+      // frame over MAX_MESSAGE_BYTES...): hold off all the same, and send a refresh that is
+      // still unanswered again after the wait
+      if (this.refreshOut !== null) {
+        this.control.push(refreshFrame(this.refreshOut));
+        this.holdOff(details);
+        return;
+      }
+      this.holdOff(details);
+    }
     if (
       typeof channel === 'string' &&
       this.syncing.has(channel) &&
@@ -719,6 +773,7 @@ export class AetherClient {
       this.maybeReady();
     } else if (details.component === 'auth' && msg.message === 'refresh token refused') {
       this.refreshing = false;
+      this.refreshOut = null;
     }
     this.emit('error', error);
   }
@@ -739,6 +794,7 @@ export class AetherClient {
     ws.send(publicationFrame(item));
     item.sent = true;
     item.socket = this.generation;
+    item.sentAt = Date.now();
     this.pubsOut += 1;
     return true;
   }
@@ -751,9 +807,9 @@ export class AetherClient {
     for (const w of this.openWaiters.splice(0)) w.resolve();
   }
 
-  /** Send what the window lets out: queued joins first, then (once every join of this socket
-   * is answered) pending publications, oldest first; nothing while a rate limit's
-   * retry_after_ms runs. */
+  /** Send what the window lets out: status requests and refreshes (no place in it), queued
+   * leaves and joins, then (once every join of this socket is answered) pending publications,
+   * oldest first; nothing while a rate limit's retry_after_ms runs. */
   pump() {
     if (!this.firstFrame || !this.ws) return;
     const wait = this.pausedUntil - Date.now();
@@ -766,19 +822,76 @@ export class AetherClient {
       }
       return;
     }
-    while (this.joinQueue.length && this.joinsOut.size + this.pubsOut < this.window) {
+    while (this.control.length) this.send(this.control.shift());
+    while (this.leaveQueue.length && this.inFlight() < this.window) {
+      const name = this.leaveQueue.shift();
+      if (this.send({ type: 'connection', action: 'disconnect', data: { channel: name } })) {
+        this.leavesOut.set(name, Date.now());
+      }
+    }
+    while (this.joinQueue.length && this.inFlight() < this.window) {
       const ch = this.channelStates.get(this.joinQueue.shift());
       if (ch && this.syncing.has(ch.name) && !this.joinsOut.has(ch.name)) this.sendJoin(ch);
     }
-    if (!this.ready) return;
-    while (this.toSend.length && this.joinsOut.size + this.pubsOut < this.window) {
-      const item = this.pendingMap.get(this.toSend.shift());
-      if (!item || item.socket === this.generation) continue; // settled meanwhile, or already out
-      if (!this.sendPublication(item)) {
-        this.toSend.unshift(item.sequence);
-        return;
+    if (this.ready) {
+      while (this.toSend.length && this.inFlight() < this.window) {
+        const item = this.pendingMap.get(this.toSend.shift());
+        if (!item || item.socket === this.generation) continue; // settled meanwhile, or already out
+        if (!this.sendPublication(item)) {
+          this.toSend.unshift(item.sequence);
+          break;
+        }
       }
     }
+    if (this.timers.stall === null && this.inFlight()) {
+      this.timers.stall = setTimeout(() => this.unstall(), IN_FLIGHT_TIMEOUT_MS);
+    }
+  }
+
+  inFlight() {
+    return this.joinsOut.size + this.leavesOut.size + this.pubsOut;
+  }
+
+  /** The safety net: free the places of frames unanswered for IN_FLIGHT_TIMEOUT_MS. */
+  unstall() {
+    this.timers.stall = null;
+    const cutoff = Date.now() - IN_FLIGHT_TIMEOUT_MS;
+    let stale = 0;
+    for (const item of this.pendingMap.values()) {
+      if (item.socket !== this.generation || item.sentAt > cutoff) continue;
+      item.socket = -1; // still awaited (a late ack settles it), resent on the next socket
+      this.pubsOut -= 1;
+      stale += 1;
+    }
+    for (const [name, at] of [...this.joinsOut]) {
+      if (at > cutoff) continue;
+      this.joinsOut.delete(name);
+      if (this.syncing.has(name)) this.joinQueue.push(name);
+      stale += 1;
+    }
+    for (const [name, at] of [...this.leavesOut]) {
+      if (at > cutoff) continue;
+      this.leavesOut.delete(name);
+      this.leaveQueue.push(name);
+      stale += 1;
+    }
+    if (stale) this.window = Math.min(this.maxInFlight, this.window + stale);
+    this.pump();
+  }
+
+  /** A frame that takes no place in the window, sent once no pause runs. */
+  sendControl(frame) {
+    this.control.push(frame);
+    this.pump();
+  }
+
+  /** Refresh this socket's token (sent again if a rate limit refuses it); false when there is
+   * no socket (the token is used at the next connect). */
+  sendRefresh(token) {
+    if (!this.firstFrame || !this.ws || this.ws.readyState !== 1) return false;
+    this.refreshOut = token;
+    this.sendControl(refreshFrame(token));
+    return true;
   }
 
   /** A rate limit refused a frame: send nothing for retry_after_ms, then one frame at a time,
@@ -820,7 +933,7 @@ export class AetherClient {
       return;
     }
     this.token = fresh;
-    if (!this.send({ type: 'connection', action: 'refresh', data: { token: fresh } })) this.refreshing = false;
+    if (!this.sendRefresh(fresh)) this.refreshing = false; // used at the next connect
   }
 
   // -- helpers ------------------------------------------------------------------------------
@@ -843,6 +956,10 @@ export class AetherClient {
 }
 
 /** The text of a publication's frame, as `sendPublication` sends it. */
+function refreshFrame(token) {
+  return { type: 'connection', action: 'refresh', data: { token } };
+}
+
 function publicationFrame(item) {
   return JSON.stringify({
     type: 'message',

@@ -390,7 +390,7 @@ def _members(srv: Server, channels: list[str]) -> list[int]:
 
 
 #: a budget of 5 frames per 2 s (RATE_LIMIT_MESSAGES, every frame): the flood close comes after
-#: max(10, 5) = 10 refusals in a row
+#: max(10, 5) = 10 strikes, refilled at 3 x 5 per 2 s
 SMALL_BUDGET = {"RATE_LIMIT_MESSAGES": "5", "RATE_LIMIT_WINDOW_S": "2"}
 
 
@@ -448,6 +448,52 @@ def test_publish_burst_past_the_budget(make_server: Callable[..., Server]) -> No
     assert not _flood_closed(srv)
 
 
+def test_too_large_publications_on_an_empty_budget_hold_nothing_up(
+    make_server: Callable[..., Server],
+) -> None:
+    """Oversized publications sent once the budget is empty (3 per 3 s: the join and two
+    publications spend it) are refused MESSAGE_TOO_LARGE all the same, each answering its
+    place in the window: eight of them (the whole window) do not stop the publication
+    behind them, which is acked once the budget refills."""
+    srv = make_server(RATE_LIMIT_MESSAGES="3", RATE_LIMIT_WINDOW_S="3")
+
+    async def main() -> None:
+        async with client(srv, "ann", channels=["pc.bigempty"]) as c:
+            small = [c.publish_nowait("pc.bigempty", f"s{i}") for i in range(2)]
+            big = [c.publish_nowait("pc.bigempty", "x" * 70_000) for _ in range(8)]
+            last = c.publish_nowait("pc.bigempty", "last")
+            ack = await asyncio.wait_for(last, 15)
+            assert ack.offset == 3
+            assert [(await f).offset for f in small] == [1, 2]
+            for fut in big:
+                with pytest.raises(AetherError) as refused:
+                    await fut
+                assert refused.value.code == "MESSAGE_TOO_LARGE"
+            assert c.pending == 0
+
+    run(main(), timeout=30)
+    assert not _flood_closed(srv)
+
+
+def test_leave_refused_by_the_budget_is_sent_again(make_server: Callable[..., Server]) -> None:
+    """A leave the budget refuses (2 per 4 s: the join and a publication spend it) is sent
+    again after `retry_after_ms`: leave() returns, and the server no longer counts the
+    client as a member."""
+    srv = make_server(RATE_LIMIT_MESSAGES="2", RATE_LIMIT_WINDOW_S="4")
+
+    async def main() -> None:
+        rec = Recorder()
+        async with client(srv, "ann", rec, channels=["pc.leave"]) as c:
+            await c.publish("pc.leave", "s1")
+            await asyncio.wait_for(c.leave("pc.leave"), 15)
+            assert c.channels == []
+            assert await asyncio.to_thread(_members, srv, ["pc.leave"]) in ([0], [-1])
+            assert rec.errors == []  # the refusal was retried, not reported
+
+    run(main(), timeout=30)
+    assert not _flood_closed(srv)
+
+
 # -- tokens ------------------------------------------------------------------------------------
 
 
@@ -497,6 +543,42 @@ def test_4001_with_token_refresh_reconnects(server: Server) -> None:
             await d.connect(timeout=10)
 
     run(main())
+
+
+def test_token_refresh_refused_by_the_budget_is_sent_again(
+    make_server: Callable[..., Server],
+) -> None:
+    """A token refresh the budget refuses (2 per 20 s: the join and a publication spend it;
+    the refresh comes half-way to the token's exp) is sent again after `retry_after_ms`,
+    before the token expires: the connection is never closed 4001 and reopened."""
+    srv = make_server(RATE_LIMIT_MESSAGES="2", RATE_LIMIT_WINDOW_S="20")
+
+    async def main() -> None:
+        calls: list[float] = []
+
+        def fresh() -> str:
+            calls.append(asyncio.get_running_loop().time())
+            return srv.token("hana", ttl=3600)
+
+        rec = Recorder()
+        c = AetherClient(
+            srv.ws_url,
+            token=srv.token("hana", ttl=12),
+            token_refresh=fresh,
+            channels=["pc.tokbudget"],
+            refresh_before_s=30,
+            **FAST,
+            **rec.kwargs(),
+        )
+        await c.connect()
+        await c.publish("pc.tokbudget", "spends the budget")
+        await asyncio.sleep(13.5)  # past the first token's exp
+        assert len(calls) == 1
+        assert c.state == "open" and rec.states.count("open") == 1, rec.states  # never closed
+        await c.close()
+
+    run(main())
+    assert not _flood_closed(srv)
 
 
 def test_token_refreshed_before_expiry(server: Server) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,8 +29,9 @@ from tests.integration.wsclient import Client
 #: nothing refills while a test runs
 BUDGET = 20
 WINDOW = str(BUDGET * 30)
-#: refused frames in a row before the close (docs/protocol.md §13): max(10, the budget), so
-#: that a client that sent one budget's worth before it heard the first refusal stays open
+#: refusals (strikes) before the close when nothing refills (docs/protocol.md §13):
+#: max(10, the budget), so that a client that sent one budget's worth before it heard the
+#: first refusal stays open
 REFUSALS_BEFORE_CLOSE = max(10, BUDGET)
 
 STATUS = {"type": "system", "action": "status", "data": {}}
@@ -248,3 +251,55 @@ def test_flood_close_waits_for_one_budget_of_refusals(make_server: Callable[...,
         got, _, code = _until_close(ws)
         assert len(got) == 1 and code == 1008
         _refused(got[0])
+
+
+def test_oversized_message_on_an_empty_budget_is_still_message_too_large(
+    make_server: Callable[..., Server],
+) -> None:
+    """A message over MAX_MESSAGE_BYTES is answered MESSAGE_TOO_LARGE (with `limit`, which
+    a client matches it by) even when the budget is empty; it is a refusal all the same, so
+    a run of them is closed like any flood."""
+    srv = make_server(RATE_LIMIT_MESSAGES="2", RATE_LIMIT_WINDOW_S="600", MAX_MESSAGE_BYTES="1024")
+    big = build_frame(OP_TEXT, json.dumps({"pad": "x" * 2000}).encode())
+    with _raw(srv, "alice") as ws:
+        ws.send_raw(build_frame(OP_TEXT, json.dumps(STATUS).encode()) * 2)
+        assert [ws.recv_json()["type"] for _ in range(2)] == ["system", "system"]
+        ws.send_raw(big * 3)
+        for _ in range(3):
+            err = ws.recv_json()
+            assert err["code"] == "MESSAGE_TOO_LARGE" and err["details"]["limit"] == 1024, err
+        ws.send_raw(big * 20)
+        got, _, code = _until_close(ws)
+        assert code == 1008 and len(got) == 10 - 3, got  # max(10, 2) strikes in all
+        assert {m["code"] for m in got} == {"MESSAGE_TOO_LARGE"}
+
+
+def test_flood_with_a_large_budget_is_closed(make_server: Callable[..., Server]) -> None:
+    """A budget of 1000 per second refills a token every millisecond: a publication flood
+    gets some of its frames accepted all the time, and is closed all the same (1008), since
+    the refusals are bounded to about three budgets per window, not counted in a row."""
+    srv = make_server(RATE_LIMIT_MESSAGES="1000", RATE_LIMIT_WINDOW_S="1")
+    pub = {
+        "type": "message",
+        "action": "send",
+        "data": {"channel": "x", "content": "a", "metadata": {"sequence": 1}},
+    }
+    chunk = build_frame(OP_TEXT, json.dumps(pub).encode()) * 2000
+    with _raw(srv, "mallory") as flood:
+        flood.sock.settimeout(20)
+        closed: list[int | None] = []
+
+        def drain() -> None:
+            closed.append(_until_close(flood)[2])
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 15
+        while not closed and time.monotonic() < deadline:
+            try:
+                flood.send_raw(chunk)
+            except OSError:
+                break
+        reader.join(20)
+    assert closed == [1008]
+    assert any(line.get("event") == "rate_limit_close" for line in srv.log_lines())

@@ -248,7 +248,7 @@ describe('server restart', () => {
 });
 
 
-describe('a small budget (RATE_LIMIT_MESSAGES 5 per 2 s: 10 refusals in a row close with 1008)', () => {
+describe('a small budget (RATE_LIMIT_MESSAGES 5 per 2 s: 10 strikes, refilled at 7.5 a second, close with 1008)', () => {
   let server;
   before(async () => {
     server = await new Server({ RATE_LIMIT_MESSAGES: '5', RATE_LIMIT_WINDOW_S: '2' }).start();
@@ -413,3 +413,58 @@ function assertRetriedAndAckedOnce(connections, final) {
     if (firstAcks.has(seq)) assert.equal(firstAcks.get(seq), final.get(seq), `offset of ${seq}`);
   }
 }
+
+describe('budget refusals that used to jam the client', () => {
+  async function withServer(env, body) {
+    const server = await new Server(env).start();
+    try {
+      await body(server);
+    } finally {
+      const errors = server.errors();
+      const floodCloses = server.log().split('\n').filter((line) => line.includes('rate_limit_close'));
+      await server.dispose();
+      assert.deepEqual(errors, []);
+      assert.deepEqual(floodCloses, [], 'no connection was closed as a flood');
+    }
+  }
+
+  test('too large publications on an empty budget hold nothing up', { timeout: 30000 }, async () => {
+    // 3 per 3 s: the join and two publications spend it; the eight oversized ones after (the
+    // whole window) are refused MESSAGE_TOO_LARGE all the same, and the last one is acked
+    await withServer({ RATE_LIMIT_MESSAGES: '3', RATE_LIMIT_WINDOW_S: '3' }, async (server) => {
+      const c = makeClient(server, 'ann', { channels: ['js.bigempty'] });
+      await c.connect();
+      const small = [c.publish('js.bigempty', 's0'), c.publish('js.bigempty', 's1')];
+      const big = Promise.allSettled(Array.from({ length: 8 }, () => c.publish('js.bigempty', 'x'.repeat(70000))));
+      const last = c.publish('js.bigempty', 'last');
+      const ack = await Promise.race([last, sleep(15000).then(() => null)]);
+      assert.ok(ack, 'the publication after the oversized ones was not acked within 15 s');
+      assert.equal(ack.offset, 3);
+      assert.deepEqual((await Promise.all(small)).map((a) => a.offset), [1, 2]);
+      for (const r of await big) {
+        assert.equal(r.status, 'rejected');
+        assert.equal(r.reason.code, 'MESSAGE_TOO_LARGE');
+      }
+      assert.equal(c.pending, 0);
+      await c.close();
+    });
+  });
+
+  test('a leave refused by the budget is sent again', { timeout: 30000 }, async () => {
+    // 2 per 4 s: the join and a publication spend it; the leave is refused, then sent again
+    await withServer({ RATE_LIMIT_MESSAGES: '2', RATE_LIMIT_WINDOW_S: '4' }, async (server) => {
+      const c = makeClient(server, 'ann', { channels: ['js.leave'] });
+      await c.connect();
+      await c.publish('js.leave', 's1');
+      const left = await Promise.race([c.leave('js.leave').then(() => true), sleep(15000).then(() => false)]);
+      assert.ok(left, 'leave() did not return within 15 s');
+      assert.deepEqual(c.channels, []);
+      const res = await fetch(`http://127.0.0.1:${server.port}/ws/channels/js.leave`, {
+        headers: { Authorization: `Bearer ${mintToken('root', { admin: true })}` },
+      });
+      assert.ok(res.status === 404 || (await res.json()).members === 0);
+      assert.deepEqual(c.rec.errors, []); // the refusal was retried, not reported
+      await c.close();
+    });
+  });
+});
