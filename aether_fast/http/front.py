@@ -16,7 +16,6 @@ after `transport.set_protocol(...)` this object no longer sees a byte.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -126,16 +125,15 @@ _NO_SLOTS: deque[_Slot] = deque(maxlen=0)
 class PendingSockets:
     """The sockets of one port that have not upgraded yet (in a TLS handshake, or speaking
     HTTP), against MAX_PENDING_CONNECTIONS: past it a new socket is closed at once, so idle
-    or stalled sockets cannot exhaust the worker's file descriptors. Refusals are logged at
-    warn, summed into at most one line a second.
+    or stalled sockets cannot exhaust the worker's file descriptors. Refusals go through the
+    security log's throttle (`logs.security`), like every refused connection.
 
     Of those, one peer address may hold at most `per_peer` (MAX_PENDING_CONNECTIONS_PER_PEER,
     0 = no share), so one address cannot take every slot and lock everyone else out. The
     peer is known once the socket is handed to the front (`admit_peer`): with TLS, after its
-    handshake. Those refusals go through the security log's throttle, like the other
-    refused connections."""
+    handshake."""
 
-    __slots__ = ("_by_peer", "_logged_at", "_refused", "count", "limit", "per_peer", "port")
+    __slots__ = ("_by_peer", "count", "limit", "per_peer", "port")
 
     def __init__(self, limit: int, per_peer: int, port: str) -> None:
         self.limit = limit
@@ -143,25 +141,18 @@ class PendingSockets:
         self.port = port
         self.count = 0
         self._by_peer: dict[str, int] = {}  # only peers with a pending socket
-        self._refused = 0
-        self._logged_at = 0.0
 
     def admit(self) -> bool:
         if self.count < self.limit:
             self.count += 1
             return True
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._logged_at >= 1.0:
-            logs.log(
-                "warn",
-                "connection_refused",
-                "security",
-                refused={"max_pending_connections": self._refused},
-                port=self.port,
-                limit=self.limit,
-            )
-            self._logged_at, self._refused = now, 0
+        logs.security(
+            "connection_refused",
+            kind="connection_refused:max_pending_connections",
+            reason="max_pending_connections",
+            port=self.port,
+            limit=self.limit,
+        )
         return False
 
     def admit_peer(self, peer: str) -> bool:
