@@ -987,6 +987,59 @@ static void fanout_hook(uint64_t now) {
 
 static int fanout_done(void) { return drained_or_stalled(fo_sent >= fo_total); }
 
+/* What a measured phase reports of its own span: the receive counters, the CPU time of the
+ * load generator and of the server, and how busy each CPU was. meter_start at its start,
+ * meter_stop into its phase_t at its end. */
+typedef struct {
+    uint64_t rx_bytes, frames, reads, waits;
+    double lg_cpu, srv_cpu;
+    cpus_t cpus;
+} meter_t;
+
+static void meter_start(meter_t *m) {
+    m->rx_bytes = g.rx_bytes;
+    m->frames = g.frames;
+    m->reads = g.reads;
+    m->waits = g.waits;
+    m->lg_cpu = cpu_self();
+    m->srv_cpu = cpu_server();
+    cpus_now(&m->cpus);
+}
+
+static void meter_stop(const meter_t *m, phase_t *ph) {
+    ph->lg_cpu = cpu_self() - m->lg_cpu;
+    ph->cpu0_busy = cpu_share(&m->cpus, 0);
+    ph->cpu1_busy = cpu_share(&m->cpus, 1);
+    double s1 = cpu_server();
+    ph->srv_cpu = (m->srv_cpu >= 0 && s1 >= 0) ? s1 - m->srv_cpu : -1;
+    ph->rx_bytes = g.rx_bytes - m->rx_bytes;
+    ph->rx_frames = g.frames - m->frames;
+    ph->rx_reads = g.reads - m->reads;
+    ph->waits = g.waits - m->waits;
+}
+
+/* The deliveries of a phase in which each subscriber should get `sent` messages: got (at
+ * most `sent` a subscriber), expected, lost, extra (beyond `sent`) and per second over
+ * ph->seconds. */
+static void count_deliveries(phase_t *ph, uint64_t sent) {
+    uint64_t got = 0, extra = 0;
+    for (long i = 1; i <= nsubs; i++) {
+        conn *c = &g.c[i];
+        uint64_t k = c->frames - c->base;
+        if (k > sent) {
+            extra += k - sent;
+            k = sent;
+        }
+        got += k;
+    }
+    ph->expected = (uint64_t)nsubs * sent;
+    ph->deliveries = got;
+    ph->lost = ph->expected - got;
+    ph->extra = extra;
+    ph->dead = (int)g.dead;
+    ph->per_s = ph->seconds > 0 ? (double)got / ph->seconds : 0;
+}
+
 static void run_window(phase_t *ph, long window, long messages, char tag) {
     fo_window = window;
     fo_total = messages;
@@ -995,10 +1048,8 @@ static void run_window(phase_t *ph, long window, long messages, char tag) {
     fo_stopped_early = 0;
     set_targets((uint64_t)messages);
     stage_need = alive_subs();
-    uint64_t rx0 = g.rx_bytes, fr0 = g.frames, rd0 = g.reads, w0 = g.waits;
-    double cpu0 = cpu_self(), srv0 = cpu_server();
-    cpus_t cpus0;
-    cpus_now(&cpus0);
+    meter_t m;
+    meter_start(&m);
     uint64_t t0 = now_ns();
     fo_send_until = t0 + (uint64_t)(opt.duration * 1e9);
     g.last_frame_ns = t0;
@@ -1010,31 +1061,8 @@ static void run_window(phase_t *ph, long window, long messages, char tag) {
     ph->messages = (uint64_t)fo_total;
     ph->timed_out = !ok;
     ph->seconds = (double)(t1 - t0) / 1e9;
-    ph->lg_cpu = cpu_self() - cpu0;
-    ph->cpu0_busy = cpu_share(&cpus0, 0);
-    ph->cpu1_busy = cpu_share(&cpus0, 1);
-    double s1 = cpu_server();
-    ph->srv_cpu = (srv0 >= 0 && s1 >= 0) ? s1 - srv0 : -1;
-    ph->rx_bytes = g.rx_bytes - rx0;
-    ph->rx_frames = g.frames - fr0;
-    ph->rx_reads = g.reads - rd0;
-    ph->waits = g.waits - w0;
-    uint64_t got = 0, extra = 0;
-    for (long i = 1; i <= nsubs; i++) {
-        conn *c = &g.c[i];
-        uint64_t k = c->frames - c->base;
-        if (k > (uint64_t)fo_total) {
-            extra += k - (uint64_t)fo_total;
-            k = (uint64_t)fo_total;
-        }
-        got += k;
-    }
-    ph->expected = (uint64_t)nsubs * (uint64_t)fo_total;
-    ph->deliveries = got;
-    ph->lost = ph->expected - got;
-    ph->extra = extra;
-    ph->dead = (int)g.dead;
-    ph->per_s = ph->seconds > 0 ? (double)got / ph->seconds : 0;
+    meter_stop(&m, ph);
+    count_deliveries(ph, (uint64_t)fo_total);
 }
 
 /* latency: send at a fixed rate, every receive is a sample */
@@ -1087,10 +1115,8 @@ static void run_rate(phase_t *ph, double rate) {
     if (expect_msgs < 1) expect_msgs = 1;
     set_targets(expect_msgs);
     stage_need = alive_subs();
-    uint64_t rx0 = g.rx_bytes, fr0 = g.frames, rd0 = g.reads, w0 = g.waits;
-    double cpu0 = cpu_self(), srv0 = cpu_server();
-    cpus_t cpus0;
-    cpus_now(&cpus0);
+    meter_t m;
+    meter_start(&m);
     g.measuring = 1;
     lat_t0 = now_ns();
     lat_end = lat_t0 + (uint64_t)((double)expect_msgs * 1e9 / rate) - 1;
@@ -1105,31 +1131,8 @@ static void run_rate(phase_t *ph, double rate) {
     ph->messages = lat_sent;
     ph->timed_out = !ok;
     ph->seconds = secs;
-    ph->lg_cpu = cpu_self() - cpu0;
-    ph->cpu0_busy = cpu_share(&cpus0, 0);
-    ph->cpu1_busy = cpu_share(&cpus0, 1);
-    double s1 = cpu_server();
-    ph->srv_cpu = (srv0 >= 0 && s1 >= 0) ? s1 - srv0 : -1;
-    ph->rx_bytes = g.rx_bytes - rx0;
-    ph->rx_frames = g.frames - fr0;
-    ph->rx_reads = g.reads - rd0;
-    ph->waits = g.waits - w0;
-    uint64_t got = 0, extra = 0;
-    for (long i = 1; i <= nsubs; i++) {
-        conn *c = &g.c[i];
-        uint64_t k = c->frames - c->base;
-        if (k > lat_sent) {
-            extra += k - lat_sent;
-            k = lat_sent;
-        }
-        got += k;
-    }
-    ph->expected = (uint64_t)nsubs * lat_sent;
-    ph->deliveries = got;
-    ph->lost = ph->expected - got;
-    ph->extra = extra;
-    ph->dead = (int)g.dead;
-    ph->per_s = secs > 0 ? (double)got / secs : 0;
+    meter_stop(&m, ph);
+    count_deliveries(ph, lat_sent);
     ph->send_lag_max_us = lat_lag_max;
     hist_into(ph, g.hist);
     const hist_t *ha = g.hist_arrival;
@@ -1173,10 +1176,8 @@ static void run_rtt(phase_t *ph, long conns, double secs) {
     rtt_c = conns;
     rtt_count = 0;
     g.foreign = 0;
-    uint64_t rx0 = g.rx_bytes, fr0 = g.frames, rd0 = g.reads, w0 = g.waits;
-    double cpu0 = cpu_self(), srv0 = cpu_server();
-    cpus_t cpus0;
-    cpus_now(&cpus0);
+    meter_t m;
+    meter_start(&m);
     g.measuring = 1;
     uint64_t t0 = now_ns();
     rtt_end = t0 + (uint64_t)(secs * 1e9);
@@ -1191,15 +1192,7 @@ static void run_rtt(phase_t *ph, long conns, double secs) {
     ph->timed_out = !ok;
     ph->seconds = (double)(t1 - t0) / 1e9;
     ph->per_s = ph->seconds > 0 ? (double)rtt_count / ph->seconds : 0;
-    ph->lg_cpu = cpu_self() - cpu0;
-    ph->cpu0_busy = cpu_share(&cpus0, 0);
-    ph->cpu1_busy = cpu_share(&cpus0, 1);
-    double s1 = cpu_server();
-    ph->srv_cpu = (srv0 >= 0 && s1 >= 0) ? s1 - srv0 : -1;
-    ph->rx_bytes = g.rx_bytes - rx0;
-    ph->rx_frames = g.frames - fr0;
-    ph->rx_reads = g.reads - rd0;
-    ph->waits = g.waits - w0;
+    meter_stop(&m, ph);
     ph->dead = (int)g.dead;
     ph->foreign = g.foreign;
     long stuck = 0;
