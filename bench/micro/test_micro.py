@@ -37,6 +37,7 @@ from aether_fast.auth import Authenticator, Claims, mint_token
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import load_config
 from aether_fast.store import default_channel_config
+from tests.unit import support
 
 SECRET = "micro-secret-micro-secret-micro-secret-0123"
 CONTENT = "M" + "0" * 20 + "x" * 64  # the load generator's content: tag, send time, padding
@@ -120,15 +121,7 @@ def real_loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def make_hub(broker: Any = None) -> Hub:
-    hub = Hub(
-        StubLoop(),
-        send_buffer_limit=1 << 20,
-        max_message_bytes=65536,
-        conn_capacity=0,
-        conn_window=60,
-        global_rate=0,
-        refresh_notice=60,
-    )
+    hub = support.make_hub(StubLoop())
     hub.node = StubNode()
     hub.broker = broker if broker is not None else StubBroker()  # type: ignore[assignment]
     return hub
@@ -139,10 +132,10 @@ def connect(
 ) -> tuple[Session, WSTransport]:
     """A Session connected to a WSTransport over a NullTransport, as after the handshake."""
     session = Session(hub, f"c-{user}", Claims(user, 4e9, False, None), "127.0.0.1")
-    # WSTransport's constructor and Session's picows callbacks are not in the type stubs
+    # WSTransport's constructor is not in picows' type stubs
     null = NullTransport(sock)
     transport = WSTransport(False, null, logging.getLogger("micro"), loop)  # type: ignore[call-arg]
-    session.on_ws_connected(transport)  # type: ignore[attr-defined]
+    session.on_ws_connected(transport)
     # the Node gives each session its user's budget at open: one that never runs out, so
     # every frame pays for the check as with RATE_LIMIT_MESSAGES > 0
     session.budget = Budget(1e18, 1.0)
@@ -179,7 +172,7 @@ def test_decode_validate_message(benchmark: Any, real_loop: asyncio.AbstractEven
     session, transport = connect(hub, real_loop, "alice")
     hub.join(session, ch)
     frame = send_frame(1)
-    on_frame = session.on_ws_frame  # type: ignore[attr-defined]
+    on_frame = session.on_ws_frame
 
     def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
         hub.flush()  # the previous ack leaves, outside the timing
@@ -207,7 +200,7 @@ def test_publish_memory_broker(benchmark: Any, real_loop: asyncio.AbstractEventL
         hub.flush()
         return (transport, send_frame(next(sequences))), {}
 
-    on_frame = session.on_ws_frame  # type: ignore[attr-defined]
+    on_frame = session.on_ws_frame
     benchmark.pedantic(on_frame, setup=setup, rounds=20000, warmup_rounds=100)
     assert hub.messages_published > 0 and hub.errors_total == 0
 

@@ -1,8 +1,9 @@
-"""What several unit test modules share: an RSA key pair, a Hub on a loop without sockets."""
+"""What several unit test modules and bench/micro share: an RSA key pair, a Hub on a loop
+without sockets."""
 
 from __future__ import annotations
 
-import asyncio
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -27,13 +28,15 @@ def rsa_pems() -> tuple[str, str]:
 
 
 def make_hub(
-    loop: asyncio.AbstractEventLoop,
+    loop: Any,
     *,
     conn_capacity: float = 0,
     conn_window: float = 60,
     busy_poll_s: float = 0.0,
 ) -> Hub:
-    """A Hub with the server's usual buffer and message limits and no global rate limit."""
+    """A Hub with the server's usual buffer and message limits and no global rate limit.
+    `loop` is what the Hub takes: an asyncio loop, or a stand-in with its `call_soon` and
+    `call_later` (bench/micro)."""
     return Hub(
         loop,
         send_buffer_limit=1 << 20,
