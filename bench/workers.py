@@ -146,7 +146,8 @@ def run(layout: str, redis_url: str, redis_pid: int, tmp: Path, quick: bool) -> 
         servers = [start(p, redis_url, tmp, 1, f"{tag}-{i}") for i, p in enumerate(ports)]
     else:
         servers = [start(ports[0], redis_url, tmp, int(layout[0]), tag)]
-    extra = {"port2": ports[1]} if len(ports) > 1 else {}
+    # load generator options, as `loadgen` takes them: the second node's port
+    extra: dict[str, Any] = {"port2": ports[1]} if len(ports) > 1 else {}
     pids = [s.pid for s in servers]
     result: dict[str, Any] = {"layout": layout}
 

@@ -13,12 +13,7 @@ import sys
 from typing import Any
 
 import orjson
-from socketify import (  # type: ignore[import-untyped]
-    App,
-    AppListenOptions,
-    CompressOptions,
-    OpCode,
-)
+from socketify import App, AppListenOptions, CompressOptions, OpCode
 
 app = App()
 
