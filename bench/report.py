@@ -59,14 +59,17 @@ def git_commit() -> str | None:
         if not head.startswith("ref:"):
             return head
         ref = head.split(":", 1)[1].strip()
-        ref_file = git / ref
-        if ref_file.exists():
-            return ref_file.read_text().strip()
-        packed = git / "packed-refs"
-        if packed.exists():
-            for line in packed.read_text().splitlines():
-                if line.endswith(" " + ref):
-                    return line.split()[0]
+        common = git / "commondir"  # a worktree's refs live in the shared git directory
+        places = [git] + ([git / common.read_text().strip()] if common.exists() else [])
+        for place in places:
+            ref_file = place / ref
+            if ref_file.exists():
+                return ref_file.read_text().strip()
+            packed = place / "packed-refs"
+            if packed.exists():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split()[0]
     except (OSError, IndexError):
         return None
     return None
