@@ -235,6 +235,7 @@ def test_a_second_connection_with_the_same_client_id_replaces_the_first(world: W
     ]
     assert new.received()[0]["data"]["client_id"] == "a1"
     assert world.parts.node.local_session("alice", "a1") is new.session
+    assert world.parts.status.connections_of("u:alice") == 1  # the old one no longer counts
     old.gone()  # the old one's close does not take the new one's place or count
     assert world.parts.node.local_session("alice", "a1") is new.session
     assert world.parts.status.connections_of("u:alice") == 1
@@ -599,7 +600,7 @@ def test_figures_are_summed_over_this_worker_and_the_others(make_world: Any) -> 
     for c in (here.open("a1", "alice"), here.open("b1", "bob")):
         c.received()
         joined(c, "chat")
-    row = other.parts.status.local_figures()  # what it publishes to the table
+    row = other.parts.node.local_figures()  # what its broker publishes (ClusterEvents)
     assert row["conns"] == {"u:u": 1, "u:user1": 1, "u:user2": 1}
     assert row["members"] == {"other-room": 2}
     mine = here.parts.status.local_figures()
