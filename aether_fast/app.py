@@ -1,8 +1,9 @@
 """The composition root: builds every part of one worker from a Config and wires them.
 
-What it owns: start-up order (logs, store, hub, broker, node, HTTP front, metrics port),
-signal handling and graceful shutdown. Rule: this is the only module that constructs the
-parts; everything else receives what it needs.
+What it owns: start-up order (logs, store, hub, broker, the control plane's three parts,
+HTTP front, metrics port), signal handling and graceful shutdown. Rule: this is the only
+module that constructs the parts (`control_plane` builds Operations, Status and the Node,
+for tests too); everything else receives what it needs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from aether_fast.http.routes import Router
 from aether_fast.http.upgrade import WebSocketUpgrader
 from aether_fast.metrics import Metrics, PrometheusRouter
 from aether_fast.node import Node
+from aether_fast.operations import Operations
+from aether_fast.status import Status
 from aether_fast.store import ChannelStore, Store
 
 
@@ -37,6 +40,7 @@ class Worker:
     config: Config
     hub: Hub
     node: Node
+    operations: Operations
     store: Store
     servers: list[asyncio.Server]
 
@@ -66,6 +70,27 @@ def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     sock.listen(4096)
     sock.setblocking(False)
     return sock
+
+
+@dataclass(slots=True)
+class ControlPlane:
+    """The three Python parts above the Hub: the session control plane (`node`, the one
+    the sessions and the broker call back up), the REST operations and the figures."""
+
+    node: Node
+    operations: Operations
+    status: Status
+
+
+def control_plane(
+    config: Config, hub: Hub, broker: Broker, store: Store, auth: Authenticator
+) -> ControlPlane:
+    """Build the control plane's parts, each given the ones below it (Operations, then
+    Status, then the Node). Connects no call back up: `wire` does."""
+    operations = Operations(hub, broker, store)
+    status = Status(hub, broker, operations)
+    node = Node(config, hub, broker, store, auth, status, operations)
+    return ControlPlane(node, operations, status)
 
 
 def wire(hub: Hub, node: Node, broker: Broker) -> None:
@@ -128,10 +153,11 @@ async def start(config: Config) -> Worker:
         sqlite_store.open()
         store = sqlite_store
     auth = Authenticator(config)
-    node = Node(config, hub, broker, store, auth)
+    parts = control_plane(config, hub, broker, store, auth)
+    node = parts.node
     wire(hub, node, broker)
-    metrics = Metrics(hub, node)
-    router = Router(config, node, auth, metrics)
+    metrics = Metrics(hub, parts.status)
+    router = Router(config, parts.operations, parts.status, auth, metrics)
     upgrader = WebSocketUpgrader(config, hub, node, auth)
     _tune_gc()  # before the ports open: nothing to wait for once clients can connect
     tls = _tls(config)
@@ -155,7 +181,7 @@ async def start(config: Config) -> Worker:
         )
     ]
     if config.enable_metrics:
-        prom = PrometheusRouter(hub, node)
+        prom = PrometheusRouter(parts.status, config)
         servers.append(
             await loop.create_server(
                 front_factory(
@@ -173,7 +199,7 @@ async def start(config: Config) -> Worker:
             )
         )
     node.start()
-    worker = Worker(config, hub, node, store, servers)
+    worker = Worker(config, hub, node, parts.operations, store, servers)
     logs.log(
         "info",
         "server_started",
@@ -193,7 +219,7 @@ async def stop(worker: Worker) -> None:
     for them to go (at most SHUTDOWN_TIMEOUT_S), then close the store."""
     for server in worker.servers:
         server.close()
-    n = worker.node.begin_shutdown()
+    n = worker.operations.begin_shutdown()
     worker.hub.flush()
     deadline = time.monotonic() + worker.config.shutdown_timeout_s
     while worker.hub.active_connections and time.monotonic() < deadline:

@@ -1,8 +1,10 @@
 """Metrics: the JSON figures of /metrics/* and the Prometheus exposition on METRICS_PORT.
 
-What it owns: turning the Hub's C counters into figures. Rule: nothing here is called per
-message; counters are kept in C by the hot path and read only at scrape or request time
-(a prometheus-client custom collector, no prometheus-client call per message).
+What it owns: the shapes of those answers. The figures themselves are `Status`'s (status.py:
+this worker's from the Hub's C counters, the others' from the cluster table), summed with
+its one helper, `status.total`. Rule: nothing here is called per message; counters are
+kept in C by the hot path and read only at scrape or request time (a prometheus-client
+custom collector, no prometheus-client call per message).
 """
 
 from __future__ import annotations
@@ -19,45 +21,42 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from aether_fast._core import Hub
+from aether_fast.config import Config
 from aether_fast.http.front import Request, Response
 from aether_fast.protocol import ErrorCode
+from aether_fast.status import Status, total
 
 
 class Metrics:
-    def __init__(self, hub: Hub, node: Any) -> None:
+    def __init__(self, hub: Hub, status: Status) -> None:
         self._hub = hub
-        self._node = node
+        self._status = status
 
     def view(self, name: str, admin: bool = False) -> dict[str, Any]:
         """The JSON of /metrics/{name} for the whole node: every worker's figures summed
         (this worker's live, the others' from the cluster table, at most a second old).
         Figures only: channel names (the per-channel list) only when `admin`."""
-        workers = self._node.node_workers()
-        stats = [w["stats"] for w in workers]
-
-        def total(field: str) -> Any:
-            return sum(st.get(field, 0) for st in stats)
-
+        workers = self._status.node_workers()
         about = {
-            "node": self._node.node_id,
-            "answered_by": self._node.worker_id,
+            "node": self._status.node_id,
+            "answered_by": self._status.worker_id,
             "workers": len(workers),
         }
         if name == "connections":
             return {
-                "active": total("connections_active"),
-                "total": total("connections_total"),
-                "slow_reader_closes": total("slow_reader_closes"),
+                "active": total("connections_active", workers),
+                "total": total("connections_total", workers),
+                "slow_reader_closes": total("slow_reader_closes", workers),
                 **about,
             }
         if name == "messages":
             return {
-                "received": total("messages_received"),
-                "published": total("messages_published"),
-                "delivered": total("deliveries"),
-                "bytes_out": total("bytes_out"),
-                "rate_limited": total("rate_limited"),
-                "messages_per_second": round(total("messages_per_second"), 2),
+                "received": total("messages_received", workers),
+                "published": total("messages_published", workers),
+                "delivered": total("deliveries", workers),
+                "bytes_out": total("bytes_out", workers),
+                "rate_limited": total("rate_limited", workers),
+                "messages_per_second": round(total("messages_per_second", workers), 2),
                 **about,
             }
         if name == "channels":
@@ -80,13 +79,13 @@ class Metrics:
                 return {"active": len(channels), **about}
             return {"active": len(channels), "channels": channels, **about}
         by_code: dict[str, int] = {}
-        for st in stats:
-            for code, count in st.get("errors_by_code", {}).items():
+        for w in workers:
+            for code, count in w["stats"].get("errors_by_code", {}).items():
                 by_code[code] = by_code.get(code, 0) + count
-        return {"total": total("errors"), "by_code": by_code, **about}
+        return {"total": total("errors", workers), "by_code": by_code, **about}
 
 
-#: (kind, name, help, field of Node.local_stats): every per-worker figure on METRICS_PORT.
+#: (kind, name, help, field of Status.local_stats): every per-worker figure on METRICS_PORT.
 _FAMILIES: tuple[tuple[str, str, str, str], ...] = (
     ("gauge", "aether_connections_active", "Open WebSocket connections.", "connections_active"),
     ("counter", "aether_connections", "WebSocket connections accepted.", "connections_total"),
@@ -110,15 +109,15 @@ _FAMILIES: tuple[tuple[str, str, str, str], ...] = (
 class HubCollector:
     """Reads the hot path's counters at scrape time."""
 
-    def __init__(self, hub: Hub, node: Any) -> None:
-        self._hub = hub
-        self._node = node
+    def __init__(self, status: Status, config: Config) -> None:
+        self._status = status
+        self._config = config
 
     def collect(self) -> Iterator[Metric]:
         # every worker of this node: this one from its C counters, the others from the
         # cluster table they publish each second (a scrape may land on any worker)
-        workers = [w["stats"] for w in self._node.node_workers()]
-        node = str(self._node.node_id)
+        workers = [w["stats"] for w in self._status.node_workers()]
+        node = str(self._status.node_id)
 
         for kind, name, doc, field in _FAMILIES:
             metric = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
@@ -143,7 +142,7 @@ class HubCollector:
             labels=["node", "worker"],
         )
         for w in workers:
-            limit.add_metric([node, str(w["worker"])], float(self._node.config.max_connections))
+            limit.add_metric([node, str(w["worker"])], float(self._config.max_connections))
         yield limit
         yield _workers(node, len(workers))
 
@@ -157,9 +156,9 @@ def _workers(node: str, n: int) -> Metric:
 class PrometheusRouter:
     """The only route of METRICS_PORT: GET /metrics in prometheus-client's text format."""
 
-    def __init__(self, hub: Hub, node: Any) -> None:
+    def __init__(self, status: Status, config: Config) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(HubCollector(hub, node))
+        self.registry.register(HubCollector(status, config))
 
     def handle(self, request: Request) -> Response:
         if request.path != "/metrics":

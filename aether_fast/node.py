@@ -1,32 +1,34 @@
-"""The Node: one worker's control plane, between the compiled Hub and the Python parts.
+"""The Node: one worker's session control plane, between the compiled Hub and the Python parts.
 
-What it owns: everything a session does that is not `message/send` (open, join with ACLs
-and recovery, leave, refresh, status, admin broadcast, close), the per-user connection
-counts and inbound budgets, presence notices, the once-a-second timer, and the operations
-the REST routes call.
+What it owns: everything a session does that is not `message/send` (open, join with ACLs,
+auto-create, channel caps and recovery, leave, refresh, `system/status`, a client's
+`system/broadcast`, close), replacement of a duplicate client_id, the per-user connection
+limit and inbound budgets, presence notices on join, leave and close, and the
+once-a-second timer. It uses two parts below it, which `app.py` builds and hands it:
+`Operations` (operations.py: removals, broadcasts, channel configs) and `Status`
+(status.py: the figures and the per-key connection counts).
 Rule: the Node never touches a socket; it talks to clients only through `Session.send_*`,
 `Session.close` and `Hub.deliver`, so every frame keeps its place in the member's outbox.
 The sessions and the broker call back up only through `events.SessionEvents` and
-`events.ClusterEvents`, which the Node implements; `app.wire` connects them.
+`events.ClusterEvents`, which the Node implements (answering `on_config_change` through
+`Operations`, `local_figures` through `Status`); `app.wire` connects them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from aether_fast import logs, protocol
-from aether_fast._core import Budget, Channel, Connection, Hub, Session, encode_json_frame
+from aether_fast._core import Budget, Channel, Connection, Hub, Session
 from aether_fast.auth import Authenticator, AuthError, Claims, channel_allowed
 from aether_fast.brokers.base import BROKER_UNAVAILABLE, Broker, Recovery
 from aether_fast.config import Config
+from aether_fast.operations import REMOVED_NOT_ALLOWED, Operations, presence
 from aether_fast.protocol import (
     CLIENT_MESSAGES,
     CloseCode,
@@ -38,43 +40,14 @@ from aether_fast.protocol import (
     require_severity,
     require_str,
 )
+from aether_fast.status import Status
 from aether_fast.store import ChannelConfig, Store, default_channel_config
 
 _CONTROL = CLIENT_MESSAGES - {("message", "send"), ("message", "retry")}
 
-T = TypeVar("T")
-
 #: Starts the identity of an anonymous session; the 64 random bits after it are never shown,
 #: so no client (anonymous, or with any `sub`) can name another connection's identity.
 ANONYMOUS = "\x1e"
-
-#: The `reason` of a connection/disconnect the server sends when it removes a member
-#: (docs/protocol.md §4), and the system/status warning that follows it.
-REMOVED_DELETED = "channel deleted"
-REMOVED_NOT_ALLOWED = "not allowed by the new token"
-REMOVED_AUTH_REQUIRED = "channel requires auth"
-_REMOVED_TEXT = {
-    REMOVED_DELETED: "channel {} was deleted",
-    REMOVED_NOT_ALLOWED: "removed from channel {}: the refreshed token does not allow it",
-    REMOVED_AUTH_REQUIRED: "removed from channel {}: it now requires a token",
-}
-
-
-async def _maybe(value: T | Awaitable[T]) -> T:
-    """The value of a call that a synchronous part answers at once and an asynchronous
-    part (the Redis broker) answers later."""
-    if isinstance(value, Awaitable):
-        return await value
-    return value
-
-
-@dataclass(slots=True)
-class Rates:
-    """Messages per second, measured by the Node's timer from the Hub's counters."""
-
-    published_prev: int = 0
-    stamp: float = field(default_factory=time.monotonic)
-    per_second: float = 0.0
 
 
 def limit_key(user_id: str | None, peer: str) -> str:
@@ -93,18 +66,16 @@ class Node:
         broker: Broker,
         store: Store,
         auth: Authenticator,
+        status: Status,
+        operations: Operations,
     ) -> None:
         self.config = config
         self.hub = hub
         self.broker = broker
         self.store = store
         self.auth = auth
-        self.started_at = time.time()
-        self.node_id: str = getattr(broker, "node_id", socket.gethostname())
-        self.worker_id: str = getattr(broker, "worker_id", f"{self.node_id}:{os.getpid()}")
-        self.rates = Rates()
-        self.shutting_down = False
-        self._per_key: dict[str, int] = {}
+        self.status = status
+        self.operations = operations
         # inbound budgets by limit key: kept while the key has a connection here, and after
         # its last one closes until full again (swept by the timer), so reconnecting does
         # not refill them; `_idle` holds (when surely full, key) of keys left without one
@@ -139,7 +110,7 @@ class Node:
             try:
                 self.hub.tick(time.time(), ping_round)
                 self._sweep_budgets()
-                self._measure_rates()
+                self.status.measure_rates()
                 logs.SECURITY.flush()
                 if ticks % 10 == 0:
                     self.broker.sweep()
@@ -147,16 +118,12 @@ class Node:
             except Exception as exc:  # the timer must survive a bug in one round
                 logs.log("error", "timer_failed", "node", error=repr(exc))
 
-    def _measure_rates(self) -> None:
-        now = time.monotonic()
-        published = self.hub.messages_published
-        dt = now - self.rates.stamp
-        if dt > 0:
-            self.rates.per_second = (published - self.rates.published_prev) / dt
-        self.rates.published_prev = published
-        self.rates.stamp = now
-
     # -- sessions --------------------------------------------------------------------------
+
+    @property
+    def shutting_down(self) -> bool:
+        """The worker is draining (`Operations.begin_shutdown`): no one is admitted."""
+        return self.operations.shutting_down
 
     def new_client_id(self) -> str:
         return secrets.token_hex(8)
@@ -184,7 +151,7 @@ class Node:
             old.close(CloseCode.REPLACED, "replaced by a newer connection")
             self._release_key(old)
         key = limit_key(s.user_id, s.peer)
-        count = self._per_key.get(key, 0) + self.broker.remote_connections(key)
+        count = self.status.connections_of(key) + self.broker.remote_connections(key)
         limit = self.config.rate_limit_connections
         if 0 < limit <= count:
             self.security_event(s, "connection_limit", f"{count} connections")
@@ -197,7 +164,7 @@ class Node:
             )
             s.close(CloseCode.CONNECTION_LIMIT, "connection limit")
             return
-        self._per_key[key] = self._per_key.get(key, 0) + 1
+        self.status.connection_opened(key)
         s.limit_key = key
         s.budget = self._budget(key)
         self._live[live_key] = s
@@ -225,14 +192,9 @@ class Node:
         if key is None:
             return
         s.limit_key = None
-        left = self._per_key.get(key, 1) - 1
-        if left > 0:
-            self._per_key[key] = left
-        else:
-            self._per_key.pop(key, None)
-            if key in self._budgets:
-                # an empty budget is full again after one window at the latest
-                self._idle.append((time.monotonic() + self.hub.conn_window, key))
+        if self.status.connection_closed(key) == 0 and key in self._budgets:
+            # an empty budget is full again after one window at the latest
+            self._idle.append((time.monotonic() + self.hub.conn_window, key))
 
     def _budget(self, key: str) -> Budget | None:
         """The inbound budget of `key`, shared by all its sessions on this worker (None when
@@ -254,7 +216,7 @@ class Node:
             _, key = idle.popleft()
             budget = self._budgets.get(key)
             # a key that connected again is live; one that left again has a later entry
-            if budget is not None and key not in self._per_key and budget.full():
+            if budget is not None and not self.status.connections_of(key) and budget.full():
                 del self._budgets[key]
 
     def local_session(self, identity: str | None, client_id: str) -> Session | None:
@@ -262,26 +224,21 @@ class Node:
         return self._live.get((identity, client_id))
 
     def local_figures(self) -> dict[str, Any]:
-        """What this worker tells the cluster table each second."""
-        members = {}
-        for name in self.hub.channel_names():
-            ch = self.hub.channel(name)
-            if ch is not None and ch.member_count:
-                members[name] = ch.member_count
-        return {"stats": self.local_stats(), "conns": dict(self._per_key), "members": members}
+        """What this worker tells the cluster table each second (`Status.local_figures`)."""
+        return self.status.local_figures()
 
     def on_config_change(self, name: str, cfg: ChannelConfig | None) -> None:
         """Another worker changed (cfg) or deleted (None) channel `name`."""
         if cfg is not None:
-            self.apply_config(cfg)
+            self.operations.apply_config(cfg)
         else:
-            self.remove_members(name)
+            self.operations.remove_members(name)
 
     def on_close(self, s: Session) -> None:
         for name in s.joined():
             ch = self.hub.channel(name)
             if ch is not None and ch.presence:
-                self._presence(ch, s, "disconnect")
+                presence(self.hub, ch, s, "disconnect")
         self._release_key(s)
         live_key = (s.identity, s.client_id)
         if self._live.get(live_key) is s:
@@ -325,7 +282,7 @@ class Node:
             elif pair == ("connection", "refresh"):
                 self.refresh(s, require_str(data, "token", 16384))
             elif pair == ("system", "status"):
-                s.send_json(protocol.status("ok", "info", **self.status_counts()))
+                s.send_json(protocol.status("ok", "info", **self.status.status_counts()))
             else:
                 self.client_broadcast(s, data)
         except Invalid as bad:
@@ -381,7 +338,7 @@ class Node:
                 )
             self.hub.join(s, ch)
             if ch.presence:
-                self._presence(ch, s, "connect")
+                presence(self.hub, ch, s, "connect")
         recovery = self.broker.recover(name, since, epoch)
         if isinstance(recovery, Recovery):
             self._joined(s, name, since, recovery)
@@ -498,13 +455,9 @@ class Node:
             return
         ch = self.hub.channel(name)
         if ch is not None and ch.presence:
-            self._presence(ch, s, "disconnect")
+            presence(self.hub, ch, s, "disconnect")
         self.hub.leave(s, name)
         s.send_json(protocol.disconnected(s.client_id, s.user_id, name))
-
-    def _presence(self, ch: Channel, s: Session, action: str) -> None:
-        frame = encode_json_frame(protocol.presence(action, s.client_id, s.user_id, ch.name))
-        self.hub.deliver(ch, frame, s)
 
     def refresh(self, s: Session, token: str) -> None:
         try:
@@ -539,7 +492,7 @@ class Node:
         # the new claims decide from now on: channels they no longer allow are left
         for name in s.joined():
             if not channel_allowed(claims, name):
-                self._evict(s, name, REMOVED_NOT_ALLOWED)
+                self.operations.evict(s, name, REMOVED_NOT_ALLOWED)
 
     def client_broadcast(self, s: Session, data: dict[str, Any]) -> None:
         claims: Claims | None = s.claims
@@ -554,180 +507,4 @@ class Node:
         channel = data.get("channel")
         if channel is not None:
             channel = require_channel(data)
-        self.broadcast(message, severity, channel)
-
-    # -- operations (REST and shutdown) ----------------------------------------------------
-
-    def broadcast(self, message: str, severity: str, channel: str | None) -> int:
-        """Send a system/broadcast notice to every connection, or to one channel's members.
-        Returns how many connections it was queued for."""
-        frame = encode_json_frame(protocol.broadcast(message, severity, channel))
-        if channel is None:
-            n: int = self.hub.deliver_all(frame)
-            return n
-        ch = self.hub.channel(channel)
-        if ch is None:
-            return 0
-        count: int = ch.member_count
-        self.hub.deliver(ch, frame, None)
-        return count
-
-    async def configure_channel(self, cfg: ChannelConfig) -> bool:
-        """Store `cfg` (True: created) and apply it to the live channel."""
-        created = await _maybe(self.store.put(cfg))
-        self.apply_config(cfg)
-        return created
-
-    def apply_config(self, cfg: ChannelConfig) -> None:
-        """A config changed (here, or on another worker): the live channel takes it, and a
-        channel that now requires auth loses its anonymous members (they are told)."""
-        ch = self.hub.channel(cfg.name)
-        if ch is None:
-            return
-        self.hub.add_channel(cfg.name, cfg)
-        if cfg.require_auth:
-            anonymous = [m for m in ch.member_list() if m.claims is None]
-            for m in anonymous:
-                self._evict(m, cfg.name, REMOVED_AUTH_REQUIRED)
-            if anonymous:
-                logs.log(
-                    "info",
-                    "members_removed",
-                    "node",
-                    channel=cfg.name,
-                    count=len(anonymous),
-                    reason=REMOVED_AUTH_REQUIRED,
-                )
-
-    async def delete_channel(self, name: str) -> bool:
-        """Delete the config, remove this worker's members (they are told), drop history."""
-        existed = await _maybe(self.store.delete(name))
-        removed = self.remove_members(name)
-        if existed or removed:
-            await _maybe(self.broker.forget(name))
-        return existed or removed
-
-    def remove_members(self, name: str) -> bool:
-        """Remove every local member of channel `name`, telling each; False if none."""
-        removed: list[Session] = self.hub.drop_channel(name)
-        for s in removed:
-            self._tell_removed(s, name, REMOVED_DELETED)
-        return bool(removed)
-
-    def _evict(self, s: Session, name: str, reason: str) -> None:
-        """Remove `s` from channel `name` (the server's decision, not its own leave): the
-        other members see it leave (presence), and it is told why."""
-        ch = self.hub.channel(name)
-        if ch is not None and ch.presence:
-            self._presence(ch, s, "disconnect")
-        self.hub.leave(s, name)
-        self._tell_removed(s, name, reason)
-
-    def _tell_removed(self, s: Session, name: str, reason: str) -> None:
-        """The notice of a removal: connection/disconnect with `reason` (a client does not
-        rejoin), then a system/status warning saying it in words."""
-        s.send_json(protocol.disconnected(s.client_id, s.user_id, name, reason))
-        s.send_json(protocol.status(_REMOVED_TEXT[reason].format(name), "warning"))
-
-    async def channel_view(self, name: str) -> dict[str, Any] | None:
-        stored = self.store.get(name)
-        live: Channel | None = self.hub.channel(name)
-        if stored is None and live is None:
-            return None
-        cfg: ChannelConfig = stored if stored is not None else live.config  # type: ignore[union-attr]
-        offset, epoch = await _maybe(self.broker.position(name))
-        return {
-            **cfg.to_json(),
-            "configured": stored is not None,
-            "members": live.member_count if live is not None else 0,
-            "messages": live.published if live is not None else 0,
-            "offset": offset,
-            "epoch": epoch,
-        }
-
-    async def channel_views(self) -> list[dict[str, Any]]:
-        names = {c.name for c in self.store.list()} | set(self.hub.channel_names())
-        views = [await self.channel_view(n) for n in sorted(names)]
-        return [v for v in views if v is not None]
-
-    def health(self) -> tuple[str, str]:
-        if self.shutting_down:
-            return ("down", "shutting_down")
-        return self.broker.health()
-
-    def local_stats(self) -> dict[str, Any]:
-        """This worker's figures (also what it publishes to the cluster table)."""
-        return {
-            "node": self.node_id,
-            "worker": self.worker_id,
-            "pid": os.getpid(),
-            "connections_active": self.hub.active_connections,
-            "connections_total": self.hub.connections_total,
-            "messages_per_second": round(self.rates.per_second, 2),
-            "messages_received": self.hub.messages_in,
-            "messages_published": self.hub.messages_published,
-            "deliveries": self.hub.deliveries,
-            "bytes_out": self.hub.bytes_out,
-            "rate_limited": self.hub.rate_limited,
-            "slow_reader_closes": self.hub.slow_reader_closes,
-            "errors": self.hub.errors_total,
-            "errors_by_code": self.hub.error_counts_snapshot(),
-            "channels": len(self.hub.channel_names()),
-            "uptime_s": round(time.time() - self.started_at, 3),
-            "healthy": self.health()[0] == "healthy",
-        }
-
-    def node_workers(self) -> list[dict[str, Any]]:
-        """The figures of every live worker of this node (this one first)."""
-        others = self.broker.remote_table()
-        mine = [w for w in others.values() if w["stats"].get("node") == self.node_id]
-        return [self.local_figures(), *mine]
-
-    def status_counts(self) -> dict[str, Any]:
-        workers = self.node_workers()
-        channels = set(self.hub.channel_names())
-        for w in workers[1:]:
-            channels.update(w["members"])
-        return {
-            "connections": {
-                "active": sum(w["stats"]["connections_active"] for w in workers),
-                "total": sum(w["stats"]["connections_total"] for w in workers),
-            },
-            "channels": {
-                "active": len(channels),
-                "messages_per_second": round(
-                    sum(w["stats"]["messages_per_second"] for w in workers), 2
-                ),
-            },
-        }
-
-    def status(self) -> dict[str, Any]:
-        state, reason = self.health()
-        body: dict[str, Any] = {"status": state, **self.status_counts()}
-        body["uptime_s"] = round(time.time() - self.started_at, 3)
-        body["broker"] = self.broker.name
-        body["node"] = self.node_id
-        body["answered_by"] = self.worker_id
-        body["workers"] = [w["stats"] for w in self.node_workers()]
-        cluster = self.broker.remote_table()
-        if cluster:
-            body["cluster"] = {
-                "workers": len(cluster) + 1,
-                "nodes": len({w["stats"].get("node") for w in cluster.values()} | {self.node_id}),
-                "connections": self.hub.active_connections
-                + sum(w["stats"]["connections_active"] for w in cluster.values()),
-            }
-        if reason:
-            body["reason"] = reason
-        return body
-
-    def begin_shutdown(self) -> int:
-        """Tell every client the server is going away and close each with 1001."""
-        self.shutting_down = True
-        connections = self.hub.session_list()
-        notice = protocol.status("server shutting down", "warning")
-        for c in connections:
-            if isinstance(c, Session):
-                c.send_json(notice)
-            c.close(CloseCode.GOING_AWAY, "server shutting down")
-        return len(connections)
+        self.operations.broadcast(message, severity, channel)

@@ -3,7 +3,8 @@ JSON metrics.
 
 What it owns: the route table, admin authentication of the admin routes, request body
 validation and the JSON error answers. Rule: a route reads or changes state only through
-the Node (or, for the figures, the Metrics view); no route touches a session.
+`Operations` (operations.py) and reads figures only through `Status` (status.py) or the
+Metrics view; no route touches a session or the Node.
 """
 
 from __future__ import annotations
@@ -22,17 +23,26 @@ from aether_fast.http.front import Request, Response
 from aether_fast.http.static import FILES as STATIC_FILES
 from aether_fast.http.static import StaticFiles
 from aether_fast.metrics import Metrics
-from aether_fast.node import Node
+from aether_fast.operations import Operations
 from aether_fast.protocol import SEVERITIES, ErrorCode, error_body, name_error, valid_channel
+from aether_fast.status import Status
 from aether_fast.store import FieldError, parse_channel_config
 
 Handler = Callable[[Request, str], Response | Awaitable[Response]]
 
 
 class Router:
-    def __init__(self, config: Config, node: Node, auth: Authenticator, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        operations: Operations,
+        status: Status,
+        auth: Authenticator,
+        metrics: Metrics,
+    ) -> None:
         self._config = config
-        self._node = node
+        self._operations = operations
+        self._status = status
         self._auth = auth
         self._metrics = metrics
         self._static = StaticFiles()
@@ -144,26 +154,26 @@ class Router:
     # -- routes ----------------------------------------------------------------------------
 
     def health(self, request: Request, _: str) -> Response:
-        state, reason = self._node.health()
+        state, reason = self._status.health()
         body: dict[str, Any] = {"status": state}
         if reason:
             body["reason"] = reason
         return Response.json(200 if state == "healthy" else 503, body)
 
     def status(self, request: Request, _: str) -> Response:
-        return Response.json(200, self._node.status())
+        return Response.json(200, self._status.status())
 
     async def list_channels(self, request: Request, _: str) -> Response:
         denied = self._admin(request)
         if denied is not None:
             return denied
-        return Response.json(200, {"channels": await self._node.channel_views()})
+        return Response.json(200, {"channels": await self._operations.channel_views()})
 
     async def get_channel(self, request: Request, name: str) -> Response:
         denied = self._admin(request)
         if denied is not None:
             return denied
-        view = await self._node.channel_view(name) if valid_channel(name) else None
+        view = await self._operations.channel_view(name) if valid_channel(name) else None
         if view is None:
             return Response.error(
                 404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name
@@ -180,7 +190,7 @@ class Router:
             return bad.response
         existing = None
         if isinstance(body, dict) and isinstance(body.get("name"), str):
-            existing = self._node.store.get(body["name"])
+            existing = self._operations.store.get(body["name"])
         try:
             cfg = parse_channel_config(body, self._config, existing)
         except FieldError as err:
@@ -191,14 +201,14 @@ class Router:
                 err.reason,
                 field=err.field,
             )
-        created = await self._node.configure_channel(cfg)
+        created = await self._operations.configure_channel(cfg)
         return Response.json(201 if created else 200, cfg.to_json())
 
     async def delete_channel(self, request: Request, name: str) -> Response:
         denied = self._admin(request)
         if denied is not None:
             return denied
-        if not valid_channel(name) or not await self._node.delete_channel(name):
+        if not valid_channel(name) or not await self._operations.delete_channel(name):
             return Response.error(
                 404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name
             )
@@ -226,7 +236,7 @@ class Router:
         unknown = set(body) - {"message", "severity", "channel"}
         if unknown:
             return _field_error(sorted(unknown)[0], "unknown field")
-        sent = self._node.broadcast(message, severity, channel)
+        sent = self._operations.broadcast(message, severity, channel)
         return Response.json(200, {"sent": sent, "channel": channel})
 
     def metric(self, name: str) -> Handler:

@@ -2,9 +2,10 @@
 
 Run with `pytest bench/micro` (`make bench-micro`); `make test` does not collect them (its
 testpaths is `tests`). Sessions are real `aether_fast._core.Session` objects connected to
-picows `WSTransport`s whose underlying transport drops every write, so `Hub.flush` runs its
-real code without a socket; the Hub's own loop is a stand-in that only records the flush it
-is asked to schedule (the benchmark calls `Hub.flush` itself).
+picows `WSTransport`s whose underlying transport drops every write (`NullTransport`, shared
+with the unit tests in tests/unit/support.py), so `Hub.flush` runs its real code without a
+socket; the Hub's own loop is a stand-in that only records the flush it is asked to
+schedule (the benchmark calls `Hub.flush` itself).
 """
 
 from __future__ import annotations
@@ -38,42 +39,11 @@ from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import load_config
 from aether_fast.store import default_channel_config
 from tests.unit import support
+from tests.unit.support import NullTransport
 
 SECRET = "micro-secret-micro-secret-micro-secret-0123"
 CONTENT = "M" + "0" * 20 + "x" * 64  # the load generator's content: tag, send time, padding
 MEMBERS = 1000
-
-
-class _Socket:
-    def fileno(self) -> int:
-        return -1
-
-
-class NullTransport(asyncio.Transport):
-    """An asyncio transport that accepts every write and sends nothing. With `sock`, that
-    socket is what `get_extra_info("socket")` reports (a server may write to its fd)."""
-
-    def __init__(self, sock: socket.socket | None = None) -> None:
-        super().__init__()
-        self.written = 0
-        self._socket: Any = sock if sock is not None else _Socket()
-
-    def write(self, data: Any) -> None:
-        self.written += 1
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        return None
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "socket":
-            return self._socket
-        return default
 
 
 class StubLoop:

@@ -1,8 +1,11 @@
 """What several unit test modules and bench/micro share: an RSA key pair, a Hub on a loop
-without sockets."""
+without sockets, an asyncio transport that sends nothing (optionally keeping what is
+written), and a reader of the server frames written to it."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -47,3 +50,64 @@ def make_hub(
         refresh_notice=60,
         busy_poll_s=busy_poll_s,
     )
+
+
+class _NoSocket:
+    def fileno(self) -> int:
+        return -1
+
+
+class NullTransport(asyncio.Transport):
+    """An asyncio transport that accepts every write and sends nothing: a Connection on it
+    writes through `write` (its socket's fd is -1). With `sock`, that socket is what
+    `get_extra_info("socket")` reports (a server may write to its fd); with `record`, the
+    bytes written are kept in `data`, in order."""
+
+    def __init__(self, sock: socket.socket | None = None, record: bool = False) -> None:
+        super().__init__()
+        self.written = 0
+        self.data: bytearray | None = bytearray() if record else None
+        self.closed = False
+        self._socket: Any = sock if sock is not None else _NoSocket()
+
+    def write(self, data: Any) -> None:
+        self.written += 1
+        if self.data is not None:
+            self.data += data
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        return None  # nothing is ever buffered here: a paced replay goes on at each flush
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self._socket
+        return default
+
+
+def server_frames(data: bytes | bytearray) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each server frame in `data`: unmasked, unfragmented, as the
+    server writes them (RFC 6455 §5.2)."""
+    frames = []
+    i = 0
+    while i < len(data):
+        assert data[i] & 0x80, "a server frame is never fragmented"
+        opcode, n = data[i] & 0x0F, data[i + 1]
+        assert not n & 0x80, "a server frame is never masked"
+        i += 2
+        if n == 126:
+            n, i = int.from_bytes(data[i : i + 2], "big"), i + 2
+        elif n == 127:
+            n, i = int.from_bytes(data[i : i + 8], "big"), i + 8
+        frames.append((opcode, bytes(data[i : i + n])))
+        i += n
+    assert i == len(data), "a frame was cut short"
+    return frames

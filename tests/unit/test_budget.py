@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from aether_fast._core import Budget, Session
-from aether_fast.app import wire
+from aether_fast.app import control_plane, wire
 from aether_fast.auth import Authenticator, Claims
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import load_config
@@ -42,7 +42,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
     store = ChannelStore(str(tmp_path))
     store.open()
     broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)
-    node = Node(config, hub, broker, store, Authenticator(config))
+    node = control_plane(config, hub, broker, store, Authenticator(config)).node
     wire(hub, node, broker)
     yield node
     store.close()
@@ -90,7 +90,7 @@ def test_no_budget_without_a_limit(tmp_path: Path) -> None:
     store = ChannelStore(str(tmp_path))
     store.open()
     broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)
-    node = Node(config, hub, broker, store, Authenticator(config))
+    node = control_plane(config, hub, broker, store, Authenticator(config)).node
     wire(hub, node, broker)
     assert _open(node, "alice", "a1").budget is None
     store.close()

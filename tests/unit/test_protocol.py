@@ -129,7 +129,14 @@ def test_every_documented_server_message_is_what_its_encoder_makes() -> None:
 
 
 def test_the_control_plane_writes_no_message_of_its_own() -> None:
-    """node.py sends what protocol.py's builders make; it spells out no message shape."""
-    source = ROOT.joinpath("aether_fast", "node.py").read_text("utf-8")
-    assert '"type":' not in source
-    assert "protocol.status(" in source and "protocol.connected(" in source
+    """node.py and operations.py send what protocol.py's builders make; neither (nor
+    status.py) spells out a message shape."""
+    read = {n: ROOT.joinpath("aether_fast", n).read_text("utf-8") for n in CONTROL_PLANE}
+    for name, source in read.items():
+        assert '"type":' not in source, name
+    assert "protocol.status(" in read["node.py"] and "protocol.connected(" in read["node.py"]
+    assert "protocol.disconnected(" in read["operations.py"]
+    assert "protocol.broadcast(" in read["operations.py"]
+
+
+CONTROL_PLANE = ("node.py", "operations.py", "status.py")

@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from aether_fast.app import wire
+from aether_fast.app import control_plane, wire
 from aether_fast.auth import Authenticator
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.brokers.redis import RedisBroker
 from aether_fast.config import load_config
-from aether_fast.node import Node
 from aether_fast.store import ChannelStore
 from tests.unit.support import make_hub
 
@@ -24,7 +23,7 @@ def test_node_does_not_wire_itself_app_wire_does(tmp_path: Path) -> None:
     try:
         hub = make_hub(loop)
         broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)
-        node = Node(config, hub, broker, store, Authenticator(config))
+        node = control_plane(config, hub, broker, store, Authenticator(config)).node
         assert hub.node is None and hub.broker is None  # not wired yet
         wire(hub, node, broker)
         assert hub.node is node and hub.broker is broker
@@ -34,7 +33,7 @@ def test_node_does_not_wire_itself_app_wire_does(tmp_path: Path) -> None:
         redis = RedisBroker(
             hub, "redis://127.0.0.1:1", history_ttl_s=60, dedup_ttl_s=60, channel_state_ttl_s=60
         )
-        node = Node(config, hub, redis, store, Authenticator(config))
+        node = control_plane(config, hub, redis, store, Authenticator(config)).node
         assert redis.local_figures() == {}  # the default before bind
         wire(hub, node, redis)
         assert redis.local_session == node.local_session
