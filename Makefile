@@ -46,7 +46,7 @@ test-integration:
 load:  ## bounded load run (200 connections, 10 s) on the server at $(URL); set JWT_SECRET as it has
 	$(BIN)/python tools/load.py --url $(URL) $(LOAD_ARGS)
 
-lint:  ## ruff, mypy --strict on aether_fast/ and tools/, stubtest of _core.pyi, cython-lint on ext/, hadolint
+lint:  ## ruff, mypy --strict on aether_fast/, tools/ and tests/, stubtest of _core.pyi, cython-lint on ext/, hadolint
 	$(BIN)/ruff check aether_fast tests bench tools
 	$(BIN)/ruff format --check aether_fast tests tools bench
 	$(BIN)/mypy

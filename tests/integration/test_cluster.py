@@ -48,7 +48,7 @@ def pair(make_server: Callable[..., Server], redis_url: str) -> Pair:
 
 def acks(c: Client, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
     """The next `n` acks; deliveries in between are not expected."""
-    got = []
+    got: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     while len(got) < n:
         msg = c.recv(max(0.01, deadline - time.monotonic()))
@@ -130,9 +130,9 @@ def test_fan_out_across_machines_exactly_once_in_offset_order(pair: Pair) -> Non
 
         # echo=1 on machine B: the sender gets its ack and its own copy; the others one copy
         eb.publish(ch, "mirror")
-        got = {(m["type"], m["action"]): m for m in (eb.recv(), eb.recv())}
-        assert set(got) == {("message", "ack"), ("message", "send")}, got
-        assert got[("message", "send")]["data"]["metadata"]["offset"] == 2 * n + 1
+        by_kind = {(m["type"], m["action"]): m for m in (eb.recv(), eb.recv())}
+        assert set(by_kind) == {("message", "ack"), ("message", "send")}, by_kind
+        assert by_kind[("message", "send")]["data"]["metadata"]["offset"] == 2 * n + 1
         for c in (pa, pb, ma, mb):
             msg = expect(c, "message", "send")
             assert msg["data"]["content"] == "mirror"

@@ -46,7 +46,7 @@ def clean_env(**env: str) -> dict[str, str]:
     return {**base, **env}
 
 
-def cli(args: list[str], timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
+def cli(args: list[str], timeout: float = 30, /, **env: str) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
             [sys.executable, "-m", "aether_fast", *args],

@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import jwt
 import pytest
@@ -29,8 +29,22 @@ from tests.integration.wiretap import Tapped, WireTap
 
 T = TypeVar("T")
 
+
+class Backoff(TypedDict):
+    backoff_initial: float
+    backoff_max: float
+
+
+class Handlers(TypedDict):
+    on_message: Callable[[Message], object]
+    on_state: Callable[[State], object]
+    on_join: Callable[[JoinResult], object]
+    on_error: Callable[[AetherError], object]
+    on_system: Callable[[dict[str, Any]], object]
+
+
 #: Fast reconnects for tests: the default backoff starts at 0.5 s and caps at 30 s.
-FAST = {"backoff_initial": 0.05, "backoff_max": 0.5}
+FAST: Backoff = {"backoff_initial": 0.05, "backoff_max": 0.5}
 
 
 def run(coro: Awaitable[T], timeout: float = 60) -> T:
@@ -51,7 +65,7 @@ class Recorder:
         self.system: list[dict[str, Any]] = []
         self.arrived = asyncio.Event()
 
-    def kwargs(self) -> dict[str, Any]:
+    def kwargs(self) -> Handlers:
         return {
             "on_message": self.on_message,
             "on_state": self.states.append,
@@ -515,7 +529,7 @@ def test_no_reconnect_after_4001(server: Server) -> None:
         # a new token brings it back
         bad.set_token(server.token("alice"))
         await bad.connect(timeout=10)
-        assert bad.state == "open" and bad.user_id == "alice"
+        assert (bad.state, bad.user_id) == ("open", "alice")
         await bad.close()
 
     run(main())
