@@ -15,8 +15,9 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.conftest import ROOT, SECRET, Server, free_port
+from tests.conftest import ROOT, SECRET, Server
 from tests.integration.wsclient import Client
+from tools.common import free_port, wait_listening
 
 ADMIN_TOKEN = "static-admin-token-do-not-print-0123456789"
 REDIS_PASSWORD = "redis-password-do-not-print"
@@ -133,17 +134,9 @@ def test_bad_setting_exits_2_naming_the_variable(
         assert out.stdout.strip() == "", "config printed despite the error"
 
 
-def wait_listening(p: subprocess.Popen[str], port: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if p.poll() is not None:
-            raise AssertionError(f"serve exited {p.returncode}: {p.communicate()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing listens on {port}"
-            time.sleep(0.05)
+def wait_serving(p: subprocess.Popen[str], port: int) -> None:
+    """Returns once `serve` listens on `port`; fails with its output if it exits first."""
+    wait_listening(p, port, 15, lambda: str(p.communicate()) if p.poll() is not None else "")
 
 
 def test_serve_flags_override_the_environment(
@@ -160,7 +153,7 @@ def test_serve_flags_override_the_environment(
         text=True,
     )
     spawned.append(p)
-    wait_listening(p, flag_port)
+    wait_serving(p, flag_port)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", env_port), timeout=0.5).close()
     p.send_signal(signal.SIGTERM)
@@ -366,7 +359,7 @@ def test_second_server_on_the_same_port_is_refused(
 def test_serve_exits_0_on_sigterm(tmp_path: Path, spawned: list[subprocess.Popen[str]]) -> None:
     env = cli_env(tmp_path, JWT_SECRET=SECRET)
     p = spawn_serve(env, tmp_path, spawned)
-    wait_listening(p, int(env["WS_PORT"]))
+    wait_serving(p, int(env["WS_PORT"]))
     p.send_signal(signal.SIGTERM)
     code, out, err = finish(p)
     assert code == 0, (out[-1000:], err)

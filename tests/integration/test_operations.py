@@ -30,11 +30,12 @@ from aether_fast.store import (
     parse_channel_config,
     read_backup,
 )
-from tests.conftest import ROOT, SECRET, Server, free_port
+from tests.conftest import ROOT, SECRET, Server
 from tests.deploy import referenced_metrics, scraped_names
 from tests.dockerfile import Ignore, context_files, parse
 from tests.integration.helpers import wait_for
 from tests.integration.wsclient import Client
+from tools.common import free_port
 
 VENV = Path(sys.executable).parent.parent
 
@@ -392,10 +393,11 @@ def test_load_reports_failure(make_server: Callable[..., Server]) -> None:
     srv = make_server()  # channels need a token, and the run has none
     out = subprocess.run(
         [
-            *(sys.executable, str(ROOT / "tools" / "load.py")),
+            *(sys.executable, "-m", "tools.load"),
             *("--url", f"127.0.0.1:{srv.port}", "--connections", "5", "--duration", "1", "--json"),
         ],
         env=clean_env(),
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=30,

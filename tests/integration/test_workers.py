@@ -21,7 +21,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import ROOT, SECRET, Server, free_port
+from tests.conftest import ROOT, SECRET, Server
 from tests.integration.cluster_helpers import (
     WORKER_TTL_S,
     first_answer,
@@ -37,6 +37,7 @@ from tests.integration.cluster_helpers import (
 from tests.integration.helpers import drain, expect, wait_for
 from tests.integration.redis_fixture import RedisServer, db_of
 from tests.integration.wsclient import Client
+from tools.common import free_port
 
 NODE = "wnode"
 
