@@ -53,6 +53,17 @@ class Pair:
         got = expect(self.peer, "message", "send")
         assert got["data"]["content"] == "alive?"
 
+    def refused(self, frame: dict[str, Any], sequence: int | None = None) -> None:
+        """The sender's `frame` gets INVALID_MESSAGE naming the channel (and `sequence`, when
+        given), the peer gets nothing, and the connection still works."""
+        self.sender.send(frame)
+        err = expect_error(self.sender, "INVALID_MESSAGE")
+        assert err["details"]["channel"] == self.channel
+        if sequence is not None:
+            assert err["details"]["sequence"] == sequence
+        self.peer.nothing(0.05)
+        self.alive()
+
     def others_alive(self) -> None:
         """A fresh connection can still join and exchange messages with the peer."""
         with Client(
@@ -191,36 +202,18 @@ def test_missing_channel(pair: Pair) -> None:
 
 @pytest.mark.parametrize("content", [5, None, {"a": 1}, ["x"], True, 1.5], ids=repr)
 def test_content_not_a_string(pair: Pair, content: Any) -> None:
-    pair.sender.send(send_msg(pair.channel, content, 77))
-    err = expect_error(pair.sender, "INVALID_MESSAGE")
-    assert err["details"]["channel"] == pair.channel
-    assert err["details"]["sequence"] == 77
-    pair.peer.nothing(0.05)
-    pair.alive()
+    pair.refused(send_msg(pair.channel, content, 77), sequence=77)
 
 
 def test_content_missing(pair: Pair) -> None:
-    pair.sender.send(
-        {
-            "type": "message",
-            "action": "send",
-            "data": {"channel": pair.channel, "metadata": {"sequence": 78}},
-        }
-    )
-    err = expect_error(pair.sender, "INVALID_MESSAGE")
-    assert err["details"]["channel"] == pair.channel
-    assert err["details"]["sequence"] == 78
-    pair.peer.nothing(0.05)
-    pair.alive()
+    frame = send_msg(pair.channel, None, 78)
+    del frame["data"]["content"]
+    pair.refused(frame, sequence=78)
 
 
 @pytest.mark.parametrize("sequence", [-1, 1.5, "1", True, False, None, [1], {"n": 1}], ids=repr)
 def test_bad_sequence(pair: Pair, sequence: Any) -> None:
-    pair.sender.send(send_msg(pair.channel, "x", sequence))
-    err = expect_error(pair.sender, "INVALID_MESSAGE")
-    assert err["details"]["channel"] == pair.channel
-    pair.peer.nothing(0.05)
-    pair.alive()
+    pair.refused(send_msg(pair.channel, "x", sequence))
 
 
 @pytest.mark.parametrize("metadata", ["missing", None, [], "seq", 5, {}], ids=repr)
@@ -228,45 +221,20 @@ def test_bad_metadata(pair: Pair, metadata: Any) -> None:
     data: dict[str, Any] = {"channel": pair.channel, "content": "x"}
     if metadata != "missing":
         data["metadata"] = metadata
-    pair.sender.send({"type": "message", "action": "send", "data": data})
-    err = expect_error(pair.sender, "INVALID_MESSAGE")
-    assert err["details"]["channel"] == pair.channel
-    pair.peer.nothing(0.05)
-    pair.alive()
+    pair.refused({"type": "message", "action": "send", "data": data})
 
 
 @pytest.mark.parametrize("ts", [123, {}, True, ["2024"]], ids=repr)
 def test_timestamp_not_a_string(pair: Pair, ts: Any) -> None:
-    pair.sender.send(
-        {
-            "type": "message",
-            "action": "send",
-            "data": {
-                "channel": pair.channel,
-                "content": "x",
-                "metadata": {"sequence": 9, "timestamp": ts},
-            },
-        }
-    )
-    err = expect_error(pair.sender, "INVALID_MESSAGE")
-    assert err["details"]["channel"] == pair.channel
-    assert err["details"]["sequence"] == 9
-    pair.peer.nothing(0.05)
-    pair.alive()
+    frame = send_msg(pair.channel, "x", 9)
+    frame["data"]["metadata"]["timestamp"] = ts
+    pair.refused(frame, sequence=9)
 
 
 def test_timestamp_string_accepted(pair: Pair) -> None:
-    pair.sender.send(
-        {
-            "type": "message",
-            "action": "send",
-            "data": {
-                "channel": pair.channel,
-                "content": "x",
-                "metadata": {"sequence": 10, "timestamp": "2024-01-01T00:00:00Z"},
-            },
-        }
-    )
+    frame = send_msg(pair.channel, "x", 10)
+    frame["data"]["metadata"]["timestamp"] = "2024-01-01T00:00:00Z"
+    pair.sender.send(frame)
     assert expect(pair.sender, "message", "ack")["data"]["metadata"]["sequence"] == 10
     assert expect(pair.peer, "message", "send")["data"]["content"] == "x"
 
