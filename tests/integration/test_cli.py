@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -140,7 +141,7 @@ def wait_serving(p: subprocess.Popen[str], port: int) -> None:
 
 
 def test_serve_flags_override_the_environment(
-    tmp_path: Path, spawned: list[subprocess.Popen[str]]
+    tmp_path: Path, procs: list[subprocess.Popen[Any]]
 ) -> None:
     env = cli_env(tmp_path, JWT_SECRET=SECRET)
     env_port, flag_port = int(env["WS_PORT"]), free_port()
@@ -152,7 +153,7 @@ def test_serve_flags_override_the_environment(
         stderr=subprocess.PIPE,
         text=True,
     )
-    spawned.append(p)
+    procs.append(p)
     wait_serving(p, flag_port)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", env_port), timeout=0.5).close()
@@ -242,18 +243,8 @@ def test_serve_without_secret_warns_and_serves(make_server: Callable[..., Server
     assert code == 200
 
 
-@pytest.fixture
-def spawned() -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-
-
 def spawn_serve(
-    env: dict[str, str], cwd: Path, procs: list[subprocess.Popen[str]]
+    env: dict[str, str], cwd: Path, procs: list[subprocess.Popen[Any]]
 ) -> subprocess.Popen[str]:
     p = subprocess.Popen(
         [sys.executable, "-m", "aether_fast", "serve"],
@@ -280,12 +271,12 @@ def finish(p: subprocess.Popen[str], timeout: float = 15) -> tuple[int, str, str
 
 
 def test_corrupt_store_exits_2_naming_data_dir(
-    tmp_path: Path, spawned: list[subprocess.Popen[str]]
+    tmp_path: Path, procs: list[subprocess.Popen[Any]]
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
     (data / "channels.sqlite3").write_bytes(b"this is not an sqlite database\x00\xff" * 200)
-    p = spawn_serve(cli_env(tmp_path, JWT_SECRET=SECRET), tmp_path, spawned)
+    p = spawn_serve(cli_env(tmp_path, JWT_SECRET=SECRET), tmp_path, procs)
     code, out, err = finish(p)
     assert code == 2, (code, out[-1000:], err)
     line = one_line(err)
@@ -295,41 +286,27 @@ def test_corrupt_store_exits_2_naming_data_dir(
 
 
 def test_data_dir_that_is_a_file_exits_2(
-    tmp_path: Path, spawned: list[subprocess.Popen[str]]
+    tmp_path: Path, procs: list[subprocess.Popen[Any]]
 ) -> None:
     blocker = tmp_path / "data"
     blocker.write_text("a file, not a directory")
-    p = spawn_serve(cli_env(tmp_path, JWT_SECRET=SECRET), tmp_path, spawned)
+    p = spawn_serve(cli_env(tmp_path, JWT_SECRET=SECRET), tmp_path, procs)
     code, out, err = finish(p)
     assert code == 2, (code, out[-1000:], err)
     assert "DATA_DIR" in one_line(err)
     assert "Traceback" not in out + err
 
 
-def test_port_in_use_exits_cleanly(tmp_path: Path, spawned: list[subprocess.Popen[str]]) -> None:
-    with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", 0))
-        blocker.listen()
-        port = blocker.getsockname()[1]
-        p = spawn_serve(cli_env(tmp_path, JWT_SECRET=SECRET, WS_PORT=str(port)), tmp_path, spawned)
-        code, out, err = finish(p)
-    assert code != 0, (code, out[-1000:], err)
-    line = one_line(err)
-    # the one line says why (it does not name the port: see the report of issue 13)
-    assert line.startswith("aether-fast: cannot listen: ") and "in use" in line, line
-    assert "Traceback" not in out + err
-
-
-def test_metrics_port_in_use_exits_cleanly(
-    tmp_path: Path, spawned: list[subprocess.Popen[str]]
+@pytest.mark.parametrize("variable", ["WS_PORT", "METRICS_PORT"])
+def test_port_in_use_exits_cleanly(
+    tmp_path: Path, procs: list[subprocess.Popen[Any]], variable: str
 ) -> None:
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         port = blocker.getsockname()[1]
-        p = spawn_serve(
-            cli_env(tmp_path, JWT_SECRET=SECRET, METRICS_PORT=str(port)), tmp_path, spawned
-        )
+        env = cli_env(tmp_path, JWT_SECRET=SECRET, **{variable: str(port)})
+        p = spawn_serve(env, tmp_path, procs)
         code, out, err = finish(p)
     assert code != 0, (code, out[-1000:], err)
     line = one_line(err)
@@ -339,12 +316,12 @@ def test_metrics_port_in_use_exits_cleanly(
 
 
 def test_second_server_on_the_same_port_is_refused(
-    server: Server, tmp_path: Path, spawned: list[subprocess.Popen[str]]
+    server: Server, tmp_path: Path, procs: list[subprocess.Popen[Any]]
 ) -> None:
     """Starting a second, independent server on a port that one already serves must fail,
     not silently share the port (its clients would not see each other's messages)."""
     env = cli_env(tmp_path, JWT_SECRET=SECRET, WS_PORT=str(server.port))
-    p = spawn_serve(env, tmp_path, spawned)
+    p = spawn_serve(env, tmp_path, procs)
     try:
         code, out, err = finish(p, timeout=5)
     except AssertionError as exc:
@@ -356,9 +333,9 @@ def test_second_server_on_the_same_port_is_refused(
     one_line(err)
 
 
-def test_serve_exits_0_on_sigterm(tmp_path: Path, spawned: list[subprocess.Popen[str]]) -> None:
+def test_serve_exits_0_on_sigterm(tmp_path: Path, procs: list[subprocess.Popen[Any]]) -> None:
     env = cli_env(tmp_path, JWT_SECRET=SECRET)
-    p = spawn_serve(env, tmp_path, spawned)
+    p = spawn_serve(env, tmp_path, procs)
     wait_serving(p, int(env["WS_PORT"]))
     p.send_signal(signal.SIGTERM)
     code, out, err = finish(p)

@@ -80,17 +80,6 @@ def scrape(port: int) -> str:
     return body.decode()
 
 
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[Any]]]:
-    """Processes a test started; killed at teardown if it left them running."""
-    started: list[subprocess.Popen[Any]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-
-
 # -- deploy/: every metric the alerts and the dashboard use is served -------------------------
 
 

@@ -4,11 +4,12 @@ metrics, errors, keep-alive and persistence of channel configs across a restart.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jwt
@@ -41,6 +42,20 @@ def joined(client: Client, channel: str) -> dict[str, Any]:
     msg = client.recv_until("connection", "connect")
     assert msg["data"]["channel"] == channel, msg
     return msg
+
+
+@contextlib.contextmanager
+def member(server: Server, user: str, channel: str) -> Iterator[Client]:
+    """A client of `user` on `channel`, its join confirmed."""
+    with Client(server.ws_url, token=server.token(user), channel=channel) as c:
+        joined(c, channel)
+        yield c
+
+
+def create(server: Server, config: dict[str, Any]) -> None:
+    """The admin creates a channel: 201."""
+    code, body, _ = server.http("POST", "/ws/channels", config, token=server.admin())
+    assert code == 201, body
 
 
 def prom_value(text: str, name: str) -> float:
@@ -142,14 +157,7 @@ def test_channel_create_with_only_the_required_fields(server: Server) -> None:
     }
     code, body, _ = server.http("POST", "/ws/channels", body_in, token=admin)
     assert code == 201, body
-    assert set(body) == {
-        "name",
-        "max_connections",
-        "message_rate_limit",
-        "require_auth",
-        "history_size",
-        "presence",
-    }
+    assert set(body) == set(FULL_CONFIG)  # every field, the omitted ones at their defaults
     assert body["name"] == "rest.min" and body["max_connections"] == 0
     assert body["require_auth"] is True
     assert body["history_size"] == 100  # HISTORY_SIZE default
@@ -177,17 +185,11 @@ def test_channel_list(server: Server) -> None:
 
 def test_channel_read_has_live_counts(server: Server) -> None:
     admin = server.admin()
-    code, _, _ = server.http("POST", "/ws/channels", {"name": "rest.live"}, token=admin)
-    assert code == 201
+    create(server, {"name": "rest.live"})
     code, body, _ = server.http("GET", "/ws/channels/rest.live", token=admin)
     assert code == 200 and body["members"] == 0, body
 
-    with (
-        Client(server.ws_url, token=server.token("u1"), channel="rest.live") as a,
-        Client(server.ws_url, token=server.token("u2"), channel="rest.live") as b,
-    ):
-        joined(a, "rest.live")
-        joined(b, "rest.live")
+    with member(server, "u1", "rest.live") as a, member(server, "u2", "rest.live") as b:
         code, body, _ = server.http("GET", "/ws/channels/rest.live", token=admin)
         assert code == 200 and body["members"] == 2, body
         a.publish("rest.live", "one")
@@ -210,14 +212,8 @@ def test_channel_read_unknown_is_404(server: Server) -> None:
 
 def test_channel_delete_removes_members(server: Server) -> None:
     admin = server.admin()
-    code, _, _ = server.http("POST", "/ws/channels", {"name": "rest.del"}, token=admin)
-    assert code == 201
-    with (
-        Client(server.ws_url, token=server.token("m1"), channel="rest.del") as a,
-        Client(server.ws_url, token=server.token("m2"), channel="rest.del") as b,
-    ):
-        joined(a, "rest.del")
-        joined(b, "rest.del")
+    create(server, {"name": "rest.del"})
+    with member(server, "m1", "rest.del") as a, member(server, "m2", "rest.del") as b:
         code, body, _ = server.http("DELETE", "/ws/channels/rest.del", token=admin)
         assert code == 200, body
         for c in (a, b):
@@ -245,12 +241,8 @@ def test_channel_delete_removes_members(server: Server) -> None:
 
 def test_channel_update_applies_to_a_live_channel(server: Server) -> None:
     admin = server.admin()
-    code, _, _ = server.http(
-        "POST", "/ws/channels", {"name": "rest.shrink", "max_connections": 0}, token=admin
-    )
-    assert code == 201
-    with Client(server.ws_url, token=server.token("s1"), channel="rest.shrink") as a:
-        joined(a, "rest.shrink")
+    create(server, {"name": "rest.shrink", "max_connections": 0})
+    with member(server, "s1", "rest.shrink"):
         code, _, _ = server.http(
             "POST", "/ws/channels", {"name": "rest.shrink", "max_connections": 1}, token=admin
         )
@@ -265,11 +257,7 @@ def test_channel_update_applies_to_a_live_channel(server: Server) -> None:
 
 def test_broadcast_to_everyone(server: Server) -> None:
     admin = server.admin()
-    with (
-        Client(server.ws_url, token=server.token("b1"), channel="rest.bc") as a,
-        Client(server.ws_url, token=server.token("b2")) as b,
-    ):
-        joined(a, "rest.bc")
+    with member(server, "b1", "rest.bc") as a, Client(server.ws_url, token=server.token("b2")) as b:
         b.recv_until("connection", "connect")
         code, body, _ = server.http(
             "POST",
@@ -286,12 +274,7 @@ def test_broadcast_to_everyone(server: Server) -> None:
 
 def test_broadcast_to_one_channel(server: Server) -> None:
     admin = server.admin()
-    with (
-        Client(server.ws_url, token=server.token("c1"), channel="rest.bc1") as a,
-        Client(server.ws_url, token=server.token("c2"), channel="rest.bc2") as b,
-    ):
-        joined(a, "rest.bc1")
-        joined(b, "rest.bc2")
+    with member(server, "c1", "rest.bc1") as a, member(server, "c2", "rest.bc2") as b:
         code, body, _ = server.http(
             "POST",
             "/ws/broadcast",
