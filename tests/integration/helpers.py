@@ -3,6 +3,8 @@
 - `HClient`: the sync `Client` with extra handshake headers (Authorization, Origin).
 - `drain`: every message until the server closes, and the close code it sent.
 - `expect_error`: the next message must be an error with a given code.
+- `joined`, `member`: the connection/connect reply; a client whose join was confirmed.
+- `create_channel`: the admin creates (or updates) a channel over REST.
 - `RawWS`: a hand-driven WebSocket on a plain socket, for what a well-behaved library refuses
   to send (bad UTF-8, reserved bits, stray continuations, unmasked frames) and for a reader
   that never reads.
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -120,6 +123,32 @@ def expect(c: Client, mtype: str, action: str, timeout: float = TIMEOUT) -> dict
     msg = c.recv(timeout)
     assert (msg.get("type"), msg.get("action")) == (mtype, action), msg
     return msg
+
+
+def joined(c: Client, channel: str | None = None) -> dict[str, Any]:
+    """The next message must be the connection/connect reply (for `channel`); its data."""
+    msg = expect(c, "connection", "connect")
+    if channel is not None:
+        assert msg["data"]["channel"] == channel, msg
+    data: dict[str, Any] = msg["data"]
+    return data
+
+
+@contextlib.contextmanager
+def member(server: Server, user: str | None, channel: str, **params: Any) -> Iterator[Client]:
+    """A client of `user` (anonymous: None) that joined `channel` on connecting (more query
+    parameters in `params`), its connection/connect reply taken."""
+    token = None if user is None else server.token(user)
+    with Client(server.ws_url, token=token, channel=channel, **params) as c:
+        joined(c, channel)
+        yield c
+
+
+def create_channel(server: Server, **cfg: Any) -> int:
+    """The admin creates or updates a channel with `cfg`: 201 or 200, which it returns."""
+    status, body, _ = server.http("POST", "/ws/channels", cfg, token=server.admin())
+    assert status in (200, 201), body
+    return status
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:

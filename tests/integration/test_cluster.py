@@ -19,7 +19,6 @@ import pytest
 from tests.conftest import Server
 from tests.integration.cluster_helpers import (
     first_answer,
-    joined,
     messages,
     refused_eventually,
     start_pair,
@@ -27,7 +26,7 @@ from tests.integration.cluster_helpers import (
     wait_cluster,
     wait_status,
 )
-from tests.integration.helpers import drain, expect, expect_error, wait_for
+from tests.integration.helpers import drain, expect, expect_error, joined, wait_for
 from tests.integration.redis_fixture import RedisServer, db_of
 from tests.integration.wsclient import Client
 

@@ -20,13 +20,12 @@ import pytest
 
 from tests.conftest import Server
 from tests.integration.cluster_helpers import (
-    joined,
     messages,
     only_expected_errors,
     start_pair,
     status,
 )
-from tests.integration.helpers import expect, expect_error, wait_for
+from tests.integration.helpers import expect, expect_error, joined, wait_for
 from tests.integration.redis_fixture import RedisServer
 from tests.integration.wsclient import Client
 

@@ -25,7 +25,6 @@ from tests.conftest import ROOT, SECRET, Server
 from tests.integration.cluster_helpers import (
     WORKER_TTL_S,
     first_answer,
-    joined,
     messages,
     only_expected_errors,
     prometheus_samples,
@@ -34,7 +33,7 @@ from tests.integration.cluster_helpers import (
     wait_node,
     worker_pids,
 )
-from tests.integration.helpers import drain, expect, wait_for
+from tests.integration.helpers import drain, expect, joined, wait_for
 from tests.integration.redis_fixture import RedisServer, db_of
 from tests.integration.wsclient import Client
 from tools.common import free_port
