@@ -145,15 +145,7 @@ def test_serve_flags_override_the_environment(
 ) -> None:
     env = cli_env(tmp_path, JWT_SECRET=SECRET)
     env_port, flag_port = int(env["WS_PORT"]), free_port()
-    p = subprocess.Popen(
-        [sys.executable, "-m", "aether_fast", "serve", "--port", str(flag_port)],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    procs.append(p)
+    p = spawn_serve(env, tmp_path, procs, "--port", str(flag_port))
     wait_serving(p, flag_port)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", env_port), timeout=0.5).close()
@@ -244,10 +236,11 @@ def test_serve_without_secret_warns_and_serves(make_server: Callable[..., Server
 
 
 def spawn_serve(
-    env: dict[str, str], cwd: Path, procs: list[subprocess.Popen[Any]]
+    env: dict[str, str], cwd: Path, procs: list[subprocess.Popen[Any]], *flags: str
 ) -> subprocess.Popen[str]:
+    """`aether-fast serve` with `flags`, its output piped; stopped at teardown by `procs`."""
     p = subprocess.Popen(
-        [sys.executable, "-m", "aether_fast", "serve"],
+        [sys.executable, "-m", "aether_fast", "serve", *flags],
         env=env,
         cwd=cwd,
         stdout=subprocess.PIPE,

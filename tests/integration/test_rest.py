@@ -387,13 +387,12 @@ def test_health(server: Server) -> None:
     assert body["status"] == "healthy"
 
 
+#: the JSON metrics routes, public: figures only (docs/operations.md §6)
+JSON_METRICS = ("/metrics/connections", "/metrics/messages", "/metrics/channels", "/metrics/errors")
+
+
 def test_json_metrics_routes(server: Server) -> None:
-    for path in (
-        "/metrics/connections",
-        "/metrics/messages",
-        "/metrics/channels",
-        "/metrics/errors",
-    ):
+    for path in JSON_METRICS:
         code, body, headers = server.http("GET", path)
         assert code == 200, (path, body)
         assert headers["Content-Type"].startswith("application/json"), path
@@ -437,14 +436,7 @@ def test_channel_names_are_not_public(server: Server) -> None:
     needs admin credentials (an admin JWT or ADMIN_TOKEN); bad ones are refused."""
     secret_name = "user.alice.inbox"
     with member(server, "alice", secret_name):
-        for path in (
-            "/metrics/connections",
-            "/metrics/messages",
-            "/metrics/channels",
-            "/metrics/errors",
-            "/ws/status",
-            "/health",
-        ):
+        for path in (*JSON_METRICS, "/ws/status", "/health"):
             code, body, _ = server.http("GET", path)
             assert code == 200, (path, body)
             assert secret_name not in json.dumps(body), (path, body)
