@@ -5,6 +5,7 @@
 - `expect_error`: the next message must be an error with a given code.
 - `joined`, `member`: the connection/connect reply; a client whose join was confirmed.
 - `create_channel`: the admin creates (or updates) a channel over REST.
+- `Op`, `build_frame`: frame opcodes (RFC 6455 §5.2) and frames built by hand.
 - `RawWS`: a hand-driven WebSocket on a plain socket, for what a well-behaved library refuses
   to send (bad UTF-8, reserved bits, stray continuations, unmasked frames) and for a reader
   that never reads.
@@ -24,6 +25,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
+from enum import IntEnum
 from typing import Any
 from urllib.parse import urlencode
 
@@ -36,7 +38,16 @@ from tests.integration.wsclient import TIMEOUT, Client
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+class Op(IntEnum):
+    """The frame opcodes of RFC 6455 §5.2."""
+
+    CONT = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
 
 
 @pytest.fixture(autouse=True)
@@ -278,7 +289,7 @@ class RawWS:
         self.sock.sendall(build_frame(opcode, payload, **kw))
 
     def send_json(self, obj: Any) -> None:
-        self.send_frame(OP_TEXT, json.dumps(obj).encode())
+        self.send_frame(Op.TEXT, json.dumps(obj).encode())
 
     def _need(self, n: int) -> bytes:
         while len(self.buf) < n:
@@ -304,12 +315,12 @@ class RawWS:
         """The next text message (pings are answered, pongs skipped)."""
         while True:
             fin, op, payload = self.recv_frame()
-            if op == OP_PING:
-                self.send_frame(OP_PONG, payload)
+            if op == Op.PING:
+                self.send_frame(Op.PONG, payload)
                 continue
-            if op == OP_PONG:
+            if op == Op.PONG:
                 continue
-            assert op == OP_TEXT and fin, (op, payload)
+            assert op == Op.TEXT and fin, (op, payload)
             out: dict[str, Any] = json.loads(payload)
             return out
 
@@ -318,7 +329,7 @@ class RawWS:
         try:
             while True:
                 _, op, payload = self.recv_frame()
-                if op == OP_CLOSE:
+                if op == Op.CLOSE:
                     return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
         except (EOFError, ConnectionError):
             return None

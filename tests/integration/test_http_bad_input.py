@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Server
-from tests.integration.helpers import OP_TEXT, build_frame, no_new_server_errors  # noqa: F401 (autouse)
+from tests.integration.helpers import Op, build_frame, no_new_server_errors  # noqa: F401 (autouse)
 from tests.integration.rawhttp import (
     RawConn,
     RawResponse,
@@ -327,7 +327,7 @@ def test_frame_pipelined_behind_the_upgrade_is_answered_after_the_101(
     with RawConn(server.port) as conn:
         conn.send(
             upgrade_bytes(f"/ws?token={token}&client_id=pipe")
-            + build_frame(OP_TEXT, b"unmasked", mask=False)
+            + build_frame(Op.TEXT, b"unmasked", mask=False)
         )
         status, _, _ = conn.read_head()
         assert status == 101

@@ -17,12 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import Server
 from tests.integration.helpers import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
+    Op,
     RawWS,
     drain,
     expect,
@@ -373,15 +368,15 @@ def test_invalid_utf8_text_frame_closes_1007(pair: Pair) -> None:
 )
 def test_invalid_utf8_raw(pair: Pair, payload: bytes) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_TEXT, payload)
+        raw.send_frame(Op.TEXT, payload)
         assert raw.close_code() == 1007
     pair.alive()
 
 
 def test_invalid_utf8_across_fragments_raw(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_TEXT, b'{"type":"system","action":"status","data":{"x":"\xc3', fin=False)
-        raw.send_frame(OP_CONT, b'("}}', fin=True)
+        raw.send_frame(Op.TEXT, b'{"type":"system","action":"status","data":{"x":"\xc3', fin=False)
+        raw.send_frame(Op.CONT, b'("}}', fin=True)
         assert raw.close_code() == 1007
     pair.alive()
 
@@ -402,19 +397,19 @@ def test_fragments_split_inside_a_utf8_character_raw(pair: Pair) -> None:
     body = json.dumps(send_msg(pair.channel, "é✓€", 1), ensure_ascii=False).encode()
     cut = body.index("✓".encode()) + 1  # in the middle of a 3-byte character
     with _raw(pair) as raw:
-        raw.send_frame(OP_TEXT, body[:cut], fin=False)
-        raw.send_frame(OP_PING, b"between")  # control frames may come between fragments
-        raw.send_frame(OP_CONT, body[cut : cut + 2], fin=False)
-        raw.send_frame(OP_CONT, body[cut + 2 :], fin=True)
+        raw.send_frame(Op.TEXT, body[:cut], fin=False)
+        raw.send_frame(Op.PING, b"between")  # control frames may come between fragments
+        raw.send_frame(Op.CONT, body[cut : cut + 2], fin=False)
+        raw.send_frame(Op.CONT, body[cut + 2 :], fin=True)
         seen: list[tuple[int, bytes]] = []
         while True:
             _, op, payload = raw.recv_frame()
             seen.append((op, payload))
-            if op == OP_TEXT:
+            if op == Op.TEXT:
                 msg = json.loads(payload)
                 assert (msg["type"], msg["action"]) == ("message", "ack"), msg
                 break
-        assert (OP_PONG, b"between") in seen, seen
+        assert (Op.PONG, b"between") in seen, seen
     for member in (pair.peer, pair.sender):
         got = expect(member, "message", "send")
         assert got["data"]["content"] == "é✓€"
@@ -428,7 +423,7 @@ def test_fragments_split_inside_a_utf8_character_raw(pair: Pair) -> None:
 @pytest.mark.parametrize("rsv", [4, 2, 1], ids=["rsv1", "rsv2", "rsv3"])
 def test_reserved_bits_close_1002(pair: Pair, rsv: int) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_TEXT, json.dumps(send_msg(pair.channel, "rsv", 1)).encode(), rsv=rsv)
+        raw.send_frame(Op.TEXT, json.dumps(send_msg(pair.channel, "rsv", 1)).encode(), rsv=rsv)
         assert raw.close_code() == 1002
     pair.peer.nothing(0.1)
     pair.alive()
@@ -436,7 +431,7 @@ def test_reserved_bits_close_1002(pair: Pair, rsv: int) -> None:
 
 def test_continuation_without_start_closes_1002(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_CONT, json.dumps(send_msg(pair.channel, "cont", 1)).encode())
+        raw.send_frame(Op.CONT, json.dumps(send_msg(pair.channel, "cont", 1)).encode())
         assert raw.close_code() == 1002
     pair.peer.nothing(0.1)
     pair.alive()
@@ -445,8 +440,8 @@ def test_continuation_without_start_closes_1002(pair: Pair) -> None:
 
 def test_new_message_inside_a_fragmented_one_closes_1002(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_TEXT, b'{"type":"system",', fin=False)
-        raw.send_frame(OP_TEXT, b'{"type":"system","action":"status"}')
+        raw.send_frame(Op.TEXT, b'{"type":"system",', fin=False)
+        raw.send_frame(Op.TEXT, b'{"type":"system","action":"status"}')
         assert raw.close_code() == 1002
     pair.alive()
 
@@ -454,7 +449,7 @@ def test_new_message_inside_a_fragmented_one_closes_1002(pair: Pair) -> None:
 def test_unmasked_client_frame_closes_1002(pair: Pair) -> None:
     with _raw(pair) as raw:
         raw.send_frame(
-            OP_TEXT, json.dumps(send_msg(pair.channel, "unmasked", 1)).encode(), mask=False
+            Op.TEXT, json.dumps(send_msg(pair.channel, "unmasked", 1)).encode(), mask=False
         )
         assert raw.close_code() == 1002
     pair.peer.nothing(0.1)
@@ -471,35 +466,35 @@ def test_unknown_opcode_closes_1002(pair: Pair, opcode: int) -> None:
 
 def test_fragmented_control_frame_closes_1002(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_PING, b"frag", fin=False)
+        raw.send_frame(Op.PING, b"frag", fin=False)
         assert raw.close_code() == 1002
     pair.alive()
 
 
 def test_control_frame_over_125_bytes_closes_1002(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_PING, b"p" * 126)
+        raw.send_frame(Op.PING, b"p" * 126)
         assert raw.close_code() == 1002
     pair.alive()
 
 
 def test_close_frame_with_invalid_code_closes_1002(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_CLOSE, (1005).to_bytes(2, "big"))
+        raw.send_frame(Op.CLOSE, (1005).to_bytes(2, "big"))
         assert raw.close_code() == 1002
     pair.alive()
 
 
 def test_clean_close_is_echoed(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_CLOSE, (1000).to_bytes(2, "big") + b"bye")
+        raw.send_frame(Op.CLOSE, (1000).to_bytes(2, "big") + b"bye")
         assert raw.close_code() == 1000
     pair.alive()
 
 
 def test_binary_raw_frame_error_and_stays_open(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_BINARY, b"\x00\x01\x02")
+        raw.send_frame(Op.BINARY, b"\x00\x01\x02")
         err = raw.recv_json()
         assert err["type"] == "error" and err["code"] == "INVALID_MESSAGE", err
         raw.send_json({"type": "system", "action": "status", "data": {}})

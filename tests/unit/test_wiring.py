@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from aether_fast._core import Hub
 from aether_fast.app import wire
 from aether_fast.auth import Authenticator
 from aether_fast.brokers.memory import MemoryBroker
@@ -14,18 +13,7 @@ from aether_fast.brokers.redis import RedisBroker
 from aether_fast.config import load_config
 from aether_fast.node import Node
 from aether_fast.store import ChannelStore
-
-
-def _hub(loop: asyncio.AbstractEventLoop) -> Hub:
-    return Hub(
-        loop,
-        send_buffer_limit=1 << 20,
-        max_message_bytes=65536,
-        conn_capacity=0,
-        conn_window=60,
-        global_rate=0,
-        refresh_notice=60,
-    )
+from tests.unit.support import make_hub
 
 
 def test_node_does_not_wire_itself_app_wire_does(tmp_path: Path) -> None:
@@ -34,7 +22,7 @@ def test_node_does_not_wire_itself_app_wire_does(tmp_path: Path) -> None:
     store = ChannelStore(str(tmp_path))
     store.open()
     try:
-        hub = _hub(loop)
+        hub = make_hub(loop)
         broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)
         node = Node(config, hub, broker, store, Authenticator(config))
         assert hub.node is None and hub.broker is None  # not wired yet
@@ -42,7 +30,7 @@ def test_node_does_not_wire_itself_app_wire_does(tmp_path: Path) -> None:
         assert hub.node is node and hub.broker is broker
 
         # the Redis broker holds the Node's ClusterEvents once bound (no connection needed)
-        hub = _hub(loop)
+        hub = make_hub(loop)
         redis = RedisBroker(
             hub, "redis://127.0.0.1:1", history_ttl_s=60, dedup_ttl_s=60, channel_state_ttl_s=60
         )
