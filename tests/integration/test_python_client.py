@@ -47,6 +47,19 @@ class Handlers(TypedDict):
 FAST: Backoff = {"backoff_initial": 0.05, "backoff_max": 0.5}
 
 
+class Refresher:
+    """A `token_refresh` callback: an hour-long token of `user`; `calls` counts the calls."""
+
+    def __init__(self, server: Server, user: str) -> None:
+        self.server = server
+        self.user = user
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        return self.server.token(self.user, ttl=3600)
+
+
 def run(coro: Awaitable[T], timeout: float = 60) -> T:
     async def bounded() -> T:
         return await asyncio.wait_for(coro, timeout)
@@ -568,12 +581,7 @@ def test_token_refresh_refused_by_the_budget_is_sent_again(
     srv = make_server(RATE_LIMIT_MESSAGES="2", RATE_LIMIT_WINDOW_S="20")
 
     async def main() -> None:
-        calls: list[float] = []
-
-        def fresh() -> str:
-            calls.append(asyncio.get_running_loop().time())
-            return srv.token("hana", ttl=3600)
-
+        fresh = Refresher(srv, "hana")
         rec = Recorder()
         c = AetherClient(
             srv.ws_url,
@@ -587,7 +595,7 @@ def test_token_refresh_refused_by_the_budget_is_sent_again(
         await c.connect()
         await c.publish("pc.tokbudget", "spends the budget")
         await asyncio.sleep(13.5)  # past the first token's exp
-        assert len(calls) == 1
+        assert fresh.calls == 1
         assert c.state == "open" and rec.states.count("open") == 1, rec.states  # never closed
         await c.close()
 
@@ -597,12 +605,7 @@ def test_token_refresh_refused_by_the_budget_is_sent_again(
 
 def test_token_refreshed_before_expiry(server: Server) -> None:
     async def main() -> None:
-        calls: list[float] = []
-
-        def fresh() -> str:
-            calls.append(asyncio.get_running_loop().time())
-            return server.token("hana", ttl=3600)
-
+        fresh = Refresher(server, "hana")
         rec = Recorder()
         first = server.token("hana", ttl=6)
         exp = jwt.decode(first, options={"verify_signature": False})["exp"]
@@ -618,7 +621,7 @@ def test_token_refreshed_before_expiry(server: Server) -> None:
         await c.connect()
         while time.time() < exp + 0.5:  # past the first token's exp
             await asyncio.sleep(0.1)
-        assert len(calls) == 1
+        assert fresh.calls == 1
         assert c.state == "open" and rec.states.count("open") == 1  # never reconnected
         ack = await c.publish("pc.tok", "still here")
         assert ack.offset == 1

@@ -1,13 +1,18 @@
-"""What several unit test modules share: an RSA key pair, a Hub on a loop without sockets."""
+"""What several unit test modules share: an RSA key pair, a Hub on a loop without sockets,
+channel configs and an open channel store."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from aether_fast._core import Hub
+from aether_fast.store import ChannelConfig, ChannelStore
 
 
 def rsa_pems() -> tuple[str, str]:
@@ -44,3 +49,25 @@ def make_hub(
         refresh_notice=60,
         busy_poll_s=busy_poll_s,
     )
+
+
+def cfg(name: str = "chat", **changes: Any) -> ChannelConfig:
+    """A channel's settings, none of them 0 or a default, with `changes`."""
+    base = ChannelConfig(
+        name=name,
+        max_connections=10,
+        message_rate_limit=5.0,
+        require_auth=True,
+        history_size=50,
+        presence=False,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def open_store(data_dir: Path | str, *configs: ChannelConfig) -> ChannelStore:
+    """A ChannelStore on `data_dir`, opened, holding `configs`."""
+    store = ChannelStore(str(data_dir))
+    store.open()
+    for config in configs:
+        store.put(config)
+    return store
