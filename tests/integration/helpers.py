@@ -5,6 +5,7 @@
 - `expect_error`: the next message must be an error with a given code.
 - `joined`, `member`: the connection/connect reply; a client whose join was confirmed.
 - `create_channel`: the admin creates (or updates) a channel over REST.
+- `closing_all`: a list of clients, each closed when the block ends.
 - `Op`, `build_frame`: frame opcodes (RFC 6455 §5.2) and frames built by hand.
 - `RawWS`: a hand-driven WebSocket on a plain socket, for what a well-behaved library refuses
   to send (bad UTF-8, reserved bits, stray continuations, unmasked frames) and for a reader
@@ -26,7 +27,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import pytest
@@ -34,7 +35,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.conftest import Server
-from tests.integration.wsclient import TIMEOUT, Client
+from tests.integration.wsclient import TIMEOUT, Client, Closing
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -155,6 +156,19 @@ def member(server: Server, user: str | None, channel: str, **params: Any) -> Ite
         yield c
 
 
+C = TypeVar("C", bound=Closing)
+
+
+@contextlib.contextmanager
+def closing_all(clients: list[C]) -> Iterator[list[C]]:
+    """`clients` (a list the block may add to), each closed when the block ends."""
+    try:
+        yield clients
+    finally:
+        for c in clients:
+            c.close()
+
+
 def create_channel(server: Server, **cfg: Any) -> int:
     """The admin creates or updates a channel with `cfg`: 201 or 200, which it returns."""
     status, body, _ = server.http("POST", "/ws/channels", cfg, token=server.admin())
@@ -228,7 +242,7 @@ def build_frame(
     return head + key + body
 
 
-class RawWS:
+class RawWS(Closing):
     """A WebSocket client on a plain blocking socket."""
 
     def __init__(
@@ -335,10 +349,4 @@ class RawWS:
             return None
 
     def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> RawWS:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
         self.sock.close()
