@@ -180,6 +180,12 @@ class Server:
     def admin(self) -> str:
         return self.token("root", admin=True)
 
+    def create_channel(self, **cfg: Any) -> int:
+        """The admin creates or updates a channel with `cfg`: 201 or 200, which it returns."""
+        status, body, _ = self.http("POST", "/ws/channels", cfg, token=self.admin())
+        assert status in (200, 201), body
+        return int(status)
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:

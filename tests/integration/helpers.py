@@ -4,7 +4,6 @@
 - `drain`: every message until the server closes, and the close code it sent.
 - `expect_error`: the next message must be an error with a given code.
 - `joined`, `member`: the connection/connect reply; a client whose join was confirmed.
-- `create_channel`: the admin creates (or updates) a channel over REST.
 - `closing_all`: a list of clients, each closed when the block ends.
 - `Op`, `build_frame`: frame opcodes (RFC 6455 §5.2) and frames built by hand.
 - `RawWS`: a hand-driven WebSocket on a plain socket, for what a well-behaved library refuses
@@ -167,13 +166,6 @@ def closing_all(clients: list[C]) -> Iterator[list[C]]:
     finally:
         for c in clients:
             c.close()
-
-
-def create_channel(server: Server, **cfg: Any) -> int:
-    """The admin creates or updates a channel with `cfg`: 201 or 200, which it returns."""
-    status, body, _ = server.http("POST", "/ws/channels", cfg, token=server.admin())
-    assert status in (200, 201), body
-    return status
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:

@@ -15,7 +15,7 @@ import jwt
 import pytest
 
 from tests.conftest import SECRET, Server
-from tests.integration.helpers import create_channel, member, wait_for
+from tests.integration.helpers import member, wait_for
 from tests.integration.rawhttp import RawConn, request_bytes
 from tests.integration.wsclient import Client
 
@@ -161,7 +161,7 @@ def test_channel_list(server: Server) -> None:
 
 def test_channel_read_has_live_counts(server: Server) -> None:
     admin = server.admin()
-    assert create_channel(server, name="rest.live") == 201
+    assert server.create_channel(name="rest.live") == 201
     code, body, _ = server.http("GET", "/ws/channels/rest.live", token=admin)
     assert code == 200 and body["members"] == 0, body
 
@@ -188,7 +188,7 @@ def test_channel_read_unknown_is_404(server: Server) -> None:
 
 def test_channel_delete_removes_members(server: Server) -> None:
     admin = server.admin()
-    assert create_channel(server, name="rest.del") == 201
+    assert server.create_channel(name="rest.del") == 201
     with member(server, "m1", "rest.del") as a, member(server, "m2", "rest.del") as b:
         code, body, _ = server.http("DELETE", "/ws/channels/rest.del", token=admin)
         assert code == 200, body
@@ -217,7 +217,7 @@ def test_channel_delete_removes_members(server: Server) -> None:
 
 def test_channel_update_applies_to_a_live_channel(server: Server) -> None:
     admin = server.admin()
-    assert create_channel(server, name="rest.shrink", max_connections=0) == 201
+    assert server.create_channel(name="rest.shrink", max_connections=0) == 201
     with member(server, "s1", "rest.shrink"):
         code, _, _ = server.http(
             "POST", "/ws/channels", {"name": "rest.shrink", "max_connections": 1}, token=admin

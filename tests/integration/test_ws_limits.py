@@ -16,7 +16,6 @@ from tests.conftest import Server
 from tests.integration.helpers import (
     HClient,
     RawWS,
-    create_channel,
     drain,
     expect,
     expect_error,
@@ -79,7 +78,7 @@ def test_rate_limit_per_channel_across_publishers(server: Server) -> None:
     ch = "lim.chan"
     # 1 message every 2 s, all publishers (a period a busy machine does not stretch a round
     # trip past)
-    create_channel(server, name=ch, message_rate_limit=0.5)
+    server.create_channel(name=ch, message_rate_limit=0.5)
     with (
         member(server, "alice", ch) as a,
         member(server, "bob", ch) as b,
@@ -114,7 +113,7 @@ def test_fractional_channel_rate_limit(server: Server) -> None:
     # message_rate_limit is a number of messages per second (REST accepts 0..1e9): 0.5 is one
     # message every two seconds, not "never".
     ch = "lim.half"
-    create_channel(server, name=ch, message_rate_limit=0.5)
+    server.create_channel(name=ch, message_rate_limit=0.5)
     with member(server, "alice", ch) as a, member(server, "carol", ch) as reader:
         a.publish(ch, "first")
         ack = a.recv()

@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 from tests.conftest import Server
 from tests.integration.helpers import (
-    create_channel,
     drain,
     expect,
     expect_error,
@@ -282,7 +281,7 @@ def test_anonymous_client_id_is_not_a_credential(server: Server) -> None:
     connection naming a victim's client_id replaces nobody and gets its own dedupe window:
     the victim stays open and keeps receiving, and the attacker's publish with the victim's
     sequence is a new publication, not acked as the victim's duplicate."""
-    create_channel(server, name="anon.room", require_auth=False)
+    server.create_channel(name="anon.room", require_auth=False)
     url = server.ws_url
     with (
         Client(url, client_id="victim", channel="anon.room") as victim,
@@ -388,7 +387,7 @@ def test_recovery_with_since_and_epoch(server: Server) -> None:
 
 def test_recovery_beyond_history_size_is_not_recovered(server: Server) -> None:
     ch = "msg.shorthist"
-    create_channel(server, name=ch, history_size=2)
+    server.create_channel(name=ch, history_size=2)
     with Client(server.ws_url, token=server.token("alice"), channel=ch) as pub:
         epoch = joined(pub)["epoch"]
         assert _publish_n(pub, ch, [f"h{i}" for i in range(1, 6)]) == [1, 2, 3, 4, 5]
@@ -432,7 +431,7 @@ def test_recovery_after_restart_is_not_recovered(make_server: Callable[..., Serv
 
 
 def test_presence_notices(server: Server) -> None:
-    create_channel(server, name="msg.pres", presence=True)
+    server.create_channel(name="msg.pres", presence=True)
     url, tok = server.ws_url, server.token
     with (
         Client(url, token=tok("alice"), client_id="pa", channel="msg.pres") as a,
@@ -534,7 +533,7 @@ def test_system_broadcast_from_admin(server: Server) -> None:
 
 
 def test_admin_delete_channel_removes_members(server: Server) -> None:
-    create_channel(server, name="msg.del")
+    server.create_channel(name="msg.del")
     url, tok = server.ws_url, server.token
     with (
         Client(url, token=tok("alice"), client_id="d1", channel="msg.del") as a,
@@ -564,7 +563,7 @@ def test_admin_delete_channel_removes_members(server: Server) -> None:
 
 
 def test_channel_full(server: Server) -> None:
-    create_channel(server, name="msg.full", max_connections=2)
+    server.create_channel(name="msg.full", max_connections=2)
     url, tok = server.ws_url, server.token
     with (
         Client(url, token=tok("alice"), channel="msg.full") as a,
@@ -611,10 +610,7 @@ def test_channel_not_found_without_auto_create(make_server: Callable[..., Server
         assert err["details"]["channel"] == "nowhere"
         c.publish("nowhere", "x")
         expect_error(c, "NOT_A_MEMBER")
-        status, body, _ = srv.http(
-            "POST", "/ws/channels", {"name": "configured"}, token=srv.admin()
-        )
-        assert status == 201, body
+        assert srv.create_channel(name="configured") == 201
         c.join("configured")
         joined(c, "configured")
     with Client(srv.ws_url, token=srv.token("bob"), channel="nowhere2") as c:
