@@ -44,9 +44,9 @@ test-integration:
 	$(BIN)/python -m pytest -q tests/integration
 
 load:  ## bounded load run (200 connections, 10 s) on the server at $(URL); set JWT_SECRET as it has
-	$(BIN)/python tools/load.py --url $(URL) $(LOAD_ARGS)
+	$(BIN)/python -m tools.load --url $(URL) $(LOAD_ARGS)
 
-lint:  ## ruff, mypy --strict on aether_fast/, tools/ and bench/, stubtest of _core.pyi, cython-lint on ext/, hadolint
+lint:  ## ruff, mypy --strict on aether_fast/, tools/, tests/ and bench/, stubtest of _core.pyi, cython-lint on ext/, hadolint
 	$(BIN)/ruff check aether_fast tests bench tools
 	$(BIN)/ruff format --check aether_fast tests tools bench
 	$(BIN)/mypy
@@ -96,7 +96,7 @@ bench-micro: $(BIN)/python  ## pytest-benchmark micro benchmarks of the compiled
 .PHONY: soak soak-short
 
 soak: $(BIN)/python  ## 1000 clients on 50 channels, 30 s calm then 30 s under every attack; SOAK_ARGS=...
-	$(BIN)/python tools/soak.py $(SOAK_ARGS)
+	$(BIN)/python -m tools.soak $(SOAK_ARGS)
 
 soak-short: $(BIN)/python  ## the CI form of `make soak` (200 clients, 10 + 10 s)
-	$(BIN)/python tools/soak.py --short $(SOAK_ARGS)
+	$(BIN)/python -m tools.soak --short $(SOAK_ARGS)

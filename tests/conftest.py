@@ -15,10 +15,8 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -28,27 +26,10 @@ from typing import Any
 import pytest
 
 from tests.integration.redis_fixture import redis_server, redis_url  # noqa: F401 (fixtures)
+from tools.common import free_ports, json_lines, read_log, token, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-test-secret-test-secret-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` different free ports (held together while chosen, so none is picked twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Server:
@@ -96,16 +77,7 @@ class Server:
             preexec_fn=None if self.fd_limit is None else self._limit_fds,
         )
         log.close()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("server did not start: " + self.log_text())
+        wait_listening(self.proc, self.port, 15, self.log_text)
 
     def _limit_fds(self) -> None:
         """In the child, before exec: the server's descriptor limit, whatever the machine's."""
@@ -140,16 +112,10 @@ class Server:
         self.start()
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return read_log(self.log_path)
 
     def log_lines(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"level": "raw", "event": line})
-        return out
+        return json_lines(self.log_text())
 
     def check_log(self) -> None:
         bad = [
@@ -176,15 +142,11 @@ class Server:
         secret: str = SECRET,
         **claims: Any,
     ) -> str:
-        import jwt
-
-        now = int(time.time())
-        payload: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl, **claims}
         if admin:
-            payload["admin"] = True
+            claims["admin"] = True
         if channels is not None:
-            payload["channels"] = channels
-        return jwt.encode(payload, secret, algorithm="HS256")
+            claims["channels"] = channels
+        return token(secret, sub, ttl, **claims)
 
     def http(
         self,
@@ -218,6 +180,12 @@ class Server:
     def admin(self) -> str:
         return self.token("root", admin=True)
 
+    def create_channel(self, **cfg: Any) -> int:
+        """The admin creates or updates a channel with `cfg`: 201 or 200, which it returns."""
+        status, body, _ = self.http("POST", "/ws/channels", cfg, token=self.admin())
+        assert status in (200, 201), body
+        return int(status)
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
@@ -229,6 +197,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     code = srv.stop()
     srv.check_log()
     assert code == 0, srv.log_text()[-2000:]
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[Any]]]:
+    """Processes a test started; killed at teardown if it left them running."""
+    started: list[subprocess.Popen[Any]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """`make soak`: well-behaved clients and every known attack at once, against a server of its own.
 
-    python tools/soak.py [--clients 1000] [--channels 50] [--calm 30] [--attack 30]
+    python -m tools.soak [--clients 1000] [--channels 50] [--calm 30] [--attack 30]
                          [--rate 0.2] [--rss-bound-mib 384] [--attacks a,b] [--short] [--json]
 
 It starts `aether-fast serve` on free ports of 127.0.0.1 (a data directory, a JWT secret and an
@@ -46,10 +46,8 @@ import contextlib
 import json
 import os
 import random
-import resource
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,16 +58,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
-import websockets
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tools.common import (
+    Member,
+    Members,
+    Tally,
+    check_ranges,
+    free_ports,
+    json_lines,
+    percentile,
+    raise_fd_limit,
+    read_log,
+    report,
+    result_line,
+    token,
+    wait_listening,
+    ws_connect,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: the attacker's loopback addresses: anonymous budgets are per peer address, so the attack
 #: never shares one with a well-behaved anonymous client (those use 127.0.1.x)
 ATTACKER_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
-CONNECT_CONCURRENCY = 50
 ANON_SHARE = 10  # one well-behaved client in ANON_SHARE is anonymous
 ATTACKER_NICE = 10  # see _attacker_priority
 ATTACKS = (
@@ -88,17 +100,6 @@ ATTACKS = (
 BUDGET = 50  # RATE_LIMIT_MESSAGES of the server under test (its default, per 60 s)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def token(secret: str, sub: str, ttl: int = 3600, **claims: Any) -> str:
-    now = int(time.time())
-    return jwt.encode({"sub": sub, "iat": now, "exp": now + ttl, **claims}, secret, "HS256")
-
-
 # -- the server under test ----------------------------------------------------------------
 
 
@@ -106,8 +107,7 @@ class ServerProcess:
     """`aether-fast serve` on free ports, with its own data directory and secrets."""
 
     def __init__(self, tmp: Path, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.metrics_port = free_port()
+        self.port, self.metrics_port = free_ports(2)
         self.secret = secrets.token_urlsafe(32)
         self.admin_token = secrets.token_urlsafe(36)
         self.log_path = tmp / "server.log"
@@ -132,17 +132,11 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 cwd=tmp,
             )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("server did not start: " + self.log_text()[-2000:])
+        try:
+            wait_listening(self.proc, self.port, 20, lambda: self.log_text()[-2000:])
+        except RuntimeError:
+            self.stop()
+            raise
 
     def rss_mib(self) -> float:
         try:
@@ -154,16 +148,10 @@ class ServerProcess:
         return 0.0
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return read_log(self.log_path)
 
     def log_lines(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for line in self.log_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"level": "raw", "event": line[:200]})
-        return out
+        return json_lines(self.log_text(), raw_chars=200)
 
     def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         req = urllib.request.Request(
@@ -190,51 +178,35 @@ class ServerProcess:
 
 
 @dataclass(slots=True)
-class Good:
-    index: int
-    channel: str
-    anonymous: bool
-    client_id: str
-    ws: ClientConnection | None = None
-    sequence: int = 0
-    pending: dict[int, float] = field(default_factory=dict)  # sequence -> send time
+class Good(Member):
+    anonymous: bool = False
     seen: set[tuple[int, int]] = field(default_factory=set)  # (sender, sequence)
     last_offset: int = 0
-    closed: str | None = None
 
 
 @dataclass(slots=True)
-class GoodStats:
-    opened: int = 0
-    failed: Counter[str] = field(default_factory=Counter)
-    sent: int = 0
-    acked: int = 0
-    expected: int = 0
-    received: int = 0
+class GoodStats(Tally):
     duplicates: int = 0
     out_of_order: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
     ack_ms: dict[str, list[float]] = field(default_factory=lambda: {"calm": [], "attack": []})
     delivery_ms: dict[str, list[float]] = field(default_factory=lambda: {"calm": [], "attack": []})
 
 
-class GoodClients:
+class GoodClients(Members[Good, GoodStats]):
     def __init__(self, args: argparse.Namespace, server: ServerProcess, run_id: str) -> None:
-        self.args = args
-        self.server = server
-        self.stats = GoodStats()
-        self.phase = "calm"
-        self.publishing = False
-        self.clients: list[Good] = []
+        clients: list[Good] = []
         for i in range(args.clients):
             anonymous = i % ANON_SHARE == ANON_SHARE - 1
             groups = max(1, args.channels // ANON_SHARE)
             channel = f"soak.anon.{i % groups}" if anonymous else f"soak.{i % args.channels}"
-            self.clients.append(Good(i, channel, anonymous, f"good-{run_id}-{i}"))
-        self.members: Counter[str] = Counter()
+            clients.append(Good(i, channel, f"good-{run_id}-{i}", anonymous=anonymous))
+        super().__init__(clients, GoodStats())
+        self.args = args
+        self.server = server
+        self.phase = "calm"
 
     def anon_channels(self) -> list[str]:
-        return sorted({c.channel for c in self.clients if c.anonymous})
+        return sorted({c.channel for c in self.members if c.anonymous})
 
     def url(self, c: Good) -> str:
         query = f"client_id={c.client_id}&channel={c.channel}"
@@ -242,92 +214,36 @@ class GoodClients:
             query += "&token=" + token(self.server.secret, f"good-{c.index}")
         return f"ws://127.0.0.1:{self.server.port}/ws?{query}"
 
-    async def open(self, c: Good, gate: asyncio.Semaphore) -> None:
+    def local_addr(self, c: Good) -> tuple[str, int] | None:
         # anonymous clients each from their own address: the budget of an anonymous client
         # is its peer address's
-        local = (f"127.0.1.{1 + c.index // ANON_SHARE % 250}", 0) if c.anonymous else None
-        async with gate:
-            try:
-                ws = await websockets.connect(
-                    self.url(c),
-                    open_timeout=15,
-                    max_size=None,
-                    ping_interval=None,
-                    compression=None,
-                    local_addr=local,
-                )
-                first = json.loads(await asyncio.wait_for(ws.recv(), 15))
-            except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed) as exc:
-                self.stats.failed[f"{type(exc).__name__}: {str(exc)[:60]}"] += 1
-                return
-            if first.get("type") == "error":
-                self.stats.failed[f"refused: {first.get('code')}"] += 1
-                await ws.close()
-                return
-            c.ws = ws
+        return (f"127.0.1.{1 + c.index // ANON_SHARE % 250}", 0) if c.anonymous else None
+
+    async def open(self, c: Good, gate: asyncio.Semaphore, timeout: float) -> dict[str, Any] | None:
+        first = await super().open(c, gate, timeout)
+        if first is not None:
             c.last_offset = int(first["data"].get("offset") or 0)
-            self.stats.opened += 1
-            self.members[c.channel] += 1
+        return first
 
-    async def read(self, c: Good) -> None:
-        assert c.ws is not None
-        try:
-            async for raw in c.ws:
-                msg = json.loads(raw)
-                kind, action = msg.get("type"), msg.get("action")
-                now = time.perf_counter()
-                if kind == "message" and action == "ack":
-                    seq = msg["data"]["metadata"]["sequence"]
-                    started = c.pending.pop(seq, None)
-                    if started is not None:
-                        self.stats.acked += 1
-                        self.stats.ack_ms[self.phase].append((now - started) * 1000)
-                elif kind == "message" and action == "send":
-                    data = msg["data"]
-                    sender, seq, sent_at = data["content"].split(":")[:3]
-                    key = (int(sender), int(seq))
-                    if key in c.seen:
-                        self.stats.duplicates += 1
-                        continue
-                    c.seen.add(key)
-                    offset = int(data["metadata"]["offset"])
-                    if offset <= c.last_offset:
-                        self.stats.out_of_order += 1
-                    c.last_offset = offset
-                    self.stats.received += 1
-                    self.stats.delivery_ms[self.phase].append((now - float(sent_at)) * 1000)
-                elif kind == "error":
-                    self.stats.errors[str(msg.get("code"))] += 1
-        except ConnectionClosed as closed:
-            code = closed.rcvd.code if closed.rcvd is not None else "no close frame"
-            c.closed = str(code)
+    def content(self, c: Good, now: float) -> str:
+        return f"{c.index}:{c.sequence}:{now:.6f}:" + "x" * 48
 
-    async def publish(self, c: Good, stop_at: float) -> None:
-        assert c.ws is not None
-        interval = 1.0 / self.args.rate
-        await asyncio.sleep(random.uniform(0, interval))
-        others = self.members[c.channel] - 1
-        while time.monotonic() < stop_at and c.closed is None:
-            c.sequence += 1
-            now = time.perf_counter()
-            frame = {
-                "type": "message",
-                "action": "send",
-                "data": {
-                    "channel": c.channel,
-                    "content": f"{c.index}:{c.sequence}:{now:.6f}:" + "x" * 48,
-                    "metadata": {"sequence": c.sequence},
-                },
-            }
-            c.pending[c.sequence] = now
-            try:
-                await c.ws.send(json.dumps(frame))
-            except ConnectionClosed:
-                c.pending.pop(c.sequence, None)
-                return
-            self.stats.sent += 1
-            self.stats.expected += others
-            await asyncio.sleep(interval)
+    def on_ack(self, c: Good, ms: float) -> None:
+        self.stats.ack_ms[self.phase].append(ms)
+
+    def on_delivery(self, c: Good, data: dict[str, Any], now: float) -> None:
+        sender, seq, sent_at = data["content"].split(":")[:3]
+        key = (int(sender), int(seq))
+        if key in c.seen:
+            self.stats.duplicates += 1
+            return
+        c.seen.add(key)
+        offset = int(data["metadata"]["offset"])
+        if offset <= c.last_offset:
+            self.stats.out_of_order += 1
+        c.last_offset = offset
+        self.stats.received += 1
+        self.stats.delivery_ms[self.phase].append((now - float(sent_at)) * 1000)
 
 
 # -- the attacker (a process of its own) ---------------------------------------------------
@@ -440,15 +356,7 @@ class Attacker:
             writer.transport.abort()
 
     async def ws(self, query: str, ip: str, **kw: Any) -> ClientConnection:
-        return await websockets.connect(
-            self.url(query),
-            open_timeout=10,
-            max_size=None,
-            ping_interval=None,
-            compression=None,
-            local_addr=(ip, 0),
-            **kw,
-        )
+        return await ws_connect(self.url(query), local_addr=(ip, 0), **kw)
 
     async def read_all(self, ws: ClientConnection, seconds: float) -> tuple[list[Any], str]:
         """The messages that arrive within `seconds`, and the close code ('' if open)."""
@@ -583,10 +491,11 @@ class Attacker:
 
 
 def attacker_main(argv: list[str]) -> int:
-    """`tools/soak.py --attacker PORT METRICS_PORT SECONDS` (secret and victims on stdin)."""
+    """`python -m tools.soak --attacker PORT METRICS_PORT SECONDS` (secret and victims on
+    stdin)."""
     port, metrics_port, seconds = int(argv[0]), int(argv[1]), float(argv[2])
     given = json.loads(sys.stdin.read())
-    _raise_fd_limit(4096)
+    raise_fd_limit(4096)
     attacker = Attacker(port, metrics_port, given["secret"], given["victims"])
     counts = asyncio.run(attacker.run(seconds, given["attacks"]))
     print(json.dumps(counts))
@@ -596,19 +505,10 @@ def attacker_main(argv: list[str]) -> int:
 # -- the run -------------------------------------------------------------------------------
 
 
-def pct(values: list[float], p: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 2)
-
-
 async def seed_big_history(server: ServerProcess) -> None:
     """soak.big: 40 messages of 60 KB in its history, for the `lazy` attack."""
     query = f"token={token(server.secret, 'seeder')}&channel=soak.big&client_id=seed"
-    async with websockets.connect(
-        f"ws://127.0.0.1:{server.port}/ws?{query}", max_size=None, compression=None
-    ) as ws:
+    async with await ws_connect(f"ws://127.0.0.1:{server.port}/ws?{query}") as ws:
         await ws.recv()
         base = int(time.time() * 1e6)
         for i in range(40):
@@ -643,12 +543,9 @@ async def run(args: argparse.Namespace, server: ServerProcess) -> dict[str, Any]
     )
     await seed_big_history(server)
     rss_start = server.rss_mib()
-    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
     t0 = time.monotonic()
-    await asyncio.gather(*(good.open(c, gate) for c in good.clients))
+    live = await good.open_all(15)
     connect_s = time.monotonic() - t0
-    live = [c for c in good.clients if c.ws is not None]
-    readers = [asyncio.create_task(good.read(c)) for c in live]
 
     rss_max = server.rss_mib()
 
@@ -660,42 +557,38 @@ async def run(args: argparse.Namespace, server: ServerProcess) -> dict[str, Any]
 
     sampler = asyncio.create_task(sample_rss())
     stop_at = time.monotonic() + args.calm + args.attack
-    publishers = asyncio.gather(*(good.publish(c, stop_at) for c in live))
+    publishers = good.publish_all(live, args.rate, stop_at)
     await asyncio.sleep(args.calm)
     good.phase = "attack"
     victims = [f"{c.client_id} {c.channel}" for c in live if c.anonymous]
     attacker = await asyncio.create_subprocess_exec(
-        sys.executable,
-        __file__,
-        "--attacker",
+        *(sys.executable, "-m", "tools.soak", "--attacker"),
         str(server.port),
         str(server.metrics_port),
         str(args.attack),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         preexec_fn=_attacker_priority,
+        cwd=ROOT,
     )
     given = json.dumps(
         {"secret": server.secret, "victims": victims or ["x soak.anon.0"], "attacks": args.attacks}
     )
     attack_out, _ = await asyncio.wait_for(attacker.communicate(given.encode()), args.attack + 60)
     await publishers
-    # the last acks and deliveries
-    drain_until = time.monotonic() + 10
-    while time.monotonic() < drain_until and (
-        any(c.pending for c in live) or good.stats.received < good.stats.expected
-    ):
-        await asyncio.sleep(0.05)
+    await good.drain(live, 10)
     sampler.cancel()
-    await asyncio.gather(*(c.ws.close() for c in live if c.ws is not None))
-    for task in readers:
-        task.cancel()
-    await asyncio.gather(*readers, sampler, return_exceptions=True)
+    await good.close(live)
+    await asyncio.gather(sampler, return_exceptions=True)
     try:
         attacks: dict[str, dict[str, int]] = json.loads(attack_out.decode() or "{}")
     except ValueError:
         attacks = {"attacker": {"printed no report": 1}}
     return summarize(args, server, good, live, attacks, connect_s, rss_start, rss_max)
+
+
+def quantiles(values: list[float]) -> dict[str, float | int | None]:
+    return {"p50": percentile(values, 0.5), "p99": percentile(values, 0.99), "n": len(values)}
 
 
 def summarize(
@@ -711,7 +604,7 @@ def summarize(
     s = good.stats
     closed = Counter(c.closed for c in live if c.closed is not None)
     unacked = sum(len(c.pending) for c in live)
-    p99 = {phase: pct(s.ack_ms[phase], 0.99) for phase in ("calm", "attack")}
+    p99 = {phase: percentile(s.ack_ms[phase], 0.99) for phase in ("calm", "attack")}
     lines = server.log_lines()
     errors = [ln for ln in lines if ln.get("level") in ("error", "raw")]
     security = [ln for ln in lines if (ln.get("data") or {}).get("component") == "security"]
@@ -802,13 +695,8 @@ def summarize(
             "duplicates": s.duplicates,
             "out_of_order": s.out_of_order,
         },
-        "ack_ms": {
-            ph: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)} for ph, v in s.ack_ms.items()
-        },
-        "delivery_ms": {
-            ph: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)}
-            for ph, v in s.delivery_ms.items()
-        },
+        "ack_ms": {ph: quantiles(v) for ph, v in s.ack_ms.items()},
+        "delivery_ms": {ph: quantiles(v) for ph, v in s.delivery_ms.items()},
         "closed_by_server": dict(closed),
         "errors": dict(s.errors),
         "attacks": attacks,
@@ -823,12 +711,6 @@ def _attacker_priority() -> None:
     attacker's own CPU is another machine's; here it shares the cores with the server and
     the well-behaved clients, whose latency would otherwise measure the attacker's Python."""
     os.nice(ATTACKER_NICE)
-
-
-def _raise_fd_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed), hard))
 
 
 def _print_human(out: dict[str, Any]) -> None:
@@ -857,11 +739,11 @@ def _print_human(out: dict[str, Any]) -> None:
     for name, outcomes in sorted(out["attacks"].items()):
         shown = ", ".join(f"{k}: {n}" for k, n in sorted(outcomes.items()))
         print(f"  attack       {name:17} {shown}")
-    print("  result       " + ("ok" if out["ok"] else "FAILED: " + "; ".join(out["problems"])))
+    print(result_line(out))
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/soak.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=1000, help="well-behaved clients (1000)")
     p.add_argument("--channels", type=int, default=50, help="channels they use (50)")
     p.add_argument("--calm", type=float, default=30.0, help="seconds without attacks (30)")
@@ -901,20 +783,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.attacks) - set(ATTACKS))
     if unknown:
         parser.error(f"unknown attacks: {', '.join(unknown)}")
-    bad = [
-        name
-        for name, ok in (
+    check_ranges(
+        parser,
+        (
             ("--clients", 10 <= args.clients <= 10_000),
             ("--channels", 1 <= args.channels <= args.clients),
             ("--calm", 1 <= args.calm <= 3600),
             ("--attack", 1 <= args.attack <= 3600),
             ("--rate", 0 < args.rate <= 0.8 * BUDGET / 60),  # within the budget
-        )
-        if not ok
-    ]
-    if bad:
-        parser.error(f"out of range: {', '.join(bad)}")
-    _raise_fd_limit(args.clients + 4096)
+        ),
+    )
+    raise_fd_limit(args.clients + 4096)
     with tempfile.TemporaryDirectory(prefix="aether-soak-") as tmp:
         server = ServerProcess(Path(tmp), {})
         bound = args.calm + args.attack + 240
@@ -927,11 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0 and out.get("ok"):
             out["ok"] = False
             out["problems"].append(f"server exited {code} on SIGTERM")
-    if args.json or "server" not in out:
-        print(json.dumps(out))
-    else:
-        _print_human(out)
-    return 0 if out["ok"] else 1
+    return report(out, args.json or "server" not in out, _print_human)
 
 
 if __name__ == "__main__":

@@ -94,16 +94,19 @@ class Router:
                 f"{request.method} is not allowed here; allowed: {allow}",
                 (("Allow", allow),),
             )
-        answer = handler(request, arg)
+        try:
+            answer = handler(request, arg)
+        except _Refused as refused:
+            return refused.response
         if isinstance(answer, Response):
             return answer
-        return _unless_broker_down(answer)
+        return _awaited(answer)
 
     # -- auth ------------------------------------------------------------------------------
 
-    def _admin(self, request: Request) -> Response | None:
-        """None when the request carries admin credentials, else the error to answer
-        (logged at warn: a refused admin request is a security event)."""
+    def _require_admin(self, request: Request) -> None:
+        """Returns when the request carries admin credentials, else raises the error to
+        answer (logged at warn: a refused admin request is a security event)."""
         refused = self._check_admin(request)
         if refused is not None:
             logs.security(
@@ -112,7 +115,7 @@ class Router:
                 path=request.path,
                 status=refused.status,
             )
-        return refused
+            raise _Refused(refused)
 
     def _check_admin(self, request: Request) -> Response | None:
         header = request.header("authorization") or ""
@@ -145,7 +148,7 @@ class Router:
         try:
             return orjson.loads(request.body)
         except orjson.JSONDecodeError as exc:
-            raise _BadBody(
+            raise _Refused(
                 Response.error(
                     400, ErrorCode.INVALID_JSON, "body is not valid JSON", str(exc).split(":")[0]
                 )
@@ -164,30 +167,19 @@ class Router:
         return Response.json(200, self._status.status())
 
     async def list_channels(self, request: Request, _: str) -> Response:
-        denied = self._admin(request)
-        if denied is not None:
-            return denied
+        self._require_admin(request)
         return Response.json(200, {"channels": await self._operations.channel_views()})
 
     async def get_channel(self, request: Request, name: str) -> Response:
-        denied = self._admin(request)
-        if denied is not None:
-            return denied
+        self._require_admin(request)
         view = await self._operations.channel_view(name) if valid_channel(name) else None
         if view is None:
-            return Response.error(
-                404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name
-            )
+            return _no_channel(name)
         return Response.json(200, view)
 
     async def put_channel(self, request: Request, _: str) -> Response:
-        denied = self._admin(request)
-        if denied is not None:
-            return denied
-        try:
-            body = self._json_body(request)
-        except _BadBody as bad:
-            return bad.response
+        self._require_admin(request)
+        body = self._json_body(request)
         existing = None
         if isinstance(body, dict) and isinstance(body.get("name"), str):
             existing = self._operations.store.get(body["name"])
@@ -205,23 +197,14 @@ class Router:
         return Response.json(201 if created else 200, cfg.to_json())
 
     async def delete_channel(self, request: Request, name: str) -> Response:
-        denied = self._admin(request)
-        if denied is not None:
-            return denied
+        self._require_admin(request)
         if not valid_channel(name) or not await self._operations.delete_channel(name):
-            return Response.error(
-                404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name
-            )
+            return _no_channel(name)
         return Response.json(200, {"deleted": name})
 
     def broadcast(self, request: Request, _: str) -> Response:
-        denied = self._admin(request)
-        if denied is not None:
-            return denied
-        try:
-            body = self._json_body(request)
-        except _BadBody as bad:
-            return bad.response
+        self._require_admin(request)
+        body = self._json_body(request)
         if not isinstance(body, dict):
             return _field_error("body", "body must be a JSON object")
         message = body.get("message")
@@ -251,21 +234,28 @@ class Router:
         silently answered with the public view."""
         if request.header("authorization") is None:
             return Response.json(200, self._metrics.view("channels"))
-        denied = self._admin(request)
-        if denied is not None:
-            return denied
+        self._require_admin(request)
         return Response.json(200, self._metrics.view("channels", admin=True))
 
 
-async def _unless_broker_down(pending: Awaitable[Response]) -> Response:
-    """An admin route that needs the broker answers 503 while it is unreachable."""
+async def _awaited(pending: Awaitable[Response]) -> Response:
+    """An async route's answer, its refusal (`_Refused`), or 503 while the broker it needs is
+    unreachable."""
     try:
         return await pending
+    except _Refused as refused:
+        return refused.response
     except BrokerUnavailable as exc:
         body = error_body(
             ErrorCode.SERVER_BUSY, "broker unavailable, try again", "broker", str(exc)
         )
         return Response.json(503, body, (("Retry-After", "1"),))
+
+
+def _no_channel(name: str) -> Response:
+    return Response.error(
+        404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name
+    )
 
 
 def _field_error(field: str, reason: str) -> Response:
@@ -274,7 +264,9 @@ def _field_error(field: str, reason: str) -> Response:
     )
 
 
-class _BadBody(Exception):
+class _Refused(Exception):
+    """A route's check failed (admin credentials, the JSON body): `response` is the answer."""
+
     def __init__(self, response: Response) -> None:
         super().__init__(response.status)
         self.response = response

@@ -304,15 +304,7 @@ export class AetherClient {
     this.attempts = 0;
     clearTimeout(this.timers.reconnect);
     this.timers.reconnect = null;
-    const ws = this.ws;
-    if (ws) {
-      this.detach(ws);
-      try {
-        ws.close(4000, 'reconnect');
-      } catch {
-        /* already closing */
-      }
-    }
+    this.dropSocket(4000, 'reconnect');
     this.socketGone(null, 0, true);
   }
 
@@ -324,15 +316,7 @@ export class AetherClient {
   /** Close with 1000 and stop. Unacked publications are rejected (await flush() first). */
   close() {
     this.closing = true;
-    const ws = this.ws;
-    if (ws) {
-      this.detach(ws);
-      try {
-        ws.close(1000, 'client closing');
-      } catch {
-        /* already closed */
-      }
-    }
+    this.dropSocket(1000, 'client closing');
     this.stop('client closed', 1000);
     return Promise.resolve();
   }
@@ -380,6 +364,18 @@ export class AetherClient {
     ws.onerror = () => {
       /* a close event follows */
     };
+  }
+
+  /** Detach the current socket, if any, and close it with `code`. */
+  dropSocket(code, reason) {
+    const ws = this.ws;
+    if (!ws) return;
+    this.detach(ws);
+    try {
+      ws.close(code, reason);
+    } catch {
+      /* already closing or closed */
+    }
   }
 
   detach(ws) {

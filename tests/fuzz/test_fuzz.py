@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Server
-from tests.integration.helpers import OP_TEXT, RawWS, rss_kib
+from tests.integration.helpers import Op, RawWS, rss_kib
 from tests.integration.rawhttp import RawConn
 from tests.integration.wsclient import Client
 
@@ -116,7 +116,7 @@ def test_message_decoder_fuzz(fuzz_server: Server) -> None:
     @given(msg=messages | json_values | st.text(max_size=300))
     def one(msg: Any) -> None:
         payload = msg if isinstance(msg, str) else json.dumps(msg)
-        ws.send_frame(OP_TEXT, payload.encode())
+        ws.send_frame(Op.TEXT, payload.encode())
         _probe(ws)
 
     one()

@@ -15,7 +15,6 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import Server
-from tests.integration.helpers import expect
 from tests.integration.wsclient import Client
 
 #: the brokers' WORKER_TTL_S: a dead worker's figures are gone from the table after this long
@@ -84,15 +83,6 @@ def wait_cluster(srv: Server, workers: int, nodes: int, timeout: float = 8.0) ->
 
 def worker_pids(body: dict[str, Any]) -> list[int]:
     return sorted(int(w["pid"]) for w in body["workers"])
-
-
-def joined(c: Client, channel: str | None = None) -> dict[str, Any]:
-    """The next message must be the connection/connect reply (for `channel`)."""
-    msg = expect(c, "connection", "connect")
-    if channel is not None:
-        assert msg["data"]["channel"] == channel, msg
-    data: dict[str, Any] = msg["data"]
-    return data
 
 
 def messages(c: Client, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:

@@ -3,6 +3,9 @@
 - `HClient`: the sync `Client` with extra handshake headers (Authorization, Origin).
 - `drain`: every message until the server closes, and the close code it sent.
 - `expect_error`: the next message must be an error with a given code.
+- `joined`, `member`: the connection/connect reply; a client whose join was confirmed.
+- `closing_all`: a list of clients, each closed when the block ends.
+- `Op`, `build_frame`: frame opcodes (RFC 6455 §5.2) and frames built by hand.
 - `RawWS`: a hand-driven WebSocket on a plain socket, for what a well-behaved library refuses
   to send (bad UTF-8, reserved bits, stray continuations, unmasked frames) and for a reader
   that never reads.
@@ -14,6 +17,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +25,8 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from enum import IntEnum
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import pytest
@@ -29,11 +34,20 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.conftest import Server
-from tests.integration.wsclient import TIMEOUT, Client
+from tests.integration.wsclient import TIMEOUT, Client, Closing
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+class Op(IntEnum):
+    """The frame opcodes of RFC 6455 §5.2."""
+
+    CONT = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
 
 
 @pytest.fixture(autouse=True)
@@ -122,6 +136,38 @@ def expect(c: Client, mtype: str, action: str, timeout: float = TIMEOUT) -> dict
     return msg
 
 
+def joined(c: Client, channel: str | None = None) -> dict[str, Any]:
+    """The next message must be the connection/connect reply (for `channel`); its data."""
+    msg = expect(c, "connection", "connect")
+    if channel is not None:
+        assert msg["data"]["channel"] == channel, msg
+    data: dict[str, Any] = msg["data"]
+    return data
+
+
+@contextlib.contextmanager
+def member(server: Server, user: str | None, channel: str, **params: Any) -> Iterator[Client]:
+    """A client of `user` (anonymous: None) that joined `channel` on connecting (more query
+    parameters in `params`), its connection/connect reply taken."""
+    token = None if user is None else server.token(user)
+    with Client(server.ws_url, token=token, channel=channel, **params) as c:
+        joined(c, channel)
+        yield c
+
+
+C = TypeVar("C", bound=Closing)
+
+
+@contextlib.contextmanager
+def closing_all(clients: list[C]) -> Iterator[list[C]]:
+    """`clients` (a list the block may add to), each closed when the block ends."""
+    try:
+        yield clients
+    finally:
+        for c in clients:
+            c.close()
+
+
 def wait_for(cond: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> Any:
     """Call `cond` until it returns a truthy value; fail with its last value at the deadline."""
     deadline = time.monotonic() + timeout
@@ -188,7 +234,7 @@ def build_frame(
     return head + key + body
 
 
-class RawWS:
+class RawWS(Closing):
     """A WebSocket client on a plain blocking socket."""
 
     def __init__(
@@ -249,7 +295,7 @@ class RawWS:
         self.sock.sendall(build_frame(opcode, payload, **kw))
 
     def send_json(self, obj: Any) -> None:
-        self.send_frame(OP_TEXT, json.dumps(obj).encode())
+        self.send_frame(Op.TEXT, json.dumps(obj).encode())
 
     def _need(self, n: int) -> bytes:
         while len(self.buf) < n:
@@ -275,12 +321,12 @@ class RawWS:
         """The next text message (pings are answered, pongs skipped)."""
         while True:
             fin, op, payload = self.recv_frame()
-            if op == OP_PING:
-                self.send_frame(OP_PONG, payload)
+            if op == Op.PING:
+                self.send_frame(Op.PONG, payload)
                 continue
-            if op == OP_PONG:
+            if op == Op.PONG:
                 continue
-            assert op == OP_TEXT and fin, (op, payload)
+            assert op == Op.TEXT and fin, (op, payload)
             out: dict[str, Any] = json.loads(payload)
             return out
 
@@ -289,16 +335,10 @@ class RawWS:
         try:
             while True:
                 _, op, payload = self.recv_frame()
-                if op == OP_CLOSE:
+                if op == Op.CLOSE:
                     return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
         except (EOFError, ConnectionError):
             return None
 
     def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> RawWS:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
         self.sock.close()

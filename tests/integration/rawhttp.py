@@ -53,6 +53,12 @@ def request_bytes(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
 
+def chunked(body: bytes, size: int) -> bytes:
+    """`body` in the chunked transfer coding, `size` bytes a chunk, then the last chunk."""
+    parts = (body[i : i + size] for i in range(0, len(body), size))
+    return b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in parts) + b"0\r\n\r\n"
+
+
 def upgrade_bytes(path: str, headers: dict[str, str] | None = None) -> bytes:
     """A WebSocket upgrade request for `path` (which may carry a query)."""
     key = base64.b64encode(os.urandom(16)).decode()

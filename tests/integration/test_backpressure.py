@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Server
-from tests.integration.helpers import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWS, expect, send_msg
+from tests.integration.helpers import Op, RawWS, expect, send_msg
 from tests.integration.wsclient import Client
 
 SIZE = 60_000  # one publication's content
@@ -32,8 +32,8 @@ def _read_messages(ws: RawWS, count: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     while len(out) < count:
         _, op, payload = ws.recv_frame()
-        assert op != OP_CLOSE, f"closed {int.from_bytes(payload[:2], 'big')} after {len(out)}"
-        if op == OP_TEXT:
+        assert op != Op.CLOSE, f"closed {int.from_bytes(payload[:2], 'big')} after {len(out)}"
+        if op == Op.TEXT:
             out.append(json.loads(payload))
     return out
 
@@ -46,9 +46,9 @@ def _send_frame(channel: str, content: str, sequence: int) -> bytes:
     stream = (key * (n // 4 + 1))[:n]
     masked = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
     if n < 65536:
-        head = struct.pack("!BBH", 0x80 | OP_TEXT, 0x80 | 126, n)
+        head = struct.pack("!BBH", 0x80 | Op.TEXT, 0x80 | 126, n)
     else:
-        head = struct.pack("!BBQ", 0x80 | OP_TEXT, 0x80 | 127, n)
+        head = struct.pack("!BBQ", 0x80 | Op.TEXT, 0x80 | 127, n)
     return head + key + masked
 
 
@@ -251,14 +251,14 @@ def test_other_frames_during_a_paced_replay_find_room(
             reader.send_json(
                 {"type": "connection", "action": "connect", "data": {"channel": "bp.x"}}
             )
-            reader.send_frame(OP_PING, b"still there")
+            reader.send_frame(Op.PING, b"still there")
             pongs = 0
             while len(got) < count + 1 + 3 + 1 or not pongs:
                 _, op, payload = reader.recv_frame()
-                assert op != OP_CLOSE, f"closed {int.from_bytes(payload[:2], 'big')}"
-                if op == OP_PONG:
+                assert op != Op.CLOSE, f"closed {int.from_bytes(payload[:2], 'big')}"
+                if op == Op.PONG:
                     pongs += 1
-                elif op == OP_TEXT:
+                elif op == Op.TEXT:
                     got.append(json.loads(payload))
             replayed = [m for m in got if m["type"] == "message" and m["data"]["channel"] == "bp.c"]
             assert [m["data"]["metadata"]["offset"] for m in replayed] == list(range(1, count + 1))

@@ -9,14 +9,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 
-from tests.conftest import ROOT, SECRET, Server, free_port
+from tests.conftest import ROOT, SECRET, Server
 from tests.integration.wsclient import Client
+from tools.common import free_port, wait_listening
 
 ADMIN_TOKEN = "static-admin-token-do-not-print-0123456789"
 REDIS_PASSWORD = "redis-password-do-not-print"
@@ -133,34 +135,18 @@ def test_bad_setting_exits_2_naming_the_variable(
         assert out.stdout.strip() == "", "config printed despite the error"
 
 
-def wait_listening(p: subprocess.Popen[str], port: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if p.poll() is not None:
-            raise AssertionError(f"serve exited {p.returncode}: {p.communicate()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing listens on {port}"
-            time.sleep(0.05)
+def wait_serving(p: subprocess.Popen[str], port: int) -> None:
+    """Returns once `serve` listens on `port`; fails with its output if it exits first."""
+    wait_listening(p, port, 15, lambda: str(p.communicate()) if p.poll() is not None else "")
 
 
 def test_serve_flags_override_the_environment(
-    tmp_path: Path, spawned: list[subprocess.Popen[str]]
+    tmp_path: Path, procs: list[subprocess.Popen[Any]]
 ) -> None:
     env = cli_env(tmp_path, JWT_SECRET=SECRET)
     env_port, flag_port = int(env["WS_PORT"]), free_port()
-    p = subprocess.Popen(
-        [sys.executable, "-m", "aether_fast", "serve", "--port", str(flag_port)],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    spawned.append(p)
-    wait_listening(p, flag_port)
+    p = spawn_serve(env, tmp_path, procs, "--port", str(flag_port))
+    wait_serving(p, flag_port)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", env_port), timeout=0.5).close()
     p.send_signal(signal.SIGTERM)
@@ -249,21 +235,12 @@ def test_serve_without_secret_warns_and_serves(make_server: Callable[..., Server
     assert code == 200
 
 
-@pytest.fixture
-def spawned() -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-
-
 def spawn_serve(
-    env: dict[str, str], cwd: Path, procs: list[subprocess.Popen[str]]
+    env: dict[str, str], cwd: Path, procs: list[subprocess.Popen[Any]], *flags: str
 ) -> subprocess.Popen[str]:
+    """`aether-fast serve` with `flags`, its output piped; stopped at teardown by `procs`."""
     p = subprocess.Popen(
-        [sys.executable, "-m", "aether_fast", "serve"],
+        [sys.executable, "-m", "aether_fast", "serve", *flags],
         env=env,
         cwd=cwd,
         stdout=subprocess.PIPE,
@@ -287,12 +264,12 @@ def finish(p: subprocess.Popen[str], timeout: float = 15) -> tuple[int, str, str
 
 
 def test_corrupt_store_exits_2_naming_data_dir(
-    tmp_path: Path, spawned: list[subprocess.Popen[str]]
+    tmp_path: Path, procs: list[subprocess.Popen[Any]]
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
     (data / "channels.sqlite3").write_bytes(b"this is not an sqlite database\x00\xff" * 200)
-    p = spawn_serve(cli_env(tmp_path, JWT_SECRET=SECRET), tmp_path, spawned)
+    p = spawn_serve(cli_env(tmp_path, JWT_SECRET=SECRET), tmp_path, procs)
     code, out, err = finish(p)
     assert code == 2, (code, out[-1000:], err)
     line = one_line(err)
@@ -302,41 +279,27 @@ def test_corrupt_store_exits_2_naming_data_dir(
 
 
 def test_data_dir_that_is_a_file_exits_2(
-    tmp_path: Path, spawned: list[subprocess.Popen[str]]
+    tmp_path: Path, procs: list[subprocess.Popen[Any]]
 ) -> None:
     blocker = tmp_path / "data"
     blocker.write_text("a file, not a directory")
-    p = spawn_serve(cli_env(tmp_path, JWT_SECRET=SECRET), tmp_path, spawned)
+    p = spawn_serve(cli_env(tmp_path, JWT_SECRET=SECRET), tmp_path, procs)
     code, out, err = finish(p)
     assert code == 2, (code, out[-1000:], err)
     assert "DATA_DIR" in one_line(err)
     assert "Traceback" not in out + err
 
 
-def test_port_in_use_exits_cleanly(tmp_path: Path, spawned: list[subprocess.Popen[str]]) -> None:
-    with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", 0))
-        blocker.listen()
-        port = blocker.getsockname()[1]
-        p = spawn_serve(cli_env(tmp_path, JWT_SECRET=SECRET, WS_PORT=str(port)), tmp_path, spawned)
-        code, out, err = finish(p)
-    assert code != 0, (code, out[-1000:], err)
-    line = one_line(err)
-    # the one line says why (it does not name the port: see the report of issue 13)
-    assert line.startswith("aether-fast: cannot listen: ") and "in use" in line, line
-    assert "Traceback" not in out + err
-
-
-def test_metrics_port_in_use_exits_cleanly(
-    tmp_path: Path, spawned: list[subprocess.Popen[str]]
+@pytest.mark.parametrize("variable", ["WS_PORT", "METRICS_PORT"])
+def test_port_in_use_exits_cleanly(
+    tmp_path: Path, procs: list[subprocess.Popen[Any]], variable: str
 ) -> None:
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         port = blocker.getsockname()[1]
-        p = spawn_serve(
-            cli_env(tmp_path, JWT_SECRET=SECRET, METRICS_PORT=str(port)), tmp_path, spawned
-        )
+        env = cli_env(tmp_path, JWT_SECRET=SECRET, **{variable: str(port)})
+        p = spawn_serve(env, tmp_path, procs)
         code, out, err = finish(p)
     assert code != 0, (code, out[-1000:], err)
     line = one_line(err)
@@ -346,12 +309,12 @@ def test_metrics_port_in_use_exits_cleanly(
 
 
 def test_second_server_on_the_same_port_is_refused(
-    server: Server, tmp_path: Path, spawned: list[subprocess.Popen[str]]
+    server: Server, tmp_path: Path, procs: list[subprocess.Popen[Any]]
 ) -> None:
     """Starting a second, independent server on a port that one already serves must fail,
     not silently share the port (its clients would not see each other's messages)."""
     env = cli_env(tmp_path, JWT_SECRET=SECRET, WS_PORT=str(server.port))
-    p = spawn_serve(env, tmp_path, spawned)
+    p = spawn_serve(env, tmp_path, procs)
     try:
         code, out, err = finish(p, timeout=5)
     except AssertionError as exc:
@@ -363,10 +326,10 @@ def test_second_server_on_the_same_port_is_refused(
     one_line(err)
 
 
-def test_serve_exits_0_on_sigterm(tmp_path: Path, spawned: list[subprocess.Popen[str]]) -> None:
+def test_serve_exits_0_on_sigterm(tmp_path: Path, procs: list[subprocess.Popen[Any]]) -> None:
     env = cli_env(tmp_path, JWT_SECRET=SECRET)
-    p = spawn_serve(env, tmp_path, spawned)
-    wait_listening(p, int(env["WS_PORT"]))
+    p = spawn_serve(env, tmp_path, procs)
+    wait_serving(p, int(env["WS_PORT"]))
     p.send_signal(signal.SIGTERM)
     code, out, err = finish(p)
     assert code == 0, (out[-1000:], err)

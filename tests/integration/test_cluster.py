@@ -19,7 +19,6 @@ import pytest
 from tests.conftest import Server
 from tests.integration.cluster_helpers import (
     first_answer,
-    joined,
     messages,
     refused_eventually,
     start_pair,
@@ -27,7 +26,7 @@ from tests.integration.cluster_helpers import (
     wait_cluster,
     wait_status,
 )
-from tests.integration.helpers import drain, expect, expect_error, wait_for
+from tests.integration.helpers import drain, expect, expect_error, joined, wait_for
 from tests.integration.redis_fixture import RedisServer, db_of
 from tests.integration.wsclient import Client
 
@@ -48,19 +47,13 @@ def pair(make_server: Callable[..., Server], redis_url: str) -> Pair:
 
 def acks(c: Client, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
     """The next `n` acks; deliveries in between are not expected."""
-    got = []
+    got: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     while len(got) < n:
         msg = c.recv(max(0.01, deadline - time.monotonic()))
         assert (msg["type"], msg.get("action")) == ("message", "ack"), msg
         got.append(msg)
     return got
-
-
-def configure(srv: Server, **cfg: Any) -> int:
-    code, body, _ = srv.http("POST", "/ws/channels", cfg, token=srv.admin())
-    assert code in (200, 201), body
-    return int(code)
 
 
 def wait_config(srv: Server, name: str, **expected: Any) -> dict[str, Any]:
@@ -130,9 +123,9 @@ def test_fan_out_across_machines_exactly_once_in_offset_order(pair: Pair) -> Non
 
         # echo=1 on machine B: the sender gets its ack and its own copy; the others one copy
         eb.publish(ch, "mirror")
-        got = {(m["type"], m["action"]): m for m in (eb.recv(), eb.recv())}
-        assert set(got) == {("message", "ack"), ("message", "send")}, got
-        assert got[("message", "send")]["data"]["metadata"]["offset"] == 2 * n + 1
+        by_kind = {(m["type"], m["action"]): m for m in (eb.recv(), eb.recv())}
+        assert set(by_kind) == {("message", "ack"), ("message", "send")}, by_kind
+        assert by_kind[("message", "send")]["data"]["metadata"]["offset"] == 2 * n + 1
         for c in (pa, pb, ma, mb):
             msg = expect(c, "message", "send")
             assert msg["data"]["content"] == "mirror"
@@ -316,7 +309,7 @@ def test_anonymous_client_id_taken_on_the_other_machine(pair: Pair) -> None:
     publications (echo exclusion finds each sender by its own identity)."""
     a, b = pair
     ch = "cl.anon"
-    configure(a, name=ch, require_auth=False)
+    a.create_channel(name=ch, require_auth=False)
     wait_config(b, ch, require_auth=False)
     with (
         Client(a.ws_url, client_id="victim", channel=ch) as victim,
@@ -345,13 +338,13 @@ def test_channel_config_posted_on_one_machine_applies_on_the_other(pair: Pair) -
     wait_cluster(a, 2, 2)
     wait_cluster(b, 2, 2)
     base = {"name": ch, "message_rate_limit": 0}
-    assert configure(a, **base, max_connections=0, require_auth=False) == 201
+    assert a.create_channel(**base, max_connections=0, require_auth=False) == 201
     wait_config(b, ch, require_auth=False, max_connections=0)
     with Client(b.ws_url, channel=ch) as anon:  # anonymous is allowed, for now
         assert joined(anon, ch)["user_id"] is None
 
     # an update on A reaches B's live channel
-    assert configure(a, **base, max_connections=2, require_auth=True) == 200
+    assert a.create_channel(**base, max_connections=2, require_auth=True) == 200
     wait_config(b, ch, require_auth=True, max_connections=2)
     with Client(b.ws_url) as anon:
         joined(anon)
@@ -415,7 +408,7 @@ def test_configs_missed_while_the_subscriber_was_away_are_read_again(
 def test_channel_delete_on_one_machine_removes_members_on_the_other(pair: Pair) -> None:
     a, b = pair
     ch = "cl.del"
-    configure(a, name=ch, max_connections=0, message_rate_limit=0, require_auth=True)
+    a.create_channel(name=ch, max_connections=0, message_rate_limit=0, require_auth=True)
     wait_config(b, ch, max_connections=0)
     with (
         Client(a.ws_url, token=a.token("d1"), channel=ch) as on_a,
@@ -440,7 +433,7 @@ def test_channel_delete_on_one_machine_removes_members_on_the_other(pair: Pair) 
 def test_require_auth_switch_removes_anonymous_members_on_every_machine(pair: Pair) -> None:
     a, b = pair
     ch = "cl.ra"
-    configure(a, name=ch, max_connections=0, message_rate_limit=0, require_auth=False)
+    a.create_channel(name=ch, max_connections=0, message_rate_limit=0, require_auth=False)
     wait_config(b, ch, require_auth=False)
     with (
         Client(a.ws_url, channel=ch) as anon_a,
@@ -450,7 +443,7 @@ def test_require_auth_switch_removes_anonymous_members_on_every_machine(pair: Pa
     ):
         for c in (anon_a, anon_b, member_b, speaker_a):
             joined(c, ch)
-        configure(a, name=ch, max_connections=0, message_rate_limit=0, require_auth=True)
+        a.create_channel(name=ch, max_connections=0, message_rate_limit=0, require_auth=True)
         for c in (anon_a, anon_b):  # the other machine applies it when Redis tells it
             gone = expect(c, "connection", "disconnect")
             assert gone["data"]["channel"] == ch, gone

@@ -11,8 +11,15 @@ from typing import Any
 import pytest
 
 from tests.conftest import Server
-from tests.integration.helpers import OP_TEXT, build_frame, no_new_server_errors  # noqa: F401 (autouse)
-from tests.integration.rawhttp import RawConn, RawResponse, exchange, request_bytes, upgrade_bytes
+from tests.integration.helpers import Op, build_frame, no_new_server_errors  # noqa: F401 (autouse)
+from tests.integration.rawhttp import (
+    RawConn,
+    RawResponse,
+    chunked,
+    exchange,
+    request_bytes,
+    upgrade_bytes,
+)
 from tests.integration.wsclient import Client
 
 
@@ -240,19 +247,13 @@ def test_chunked_body_over_limit_is_413(make_server: Callable[..., Server]) -> N
     srv = make_server(MAX_HTTP_BODY_BYTES=1024)
     with Client(srv.ws_url, token=srv.token("by"), channel="by.room") as by:
         by.recv_until("connection", "connect")
-        body = _padded(3000)
-        chunks = (
-            b"".join(
-                f"{len(body[i : i + 500]):x}\r\n".encode() + body[i : i + 500] + b"\r\n"
-                for i in range(0, len(body), 500)
-            )
-            + b"0\r\n\r\n"
+        head = request_bytes(
+            "POST",
+            "/ws/channels",
+            token=srv.admin(),
+            headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json"},
         )
-        head = (
-            "POST /ws/channels HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-            f"Authorization: Bearer {srv.admin()}\r\nContent-Type: application/json\r\n\r\n"
-        ).encode()
-        resp = exchange(srv.port, head + chunks)
+        resp = exchange(srv.port, head + chunked(_padded(3000), 500))
         assert resp.status == 413, resp
         assert_error(resp.json, "MESSAGE_TOO_LARGE")
         still_serving(srv, by)
@@ -260,18 +261,10 @@ def test_chunked_body_over_limit_is_413(make_server: Callable[..., Server]) -> N
 
 def test_chunked_body_under_limit_is_accepted(server: Server, bystander: Client) -> None:
     body = b'{"name": "chunked.ok", "max_connections": 2}'
-    chunks = (
-        b"".join(
-            f"{len(body[i : i + 7]):x}\r\n".encode() + body[i : i + 7] + b"\r\n"
-            for i in range(0, len(body), 7)
-        )
-        + b"0\r\n\r\n"
+    head = request_bytes(
+        "POST", "/ws/channels", token=server.admin(), headers={"Transfer-Encoding": "chunked"}
     )
-    head = (
-        "POST /ws/channels HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-        f"Authorization: Bearer {server.admin()}\r\n\r\n"
-    ).encode()
-    resp = exchange(server.port, head + chunks)
+    resp = exchange(server.port, head + chunked(body, 7))
     assert resp.status == 201, resp
     assert resp.json["max_connections"] == 2
     still_serving(server, bystander)
@@ -334,7 +327,7 @@ def test_frame_pipelined_behind_the_upgrade_is_answered_after_the_101(
     with RawConn(server.port) as conn:
         conn.send(
             upgrade_bytes(f"/ws?token={token}&client_id=pipe")
-            + build_frame(OP_TEXT, b"unmasked", mask=False)
+            + build_frame(Op.TEXT, b"unmasked", mask=False)
         )
         status, _, _ = conn.read_head()
         assert status == 101

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from tests.conftest import Server
-from tests.integration.helpers import OP_CLOSE, OP_PING, RawWS, expect, expect_error, wait_for
+from tests.integration.helpers import Op, RawWS, expect, expect_error, wait_for
 from tests.integration.rawhttp import RawConn, request_bytes
 from tests.integration.wsclient import Client
 
@@ -27,16 +27,16 @@ def test_silent_half_open_peer_is_closed_after_two_ping_rounds(
     ):
         assert mute.status == 101
         assert expect(live, "connection", "connect")
-        assert mute.recv_frame()[1] != OP_CLOSE  # the connect reply
+        assert mute.recv_frame()[1] != Op.CLOSE  # the connect reply
         # the peer reads but never answers: one ping round sends a ping, the next finds it
         # unanswered and closes the connection (1001, "ping timeout"), nothing in between
         ops: list[int] = []
         while True:
             _, op, payload = mute.recv_frame()
             ops.append(op)
-            if op == OP_CLOSE:
+            if op == Op.CLOSE:
                 break
-        assert ops == [OP_PING, OP_CLOSE], ops
+        assert ops == [Op.PING, Op.CLOSE], ops
         assert struct.unpack("!H", payload[:2])[0] == 1001, payload
         assert payload[2:] == b"ping timeout", payload
         # a peer that answers (websockets does) stays through the same rounds

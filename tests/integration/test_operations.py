@@ -30,11 +30,12 @@ from aether_fast.store import (
     parse_channel_config,
     read_backup,
 )
-from tests.conftest import ROOT, SECRET, Server, free_port
+from tests.conftest import ROOT, SECRET, Server
 from tests.deploy import referenced_metrics, scraped_names
 from tests.dockerfile import Ignore, context_files, parse
 from tests.integration.helpers import wait_for
 from tests.integration.wsclient import Client
+from tools.common import free_port
 
 VENV = Path(sys.executable).parent.parent
 
@@ -46,7 +47,7 @@ def clean_env(**env: str) -> dict[str, str]:
     return {**base, **env}
 
 
-def cli(args: list[str], timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
+def cli(args: list[str], timeout: float = 30, /, **env: str) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
             [sys.executable, "-m", "aether_fast", *args],
@@ -77,17 +78,6 @@ def scrape(port: int) -> str:
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     return body.decode()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[Any]]]:
-    """Processes a test started; killed at teardown if it left them running."""
-    started: list[subprocess.Popen[Any]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
 
 
 # -- deploy/: every metric the alerts and the dashboard use is served -------------------------
@@ -392,10 +382,11 @@ def test_load_reports_failure(make_server: Callable[..., Server]) -> None:
     srv = make_server()  # channels need a token, and the run has none
     out = subprocess.run(
         [
-            *(sys.executable, str(ROOT / "tools" / "load.py")),
+            *(sys.executable, "-m", "tools.load"),
             *("--url", f"127.0.0.1:{srv.port}", "--connections", "5", "--duration", "1", "--json"),
         ],
         env=clean_env(),
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=30,

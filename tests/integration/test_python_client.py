@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 import jwt
 import pytest
@@ -29,8 +29,35 @@ from tests.integration.wiretap import Tapped, WireTap
 
 T = TypeVar("T")
 
+
+class Backoff(TypedDict):
+    backoff_initial: float
+    backoff_max: float
+
+
+class Handlers(TypedDict):
+    on_message: Callable[[Message], object]
+    on_state: Callable[[State], object]
+    on_join: Callable[[JoinResult], object]
+    on_error: Callable[[AetherError], object]
+    on_system: Callable[[dict[str, Any]], object]
+
+
 #: Fast reconnects for tests: the default backoff starts at 0.5 s and caps at 30 s.
-FAST = {"backoff_initial": 0.05, "backoff_max": 0.5}
+FAST: Backoff = {"backoff_initial": 0.05, "backoff_max": 0.5}
+
+
+class Refresher:
+    """A `token_refresh` callback: an hour-long token of `user`; `calls` counts the calls."""
+
+    def __init__(self, server: Server, user: str) -> None:
+        self.server = server
+        self.user = user
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        return self.server.token(self.user, ttl=3600)
 
 
 def run(coro: Awaitable[T], timeout: float = 60) -> T:
@@ -51,7 +78,7 @@ class Recorder:
         self.system: list[dict[str, Any]] = []
         self.arrived = asyncio.Event()
 
-    def kwargs(self) -> dict[str, Any]:
+    def kwargs(self) -> Handlers:
         return {
             "on_message": self.on_message,
             "on_state": self.states.append,
@@ -515,7 +542,7 @@ def test_no_reconnect_after_4001(server: Server) -> None:
         # a new token brings it back
         bad.set_token(server.token("alice"))
         await bad.connect(timeout=10)
-        assert bad.state == "open" and bad.user_id == "alice"
+        assert (bad.state, bad.user_id) == ("open", "alice")
         await bad.close()
 
     run(main())
@@ -554,12 +581,7 @@ def test_token_refresh_refused_by_the_budget_is_sent_again(
     srv = make_server(RATE_LIMIT_MESSAGES="2", RATE_LIMIT_WINDOW_S="20")
 
     async def main() -> None:
-        calls: list[float] = []
-
-        def fresh() -> str:
-            calls.append(asyncio.get_running_loop().time())
-            return srv.token("hana", ttl=3600)
-
+        fresh = Refresher(srv, "hana")
         rec = Recorder()
         c = AetherClient(
             srv.ws_url,
@@ -573,7 +595,7 @@ def test_token_refresh_refused_by_the_budget_is_sent_again(
         await c.connect()
         await c.publish("pc.tokbudget", "spends the budget")
         await asyncio.sleep(13.5)  # past the first token's exp
-        assert len(calls) == 1
+        assert fresh.calls == 1
         assert c.state == "open" and rec.states.count("open") == 1, rec.states  # never closed
         await c.close()
 
@@ -583,12 +605,7 @@ def test_token_refresh_refused_by_the_budget_is_sent_again(
 
 def test_token_refreshed_before_expiry(server: Server) -> None:
     async def main() -> None:
-        calls: list[float] = []
-
-        def fresh() -> str:
-            calls.append(asyncio.get_running_loop().time())
-            return server.token("hana", ttl=3600)
-
+        fresh = Refresher(server, "hana")
         rec = Recorder()
         first = server.token("hana", ttl=6)
         exp = jwt.decode(first, options={"verify_signature": False})["exp"]
@@ -604,7 +621,7 @@ def test_token_refreshed_before_expiry(server: Server) -> None:
         await c.connect()
         while time.time() < exp + 0.5:  # past the first token's exp
             await asyncio.sleep(0.1)
-        assert len(calls) == 1
+        assert fresh.calls == 1
         assert c.state == "open" and rec.states.count("open") == 1  # never reconnected
         ack = await c.publish("pc.tok", "still here")
         assert ack.offset == 1

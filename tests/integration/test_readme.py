@@ -19,7 +19,8 @@ import termios
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, free_ports
+from tests.conftest import ROOT
+from tools.common import free_ports
 
 # markers the shell prints (`$((6*7))` tells its output from the terminal's echo of our input)
 READY, DONE = "__ready__", "__done__"

@@ -13,19 +13,19 @@ import json
 import signal
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
 
 from tests.conftest import Server
 from tests.integration.cluster_helpers import (
-    joined,
     messages,
     only_expected_errors,
     start_pair,
     status,
 )
-from tests.integration.helpers import expect, expect_error, wait_for
+from tests.integration.helpers import expect, expect_error, joined, wait_for
 from tests.integration.redis_fixture import RedisServer
 from tests.integration.wsclient import Client
 
@@ -134,7 +134,7 @@ def test_redis_outage_degrades_then_recovers_by_itself(
         # only in the log, once per change, not once per request
         where = f":{redis_server.port}"
         for srv in (a, b):
-            body = wait_for(lambda s=srv: degraded(s), timeout=5.0, interval=0.05)
+            body = wait_for(partial(degraded, srv), timeout=5.0, interval=0.05)
             assert body == {"status": "degraded", "reason": "broker_unavailable"}, body
             st = status(srv)
             assert st["status"] == "degraded", st
@@ -172,7 +172,7 @@ def test_redis_outage_degrades_then_recovers_by_itself(
 
         # each server reconnects by itself
         for srv in (a, b):
-            wait_for(lambda s=srv: healthy(s), timeout=15.0, interval=0.05)
+            wait_for(partial(healthy, srv), timeout=15.0, interval=0.05)
             assert status(srv)["status"] == "healthy"
 
         # the refused message is sent again and reaches the members that stayed connected,

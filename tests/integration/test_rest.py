@@ -15,7 +15,7 @@ import jwt
 import pytest
 
 from tests.conftest import SECRET, Server
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import member, wait_for
 from tests.integration.rawhttp import RawConn, request_bytes
 from tests.integration.wsclient import Client
 
@@ -35,12 +35,6 @@ def status(server: Server) -> dict[str, Any]:
     code, body, _ = server.http("GET", "/ws/status")
     assert code == 200, body
     return body  # type: ignore[no-any-return]
-
-
-def joined(client: Client, channel: str) -> dict[str, Any]:
-    msg = client.recv_until("connection", "connect")
-    assert msg["data"]["channel"] == channel, msg
-    return msg
 
 
 def prom_value(text: str, name: str) -> float:
@@ -77,13 +71,10 @@ def test_status_shape(server: Server) -> None:
 
 def test_status_numbers_move_with_clients(server: Server) -> None:
     before = status(server)
-    tok = server.token("status-user")
     with (
-        Client(server.ws_url, token=tok, channel="status.room") as a,
-        Client(server.ws_url, token=tok, channel="status.room") as b,
+        member(server, "status-user", "status.room") as a,
+        member(server, "status-user", "status.room") as b,
     ):
-        joined(a, "status.room")
-        joined(b, "status.room")
         now = status(server)
         assert now["connections"]["active"] >= before["connections"]["active"] + 2, (before, now)
         assert now["connections"]["total"] >= before["connections"]["total"] + 2, (before, now)
@@ -142,14 +133,7 @@ def test_channel_create_with_only_the_required_fields(server: Server) -> None:
     }
     code, body, _ = server.http("POST", "/ws/channels", body_in, token=admin)
     assert code == 201, body
-    assert set(body) == {
-        "name",
-        "max_connections",
-        "message_rate_limit",
-        "require_auth",
-        "history_size",
-        "presence",
-    }
+    assert set(body) == set(FULL_CONFIG)  # every field, the omitted ones at their defaults
     assert body["name"] == "rest.min" and body["max_connections"] == 0
     assert body["require_auth"] is True
     assert body["history_size"] == 100  # HISTORY_SIZE default
@@ -177,17 +161,11 @@ def test_channel_list(server: Server) -> None:
 
 def test_channel_read_has_live_counts(server: Server) -> None:
     admin = server.admin()
-    code, _, _ = server.http("POST", "/ws/channels", {"name": "rest.live"}, token=admin)
-    assert code == 201
+    assert server.create_channel(name="rest.live") == 201
     code, body, _ = server.http("GET", "/ws/channels/rest.live", token=admin)
     assert code == 200 and body["members"] == 0, body
 
-    with (
-        Client(server.ws_url, token=server.token("u1"), channel="rest.live") as a,
-        Client(server.ws_url, token=server.token("u2"), channel="rest.live") as b,
-    ):
-        joined(a, "rest.live")
-        joined(b, "rest.live")
+    with member(server, "u1", "rest.live") as a, member(server, "u2", "rest.live") as b:
         code, body, _ = server.http("GET", "/ws/channels/rest.live", token=admin)
         assert code == 200 and body["members"] == 2, body
         a.publish("rest.live", "one")
@@ -210,14 +188,8 @@ def test_channel_read_unknown_is_404(server: Server) -> None:
 
 def test_channel_delete_removes_members(server: Server) -> None:
     admin = server.admin()
-    code, _, _ = server.http("POST", "/ws/channels", {"name": "rest.del"}, token=admin)
-    assert code == 201
-    with (
-        Client(server.ws_url, token=server.token("m1"), channel="rest.del") as a,
-        Client(server.ws_url, token=server.token("m2"), channel="rest.del") as b,
-    ):
-        joined(a, "rest.del")
-        joined(b, "rest.del")
+    assert server.create_channel(name="rest.del") == 201
+    with member(server, "m1", "rest.del") as a, member(server, "m2", "rest.del") as b:
         code, body, _ = server.http("DELETE", "/ws/channels/rest.del", token=admin)
         assert code == 200, body
         for c in (a, b):
@@ -245,12 +217,8 @@ def test_channel_delete_removes_members(server: Server) -> None:
 
 def test_channel_update_applies_to_a_live_channel(server: Server) -> None:
     admin = server.admin()
-    code, _, _ = server.http(
-        "POST", "/ws/channels", {"name": "rest.shrink", "max_connections": 0}, token=admin
-    )
-    assert code == 201
-    with Client(server.ws_url, token=server.token("s1"), channel="rest.shrink") as a:
-        joined(a, "rest.shrink")
+    assert server.create_channel(name="rest.shrink", max_connections=0) == 201
+    with member(server, "s1", "rest.shrink"):
         code, _, _ = server.http(
             "POST", "/ws/channels", {"name": "rest.shrink", "max_connections": 1}, token=admin
         )
@@ -265,11 +233,7 @@ def test_channel_update_applies_to_a_live_channel(server: Server) -> None:
 
 def test_broadcast_to_everyone(server: Server) -> None:
     admin = server.admin()
-    with (
-        Client(server.ws_url, token=server.token("b1"), channel="rest.bc") as a,
-        Client(server.ws_url, token=server.token("b2")) as b,
-    ):
-        joined(a, "rest.bc")
+    with member(server, "b1", "rest.bc") as a, Client(server.ws_url, token=server.token("b2")) as b:
         b.recv_until("connection", "connect")
         code, body, _ = server.http(
             "POST",
@@ -286,12 +250,7 @@ def test_broadcast_to_everyone(server: Server) -> None:
 
 def test_broadcast_to_one_channel(server: Server) -> None:
     admin = server.admin()
-    with (
-        Client(server.ws_url, token=server.token("c1"), channel="rest.bc1") as a,
-        Client(server.ws_url, token=server.token("c2"), channel="rest.bc2") as b,
-    ):
-        joined(a, "rest.bc1")
-        joined(b, "rest.bc2")
+    with member(server, "c1", "rest.bc1") as a, member(server, "c2", "rest.bc2") as b:
         code, body, _ = server.http(
             "POST",
             "/ws/broadcast",
@@ -412,8 +371,7 @@ def test_static_admin_token(make_server: Callable[..., Server]) -> None:
     code, body, _ = srv.http("GET", "/ws/channels", headers={"Authorization": static})
     assert code == 401, body
     # the per-channel list of /metrics/channels takes the static token too
-    with Client(srv.ws_url, token=srv.token("s"), channel="static.room") as c:
-        joined(c, "static.room")
+    with member(srv, "s", "static.room"):
         code, body, _ = srv.http("GET", "/metrics/channels", token=static)
         assert code == 200 and [x["name"] for x in body["channels"]] == ["static.room"], body
         assert srv.http("GET", "/metrics/channels", token=static + "x")[0] == 401
@@ -429,13 +387,12 @@ def test_health(server: Server) -> None:
     assert body["status"] == "healthy"
 
 
+#: the JSON metrics routes, public: figures only (docs/operations.md §6)
+JSON_METRICS = ("/metrics/connections", "/metrics/messages", "/metrics/channels", "/metrics/errors")
+
+
 def test_json_metrics_routes(server: Server) -> None:
-    for path in (
-        "/metrics/connections",
-        "/metrics/messages",
-        "/metrics/channels",
-        "/metrics/errors",
-    ):
+    for path in JSON_METRICS:
         code, body, headers = server.http("GET", path)
         assert code == 200, (path, body)
         assert headers["Content-Type"].startswith("application/json"), path
@@ -453,12 +410,7 @@ def test_json_metrics_move_with_traffic(server: Server) -> None:
         get("/metrics/messages"),
         get("/metrics/errors"),
     )
-    with (
-        Client(server.ws_url, token=server.token("m-a"), channel="rest.metrics") as a,
-        Client(server.ws_url, token=server.token("m-b"), channel="rest.metrics") as b,
-    ):
-        joined(a, "rest.metrics")
-        joined(b, "rest.metrics")
+    with member(server, "m-a", "rest.metrics") as a, member(server, "m-b", "rest.metrics") as b:
         conns = get("/metrics/connections")
         assert conns["active"] >= conns0["active"] + 2, (conns0, conns)
         assert conns["total"] >= conns0["total"] + 2, (conns0, conns)
@@ -483,16 +435,8 @@ def test_channel_names_are_not_public(server: Server) -> None:
     """Issue 12: public routes give figures only; the per-channel list of /metrics/channels
     needs admin credentials (an admin JWT or ADMIN_TOKEN); bad ones are refused."""
     secret_name = "user.alice.inbox"
-    with Client(server.ws_url, token=server.token("alice"), channel=secret_name) as a:
-        joined(a, secret_name)
-        for path in (
-            "/metrics/connections",
-            "/metrics/messages",
-            "/metrics/channels",
-            "/metrics/errors",
-            "/ws/status",
-            "/health",
-        ):
+    with member(server, "alice", secret_name):
+        for path in (*JSON_METRICS, "/ws/status", "/health"):
             code, body, _ = server.http("GET", path)
             assert code == 200, (path, body)
             assert secret_name not in json.dumps(body), (path, body)
@@ -525,12 +469,7 @@ def test_prometheus_exposition(server: Server) -> None:
     assert re.search(r"^# HELP aether_\w+ ", text, re.M)
     published0 = prom_value(text, "aether_messages_published_total")
     conns0 = prom_value(text, "aether_connections_total")
-    with (
-        Client(server.ws_url, token=server.token("p-a"), channel="rest.prom") as a,
-        Client(server.ws_url, token=server.token("p-b"), channel="rest.prom") as b,
-    ):
-        joined(a, "rest.prom")
-        joined(b, "rest.prom")
+    with member(server, "p-a", "rest.prom") as a, member(server, "p-b", "rest.prom") as b:
         for i in range(4):
             a.publish("rest.prom", f"p{i}")
         for _ in range(4):
@@ -709,16 +648,16 @@ def test_channel_configs_survive_a_restart(make_server: Callable[..., Server]) -
     assert body == {**small, "history_size": 6}
 
     # the limits apply after the restart
-    with Client(srv.ws_url, channel="keep.small") as anon:  # require_auth false: no token needed
-        joined(anon, "keep.small")
-        with Client(srv.ws_url, token=srv.token("second"), channel="keep.small") as second:
-            err = second.recv_until("error")
-            assert err["code"] == "CHANNEL_FULL", err
+    with (
+        member(srv, None, "keep.small"),  # require_auth false: no token needed
+        Client(srv.ws_url, token=srv.token("second"), channel="keep.small") as second,
+    ):
+        err = second.recv_until("error")
+        assert err["code"] == "CHANNEL_FULL", err
     with Client(srv.ws_url, channel="keep.slow") as anon:  # require_auth true
         err = anon.recv_until("error")
         assert err["code"] == "AUTH_REQUIRED", err
-    with Client(srv.ws_url, token=srv.token("pub"), channel="keep.slow") as pub:
-        joined(pub, "keep.slow")
+    with member(srv, "pub", "keep.slow") as pub:
         for i in range(3):
             pub.publish("keep.slow", f"x{i}")
         replies = [pub.recv() for _ in range(3)]

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from websockets.sync.client import connect
 
 from tests.conftest import Server
-from tests.integration.helpers import OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawWS, wait_for
+from tests.integration.helpers import Op, RawWS, wait_for
 from tests.integration.wsclient import Client
 
 MakeServer = Callable[..., Server]
@@ -113,11 +113,11 @@ def test_ping_flood_and_10k_fragments_leave_others_served(server: Server) -> Non
         with RawWS(server.port, query={"token": server.token("eve"), "channel": "abuse"}) as eve:
             eve.recv_json()
             for i in range(5000):
-                eve.send_frame(OP_PING, str(i).encode())
+                eve.send_frame(Op.PING, str(i).encode())
             pongs = 0
             while pongs < 5000:
                 _fin, opcode, _payload = eve.recv_frame()
-                pongs += opcode == OP_PONG
+                pongs += opcode == Op.PONG
             content = "x" * 10000
             msg = json.dumps(
                 {
@@ -130,7 +130,7 @@ def test_ping_flood_and_10k_fragments_leave_others_served(server: Server) -> Non
             pieces = [msg[i : i + step] for i in range(0, len(msg), step)]
             assert len(pieces) >= 10000
             for n, piece in enumerate(pieces):
-                eve.send_frame(OP_TEXT if n == 0 else OP_CONT, piece, fin=n == len(pieces) - 1)
+                eve.send_frame(Op.TEXT if n == 0 else Op.CONT, piece, fin=n == len(pieces) - 1)
             ack = eve.recv_json()
             assert ack["action"] == "ack", ack
         assert bob.recv()["data"]["content"] == content
@@ -234,7 +234,7 @@ def test_picows_protocol_errors_are_throttled(make_server: MakeServer) -> None:
     for _ in range(150):
         ws = RawWS(srv.port)
         assert ws.status == 101
-        ws.send_frame(OP_TEXT, b"x", mask=False)
+        ws.send_frame(Op.TEXT, b"x", mask=False)
         ws.sock.close()
     elapsed = time.monotonic() - started
     wait_for(lambda: sum(security_counts(srv, "picows")) == 150, 5)
@@ -257,7 +257,7 @@ def test_echo_path_is_admitted_like_ws_path(make_server: MakeServer) -> None:
     assert (first.status, second.status) == (101, 101)
     third = RawWS(srv.port, "/echo", headers={"Origin": "https://ok.example"})
     assert third.status == 503
-    first.send_frame(OP_TEXT, b"still echoed")
-    assert first.recv_frame()[1:] == (OP_TEXT, b"still echoed")
+    first.send_frame(Op.TEXT, b"still echoed")
+    assert first.recv_frame()[1:] == (Op.TEXT, b"still echoed")
     for ws in (first, second, third):
         ws.sock.close()

@@ -245,8 +245,8 @@ def test_log_shape_and_no_token_in_the_log(make_server: Callable[..., Server]) -
         assert raw.read_head()[0] >= 400
 
     signal_server(srv, signal.SIGTERM)
-    code, _ = wait_exit(srv, 10)
-    assert code == 0
+    status, _ = wait_exit(srv, 10)
+    assert status == 0
 
     text = srv.log_text()
     for secret in secrets:
@@ -298,7 +298,7 @@ def test_admin_auth_failures_are_logged_at_warn(server: Server) -> None:
         new = server.log_lines()[before:]
         written = [o for o in new if o.get("event") == "admin_auth_failed"]
         assert all(o["level"] == "warn" for o in written)
-        held = sum(
+        held: int = sum(
             o["data"]["details"]["suppressed"].get("admin_auth_failed", 0)
             for o in new
             if o.get("event") == "security_events_suppressed"

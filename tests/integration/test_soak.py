@@ -1,9 +1,9 @@
 """`make soak`, short form: well-behaved clients and every attack of docs/security.md at once.
 
-The soak starts its own server (tools/soak.py); this test runs its CI form and fails with the
-report's problems: a lost, doubled or out-of-order delivery, a well-behaved client closed, an
-ack p99 under attack over twice the calm one, the server's RSS over its bound, an attack that
-was not refused, or an error line in the server's log.
+The soak starts its own server (`python -m tools.soak`); this test runs its CI form and fails
+with the report's problems: a lost, doubled or out-of-order delivery, a well-behaved client
+closed, an ack p99 under attack over twice the calm one, the server's RSS over its bound, an
+attack that was not refused, or an error line in the server's log.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tools.soak import ATTACKS
 
 def test_soak_short_every_attack_at_once_costs_the_others_nothing() -> None:
     run = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "soak.py"), "--short", "--json"],
+        [sys.executable, "-m", "tools.soak", "--short", "--json"],
         capture_output=True,
         text=True,
         timeout=300,

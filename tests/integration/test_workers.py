@@ -21,11 +21,10 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import ROOT, SECRET, Server, free_port
+from tests.conftest import ROOT, SECRET, Server
 from tests.integration.cluster_helpers import (
     WORKER_TTL_S,
     first_answer,
-    joined,
     messages,
     only_expected_errors,
     prometheus_samples,
@@ -34,9 +33,10 @@ from tests.integration.cluster_helpers import (
     wait_node,
     worker_pids,
 )
-from tests.integration.helpers import drain, expect, wait_for
+from tests.integration.helpers import closing_all, drain, expect, joined, wait_for
 from tests.integration.redis_fixture import RedisServer, db_of
 from tests.integration.wsclient import Client
+from tools.common import free_port
 
 NODE = "wnode"
 
@@ -118,11 +118,11 @@ def test_supervisor_runs_two_workers_that_share_the_port(
 
     # ~20 clients on the one port land on both workers and still hear each other
     ch = "w.fan"
-    clients = [
+    fan = [
         Client(srv.ws_url, token=srv.token(f"u{i}"), client_id=f"c{i}", channel=ch)
         for i in range(20)
     ]
-    try:
+    with closing_all(fan) as clients:
         for c in clients:
             joined(c, ch)
         by_worker = spread(srv, 20)
@@ -147,17 +147,13 @@ def test_supervisor_runs_two_workers_that_share_the_port(
         # the Prometheus rows add up to the node's connections
         rows = prometheus_samples(scrape(), "aether_connections_active")
         assert sum(v for _, v in rows) == 20, rows
-    finally:
-        for c in clients:
-            c.close()
 
 
 def test_json_metrics_report_the_whole_node(
     make_server: Callable[..., Server], redis_url: str
 ) -> None:
     srv = start_workers(make_server, redis_url)
-    clients = [Client(srv.ws_url, token=srv.token(f"j{i}")) for i in range(12)]
-    try:
+    with closing_all([Client(srv.ws_url, token=srv.token(f"j{i}")) for i in range(12)]) as clients:
         for c in clients:
             joined(c)
         spread(srv, 12)
@@ -170,9 +166,6 @@ def test_json_metrics_report_the_whole_node(
         body = wait_for(node_figures, timeout=5.0, interval=0.1)
         assert body.get("node") == NODE, body
         assert isinstance(body.get("answered_by"), str), body
-    finally:
-        for c in clients:
-            c.close()
 
 
 # -- a worker dies ----------------------------------------------------------------------------
@@ -191,9 +184,8 @@ def test_killed_worker_is_restarted_and_its_connection_counts_released(
         for i in range(10)
     ]
     mine = [Client(srv.ws_url, token=srv.token("kuser"), channel=ch) for _ in range(limit)]
-    everyone = others + mine
     db = db_of(redis_url)
-    try:
+    with closing_all(others + mine) as everyone:
         for c in everyone:
             joined(c, ch)
         before = spread(srv, len(everyone))
@@ -279,9 +271,6 @@ def test_killed_worker_is_restarted_and_its_connection_counts_released(
         assert drain(extra)[1] == 4029
         everyone += back
         only_expected_errors(srv, "worker_died")
-    finally:
-        for c in everyone:
-            c.close()
 
 
 # -- shutdown ---------------------------------------------------------------------------------
@@ -293,8 +282,8 @@ def test_sigterm_to_the_supervisor_drains_every_worker(
     # started with the flags this time: `serve --workers 2 --broker-url ...`
     srv = make_server("--workers", "2", "--broker-url", redis_url, NODE_ID=NODE)
     wait_node(srv, lambda b: len(b["workers"]) == 2, timeout=15.0)
-    clients = [Client(srv.ws_url, token=srv.token(f"t{i}"), channel="w.term") for i in range(16)]
-    try:
+    term = [Client(srv.ws_url, token=srv.token(f"t{i}"), channel="w.term") for i in range(16)]
+    with closing_all(term) as clients:
         for c in clients:
             joined(c, "w.term")
         pids = sorted(spread(srv, 16))
@@ -308,9 +297,6 @@ def test_sigterm_to_the_supervisor_drains_every_worker(
         events = [line.get("event") for line in srv.log_lines()]
         assert events.count("server_stopped") == 2, events
         assert "supervisor_stopped" in events
-    finally:
-        for c in clients:
-            c.close()
 
 
 # -- start-up errors --------------------------------------------------------------------------

@@ -17,12 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import Server
 from tests.integration.helpers import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
+    Op,
     RawWS,
     drain,
     expect,
@@ -52,6 +47,17 @@ class Pair:
         assert ack["data"]["metadata"]["sequence"] == seq
         got = expect(self.peer, "message", "send")
         assert got["data"]["content"] == "alive?"
+
+    def refused(self, frame: dict[str, Any], sequence: int | None = None) -> None:
+        """The sender's `frame` gets INVALID_MESSAGE naming the channel (and `sequence`, when
+        given), the peer gets nothing, and the connection still works."""
+        self.sender.send(frame)
+        err = expect_error(self.sender, "INVALID_MESSAGE")
+        assert err["details"]["channel"] == self.channel
+        if sequence is not None:
+            assert err["details"]["sequence"] == sequence
+        self.peer.nothing(0.05)
+        self.alive()
 
     def others_alive(self) -> None:
         """A fresh connection can still join and exchange messages with the peer."""
@@ -191,36 +197,18 @@ def test_missing_channel(pair: Pair) -> None:
 
 @pytest.mark.parametrize("content", [5, None, {"a": 1}, ["x"], True, 1.5], ids=repr)
 def test_content_not_a_string(pair: Pair, content: Any) -> None:
-    pair.sender.send(send_msg(pair.channel, content, 77))
-    err = expect_error(pair.sender, "INVALID_MESSAGE")
-    assert err["details"]["channel"] == pair.channel
-    assert err["details"]["sequence"] == 77
-    pair.peer.nothing(0.05)
-    pair.alive()
+    pair.refused(send_msg(pair.channel, content, 77), sequence=77)
 
 
 def test_content_missing(pair: Pair) -> None:
-    pair.sender.send(
-        {
-            "type": "message",
-            "action": "send",
-            "data": {"channel": pair.channel, "metadata": {"sequence": 78}},
-        }
-    )
-    err = expect_error(pair.sender, "INVALID_MESSAGE")
-    assert err["details"]["channel"] == pair.channel
-    assert err["details"]["sequence"] == 78
-    pair.peer.nothing(0.05)
-    pair.alive()
+    frame = send_msg(pair.channel, None, 78)
+    del frame["data"]["content"]
+    pair.refused(frame, sequence=78)
 
 
 @pytest.mark.parametrize("sequence", [-1, 1.5, "1", True, False, None, [1], {"n": 1}], ids=repr)
 def test_bad_sequence(pair: Pair, sequence: Any) -> None:
-    pair.sender.send(send_msg(pair.channel, "x", sequence))
-    err = expect_error(pair.sender, "INVALID_MESSAGE")
-    assert err["details"]["channel"] == pair.channel
-    pair.peer.nothing(0.05)
-    pair.alive()
+    pair.refused(send_msg(pair.channel, "x", sequence))
 
 
 @pytest.mark.parametrize("metadata", ["missing", None, [], "seq", 5, {}], ids=repr)
@@ -228,45 +216,20 @@ def test_bad_metadata(pair: Pair, metadata: Any) -> None:
     data: dict[str, Any] = {"channel": pair.channel, "content": "x"}
     if metadata != "missing":
         data["metadata"] = metadata
-    pair.sender.send({"type": "message", "action": "send", "data": data})
-    err = expect_error(pair.sender, "INVALID_MESSAGE")
-    assert err["details"]["channel"] == pair.channel
-    pair.peer.nothing(0.05)
-    pair.alive()
+    pair.refused({"type": "message", "action": "send", "data": data})
 
 
 @pytest.mark.parametrize("ts", [123, {}, True, ["2024"]], ids=repr)
 def test_timestamp_not_a_string(pair: Pair, ts: Any) -> None:
-    pair.sender.send(
-        {
-            "type": "message",
-            "action": "send",
-            "data": {
-                "channel": pair.channel,
-                "content": "x",
-                "metadata": {"sequence": 9, "timestamp": ts},
-            },
-        }
-    )
-    err = expect_error(pair.sender, "INVALID_MESSAGE")
-    assert err["details"]["channel"] == pair.channel
-    assert err["details"]["sequence"] == 9
-    pair.peer.nothing(0.05)
-    pair.alive()
+    frame = send_msg(pair.channel, "x", 9)
+    frame["data"]["metadata"]["timestamp"] = ts
+    pair.refused(frame, sequence=9)
 
 
 def test_timestamp_string_accepted(pair: Pair) -> None:
-    pair.sender.send(
-        {
-            "type": "message",
-            "action": "send",
-            "data": {
-                "channel": pair.channel,
-                "content": "x",
-                "metadata": {"sequence": 10, "timestamp": "2024-01-01T00:00:00Z"},
-            },
-        }
-    )
+    frame = send_msg(pair.channel, "x", 10)
+    frame["data"]["metadata"]["timestamp"] = "2024-01-01T00:00:00Z"
+    pair.sender.send(frame)
     assert expect(pair.sender, "message", "ack")["data"]["metadata"]["sequence"] == 10
     assert expect(pair.peer, "message", "send")["data"]["content"] == "x"
 
@@ -405,15 +368,15 @@ def test_invalid_utf8_text_frame_closes_1007(pair: Pair) -> None:
 )
 def test_invalid_utf8_raw(pair: Pair, payload: bytes) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_TEXT, payload)
+        raw.send_frame(Op.TEXT, payload)
         assert raw.close_code() == 1007
     pair.alive()
 
 
 def test_invalid_utf8_across_fragments_raw(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_TEXT, b'{"type":"system","action":"status","data":{"x":"\xc3', fin=False)
-        raw.send_frame(OP_CONT, b'("}}', fin=True)
+        raw.send_frame(Op.TEXT, b'{"type":"system","action":"status","data":{"x":"\xc3', fin=False)
+        raw.send_frame(Op.CONT, b'("}}', fin=True)
         assert raw.close_code() == 1007
     pair.alive()
 
@@ -434,19 +397,19 @@ def test_fragments_split_inside_a_utf8_character_raw(pair: Pair) -> None:
     body = json.dumps(send_msg(pair.channel, "é✓€", 1), ensure_ascii=False).encode()
     cut = body.index("✓".encode()) + 1  # in the middle of a 3-byte character
     with _raw(pair) as raw:
-        raw.send_frame(OP_TEXT, body[:cut], fin=False)
-        raw.send_frame(OP_PING, b"between")  # control frames may come between fragments
-        raw.send_frame(OP_CONT, body[cut : cut + 2], fin=False)
-        raw.send_frame(OP_CONT, body[cut + 2 :], fin=True)
+        raw.send_frame(Op.TEXT, body[:cut], fin=False)
+        raw.send_frame(Op.PING, b"between")  # control frames may come between fragments
+        raw.send_frame(Op.CONT, body[cut : cut + 2], fin=False)
+        raw.send_frame(Op.CONT, body[cut + 2 :], fin=True)
         seen: list[tuple[int, bytes]] = []
         while True:
             _, op, payload = raw.recv_frame()
             seen.append((op, payload))
-            if op == OP_TEXT:
+            if op == Op.TEXT:
                 msg = json.loads(payload)
                 assert (msg["type"], msg["action"]) == ("message", "ack"), msg
                 break
-        assert (OP_PONG, b"between") in seen, seen
+        assert (Op.PONG, b"between") in seen, seen
     for member in (pair.peer, pair.sender):
         got = expect(member, "message", "send")
         assert got["data"]["content"] == "é✓€"
@@ -460,7 +423,7 @@ def test_fragments_split_inside_a_utf8_character_raw(pair: Pair) -> None:
 @pytest.mark.parametrize("rsv", [4, 2, 1], ids=["rsv1", "rsv2", "rsv3"])
 def test_reserved_bits_close_1002(pair: Pair, rsv: int) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_TEXT, json.dumps(send_msg(pair.channel, "rsv", 1)).encode(), rsv=rsv)
+        raw.send_frame(Op.TEXT, json.dumps(send_msg(pair.channel, "rsv", 1)).encode(), rsv=rsv)
         assert raw.close_code() == 1002
     pair.peer.nothing(0.1)
     pair.alive()
@@ -468,7 +431,7 @@ def test_reserved_bits_close_1002(pair: Pair, rsv: int) -> None:
 
 def test_continuation_without_start_closes_1002(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_CONT, json.dumps(send_msg(pair.channel, "cont", 1)).encode())
+        raw.send_frame(Op.CONT, json.dumps(send_msg(pair.channel, "cont", 1)).encode())
         assert raw.close_code() == 1002
     pair.peer.nothing(0.1)
     pair.alive()
@@ -477,8 +440,8 @@ def test_continuation_without_start_closes_1002(pair: Pair) -> None:
 
 def test_new_message_inside_a_fragmented_one_closes_1002(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_TEXT, b'{"type":"system",', fin=False)
-        raw.send_frame(OP_TEXT, b'{"type":"system","action":"status"}')
+        raw.send_frame(Op.TEXT, b'{"type":"system",', fin=False)
+        raw.send_frame(Op.TEXT, b'{"type":"system","action":"status"}')
         assert raw.close_code() == 1002
     pair.alive()
 
@@ -486,7 +449,7 @@ def test_new_message_inside_a_fragmented_one_closes_1002(pair: Pair) -> None:
 def test_unmasked_client_frame_closes_1002(pair: Pair) -> None:
     with _raw(pair) as raw:
         raw.send_frame(
-            OP_TEXT, json.dumps(send_msg(pair.channel, "unmasked", 1)).encode(), mask=False
+            Op.TEXT, json.dumps(send_msg(pair.channel, "unmasked", 1)).encode(), mask=False
         )
         assert raw.close_code() == 1002
     pair.peer.nothing(0.1)
@@ -503,35 +466,35 @@ def test_unknown_opcode_closes_1002(pair: Pair, opcode: int) -> None:
 
 def test_fragmented_control_frame_closes_1002(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_PING, b"frag", fin=False)
+        raw.send_frame(Op.PING, b"frag", fin=False)
         assert raw.close_code() == 1002
     pair.alive()
 
 
 def test_control_frame_over_125_bytes_closes_1002(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_PING, b"p" * 126)
+        raw.send_frame(Op.PING, b"p" * 126)
         assert raw.close_code() == 1002
     pair.alive()
 
 
 def test_close_frame_with_invalid_code_closes_1002(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_CLOSE, (1005).to_bytes(2, "big"))
+        raw.send_frame(Op.CLOSE, (1005).to_bytes(2, "big"))
         assert raw.close_code() == 1002
     pair.alive()
 
 
 def test_clean_close_is_echoed(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_CLOSE, (1000).to_bytes(2, "big") + b"bye")
+        raw.send_frame(Op.CLOSE, (1000).to_bytes(2, "big") + b"bye")
         assert raw.close_code() == 1000
     pair.alive()
 
 
 def test_binary_raw_frame_error_and_stays_open(pair: Pair) -> None:
     with _raw(pair) as raw:
-        raw.send_frame(OP_BINARY, b"\x00\x01\x02")
+        raw.send_frame(Op.BINARY, b"\x00\x01\x02")
         err = raw.recv_json()
         assert err["type"] == "error" and err["code"] == "INVALID_MESSAGE", err
         raw.send_json({"type": "system", "action": "status", "data": {}})

@@ -14,11 +14,7 @@ from typing import Any
 
 from tests.conftest import Server
 from tests.integration.helpers import (
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
+    Op,
     RawWS,
     build_frame,
     expect,
@@ -54,12 +50,12 @@ def _until_close(ws: RawWS) -> tuple[list[dict[str, Any]], int, int | None]:
     pongs = 0
     while True:
         _, op, payload = ws.recv_frame()
-        if op == OP_TEXT:
+        if op == Op.TEXT:
             got.append(json.loads(payload))
-        elif op == OP_PONG:
+        elif op == Op.PONG:
             pongs += 1
-        elif op == OP_CLOSE:
-            ws.send_frame(OP_CLOSE, payload[:2])
+        elif op == Op.CLOSE:
+            ws.send_frame(Op.CLOSE, payload[:2])
             return got, pongs, struct.unpack("!H", payload[:2])[0] if payload else None
 
 
@@ -79,7 +75,7 @@ def test_status_flood_is_refused_then_closed_others_served(
         expect(bob, "connection", "connect")
         with _raw(srv, "mallory") as flood:
             # 5000 system/status in one burst, nothing read meanwhile
-            flood.send_raw(build_frame(OP_TEXT, json.dumps(STATUS).encode()) * 5000)
+            flood.send_raw(build_frame(Op.TEXT, json.dumps(STATUS).encode()) * 5000)
 
             # another user is answered meanwhile: status and a publication
             bob.send(STATUS)
@@ -107,7 +103,7 @@ def test_status_flood_is_refused_then_closed_others_served(
 def test_ping_flood_is_bounded_by_the_budget(make_server: Callable[..., Server]) -> None:
     srv = _budget_server(make_server)
     with _raw(srv, "mallory") as flood:
-        flood.send_raw(build_frame(OP_PING, b"p") * 5000)
+        flood.send_raw(build_frame(Op.PING, b"p") * 5000)
         got, pongs, code = _until_close(flood)
     # a refused ping is not answered and gets no error: the close says why
     assert pongs == BUDGET and got == [] and code == 1008
@@ -117,7 +113,7 @@ def test_reconnecting_does_not_refill_the_budget(make_server: Callable[..., Serv
     srv = _budget_server(make_server)
     for user in ("mallory", None):  # a user, and anonymous clients of one address
         with _raw(srv, user) as flood:
-            flood.send_raw(build_frame(OP_TEXT, json.dumps(STATUS).encode()) * 100)
+            flood.send_raw(build_frame(Op.TEXT, json.dumps(STATUS).encode()) * 100)
             assert _until_close(flood)[2] == 1008
         # a new connection, even with another client_id: the first message is refused
         with Client(srv.ws_url, token=srv.token(user) if user else None, client_id="new") as c:
@@ -173,7 +169,7 @@ def test_pong_flood_is_bounded_by_the_budget(make_server: Callable[..., Server])
     """Unsolicited pongs are not free for ever: one token per 64, then close 1008."""
     srv = _budget_server(make_server)
     with _raw(srv, "mallory") as flood:
-        flood.send_raw(build_frame(OP_PONG, b"p") * 5000)
+        flood.send_raw(build_frame(Op.PONG, b"p") * 5000)
         got, pongs, code = _until_close(flood)
     assert (got, pongs, code) == ([], 0, 1008)
     assert any(
@@ -187,8 +183,8 @@ def test_endless_continuation_frames_are_closed(make_server: Callable[..., Serve
     MAX_MESSAGE_BYTES) costs one token per 64 of its frames: close 1008."""
     srv = _budget_server(make_server)
     with _raw(srv, "mallory") as flood:
-        flood.send_raw(build_frame(OP_TEXT, b"{", fin=False))
-        flood.send_raw(build_frame(OP_CONT, b"", fin=False) * 5000)
+        flood.send_raw(build_frame(Op.TEXT, b"{", fin=False))
+        flood.send_raw(build_frame(Op.CONT, b"", fin=False) * 5000)
         got, _, code = _until_close(flood)
     assert (got, code) == ([], 1008)
 
@@ -202,10 +198,10 @@ def test_a_message_in_many_fragments_and_some_pongs_are_served(
     with _raw(srv, "alice") as ws:
         body = json.dumps(STATUS).encode()
         pieces = [body[:1]] + [b""] * 198 + [body[1:]]
-        frames = [build_frame(OP_TEXT, pieces[0], fin=False)]
-        frames += [build_frame(OP_CONT, p, fin=False) for p in pieces[1:-1]]
-        frames.append(build_frame(OP_CONT, pieces[-1]))
-        ws.send_raw(b"".join(frames) + build_frame(OP_PONG, b"") * 100)
+        frames = [build_frame(Op.TEXT, pieces[0], fin=False)]
+        frames += [build_frame(Op.CONT, p, fin=False) for p in pieces[1:-1]]
+        frames.append(build_frame(Op.CONT, pieces[-1]))
+        ws.send_raw(b"".join(frames) + build_frame(Op.PONG, b"") * 100)
         reply = ws.recv_json()
         assert reply["type"] == "system" and reply["action"] == "status", reply
         ws.send_json(STATUS)
@@ -244,10 +240,10 @@ def test_flood_close_waits_for_one_budget_of_refusals(make_server: Callable[...,
     more refusal in a row than the budget closes with 1008."""
     srv = make_server(RATE_LIMIT_MESSAGES="30", RATE_LIMIT_WINDOW_S="9000")
     with _raw(srv, "alice") as ws:
-        ws.send_raw(build_frame(OP_TEXT, json.dumps(STATUS).encode()) * 59)
+        ws.send_raw(build_frame(Op.TEXT, json.dumps(STATUS).encode()) * 59)
         got = [ws.recv_json() for _ in range(59)]
         assert [m["type"] for m in got] == ["system"] * 30 + ["error"] * 29
-        ws.send_raw(build_frame(OP_TEXT, json.dumps(STATUS).encode()))
+        ws.send_raw(build_frame(Op.TEXT, json.dumps(STATUS).encode()))
         got, _, code = _until_close(ws)
         assert len(got) == 1 and code == 1008
         _refused(got[0])
@@ -260,9 +256,9 @@ def test_oversized_message_on_an_empty_budget_is_still_message_too_large(
     a client matches it by) even when the budget is empty; it is a refusal all the same, so
     a run of them is closed like any flood."""
     srv = make_server(RATE_LIMIT_MESSAGES="2", RATE_LIMIT_WINDOW_S="600", MAX_MESSAGE_BYTES="1024")
-    big = build_frame(OP_TEXT, json.dumps({"pad": "x" * 2000}).encode())
+    big = build_frame(Op.TEXT, json.dumps({"pad": "x" * 2000}).encode())
     with _raw(srv, "alice") as ws:
-        ws.send_raw(build_frame(OP_TEXT, json.dumps(STATUS).encode()) * 2)
+        ws.send_raw(build_frame(Op.TEXT, json.dumps(STATUS).encode()) * 2)
         assert [ws.recv_json()["type"] for _ in range(2)] == ["system", "system"]
         ws.send_raw(big * 3)
         for _ in range(3):
@@ -284,7 +280,7 @@ def test_flood_with_a_large_budget_is_closed(make_server: Callable[..., Server])
         "action": "send",
         "data": {"channel": "x", "content": "a", "metadata": {"sequence": 1}},
     }
-    chunk = build_frame(OP_TEXT, json.dumps(pub).encode()) * 2000
+    chunk = build_frame(Op.TEXT, json.dumps(pub).encode()) * 2000
     with _raw(srv, "mallory") as flood:
         flood.sock.settimeout(20)
         closed: list[int | None] = []

@@ -19,14 +19,11 @@ from tests.integration.helpers import (
     drain,
     expect,
     expect_error,
+    joined,
+    member,
     wait_for,
 )
 from tests.integration.wsclient import Client
-
-
-def _joined(c: Client) -> dict[str, Any]:
-    data: dict[str, Any] = expect(c, "connection", "connect")["data"]
-    return data
 
 
 def _status_ok(c: Client) -> None:
@@ -43,11 +40,6 @@ def _limited(c: Client, code: str, reason: str, channel: str, seq: int) -> dict[
     return err
 
 
-def _create(server: Server, **cfg: Any) -> None:
-    status, body, _ = server.http("POST", "/ws/channels", cfg, token=server.admin())
-    assert status in (200, 201), body
-
-
 # -- message rates -------------------------------------------------------------------------------
 
 
@@ -57,12 +49,7 @@ def test_rate_limit_per_user(make_server: Callable[..., Server]) -> None:
     # (tests/integration/test_ws_budget.py: shared by their connections, kept across reconnects)
     srv = make_server(RATE_LIMIT_MESSAGES="3", RATE_LIMIT_WINDOW_S="6")
     ch = "lim.conn"
-    with (
-        Client(srv.ws_url, token=srv.token("alice"), channel=ch) as a,
-        Client(srv.ws_url, token=srv.token("bob"), channel=ch) as peer,
-    ):
-        for c in (a, peer):
-            _joined(c)
+    with member(srv, "alice", ch) as a, member(srv, "bob", ch) as peer:
         for i in range(3):  # sent back to back: well inside one refill period
             a.publish(ch, f"m{i}")
         seq = a.publish(ch, "one too many")
@@ -91,14 +78,12 @@ def test_rate_limit_per_channel_across_publishers(server: Server) -> None:
     ch = "lim.chan"
     # 1 message every 2 s, all publishers (a period a busy machine does not stretch a round
     # trip past)
-    _create(server, name=ch, message_rate_limit=0.5)
+    server.create_channel(name=ch, message_rate_limit=0.5)
     with (
-        Client(server.ws_url, token=server.token("alice"), channel=ch) as a,
-        Client(server.ws_url, token=server.token("bob"), channel=ch) as b,
-        Client(server.ws_url, token=server.token("carol"), channel=ch) as reader,
+        member(server, "alice", ch) as a,
+        member(server, "bob", ch) as b,
+        member(server, "carol", ch) as reader,
     ):
-        for c in (a, b, reader):
-            _joined(c)
         a.publish(ch, "a1")
         expect(a, "message", "ack")
         seq_b = b.publish(ch, "b1")  # bob's first message, but the channel's second
@@ -115,7 +100,7 @@ def test_rate_limit_per_channel_across_publishers(server: Server) -> None:
         _status_ok(b)
         # the channel's limit is per channel: another channel is not limited
         a.join("lim.other")
-        _joined(a)
+        joined(a)
         a.publish("lim.other", "elsewhere")
         expect(a, "message", "ack")
         time.sleep(d["retry_after_ms"] / 1000 + 0.05)
@@ -128,13 +113,8 @@ def test_fractional_channel_rate_limit(server: Server) -> None:
     # message_rate_limit is a number of messages per second (REST accepts 0..1e9): 0.5 is one
     # message every two seconds, not "never".
     ch = "lim.half"
-    _create(server, name=ch, message_rate_limit=0.5)
-    with (
-        Client(server.ws_url, token=server.token("alice"), channel=ch) as a,
-        Client(server.ws_url, token=server.token("carol"), channel=ch) as reader,
-    ):
-        _joined(a)
-        _joined(reader)
+    server.create_channel(name=ch, message_rate_limit=0.5)
+    with member(server, "alice", ch) as a, member(server, "carol", ch) as reader:
         a.publish(ch, "first")
         ack = a.recv()
         assert (ack["type"], ack.get("action")) == ("message", "ack"), ack
@@ -152,12 +132,10 @@ def test_fractional_channel_rate_limit(server: Server) -> None:
 def test_global_rate_limit_is_server_busy(make_server: Callable[..., Server]) -> None:
     srv = make_server(RATE_LIMIT_GLOBAL_MESSAGES="1")  # 1 message a second, whole server
     with (
-        Client(srv.ws_url, token=srv.token("alice"), channel="g.one") as a,
-        Client(srv.ws_url, token=srv.token("bob"), channel="g.two") as b,
-        Client(srv.ws_url, token=srv.token("carol"), channel="g.one") as reader,
+        member(srv, "alice", "g.one") as a,
+        member(srv, "bob", "g.two") as b,
+        member(srv, "carol", "g.one") as reader,
     ):
-        for c in (a, b, reader):
-            _joined(c)
         a.publish("g.one", "a")
         expect(a, "message", "ack")
         # another user, another channel: the same server-wide budget
@@ -188,15 +166,15 @@ def test_connection_limit_per_user(make_server: Callable[..., Server]) -> None:
         Client(url, token=srv.token("alice"), client_id="c1") as c1,
         Client(url, token=srv.token("alice"), client_id="c2") as c2,
     ):
-        _joined(c1)
-        _joined(c2)
+        joined(c1)
+        joined(c2)
         with Client(url, token=srv.token("alice"), client_id="c3") as c3:
             msgs, close = drain(c3)
             assert [m.get("code") for m in msgs] == ["CONNECTION_LIMIT"], msgs
             assert close == 4029
         # another user is not counted with alice
         with Client(url, token=srv.token("bob")) as b:
-            _joined(b)
+            joined(b)
         _status_ok(c1)
         # closing one releases its place
         c1.close()
@@ -213,14 +191,14 @@ def test_connection_limit_per_user(make_server: Callable[..., Server]) -> None:
 def test_connection_limit_per_ip_for_anonymous(make_server: Callable[..., Server]) -> None:
     srv = make_server(RATE_LIMIT_CONNECTIONS="2")
     with Client(srv.ws_url) as a1, Client(srv.ws_url) as a2:
-        _joined(a1)
-        _joined(a2)
+        joined(a1)
+        joined(a2)
         with Client(srv.ws_url) as a3:
             msgs, close = drain(a3)
             assert [m.get("code") for m in msgs] == ["CONNECTION_LIMIT"], msgs
             assert close == 4029
         with Client(srv.ws_url, token=srv.token("alice")) as alice:
-            _joined(alice)
+            joined(alice)
 
 
 def test_a_user_named_like_an_address_is_not_its_anonymous_clients(
@@ -232,14 +210,14 @@ def test_a_user_named_like_an_address_is_not_its_anonymous_clients(
     srv = make_server(RATE_LIMIT_CONNECTIONS="2")
     lookalike = srv.token("ip:127.0.0.1")
     with Client(srv.ws_url) as a1, Client(srv.ws_url) as a2:
-        _joined(a1)
-        _joined(a2)
+        joined(a1)
+        joined(a2)
         with (
             Client(srv.ws_url, token=lookalike, client_id="u1") as u1,
             Client(srv.ws_url, token=lookalike, client_id="u2") as u2,
         ):
-            _joined(u1)
-            _joined(u2)
+            joined(u1)
+            joined(u2)
             # each side is at its own limit
             with Client(srv.ws_url, token=lookalike, client_id="u3") as u3:
                 msgs, close = drain(u3)
@@ -265,8 +243,8 @@ def test_a_user_named_like_an_address_has_its_own_budget(
         Client(srv.ws_url) as anon,
         Client(srv.ws_url, token=srv.token("ip:127.0.0.1")) as lookalike,
     ):
-        _joined(anon)
-        _joined(lookalike)
+        joined(anon)
+        joined(lookalike)
         for _ in range(3):
             _status_ok(anon)
         anon.send(status)
@@ -279,12 +257,7 @@ def test_a_user_named_like_an_address_has_its_own_budget(
 
 def test_max_connections_refuses_upgrade_with_503(make_server: Callable[..., Server]) -> None:
     srv = make_server(MAX_CONNECTIONS="2")
-    with (
-        Client(srv.ws_url, token=srv.token("alice"), channel="mc") as a,
-        Client(srv.ws_url, token=srv.token("bob"), channel="mc") as b,
-    ):
-        _joined(a)
-        _joined(b)
+    with member(srv, "alice", "mc") as a, member(srv, "bob", "mc") as b:
         with pytest.raises(InvalidStatus) as refused:
             Client(srv.ws_url, token=srv.token("carol"), channel="mc")
         assert refused.value.response.status_code == 503
@@ -326,9 +299,9 @@ def test_allowed_origins(make_server: Callable[..., Server]) -> None:
         assert refused.value.response.status_code == 403, bad
     for good in ("https://app.example.com", "http://localhost:3000"):
         with HClient(srv.ws_url, origin=good, token=tok, channel="orig") as c:
-            assert _joined(c)["channel"] == "orig"
+            assert joined(c)["channel"] == "orig"
     with Client(srv.ws_url, token=tok, channel="orig") as c:  # no Origin header at all
-        assert _joined(c)["channel"] == "orig"
+        assert joined(c)["channel"] == "orig"
 
 
 # -- slow readers ----------------------------------------------------------------------------------
@@ -340,13 +313,11 @@ def test_slow_reader_closed_4008_others_keep_receiving(make_server: Callable[...
     content = "y" * 16000
     with (
         RawWS(srv.port, query={"token": srv.token("sloth"), "channel": ch}, rcvbuf=4096) as slow,
-        Client(srv.ws_url, token=srv.token("fast"), channel=ch) as fast,
-        Client(srv.ws_url, token=srv.token("pub"), channel=ch) as pub,
+        member(srv, "fast", ch) as fast,
+        member(srv, "pub", ch) as pub,
     ):
         assert slow.status == 101
         assert slow.recv_json()["action"] == "connect"
-        _joined(fast)
-        _joined(pub)
         offsets: list[int] = []
         closed = False
         for n in range(1, 1201):  # at most ~19 MB
@@ -423,10 +394,10 @@ def test_max_channels_per_connection(make_server: Callable[..., Server]) -> None
         Client(srv.ws_url, token=srv.token("reader"), channel="cap.d") as reader,
     ):
         expect(c, "connection", "connect")
-        _joined(reader)
+        joined(reader)
         for name in ("cap.a", "cap.b", "cap.c"):
             c.join(name)
-            assert _joined(c)["channel"] == name
+            assert joined(c)["channel"] == name
         # one more is refused, whether the channel exists (cap.d) or not (cap.e) ...
         for name in ("cap.d", "cap.e"):
             c.join(name)
@@ -439,13 +410,13 @@ def test_max_channels_per_connection(make_server: Callable[..., Server]) -> None
         # the connection stays usable: a re-join of a member's channel is no new channel,
         # its channels still work, and after a leave there is room again
         c.join("cap.a")
-        assert _joined(c)["channel"] == "cap.a"
+        assert joined(c)["channel"] == "cap.a"
         c.publish("cap.a", "still here")
         expect(c, "message", "ack")
         c.leave("cap.a")
         expect(c, "connection", "disconnect")
         c.join("cap.d")
-        assert _joined(c)["channel"] == "cap.d"
+        assert joined(c)["channel"] == "cap.d"
         reader.publish("cap.d", "now for it too")
         expect(reader, "message", "ack")
         assert expect(c, "message", "send")["data"]["content"] == "now for it too"
@@ -464,10 +435,10 @@ def test_max_channels_per_worker(make_server: Callable[..., Server]) -> None:
         expect(second, "connection", "connect")
         for name in ("wcap.1", "wcap.2", "wcap.3"):
             first.join(name)
-            _joined(first)
+            joined(first)
         # a join of a live channel is no new one: allowed at the cap
         second.join("wcap.1")
-        _joined(second)
+        joined(second)
         # a join that would make a fourth live channel is refused, the connection stays
         second.join("wcap.4")
         _channel_limit(second, "wcap.4", "channels_per_worker", 3)
@@ -476,7 +447,7 @@ def test_max_channels_per_worker(make_server: Callable[..., Server]) -> None:
         assert expect(first, "message", "send")["data"]["content"] == "still usable"
         # the URL's channel too: the first frame, then the error, and the connection stays
         with Client(srv.ws_url, token=srv.token("third"), channel="wcap.5") as third:
-            assert _joined(third)["channel"] is None
+            assert joined(third)["channel"] is None
             _channel_limit(third, "wcap.5", "channels_per_worker", 3)
             _status_ok(third)
         # a channel left empty makes room again (dropped by the timer, or at the cap)

@@ -6,25 +6,18 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable
-from typing import Any
 
 from tests.conftest import Server
 from tests.integration.helpers import (
     drain,
     expect,
     expect_error,
+    joined,
+    member,
     no_new_server_errors,  # noqa: F401 (autouse fixture)
     send_msg,
 )
 from tests.integration.wsclient import Client
-
-
-def _joined(c: Client, channel: str | None = None) -> dict[str, Any]:
-    msg = expect(c, "connection", "connect")
-    if channel is not None:
-        assert msg["data"]["channel"] == channel, msg
-    data: dict[str, Any] = msg["data"]
-    return data
 
 
 def _iso_utc(text: str) -> dt.datetime:
@@ -36,22 +29,17 @@ def _iso_utc(text: str) -> dt.datetime:
     return when
 
 
-def _create(server: Server, **cfg: Any) -> None:
-    status, body, _ = server.http("POST", "/ws/channels", cfg, token=server.admin())
-    assert status in (200, 201), body
-
-
 # -- join, leave, first frame ------------------------------------------------------------------
 
 
 def test_first_frame_without_channel(server: Server) -> None:
     with Client(server.ws_url, token=server.token("alice"), client_id="first-1") as c:
-        data = _joined(c)
+        data = joined(c)
         assert data["client_id"] == "first-1"
         assert data["user_id"] == "alice"
         assert data["channel"] is None
     with Client(server.ws_url, token=server.token("alice")) as c:
-        data = _joined(c)
+        data = joined(c)
         assert isinstance(data["client_id"], str) and data["client_id"]  # made by the server
         assert data["user_id"] == "alice"
 
@@ -60,7 +48,7 @@ def test_first_frame_with_url_channel(server: Server) -> None:
     with Client(
         server.ws_url, token=server.token("bob"), client_id="first-2", channel="msg.first"
     ) as c:
-        data = _joined(c, "msg.first")
+        data = joined(c, "msg.first")
         assert data["client_id"] == "first-2"
         assert data["user_id"] == "bob"
         assert data["offset"] == 0
@@ -73,10 +61,10 @@ def test_join_and_leave_replies(server: Server) -> None:
         Client(server.ws_url, token=server.token("alice"), client_id="jl") as c,
         Client(server.ws_url, token=server.token("bob"), channel="msg.jl") as b,
     ):
-        _joined(c)
-        _joined(b, "msg.jl")
+        joined(c)
+        joined(b, "msg.jl")
         c.join("msg.jl")
-        data = _joined(c, "msg.jl")
+        data = joined(c, "msg.jl")
         assert data["client_id"] == "jl" and data["user_id"] == "alice"
         assert data["offset"] == 0 and isinstance(data["epoch"], str)
         b.publish("msg.jl", "one")
@@ -99,16 +87,11 @@ def test_join_and_leave_replies(server: Server) -> None:
 
         # joining again works, and the reply has the channel's current offset
         c.join("msg.jl")
-        assert _joined(c, "msg.jl")["offset"] == 2
+        assert joined(c, "msg.jl")["offset"] == 2
 
 
 def test_joining_twice_does_not_double_deliveries(server: Server) -> None:
-    with (
-        Client(server.ws_url, token=server.token("alice"), channel="msg.twice") as a,
-        Client(server.ws_url, token=server.token("bob"), channel="msg.twice") as b,
-    ):
-        _joined(a, "msg.twice")
-        _joined(b, "msg.twice")
+    with member(server, "alice", "msg.twice") as a, member(server, "bob", "msg.twice") as b:
         a.join("msg.twice")
         msg = a.recv()  # a second reply, or an error saying it is already a member
         assert msg["type"] in ("connection", "error"), msg
@@ -135,7 +118,7 @@ def test_publish_ack_and_fan_out(server: Server) -> None:
         Client(server.ws_url, token=tok("dave"), client_id="nm", channel="msg.other") as outsider,
     ):
         for c in (sender, m1, m2, outsider):
-            _joined(c)
+            joined(c)
         sender.send(
             {
                 "type": "message",
@@ -156,8 +139,8 @@ def test_publish_ack_and_fan_out(server: Server) -> None:
         assert meta["offset"] == 1
         _iso_utc(meta["timestamp"])
 
-        for member in (m1, m2):
-            got = expect(member, "message", "send")
+        for receiver in (m1, m2):
+            got = expect(receiver, "message", "send")
             data = got["data"]
             assert set(data) == {"channel", "content", "metadata"}, data  # known fields only
             assert data["channel"] == "msg.fan"
@@ -174,29 +157,25 @@ def test_publish_ack_and_fan_out(server: Server) -> None:
 
 def test_echo_gives_the_sender_its_own_copy(server: Server) -> None:
     with (
-        Client(server.ws_url, token=server.token("alice"), channel="msg.echo", echo=1) as sender,
-        Client(server.ws_url, token=server.token("bob"), channel="msg.echo") as member,
+        member(server, "alice", "msg.echo", echo=1) as sender,
+        member(server, "bob", "msg.echo") as bob,
     ):
-        _joined(sender)
-        _joined(member)
         sender.publish("msg.echo", "mirror")
         got = {(m["type"], m["action"]): m for m in (sender.recv(), sender.recv())}
         assert set(got) == {("message", "ack"), ("message", "send")}, got
         copy = got[("message", "send")]["data"]
         assert copy["content"] == "mirror" and copy["metadata"]["user_id"] == "alice"
         assert copy["metadata"]["offset"] == got[("message", "ack")]["data"]["metadata"]["offset"]
-        assert expect(member, "message", "send")["data"]["content"] == "mirror"
+        assert expect(bob, "message", "send")["data"]["content"] == "mirror"
         sender.quiet()
 
 
 def test_offsets_have_no_gaps_across_publishers(server: Server) -> None:
     with (
-        Client(server.ws_url, token=server.token("alice"), channel="msg.off") as a,
-        Client(server.ws_url, token=server.token("bob"), channel="msg.off") as b,
-        Client(server.ws_url, token=server.token("carol"), channel="msg.off") as reader,
+        member(server, "alice", "msg.off") as a,
+        member(server, "bob", "msg.off") as b,
+        member(server, "carol", "msg.off") as reader,
     ):
-        for c in (a, b, reader):
-            _joined(c)
         seen_acks = []
         others: dict[str, list[int]] = {"a": [], "b": []}
         for pub, text in ((a, "a1"), (b, "b1"), (a, "a2")):
@@ -236,75 +215,65 @@ def test_offsets_have_no_gaps_across_publishers(server: Server) -> None:
 def test_publish_without_joining_is_not_a_member(server: Server) -> None:
     with (
         Client(server.ws_url, token=server.token("alice")) as c,
-        Client(server.ws_url, token=server.token("bob"), channel="msg.nam") as member,
+        member(server, "bob", "msg.nam") as bob,
     ):
-        _joined(c)
-        _joined(member)
+        joined(c)
         c.send(send_msg("msg.nam", "hi", 42))
         err = expect_error(c, "NOT_A_MEMBER")
         assert err["details"]["channel"] == "msg.nam"
         assert err["details"]["sequence"] == 42
-        member.quiet()
+        bob.quiet()
 
 
 # -- idempotence ---------------------------------------------------------------------------------
 
 
 def test_duplicate_sequence_is_acked_again_not_delivered_twice(server: Server) -> None:
-    url, tok = server.ws_url, server.token
-    with Client(url, token=tok("bob"), channel="msg.dup") as member:
-        _joined(member)
-        with Client(url, token=tok("alice"), client_id="dup-c", channel="msg.dup") as a:
-            _joined(a)
+    with member(server, "bob", "msg.dup") as bob:
+        with member(server, "alice", "msg.dup", client_id="dup-c") as a:
             a.publish("msg.dup", "first", sequence=5)
             ack = expect(a, "message", "ack")["data"]["metadata"]
-            assert member.recv()["data"]["content"] == "first"
+            assert bob.recv()["data"]["content"] == "first"
             for action in ("retry", "send"):
                 a.publish("msg.dup", "first", sequence=5, action=action)
                 again = expect(a, "message", "ack")["data"]["metadata"]
                 assert again["sequence"] == 5
                 assert again["offset"] == ack["offset"]
-            member.quiet()
+            bob.quiet()
 
         # after a reconnect with the same client_id the window is still there
-        with Client(url, token=tok("alice"), client_id="dup-c", channel="msg.dup") as a2:
-            _joined(a2)
+        with member(server, "alice", "msg.dup", client_id="dup-c") as a2:
             a2.publish("msg.dup", "first", sequence=5, action="retry")
             again = expect(a2, "message", "ack")["data"]["metadata"]
             assert again["offset"] == ack["offset"]
-            member.quiet()
+            bob.quiet()
             a2.publish("msg.dup", "second", sequence=6)
             assert expect(a2, "message", "ack")["data"]["metadata"]["offset"] == ack["offset"] + 1
-            assert member.recv()["data"]["content"] == "second"
+            assert bob.recv()["data"]["content"] == "second"
 
         # another client_id of the same user has its own sequences
-        with Client(url, token=tok("alice"), client_id="dup-other", channel="msg.dup") as a3:
-            _joined(a3)
+        with member(server, "alice", "msg.dup", client_id="dup-other") as a3:
             a3.publish("msg.dup", "other", sequence=5)
             assert expect(a3, "message", "ack")["data"]["metadata"]["offset"] == ack["offset"] + 2
-            got = member.recv()["data"]
+            got = bob.recv()["data"]
             assert got["content"] == "other" and got["metadata"]["client_id"] == "dup-other"
 
 
 def test_second_connection_with_same_client_id_replaces_the_first(server: Server) -> None:
-    url, tok = server.ws_url, server.token
     with (
-        Client(url, token=tok("alice"), client_id="rep", channel="msg.rep") as old,
-        Client(url, token=tok("bob"), client_id="rep", channel="msg.rep") as bob_same_id,
+        member(server, "alice", "msg.rep", client_id="rep") as old,
+        member(server, "bob", "msg.rep", client_id="rep") as bob_same_id,
+        member(server, "alice", "msg.rep", client_id="rep") as new,  # replaces `old`
     ):
-        _joined(old)
-        _joined(bob_same_id)
-        with Client(url, token=tok("alice"), client_id="rep", channel="msg.rep") as new:
-            _joined(new)
-            _, close = drain(old)
-            assert close == 4009
-            new.publish("msg.rep", "from the new one")
-            expect(new, "message", "ack")
-            got = expect(bob_same_id, "message", "send")  # another user: not replaced
-            assert got["data"]["content"] == "from the new one"
-            bob_same_id.publish("msg.rep", "bob still here")
-            expect(bob_same_id, "message", "ack")
-            assert expect(new, "message", "send")["data"]["content"] == "bob still here"
+        _, close = drain(old)
+        assert close == 4009
+        new.publish("msg.rep", "from the new one")
+        expect(new, "message", "ack")
+        got = expect(bob_same_id, "message", "send")  # another user: not replaced
+        assert got["data"]["content"] == "from the new one"
+        bob_same_id.publish("msg.rep", "bob still here")
+        expect(bob_same_id, "message", "ack")
+        assert expect(new, "message", "send")["data"]["content"] == "bob still here"
 
 
 def test_anonymous_client_id_is_not_a_credential(server: Server) -> None:
@@ -312,19 +281,19 @@ def test_anonymous_client_id_is_not_a_credential(server: Server) -> None:
     connection naming a victim's client_id replaces nobody and gets its own dedupe window:
     the victim stays open and keeps receiving, and the attacker's publish with the victim's
     sequence is a new publication, not acked as the victim's duplicate."""
-    _create(server, name="anon.room", require_auth=False)
+    server.create_channel(name="anon.room", require_auth=False)
     url = server.ws_url
     with (
         Client(url, client_id="victim", channel="anon.room") as victim,
         Client(url, token=server.token("watcher"), channel="anon.room") as watcher,
     ):
-        _joined(victim)
-        _joined(watcher)
+        joined(victim)
+        joined(watcher)
         victim.publish("anon.room", "mine", sequence=1)
         first = expect(victim, "message", "ack")["data"]["metadata"]["offset"]
         assert expect(watcher, "message", "send")["data"]["content"] == "mine"
         with Client(url, client_id="victim", channel="anon.room") as attacker:
-            assert _joined(attacker)["client_id"] == "victim"
+            assert joined(attacker)["client_id"] == "victim"
             attacker.publish("anon.room", "forged", sequence=1)
             ack = expect(attacker, "message", "ack")["data"]["metadata"]
             assert ack["offset"] == first + 1  # published, not the victim's duplicate
@@ -360,9 +329,9 @@ def test_recovery_with_since_and_epoch(server: Server) -> None:
     url, tok = server.ws_url, server.token
     ch = "msg.rec"
     with Client(url, token=tok("alice"), client_id="pub", channel=ch) as pub:
-        _joined(pub)
+        joined(pub)
         with Client(url, token=tok("bob"), client_id="reader", channel=ch) as r:
-            epoch = _joined(r)["epoch"]
+            epoch = joined(r)["epoch"]
             assert _publish_n(pub, ch, ["m1", "m2", "m3"]) == [1, 2, 3]
             assert [r.recv()["data"]["metadata"]["offset"] for _ in range(3)] == [1, 2, 3]
         assert _publish_n(pub, ch, ["m4", "m5", "m6"]) == [4, 5, 6]
@@ -371,7 +340,7 @@ def test_recovery_with_since_and_epoch(server: Server) -> None:
         with Client(
             url, token=tok("bob"), client_id="reader", channel=ch, since=3, epoch=epoch
         ) as r:
-            data = _joined(r, ch)
+            data = joined(r, ch)
             assert data["recovered"] is True
             assert data["offset"] == 6 and data["epoch"] == epoch
             got = [r.recv()["data"] for _ in range(3)]
@@ -385,9 +354,9 @@ def test_recovery_with_since_and_epoch(server: Server) -> None:
 
         # join message
         with Client(url, token=tok("bob"), client_id="reader2") as r:
-            _joined(r)
+            joined(r)
             r.join(ch, since=5, epoch=epoch)
-            data = _joined(r, ch)
+            data = joined(r, ch)
             assert data["recovered"] is True and data["offset"] == 7
             assert [r.recv()["data"]["content"] for _ in range(2)] == ["m6", "live"]
             r.quiet()
@@ -396,7 +365,7 @@ def test_recovery_with_since_and_epoch(server: Server) -> None:
         with Client(
             url, token=tok("bob"), client_id="reader3", channel=ch, since=7, epoch=epoch
         ) as r:
-            data = _joined(r, ch)
+            data = joined(r, ch)
             assert data["recovered"] is True and data["offset"] == 7
             r.quiet()
 
@@ -404,35 +373,35 @@ def test_recovery_with_since_and_epoch(server: Server) -> None:
         with Client(
             url, token=tok("bob"), client_id="reader4", channel=ch, since=3, epoch="not-the-epoch"
         ) as r:
-            data = _joined(r, ch)
+            data = joined(r, ch)
             assert data["recovered"] is False
             assert data["offset"] == 7 and data["epoch"] == epoch
             r.quiet()
         with Client(url, token=tok("bob"), client_id="reader5") as r:
-            _joined(r)
+            joined(r)
             r.join(ch, since=1, epoch="bogus")
-            data = _joined(r, ch)
+            data = joined(r, ch)
             assert data["recovered"] is False and data["offset"] == 7 and data["epoch"] == epoch
             r.quiet()
 
 
 def test_recovery_beyond_history_size_is_not_recovered(server: Server) -> None:
     ch = "msg.shorthist"
-    _create(server, name=ch, history_size=2)
+    server.create_channel(name=ch, history_size=2)
     with Client(server.ws_url, token=server.token("alice"), channel=ch) as pub:
-        epoch = _joined(pub)["epoch"]
+        epoch = joined(pub)["epoch"]
         assert _publish_n(pub, ch, [f"h{i}" for i in range(1, 6)]) == [1, 2, 3, 4, 5]
         with Client(
             server.ws_url, token=server.token("bob"), channel=ch, since=1, epoch=epoch
         ) as r:
-            data = _joined(r, ch)
+            data = joined(r, ch)
             assert data["recovered"] is False  # 2..3 are gone
             assert data["offset"] == 5 and data["epoch"] == epoch
             r.quiet()
         with Client(
             server.ws_url, token=server.token("bob"), channel=ch, since=3, epoch=epoch
         ) as r:
-            data = _joined(r, ch)
+            data = joined(r, ch)
             assert data["recovered"] is True
             assert [r.recv()["data"]["content"] for _ in range(2)] == ["h4", "h5"]
 
@@ -441,17 +410,17 @@ def test_recovery_after_restart_is_not_recovered(make_server: Callable[..., Serv
     srv = make_server()
     ch = "msg.restart"
     with Client(srv.ws_url, token=srv.token("alice"), channel=ch) as pub:
-        epoch = _joined(pub)["epoch"]
+        epoch = joined(pub)["epoch"]
         _publish_n(pub, ch, ["x1", "x2"])
         srv.restart()
     with Client(srv.ws_url, token=srv.token("bob"), channel=ch, since=1, epoch=epoch) as r:
-        data = _joined(r, ch)
+        data = joined(r, ch)
         assert data["recovered"] is False
         assert isinstance(data["epoch"], str) and data["epoch"] != epoch
         r.quiet()  # nothing replayed
         # the new history starts over under the new epoch
         with Client(srv.ws_url, token=srv.token("alice"), channel=ch) as pub:
-            _joined(pub)
+            joined(pub)
             pub.publish(ch, "fresh")
             offset = expect(pub, "message", "ack")["data"]["metadata"]["offset"]
             got = r.recv()["data"]
@@ -462,18 +431,18 @@ def test_recovery_after_restart_is_not_recovered(make_server: Callable[..., Serv
 
 
 def test_presence_notices(server: Server) -> None:
-    _create(server, name="msg.pres", presence=True)
+    server.create_channel(name="msg.pres", presence=True)
     url, tok = server.ws_url, server.token
     with (
         Client(url, token=tok("alice"), client_id="pa", channel="msg.pres") as a,
         Client(url, token=tok("carol"), client_id="pc", channel="msg.nopres") as c1,
     ):
-        _joined(a)
-        _joined(c1)
+        joined(a)
+        joined(c1)
         with Client(url, token=tok("bob"), client_id="pb") as b:
-            _joined(b)
+            joined(b)
             b.join("msg.pres")
-            _joined(b, "msg.pres")
+            joined(b, "msg.pres")
             note = expect(a, "connection", "connect")
             assert note["data"]["client_id"] == "pb"
             assert note["data"]["user_id"] == "bob"
@@ -485,7 +454,7 @@ def test_presence_notices(server: Server) -> None:
             assert note["data"]["user_id"] == "bob"
             assert note["data"]["channel"] == "msg.pres"
             b.join("msg.pres")
-            _joined(b, "msg.pres")
+            joined(b, "msg.pres")
             assert expect(a, "connection", "connect")["data"]["client_id"] == "pb"
             b.quiet()  # no presence notice about itself
         # closing the socket is a leave too
@@ -494,7 +463,7 @@ def test_presence_notices(server: Server) -> None:
 
         # a channel without presence says nothing about joins and leaves
         with Client(url, token=tok("dave"), client_id="pd", channel="msg.nopres") as d:
-            _joined(d)
+            joined(d)
             d.leave("msg.nopres")
             expect(d, "connection", "disconnect")
         c1.quiet()
@@ -506,7 +475,7 @@ def test_presence_notices(server: Server) -> None:
 
 def test_system_status_reply(server: Server) -> None:
     with Client(server.ws_url, token=server.token("alice")) as c:
-        _joined(c)
+        joined(c)
         c.send({"type": "system", "action": "status", "data": {}})
         msg = expect(c, "system", "status")
         assert msg["data"]["severity"] == "info"
@@ -519,13 +488,13 @@ def test_system_broadcast_from_admin(server: Server) -> None:
     url, tok = server.ws_url, server.token
     with (
         Client(url, token=server.admin(), client_id="adm") as admin,
-        Client(url, token=tok("alice"), channel="msg.bc") as member,
+        Client(url, token=tok("alice"), channel="msg.bc") as alice,
         Client(url, token=tok("bob"), channel="msg.bc-other") as other,
         Client(url, token=tok("carol")) as lonely,
         Client(url) as anon,
     ):
-        for c in (admin, member, other, lonely, anon):
-            _joined(c)
+        for c in (admin, alice, other, lonely, anon):
+            joined(c)
 
         admin.send(
             {
@@ -534,7 +503,7 @@ def test_system_broadcast_from_admin(server: Server) -> None:
                 "data": {"message": "maintenance at 5", "severity": "warning"},
             }
         )
-        for c in (admin, member, other, lonely, anon):
+        for c in (admin, alice, other, lonely, anon):
             msg = expect(c, "system", "broadcast")
             assert msg["data"]["message"] == "maintenance at 5"
             assert msg["data"]["severity"] == "warning"
@@ -546,25 +515,25 @@ def test_system_broadcast_from_admin(server: Server) -> None:
                 "data": {"message": "only msg.bc", "severity": "info", "channel": "msg.bc"},
             }
         )
-        msg = expect(member, "system", "broadcast")
+        msg = expect(alice, "system", "broadcast")
         assert msg["data"]["message"] == "only msg.bc" and msg["data"]["severity"] == "info"
         for c in (other, lonely, admin, anon):
             c.quiet()
 
-        member.send(
+        alice.send(
             {
                 "type": "system",
                 "action": "broadcast",
                 "data": {"message": "i am not admin", "severity": "error"},
             }
         )
-        expect_error(member, "FORBIDDEN")
+        expect_error(alice, "FORBIDDEN")
         for c in (other, lonely, admin):
             c.quiet()
 
 
 def test_admin_delete_channel_removes_members(server: Server) -> None:
-    _create(server, name="msg.del")
+    server.create_channel(name="msg.del")
     url, tok = server.ws_url, server.token
     with (
         Client(url, token=tok("alice"), client_id="d1", channel="msg.del") as a,
@@ -572,7 +541,7 @@ def test_admin_delete_channel_removes_members(server: Server) -> None:
         Client(url, token=tok("carol"), channel="msg.keep") as outsider,
     ):
         for c in (a, b, outsider):
-            _joined(c)
+            joined(c)
         status, body, _ = server.http("DELETE", "/ws/channels/msg.del", token=server.admin())
         assert status == 200, body
         for c, cid in ((a, "d1"), (b, "d2")):
@@ -594,16 +563,16 @@ def test_admin_delete_channel_removes_members(server: Server) -> None:
 
 
 def test_channel_full(server: Server) -> None:
-    _create(server, name="msg.full", max_connections=2)
+    server.create_channel(name="msg.full", max_connections=2)
     url, tok = server.ws_url, server.token
     with (
         Client(url, token=tok("alice"), channel="msg.full") as a,
         Client(url, token=tok("bob"), channel="msg.full") as b,
         Client(url, token=tok("carol")) as c,
     ):
-        _joined(a)
-        _joined(b)
-        _joined(c)
+        joined(a)
+        joined(b)
+        joined(c)
         c.join("msg.full")
         err = expect_error(c, "CHANNEL_FULL")
         assert err["details"]["channel"] == "msg.full"
@@ -615,7 +584,7 @@ def test_channel_full(server: Server) -> None:
         a.leave("msg.full")
         expect(a, "connection", "disconnect")
         c.join("msg.full")
-        _joined(c, "msg.full")
+        joined(c, "msg.full")
         a.join("msg.full")
         expect_error(a, "CHANNEL_FULL")
         # so does a member whose connection closes
@@ -635,18 +604,15 @@ def test_channel_full(server: Server) -> None:
 def test_channel_not_found_without_auto_create(make_server: Callable[..., Server]) -> None:
     srv = make_server(CHANNEL_AUTO_CREATE="false")
     with Client(srv.ws_url, token=srv.token("alice")) as c:
-        _joined(c)
+        joined(c)
         c.join("nowhere")
         err = expect_error(c, "CHANNEL_NOT_FOUND")
         assert err["details"]["channel"] == "nowhere"
         c.publish("nowhere", "x")
         expect_error(c, "NOT_A_MEMBER")
-        status, body, _ = srv.http(
-            "POST", "/ws/channels", {"name": "configured"}, token=srv.admin()
-        )
-        assert status == 201, body
+        assert srv.create_channel(name="configured") == 201
         c.join("configured")
-        _joined(c, "configured")
+        joined(c, "configured")
     with Client(srv.ws_url, token=srv.token("bob"), channel="nowhere2") as c:
         # the URL's channel does not exist: an error (after, or instead of, a first frame
         # that joined nothing), and no membership

@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-OP_CONT, OP_TEXT = 0x0, 0x1
+from tests.integration.helpers import Op
 
 
 @dataclass
@@ -54,9 +54,9 @@ class _Frames:
             if frame is None:
                 return
             fin, opcode, payload = frame
-            if opcode == OP_TEXT:
+            if opcode == Op.TEXT:
                 self.parts = [payload]
-            elif opcode == OP_CONT and self.parts is not None:
+            elif opcode == Op.CONT and self.parts is not None:
                 self.parts.append(payload)
             else:
                 continue  # binary, ping, pong, close

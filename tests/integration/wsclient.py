@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Self
 
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -11,7 +11,20 @@ from websockets.sync.client import ClientConnection, connect
 TIMEOUT = 5.0
 
 
-class Client:
+class Closing:
+    """Closed at the end of a `with` block."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Client(Closing):
     def __init__(self, url: str, **params: Any) -> None:
         query = "&".join(f"{k}={v}" for k, v in params.items() if v is not None)
         self.url = f"{url}?{query}" if query else url
@@ -90,10 +103,4 @@ class Client:
             return closed.rcvd.code if closed.rcvd is not None else None
 
     def close(self) -> None:
-        self.ws.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
         self.ws.close()

@@ -1,17 +1,20 @@
 """What several unit test modules and bench/micro share: an RSA key pair, a Hub on a loop
-without sockets, an asyncio transport that sends nothing (optionally keeping what is
-written), and a reader of the server frames written to it."""
+without sockets, channel configs and an open channel store, an asyncio transport that sends
+nothing (optionally keeping what is written), and a reader of the server frames written to it."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from aether_fast._core import Hub
+from aether_fast.store import ChannelConfig, ChannelStore
 
 
 def rsa_pems() -> tuple[str, str]:
@@ -111,3 +114,25 @@ def server_frames(data: bytes | bytearray) -> list[tuple[int, bytes]]:
         i += n
     assert i == len(data), "a frame was cut short"
     return frames
+
+
+def cfg(name: str = "chat", **changes: Any) -> ChannelConfig:
+    """A channel's settings, none of them 0 or a default, with `changes`."""
+    base = ChannelConfig(
+        name=name,
+        max_connections=10,
+        message_rate_limit=5.0,
+        require_auth=True,
+        history_size=50,
+        presence=False,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def open_store(data_dir: Path | str, *configs: ChannelConfig) -> ChannelStore:
+    """A ChannelStore on `data_dir`, opened, holding `configs`."""
+    store = ChannelStore(str(data_dir))
+    store.open()
+    for config in configs:
+        store.put(config)
+    return store

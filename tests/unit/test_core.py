@@ -8,10 +8,12 @@ import json
 import random
 import re
 import struct
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from aether_fast._core import (
+    Channel,
     Hub,
     RateBucket,
     Session,
@@ -126,7 +128,7 @@ def sender(hub: Hub, user: str, client_id: str) -> Session:
 
 
 @pytest.fixture
-def broker() -> tuple[MemoryBroker, Hub, object]:
+def broker() -> Iterator[tuple[MemoryBroker, Hub, Channel]]:
     loop = asyncio.new_event_loop()
     hub = make_hub(loop, conn_window=1, busy_poll_s=0.0)
     config = load_config({"JWT_SECRET": "x" * 40, "HISTORY_SIZE": "5"})
@@ -135,7 +137,7 @@ def broker() -> tuple[MemoryBroker, Hub, object]:
     loop.close()
 
 
-def test_offsets_are_gapless_and_counted(broker: tuple[MemoryBroker, Hub, object]) -> None:
+def test_offsets_are_gapless_and_counted(broker: tuple[MemoryBroker, Hub, Channel]) -> None:
     b, hub, ch = broker
     alice = sender(hub, "alice", "a1")
     offsets = [b.publish(ch, alice, seq, f"m{seq}")[0] for seq in range(1, 6)]
@@ -145,7 +147,7 @@ def test_offsets_are_gapless_and_counted(broker: tuple[MemoryBroker, Hub, object
 
 
 def test_duplicate_sequence_returns_the_original_offset(
-    broker: tuple[MemoryBroker, Hub, object],
+    broker: tuple[MemoryBroker, Hub, Channel],
 ) -> None:
     b, hub, ch = broker
     alice = sender(hub, "alice", "a1")
@@ -156,7 +158,7 @@ def test_duplicate_sequence_returns_the_original_offset(
     assert hub.messages_published == 2
 
 
-def test_dedupe_window_is_bounded(broker: tuple[MemoryBroker, Hub, object]) -> None:
+def test_dedupe_window_is_bounded(broker: tuple[MemoryBroker, Hub, Channel]) -> None:
     b, hub, ch = broker
     alice = sender(hub, "alice", "a1")
     for seq in range(DEDUP_WINDOW + 1):
@@ -165,7 +167,7 @@ def test_dedupe_window_is_bounded(broker: tuple[MemoryBroker, Hub, object]) -> N
     assert b.publish(ch, alice, 0, "x")[2] is False  # fell out of the window
 
 
-def test_dedupe_window_grows_with_use(broker: tuple[MemoryBroker, Hub, object]) -> None:
+def test_dedupe_window_grows_with_use(broker: tuple[MemoryBroker, Hub, Channel]) -> None:
     b, hub, ch = broker
     alice = sender(hub, "alice", "a1")
     start = 1_764_000_000_000_000  # clients start their sequences at the clock in µs
@@ -184,7 +186,7 @@ def test_dedupe_window_grows_with_use(broker: tuple[MemoryBroker, Hub, object]) 
 
 @pytest.mark.parametrize("pattern", ["counter", "stride", "random", "clock"])
 def test_dedupe_window_matches_a_reference_of_the_last_1024(
-    broker: tuple[MemoryBroker, Hub, object], pattern: str
+    broker: tuple[MemoryBroker, Hub, Channel], pattern: str
 ) -> None:
     """Whatever the sequences look like, a retry is recognised exactly while it is among
     the last 1024 sequences accepted (docs/protocol.md §6: the last 1024)."""
@@ -193,12 +195,13 @@ def test_dedupe_window_matches_a_reference_of_the_last_1024(
     b, hub, ch = broker
     alice = sender(hub, "alice", "a1")
     rng = random.Random(pattern)
-    make = {
+    makers: dict[str, Callable[[int], int]] = {
         "counter": lambda i: i,
         "stride": lambda i: i << 20,  # all equal modulo any table size
         "random": lambda i: rng.getrandbits(64),
         "clock": lambda i: 1_764_000_000_000_000 + i * 1000 + rng.randrange(1000),
-    }[pattern]
+    }
+    make = makers[pattern]
     reference: OrderedDict[int, tuple[int, str]] = OrderedDict()
     sent: list[int] = []
     for i in range(6000):
@@ -218,7 +221,7 @@ def test_dedupe_window_matches_a_reference_of_the_last_1024(
 
 
 def test_duplicate_keeps_its_timestamp_and_offset_across_growth(
-    broker: tuple[MemoryBroker, Hub, object],
+    broker: tuple[MemoryBroker, Hub, Channel],
 ) -> None:
     b, hub, ch = broker
     alice = sender(hub, "alice", "a1")
@@ -229,7 +232,7 @@ def test_duplicate_keeps_its_timestamp_and_offset_across_growth(
     assert again == [(o, ts, True) for o, ts, _ in first]
 
 
-def test_recovery_replays_missed_in_order(broker: tuple[MemoryBroker, Hub, object]) -> None:
+def test_recovery_replays_missed_in_order(broker: tuple[MemoryBroker, Hub, Channel]) -> None:
     b, hub, ch = broker
     alice = sender(hub, "alice", "a1")
     for seq in range(1, 5):
@@ -243,7 +246,7 @@ def test_recovery_replays_missed_in_order(broker: tuple[MemoryBroker, Hub, objec
 
 
 def test_recovery_fails_on_other_epoch_or_trimmed_history(
-    broker: tuple[MemoryBroker, Hub, object],
+    broker: tuple[MemoryBroker, Hub, Channel],
 ) -> None:
     b, hub, ch = broker
     alice = sender(hub, "alice", "a1")
@@ -256,7 +259,7 @@ def test_recovery_fails_on_other_epoch_or_trimmed_history(
     assert (other.recovered, other.frames, other.offset, other.epoch) == (False, [], 8, epoch)
 
 
-def test_forget_starts_a_new_epoch(broker: tuple[MemoryBroker, Hub, object]) -> None:
+def test_forget_starts_a_new_epoch(broker: tuple[MemoryBroker, Hub, Channel]) -> None:
     b, hub, ch = broker
     b.publish(ch, sender(hub, "alice", "a1"), 1, "x")
     _, epoch = b.position("chat")
@@ -266,7 +269,7 @@ def test_forget_starts_a_new_epoch(broker: tuple[MemoryBroker, Hub, object]) -> 
 
 
 def test_sweep_forgets_what_joins_of_unused_channels_left(
-    broker: tuple[MemoryBroker, Hub, object],
+    broker: tuple[MemoryBroker, Hub, Channel],
 ) -> None:
     """Channel hoarding with the embedded broker: a join makes a live channel and a log (its
     position); once nobody is in them and they hold no history, the timer's sweep and

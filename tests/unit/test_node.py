@@ -46,7 +46,7 @@ class Client:
     def send(self, mtype: str, action: str, data: dict[str, Any]) -> None:
         payload = orjson.dumps({"type": mtype, "action": action, "data": data})
         frame = _make_test_ws_frame(WSMsgType.TEXT, payload, True, False)
-        self.session.on_ws_frame(self.transport, frame)  # type: ignore[attr-defined]
+        self.session.on_ws_frame(self.transport, frame)
 
     def received(self) -> list[dict[str, Any]]:
         """The frames written to this client since the last call: JSON messages, and a
@@ -67,7 +67,7 @@ class Client:
 
     def gone(self) -> None:
         """The TCP connection ends (picows' `on_ws_disconnected`)."""
-        self.session.on_ws_disconnected(self.transport)  # type: ignore[attr-defined]
+        self.session.on_ws_disconnected(self.transport)
 
 
 class World:
@@ -119,7 +119,7 @@ class World:
         if channel is not None:
             session.initial = {"channel": channel, "since": None, "epoch": None}
         client = Client(self, session)
-        session.on_ws_connected(client.transport)  # type: ignore[attr-defined]
+        session.on_ws_connected(client.transport)
         return client
 
     def configure(self, name: str, **fields: Any) -> ChannelConfig:

@@ -20,26 +20,14 @@ from aether_fast.store import (
     default_channel_config,
     parse_channel_config,
 )
+from tests.unit.support import cfg, open_store
 
 CONFIG = load_config({"JWT_SECRET": "k" * 32})
 
 
-def cfg(name: str = "chat", **kw: object) -> ChannelConfig:
-    values: dict[str, object] = {
-        "max_connections": 10,
-        "message_rate_limit": 5.0,
-        "require_auth": True,
-        "history_size": 50,
-        "presence": False,
-    }
-    values.update(kw)
-    return ChannelConfig(name=name, **values)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[ChannelStore]:
-    s = ChannelStore(str(tmp_path / "data"))
-    s.open()
+    s = open_store(tmp_path / "data")
     yield s
     s.close()
 
@@ -193,11 +181,9 @@ def test_put_get_list_delete(store: ChannelStore) -> None:
 
 def test_persists_across_reopen(tmp_path: Path) -> None:
     data = str(tmp_path / "data")
-    s = ChannelStore(data)
-    s.open()
-    s.put(cfg("chat", message_rate_limit=0.25))
-    s.put(cfg("news", require_auth=False, presence=True))
-    s.close()
+    open_store(
+        data, cfg("chat", message_rate_limit=0.25), cfg("news", require_auth=False, presence=True)
+    ).close()
     again = ChannelStore(data)
     again.open()
     assert again.list() == [
@@ -215,11 +201,7 @@ def test_reopened_store_answers_from_memory_when_small(
     of an unconfigured channel costs no query. Past the limit every answer still holds."""
     monkeypatch.setattr("aether_fast.store.KNOWN_CONFIGS", known_limit)
     data = str(tmp_path / "data")
-    s = ChannelStore(data)
-    s.open()
-    s.put(cfg("chat"))
-    s.put(cfg("news"))
-    s.close()
+    open_store(data, cfg("chat"), cfg("news")).close()
     again = ChannelStore(data)
     again.open()
     queries: list[str] = []
@@ -263,11 +245,7 @@ def test_garbage_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_damaged_database_is_refused(tmp_path: Path) -> None:
-    s = ChannelStore(str(tmp_path))
-    s.open()
-    for i in range(400):
-        s.put(cfg(f"channel.{i:04d}"))
-    s.close()
+    open_store(tmp_path, *(cfg(f"channel.{i:04d}") for i in range(400))).close()
     path = tmp_path / DB_FILE
     data = bytearray(path.read_bytes())
     assert len(data) > 4096 * 3
@@ -313,10 +291,7 @@ def test_foreign_table_is_refused(tmp_path: Path) -> None:
 
 
 def test_backup_and_restore(tmp_path: Path) -> None:
-    s = ChannelStore(str(tmp_path / "data"))
-    s.open()
-    s.put(cfg("chat"))
-    s.put(cfg("news", history_size=0))
+    s = open_store(tmp_path / "data", cfg("chat"), cfg("news", history_size=0))
     backup = tmp_path / "backup.sqlite3"
     s.backup(str(backup))
     assert backup.is_file()
@@ -332,8 +307,7 @@ def test_backup_and_restore(tmp_path: Path) -> None:
     s.close()
     with connect(s.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    reopened = ChannelStore(str(tmp_path / "data"))
-    reopened.open()
+    reopened = open_store(tmp_path / "data")
     assert [c.name for c in reopened.list()] == ["after", "chat", "news"]
     reopened.close()
 

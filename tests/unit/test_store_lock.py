@@ -13,7 +13,6 @@ import pytest
 from aether_fast.store import (
     DB_FILE,
     LOCK_FILE,
-    ChannelConfig,
     ChannelStore,
     DataDirLock,
     StoreError,
@@ -21,19 +20,7 @@ from aether_fast.store import (
     read_backup,
 )
 from tests.conftest import ROOT
-
-
-def cfg(name: str, **kw: object) -> ChannelConfig:
-    base: dict[str, object] = {
-        "name": name,
-        "max_connections": 5,
-        "message_rate_limit": 2.5,
-        "require_auth": True,
-        "history_size": 10,
-        "presence": False,
-    }
-    base.update(kw)
-    return ChannelConfig(**base)  # type: ignore[arg-type]
+from tests.unit.support import cfg, open_store
 
 
 def test_open_store_blocks_an_exclusive_lock_until_closed(tmp_path: Path) -> None:
@@ -128,16 +115,11 @@ def test_lock_file_that_cannot_be_created(tmp_path: Path) -> None:
 
 
 def test_read_backup_returns_the_configs(tmp_path: Path) -> None:
-    store = ChannelStore(str(tmp_path / "data"))
-    store.open()
-    store.put(cfg("news", presence=True))
-    store.put(cfg("chat", max_connections=0))
+    news, chat = cfg("news", presence=True), cfg("chat", max_connections=0)
+    store = open_store(tmp_path / "data", news, chat)
     store.backup(str(tmp_path / "b.sqlite3"))
     store.close()
-    assert read_backup(str(tmp_path / "b.sqlite3")) == [
-        cfg("chat", max_connections=0),
-        cfg("news", presence=True),
-    ]
+    assert read_backup(str(tmp_path / "b.sqlite3")) == [chat, news]
 
 
 def test_read_backup_refuses_what_restore_refuses(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,7 @@ TOOLS = {
 PYTHON = getattr(sys, "_base_executable", sys.executable)
 
 
-def _bin(tmp_path: Path, without: set[str] = frozenset(), apt: bool = False) -> Path:
+def _bin(tmp_path: Path, without: AbstractSet[str] = frozenset(), apt: bool = False) -> Path:
     """A PATH directory: bash, env and true for real, placeholders for TOOLS minus `without`,
     a chromium placeholder, and with `apt` an apt-get that logs its arguments and "installs" a
     placeholder for each missing tool, plus a sudo that runs its command."""
