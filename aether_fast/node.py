@@ -343,9 +343,13 @@ class Node:
         if isinstance(recovery, Recovery):
             self._joined(s, name, since, recovery)
         else:
-            # an asynchronous broker: live frames are held until the replay is sent
+            # an asynchronous broker: live frames are held until the replay is sent, and at
+            # open what the client sends too: the join reply is its first frame
+            # (docs/protocol.md §2)
             s.hold(name)
-            self._spawn(self._join_later(s, name, since, recovery))
+            if opening:
+                s.hold_messages()
+            self._spawn(self._join_later(s, name, since, recovery, opening))
         return None
 
     def _over_channel_limit(
@@ -377,7 +381,26 @@ class Node:
         return self.hub.channel_count >= self.config.max_channels
 
     async def _join_later(
-        self, s: Session, name: str, since: int | None, pending: Awaitable[Recovery]
+        self,
+        s: Session,
+        name: str,
+        since: int | None,
+        pending: Awaitable[Recovery],
+        opening: bool = False,
+    ) -> None:
+        try:
+            await self._answer_join(s, name, since, pending, opening)
+        finally:
+            if opening:  # the join's reply, or its error, is out: now what came meanwhile
+                self._release_messages(s)
+
+    async def _answer_join(
+        self,
+        s: Session,
+        name: str,
+        since: int | None,
+        pending: Awaitable[Recovery],
+        opening: bool,
     ) -> None:
         try:
             recovery = await pending
@@ -387,6 +410,8 @@ class Node:
             # the exception's text names the broker's host: the broker logged it (once per
             # change, as broker_degraded); the client gets the reason code
             logs.log("debug", "join_failed", "broker", channel=name, error=repr(exc))
+            if opening:
+                self._greet(s)  # the connection stays open: it still gets its first frame
             s.send_error(
                 ErrorCode.INTERNAL_ERROR,
                 "cannot join channel: broker unavailable",
@@ -399,6 +424,15 @@ class Node:
             self._joined(s, name, since, recovery)  # the replay ends the holding
         else:
             s.drop_held(name)
+
+    def _release_messages(self, s: Session) -> None:
+        """The initial join is answered: what the client sent meanwhile is handled now, in
+        order. A bug there closes the connection (1011), as it would on arrival."""
+        try:
+            s.release_messages()
+        except Exception as exc:
+            logs.log("error", "held_messages_failed", "node", error=repr(exc))
+            s.close(CloseCode.INTERNAL, "internal error")
 
     def _joined(self, s: Session, name: str, since: int | None, recovery: Recovery) -> None:
         """The reply to a join, then the replay of missed publications (written as the

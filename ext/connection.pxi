@@ -237,9 +237,10 @@ cdef class Connection(WSListener):
         has sent everything it held, and on the tick. Queue what waited for room."""
         pass
 
-    cdef bint ping_allowed(self):
-        """Whether a ping is answered (a subclass may charge it to a budget)."""
-        return True
+    cdef void on_ping(self, WSFrame frame) except *:
+        """A ping came in: answered here, not by picows, so the pong keeps its place behind
+        queued frames (a subclass may charge it to a budget first, or hold the answer)."""
+        self.enqueue_frame(frame_bytes(0xA, frame.payload_ptr, frame.payload_size))
 
     cdef void free_frame(self) except *:
         """A pong or a continuation frame came in: frames that carry no message of their
@@ -282,7 +283,6 @@ cdef class Connection(WSListener):
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType t = frame.msg_type
-        cdef bytes pong
         self.frames_seen += 1
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
             if not self.closing:
@@ -299,11 +299,7 @@ cdef class Connection(WSListener):
         if self.closing:
             return
         if t == WSMsgType.PING:
-            if not self.ping_allowed():
-                return
-            # answered here, not by picows, so the pong keeps its place behind queued frames
-            pong = frame_bytes(0xA, frame.payload_ptr, frame.payload_size)
-            self.enqueue_frame(pong)
+            self.on_ping(frame)
             return
         if t == WSMsgType.CONTINUATION:
             if self.frag_opcode == 0:

@@ -16,6 +16,14 @@
 # frames get a token.
 # Pongs and continuation frames carry no message of their own: every FREE_FRAMES_PER_TOKEN-th
 # of them takes a token (refused: a refusal, no error), so that no frame is free for ever.
+#
+# The first frame is the welcome (docs/protocol.md §2): while the join of the upgrade's
+# `channel` waits for an asynchronous broker (`hold_messages`, by the Node), what the client
+# sends is held in `inbound` — messages, over-size messages and pings, each having taken its
+# budget token as it came — and handled in order once the join is answered
+# (`release_messages`). At most HELD_MESSAGES of them and HELD_MESSAGE_SIZES x
+# MAX_MESSAGE_BYTES of their bytes: one more closes the connection with 1008. Otherwise
+# `inbound` is None: one test of it on the message path, nothing held.
 
 #: The least strikes a session has (the `strikes` bucket holds the budget's capacity when
 #: that is more: a client may have sent one budget's worth of frames before it heard the
@@ -31,6 +39,15 @@ cdef int FREE_FRAMES_PER_TOKEN = 64
 #: The replay bytes a connection may have waiting to be written, in SEND_BUFFER_LIMIT_BYTES:
 #: a join whose replay would pass it is answered `recovered: false` (`Session.replay_fits`).
 cdef Py_ssize_t REPLAY_LIMITS = 16
+
+#: Messages (and pings) a connection may send while its initial join waits for the broker,
+#: and their bytes, in MAX_MESSAGE_BYTES: one more closes it (1008, `hold_limit_close`).
+#: A well-behaved client waits for the welcome, or sends less than its budget (50 by default).
+cdef Py_ssize_t HELD_MESSAGES = 64
+cdef Py_ssize_t HELD_MESSAGE_SIZES = 4
+#: What a held entry is when it is not a message (whose kind is its opcode).
+cdef int HELD_PING = -1
+cdef int HELD_TOO_LARGE = -2
 
 #: The reason a bad channel name gets (aether_fast.protocol's words for the rule).
 cdef str CHANNEL_NAME_ERROR = name_error("channel")
@@ -104,6 +121,9 @@ cdef class Session(Connection):
     cdef Py_ssize_t held_bytes
     cdef list replays         # Replay entries still being written, oldest first, or None
     cdef bint pumping
+    # (kind, payload, budget wait) of what came while the initial join waits, or None
+    cdef list inbound
+    cdef Py_ssize_t inbound_bytes
 
     def __init__(self, Hub hub, str client_id, object claims, str peer):
         Connection.__init__(self, hub, peer, hub.max_message_bytes)
@@ -120,6 +140,8 @@ cdef class Session(Connection):
         self.held_bytes = 0
         self.replays = None
         self.pumping = False
+        self.inbound = None
+        self.inbound_bytes = 0
         self.budget = None
         self.refusals = 0
         self.strikes.capacity = 0.0
@@ -132,16 +154,26 @@ cdef class Session(Connection):
         self.replays = None
         self.holding = None
         self.held_bytes = 0
+        self.inbound = None
+        self.inbound_bytes = 0
         self.hub.node.on_close(self)
 
     cdef void slow_reader_event(self, str reason) except *:
         self.hub.node.security_event(self, "slow_reader", reason)
 
     cdef void too_large(self, Py_ssize_t size):
-        """A message over MAX_MESSAGE_BYTES: MESSAGE_TOO_LARGE whether or not the budget had
-        a token for it (a client matches it by `limit`); a refusal all the same when not."""
         self.hub.messages_in += 1
-        cdef bint refused = self.take() > 0.0
+        cdef double wait = self.take()
+        if self.inbound is not None:
+            self.hold_message(HELD_TOO_LARGE, None, wait)
+            return
+        self.answer_too_large(wait)
+
+    cdef void answer_too_large(self, double wait) except *:
+        """A message over MAX_MESSAGE_BYTES: MESSAGE_TOO_LARGE whether or not the budget had
+        a token for it (`wait` > 0: none; a client matches it by `limit`); a refusal all the
+        same when not."""
+        cdef bint refused = wait > 0.0
         if refused:
             self.hub.rate_limited += 1
         self.send_error(ErrorCode.MESSAGE_TOO_LARGE,
@@ -159,8 +191,15 @@ cdef class Session(Connection):
             return 0.0
         return self.budget.take(aether_monotonic())
 
-    cdef bint ping_allowed(self):
-        return self.charge()
+    cdef void on_ping(self, WSFrame frame) except *:
+        cdef double wait = self.take()
+        if self.inbound is not None:
+            self.hold_message(HELD_PING, frame_bytes(0xA, frame.payload_ptr, frame.payload_size),
+                              wait)
+        elif wait == 0.0:
+            self.enqueue_frame(frame_bytes(0xA, frame.payload_ptr, frame.payload_size))
+        else:
+            self.refuse_frame()  # a refused ping: no pong
 
     cdef void free_frame(self) except *:
         self.free_frames += 1
@@ -171,12 +210,15 @@ cdef class Session(Connection):
     cdef bint charge(self) except *:
         """A token for a frame that gets no error when refused (a ping: no pong either):
         False when refused, which counts towards the close of a flood."""
-        cdef double wait = self.take()
-        if wait == 0.0:
+        if self.take() == 0.0:
             return True
+        self.refuse_frame()
+        return False
+
+    cdef void refuse_frame(self) except *:
+        """A frame the budget refused that gets no error: a strike."""
         self.hub.rate_limited += 1
         self.strike()
-        return False
 
     cdef void refuse(self, double wait, object channel, object seq):
         """A message the budget refused: one RATE_LIMITED error, or the close of a flood."""
@@ -240,6 +282,13 @@ cdef class Session(Connection):
     cdef void on_message(self, int opcode, bytes payload):
         self.hub.messages_in += 1
         cdef double wait = self.take()
+        if self.inbound is not None:
+            self.hold_message(opcode, payload, wait)
+            return
+        self.handle_message(opcode, payload, wait)
+
+    cdef void handle_message(self, int opcode, bytes payload, double wait) except *:
+        """A whole message whose budget token was taken (`wait` > 0: refused)."""
         if wait > 0.0:
             self.refuse_message(wait, opcode, payload)
             return
@@ -371,6 +420,64 @@ cdef class Session(Connection):
         self.send_error(ErrorCode.TOKEN_EXPIRED, "token has expired", "auth", "token expired",
                         None)
         self.close(CloseCode.AUTH, "token expired")
+
+    # -- the initial join: what the client sends meanwhile waits for its reply ------------
+
+    def hold_messages(self):
+        """Hold what this connection sends (messages, over-size messages, the answers to its
+        pings) until `release_messages`: its initial join waits for the broker, and the
+        join's reply must be the first frame. Each still takes its budget token as it
+        comes; past HELD_MESSAGES entries or HELD_MESSAGE_SIZES x MAX_MESSAGE_BYTES bytes the
+        connection is closed (1008)."""
+        if self.inbound is None and not self.closing:
+            self.inbound = []
+            self.inbound_bytes = 0
+
+    cdef void hold_message(self, int kind, bytes payload, double wait) except *:
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(payload) if payload is not None else 0
+        if self.closing:
+            return
+        if (PyList_GET_SIZE(self.inbound) >= HELD_MESSAGES
+                or self.inbound_bytes + size > HELD_MESSAGE_SIZES * self.max_message):
+            self.inbound = None
+            self.inbound_bytes = 0
+            self.hub.node.security_event(self, "hold_limit_close",
+                                         "more than %d messages or %d bytes before the welcome"
+                                         % (HELD_MESSAGES, HELD_MESSAGE_SIZES * self.max_message))
+            self.close(CloseCode.POLICY, "too much sent before the first frame")
+            return
+        self.inbound.append((kind, payload, wait))
+        self.inbound_bytes += size
+
+    def release_messages(self):
+        """The initial join is answered, or failed: handle what was held meanwhile, in the
+        order it came and as it would have been handled then (its budget tokens were taken
+        then: a refused one gets its RATE_LIMITED now), and hold nothing more."""
+        cdef list held = self.inbound
+        cdef tuple entry
+        cdef int kind
+        self.inbound = None
+        self.inbound_bytes = 0
+        if held is None:
+            return
+        for entry in held:
+            if self.closing:  # one of them closed the connection (1007, 1008, 4001...)
+                return
+            kind = entry[0]
+            if kind == HELD_PING:
+                if <double>entry[2] == 0.0:
+                    self.enqueue_frame(<bytes>entry[1])
+                else:
+                    self.refuse_frame()
+            elif kind == HELD_TOO_LARGE:
+                self.answer_too_large(<double>entry[2])
+            else:
+                self.handle_message(kind, <bytes>entry[1], <double>entry[2])
+
+    @property
+    def holds_messages(self) -> bool:
+        """Whether messages are being held (`hold_messages`) until `release_messages`."""
+        return self.inbound is not None
 
     # -- recovery: the replay, paced by the socket, and live frames held meanwhile --------
 

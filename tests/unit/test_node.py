@@ -358,6 +358,48 @@ def test_join_with_since_recovers_the_missed_publications(world: World) -> None:
     assert reply["data"]["recovered"] is False and reply["data"]["offset"] == 3
 
 
+def test_what_comes_while_the_initial_join_waits_is_answered_after_it(world: World) -> None:
+    """`Session.hold_messages` / `release_messages`, which the Node calls around a URL
+    channel's join that waits for an asynchronous broker (the real one, Redis, in
+    tests/integration/test_ws_first_frame.py): nothing is answered meanwhile, then each
+    message in order. The memory broker answers the join at once: nothing is held."""
+    alice = world.open("a1", "alice", channel="chat")
+    assert not alice.session.holds_messages
+    [reply] = alice.received()
+    assert reply["data"]["channel"] == "chat"
+
+    alice.session.hold_messages()
+    alice.send("message", "send", {"channel": "chat", "content": "x", "metadata": {"sequence": 1}})
+    alice.send("system", "status", {})
+    alice.send("message", "send", {"channel": "other", "content": "x", "metadata": {"sequence": 2}})
+    assert alice.received() == []
+    alice.session.release_messages()
+    ack, status, refused = alice.received()
+    assert (ack["action"], ack["data"]["metadata"]["offset"]) == ("ack", 1)
+    assert (status["type"], status["action"]) == ("system", "status")
+    code, details = error(refused)
+    assert (code, details["channel"], details["sequence"]) == ("NOT_A_MEMBER", "other", 2)
+    assert not alice.session.holds_messages
+    alice.send("system", "status", {})  # not held any more
+    assert [f["action"] for f in alice.received()] == ["status"]
+
+
+def test_more_held_than_the_bound_closes_1008(world: World) -> None:
+    """HELD_MESSAGES (64) held messages, refused ones included (the budget is 50): one more
+    closes the connection (1008) and drops them."""
+    alice = world.open("a1", "alice", channel="chat")
+    alice.received()
+    alice.session.hold_messages()
+    for _ in range(64):
+        alice.send("system", "status", {})
+    assert alice.received() == []
+    alice.send("system", "status", {})
+    assert alice.received() == [{"close": 1008}]
+    assert not alice.session.holds_messages
+    alice.session.release_messages()  # as the Node does once the join is answered: nothing
+    assert alice.received() == []
+
+
 # -- leave, publish, presence --------------------------------------------------------------
 
 
