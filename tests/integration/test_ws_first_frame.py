@@ -27,10 +27,7 @@ import pytest
 from tests.conftest import Server
 from tests.integration.cluster_helpers import only_expected_errors
 from tests.integration.helpers import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_PING,
-    OP_TEXT,
+    Op,
     build_frame,
     send_msg,
     wait_for,
@@ -90,7 +87,7 @@ def setup(request: pytest.FixtureRequest, make_server: Callable[..., Server]) ->
 
 
 def text(obj: Any) -> bytes:
-    return build_frame(OP_TEXT, json.dumps(obj).encode())
+    return build_frame(Op.TEXT, json.dumps(obj).encode())
 
 
 def status_request() -> bytes:
@@ -112,18 +109,18 @@ def next_frame(conn: RawConn) -> tuple[int, Any]:
     b0, payload = conn.read_ws_frame()
     assert b0 & 0x80, "server frames are not fragmented"
     op = b0 & 0x0F
-    return op, (json.loads(payload) if op == OP_TEXT else payload)
+    return op, (json.loads(payload) if op == Op.TEXT else payload)
 
 
 def next_json(conn: RawConn) -> dict[str, Any]:
     op, msg = next_frame(conn)
-    assert op == OP_TEXT, (op, msg)
+    assert op == Op.TEXT, (op, msg)
     assert isinstance(msg, dict), msg
     return msg
 
 
 def kind(msg: dict[str, Any]) -> tuple[str, str]:
-    return msg["type"], msg.get("action") or msg.get("code")
+    return str(msg["type"]), str(msg.get("action") or msg.get("code"))
 
 
 def welcome(conn: RawConn, channel: str | None) -> dict[str, Any]:
@@ -145,7 +142,7 @@ def quiet(conn: RawConn) -> None:
 def close_code(conn: RawConn) -> int:
     """The next frame must be the server's close frame: its code."""
     op, payload = next_frame(conn)
-    assert op == OP_CLOSE, (op, payload)
+    assert op == Op.CLOSE, (op, payload)
     code: int = struct.unpack("!H", payload[:2])[0]
     return code
 
@@ -193,10 +190,10 @@ def test_whatever_is_sent_with_the_upgrade_is_answered_after_the_welcome(setup: 
     srv = setup.srv
     ch = "first.mixed"
     frames = [
-        build_frame(OP_PING, b"p1"),
-        build_frame(OP_TEXT, b"not json"),
-        build_frame(OP_TEXT, b"x" * (MAX_MESSAGE_BYTES + 1)),
-        build_frame(OP_BINARY, b"\x00"),
+        build_frame(Op.PING, b"p1"),
+        build_frame(Op.TEXT, b"not json"),
+        build_frame(Op.TEXT, b"x" * (MAX_MESSAGE_BYTES + 1)),
+        build_frame(Op.BINARY, b"\x00"),
         status_request(),
         *(text(send_msg(ch, f"m{i}", i)) for i in (1, 2, 3)),
     ]
