@@ -27,7 +27,8 @@ from aether_fast.http.routes import Router
 from aether_fast.http.upgrade import WebSocketUpgrader
 from aether_fast.metrics import Metrics, PrometheusRouter
 from aether_fast.node import Node
-from aether_fast.store import ChannelStore, Store
+from aether_fast.stores.base import Store
+from aether_fast.stores.sqlite import ChannelStore
 
 
 @dataclass(slots=True)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from aether_fast._core import Connection, Session
-    from aether_fast.store import ChannelConfig
+    from aether_fast.stores.base import ChannelConfig
 
 
 class SessionEvents(Protocol):

@@ -38,7 +38,7 @@ from aether_fast.protocol import (
     require_severity,
     require_str,
 )
-from aether_fast.store import ChannelConfig, Store, default_channel_config
+from aether_fast.stores.base import ChannelConfig, Store, default_channel_config
 
 _CONTROL = CLIENT_MESSAGES - {("message", "send"), ("message", "retry")}
 

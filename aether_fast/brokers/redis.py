@@ -60,7 +60,7 @@ from aether_fast.brokers.base import (
     new_epoch,
 )
 from aether_fast.events import ClusterEvents
-from aether_fast.store import ChannelConfig
+from aether_fast.stores.base import ChannelConfig
 
 PREFIX = "aether:"
 PUB = PREFIX + "pub:"

@@ -36,7 +36,7 @@ from aether_fast._core import (
 from aether_fast.auth import Authenticator, Claims, mint_token
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import load_config
-from aether_fast.store import default_channel_config
+from aether_fast.stores.base import default_channel_config
 
 SECRET = "micro-secret-micro-secret-micro-secret-0123"
 CONTENT = "M" + "0" * 20 + "x" * 64  # the load generator's content: tag, send time, padding

@@ -17,7 +17,7 @@ from aether_fast.auth import Authenticator, Claims
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import load_config
 from aether_fast.node import Node
-from aether_fast.store import ChannelStore
+from aether_fast.stores.sqlite import ChannelStore
 from tests.unit.support import make_hub
 
 WINDOW = 0.3

@@ -10,16 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from aether_fast.store import (
-    DB_FILE,
-    LOCK_FILE,
-    ChannelConfig,
-    ChannelStore,
-    DataDirLock,
-    StoreError,
-    StoreLocked,
-    read_backup,
-)
+from aether_fast.stores.base import ChannelConfig, StoreError, StoreLocked
+from aether_fast.stores.sqlite import DB_FILE, LOCK_FILE, ChannelStore, DataDirLock, read_backup
 from tests.conftest import ROOT
 
 
@@ -88,7 +80,7 @@ def test_the_lock_holds_across_processes_and_dies_with_its_holder(tmp_path: Path
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from aether_fast.store import ChannelStore\n"
+            "from aether_fast.stores.sqlite import ChannelStore\n"
             f"s = ChannelStore({str(tmp_path)!r}); s.open()\n"
             "print('open', flush=True); time.sleep(60)\n",
         ],

@@ -13,7 +13,7 @@ from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.brokers.redis import RedisBroker
 from aether_fast.config import load_config
 from aether_fast.node import Node
-from aether_fast.store import ChannelStore
+from aether_fast.stores.sqlite import ChannelStore
 
 
 def _hub(loop: asyncio.AbstractEventLoop) -> Hub:
