@@ -1,8 +1,8 @@
 """The composition root: builds every part of one worker from a Config and wires them.
 
-What it owns: start-up order (logs, store, hub, broker, node, HTTP front, metrics port),
-signal handling and graceful shutdown. Rule: this is the only module that constructs the
-parts; everything else receives what it needs.
+What it owns: start-up order (logs, store, hub, broker, cluster, node, HTTP front, metrics
+port), signal handling and graceful shutdown. Rule: this is the only module that constructs
+the parts; everything else receives what it needs.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from aether_fast import logs
 from aether_fast._core import Hub
 from aether_fast.auth import Authenticator
 from aether_fast.brokers.base import Broker
+from aether_fast.brokers.cluster import Cluster, SingleWorker
 from aether_fast.brokers.memory import MemoryBroker
-from aether_fast.brokers.redis import RedisBroker, RedisChannelStore
+from aether_fast.brokers.redis import RedisBroker
+from aether_fast.brokers.redis_cluster import RedisCluster
+from aether_fast.brokers.redis_link import RedisLink
 from aether_fast.config import Config
 from aether_fast.http.front import PendingSockets, front_factory
 from aether_fast.http.routes import Router
@@ -28,6 +31,7 @@ from aether_fast.http.upgrade import WebSocketUpgrader
 from aether_fast.metrics import Metrics, PrometheusRouter
 from aether_fast.node import Node
 from aether_fast.stores.base import Store
+from aether_fast.stores.redis import RedisChannelStore
 from aether_fast.stores.sqlite import ChannelStore
 
 
@@ -69,13 +73,13 @@ def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
-def wire(hub: Hub, node: Node, broker: Broker) -> None:
+def wire(hub: Hub, node: Node, broker: Broker, cluster: Cluster) -> None:
     """Connect the calls back up (aether_fast/events.py): the sessions report to the Node
-    through `Hub.node`, publish through `Hub.broker`, and the broker asks the Node about
+    through `Hub.node`, publish through `Hub.broker`, and the cluster asks the Node about
     this worker. Done here only, once the parts exist; tests that build a Node call it too."""
     hub.node = node
     hub.broker = broker
-    broker.bind(node)
+    cluster.bind(node)
 
 
 #: Allocations between two young-generation collections (CPython's default is 700): a
@@ -108,29 +112,38 @@ async def start(config: Config) -> Worker:
         busy_poll_s=config.busy_poll_us / 1e6,
     )
     broker: Broker
+    cluster: Cluster
     store: Store
     if config.broker_url:
-        redis_broker = RedisBroker(
+        # the broker and the cluster share the link's connections; neither knows the other's
+        # state: the broker asks the cluster whether a sender is here, the store asks the
+        # cluster for the configs
+        link = RedisLink(config.broker_url)
+        redis_cluster = RedisCluster(link, node_id=config.node_id)
+        broker = RedisBroker(
             hub,
-            config.broker_url,
+            link,
+            redis_cluster,
             history_ttl_s=config.history_ttl_s,
             dedup_ttl_s=config.dedup_ttl_s,
             channel_state_ttl_s=config.channel_state_ttl_s,
-            node_id=config.node_id,
         )
-        await redis_broker.start()
-        broker, store = redis_broker, RedisChannelStore(redis_broker)
+        await broker.start()  # opens the link
+        await redis_cluster.start()
+        cluster, store = redis_cluster, RedisChannelStore(redis_cluster)
     else:
         broker = MemoryBroker(
             hub, history_ttl_s=config.history_ttl_s, dedup_ttl_s=config.dedup_ttl_s
         )
+        cluster = SingleWorker()
         await broker.start()
+        await cluster.start()
         sqlite_store = ChannelStore(config.data_dir)
         sqlite_store.open()
         store = sqlite_store
     auth = Authenticator(config)
-    node = Node(config, hub, broker, store, auth)
-    wire(hub, node, broker)
+    node = Node(config, hub, broker, cluster, store, auth)
+    wire(hub, node, broker, cluster)
     metrics = Metrics(hub, node)
     router = Router(config, node, auth, metrics)
     upgrader = WebSocketUpgrader(config, hub, node, auth)
@@ -202,6 +215,7 @@ async def stop(worker: Worker) -> None:
     for s in worker.hub.session_list():
         s.transport.disconnect(False)
     await worker.node.stop()
+    await worker.node.cluster.close()  # before the broker: it closes the connections
     await worker.node.broker.close()
     worker.store.close()
     logs.log("info", "server_stopped", "app", closed_connections=n)

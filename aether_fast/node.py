@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Coroutine
@@ -26,6 +25,7 @@ from aether_fast import logs, protocol
 from aether_fast._core import Budget, Channel, Connection, Hub, Session, encode_json_frame
 from aether_fast.auth import Authenticator, AuthError, Claims, channel_allowed
 from aether_fast.brokers.base import BROKER_UNAVAILABLE, Broker, Recovery
+from aether_fast.brokers.cluster import Cluster
 from aether_fast.config import Config
 from aether_fast.protocol import (
     CLIENT_MESSAGES,
@@ -91,17 +91,19 @@ class Node:
         config: Config,
         hub: Hub,
         broker: Broker,
+        cluster: Cluster,
         store: Store,
         auth: Authenticator,
     ) -> None:
         self.config = config
         self.hub = hub
         self.broker = broker
+        self.cluster = cluster
         self.store = store
         self.auth = auth
         self.started_at = time.time()
-        self.node_id: str = getattr(broker, "node_id", socket.gethostname())
-        self.worker_id: str = getattr(broker, "worker_id", f"{self.node_id}:{os.getpid()}")
+        self.node_id: str = cluster.node_id
+        self.worker_id: str = cluster.worker_id
         self.rates = Rates()
         self.shutting_down = False
         self._per_key: dict[str, int] = {}
@@ -184,7 +186,7 @@ class Node:
             old.close(CloseCode.REPLACED, "replaced by a newer connection")
             self._release_key(old)
         key = limit_key(s.user_id, s.peer)
-        count = self._per_key.get(key, 0) + self.broker.remote_connections(key)
+        count = self._per_key.get(key, 0) + self.cluster.remote_connections(key)
         limit = self.config.rate_limit_connections
         if 0 < limit <= count:
             self.security_event(s, "connection_limit", f"{count} connections")
@@ -374,7 +376,7 @@ class Node:
                 return refused
             if ch is None:
                 ch = self.hub.add_channel(name, cfg)
-            members = ch.member_count + self.broker.remote_members(name)
+            members = ch.member_count + self.cluster.remote_members(name)
             if 0 < ch.max_connections <= members:
                 return self._refuse_join(
                     s, name, ErrorCode.CHANNEL_FULL, "max_connections", opening
@@ -679,7 +681,7 @@ class Node:
 
     def node_workers(self) -> list[dict[str, Any]]:
         """The figures of every live worker of this node (this one first)."""
-        others = self.broker.remote_table()
+        others = self.cluster.remote_table()
         mine = [w for w in others.values() if w["stats"].get("node") == self.node_id]
         return [self.local_figures(), *mine]
 
@@ -709,7 +711,7 @@ class Node:
         body["node"] = self.node_id
         body["answered_by"] = self.worker_id
         body["workers"] = [w["stats"] for w in self.node_workers()]
-        cluster = self.broker.remote_table()
+        cluster = self.cluster.remote_table()
         if cluster:
             body["cluster"] = {
                 "workers": len(cluster) + 1,
