@@ -105,6 +105,7 @@ class RedisCluster:
 
     async def _heartbeat_forever(self) -> None:
         link = self._link
+        me = asyncio.current_task()
         while True:
             # first: when Redis hangs the heartbeat below fails, and the publishes waiting on
             # the command connection must be failed all the same
@@ -117,6 +118,10 @@ class RedisCluster:
                 raise
             except (RedisError, OSError) as exc:
                 link.degraded(exc)
+            if me is not None and me.cancelling():
+                # redis-py may finish a pipeline it was cancelled in and swallow the
+                # cancellation: `close` would wait for this loop forever
+                raise asyncio.CancelledError
             await asyncio.sleep(1.0)
 
     async def _heartbeat(self) -> None:
