@@ -1,9 +1,9 @@
 """The composition root: builds every part of one worker from a Config and wires them.
 
-What it owns: start-up order (logs, store, hub, broker, the control plane's three parts,
-HTTP front, metrics port), signal handling and graceful shutdown. Rule: this is the only
-module that constructs the parts (`control_plane` builds Operations, Status and the Node,
-for tests too); everything else receives what it needs.
+What it owns: start-up order (logs, store, hub, broker, cluster, the control plane's three
+parts, HTTP front, metrics port), signal handling and graceful shutdown. Rule: this is the
+only module that constructs the parts (`control_plane` builds Operations, Status and the
+Node, for tests too); everything else receives what it needs.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from aether_fast import logs
 from aether_fast._core import Hub
 from aether_fast.auth import Authenticator
 from aether_fast.brokers.base import Broker
+from aether_fast.brokers.cluster import Cluster, SingleWorker
 from aether_fast.brokers.memory import MemoryBroker
-from aether_fast.brokers.redis import RedisBroker, RedisChannelStore
+from aether_fast.brokers.redis import RedisBroker
+from aether_fast.brokers.redis_cluster import RedisCluster
+from aether_fast.brokers.redis_link import RedisLink
 from aether_fast.config import Config
 from aether_fast.http.front import PendingSockets, front_factory
 from aether_fast.http.routes import Router
@@ -30,7 +33,9 @@ from aether_fast.metrics import Metrics, PrometheusRouter
 from aether_fast.node import Node
 from aether_fast.operations import Operations
 from aether_fast.status import Status
-from aether_fast.store import ChannelStore, Store
+from aether_fast.stores.base import Store
+from aether_fast.stores.redis import RedisChannelStore
+from aether_fast.stores.sqlite import ChannelStore
 
 
 @dataclass(slots=True)
@@ -75,7 +80,7 @@ def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
 @dataclass(slots=True)
 class ControlPlane:
     """The three Python parts above the Hub: the session control plane (`node`, the one
-    the sessions and the broker call back up), the REST operations and the figures."""
+    the sessions and the cluster call back up), the REST operations and the figures."""
 
     node: Node
     operations: Operations
@@ -83,23 +88,28 @@ class ControlPlane:
 
 
 def control_plane(
-    config: Config, hub: Hub, broker: Broker, store: Store, auth: Authenticator
+    config: Config,
+    hub: Hub,
+    broker: Broker,
+    cluster: Cluster,
+    store: Store,
+    auth: Authenticator,
 ) -> ControlPlane:
     """Build the control plane's parts, each given the ones below it (Operations, then
     Status, then the Node). Connects no call back up: `wire` does."""
     operations = Operations(hub, broker, store)
-    status = Status(hub, broker, operations)
-    node = Node(config, hub, broker, store, auth, status, operations)
+    status = Status(hub, broker, cluster, operations)
+    node = Node(config, hub, broker, cluster, store, auth, status, operations)
     return ControlPlane(node, operations, status)
 
 
-def wire(hub: Hub, node: Node, broker: Broker) -> None:
+def wire(hub: Hub, node: Node, broker: Broker, cluster: Cluster) -> None:
     """Connect the calls back up (aether_fast/events.py): the sessions report to the Node
-    through `Hub.node`, publish through `Hub.broker`, and the broker asks the Node about
+    through `Hub.node`, publish through `Hub.broker`, and the cluster asks the Node about
     this worker. Done here only, once the parts exist; tests that build a Node call it too."""
     hub.node = node
     hub.broker = broker
-    broker.bind(node)
+    cluster.bind(node)
 
 
 #: Allocations between two young-generation collections (CPython's default is 700): a
@@ -132,30 +142,39 @@ async def start(config: Config) -> Worker:
         busy_poll_s=config.busy_poll_us / 1e6,
     )
     broker: Broker
+    cluster: Cluster
     store: Store
     if config.broker_url:
-        redis_broker = RedisBroker(
+        # the broker and the cluster share the link's connections; neither knows the other's
+        # state: the broker asks the cluster whether a sender is here, the store asks the
+        # cluster for the configs
+        link = RedisLink(config.broker_url)
+        redis_cluster = RedisCluster(link, node_id=config.node_id)
+        broker = RedisBroker(
             hub,
-            config.broker_url,
+            link,
+            redis_cluster,
             history_ttl_s=config.history_ttl_s,
             dedup_ttl_s=config.dedup_ttl_s,
             channel_state_ttl_s=config.channel_state_ttl_s,
-            node_id=config.node_id,
         )
-        await redis_broker.start()
-        broker, store = redis_broker, RedisChannelStore(redis_broker)
+        await broker.start()  # opens the link
+        await redis_cluster.start()
+        cluster, store = redis_cluster, RedisChannelStore(redis_cluster)
     else:
         broker = MemoryBroker(
             hub, history_ttl_s=config.history_ttl_s, dedup_ttl_s=config.dedup_ttl_s
         )
+        cluster = SingleWorker()
         await broker.start()
+        await cluster.start()
         sqlite_store = ChannelStore(config.data_dir)
         sqlite_store.open()
         store = sqlite_store
     auth = Authenticator(config)
-    parts = control_plane(config, hub, broker, store, auth)
+    parts = control_plane(config, hub, broker, cluster, store, auth)
     node = parts.node
-    wire(hub, node, broker)
+    wire(hub, node, broker, cluster)
     metrics = Metrics(hub, parts.status)
     router = Router(config, parts.operations, parts.status, auth, metrics)
     upgrader = WebSocketUpgrader(config, hub, node, auth)
@@ -227,6 +246,7 @@ async def stop(worker: Worker) -> None:
     for s in worker.hub.session_list():
         s.transport.disconnect(False)
     await worker.node.stop()
+    await worker.node.cluster.close()  # before the broker: it closes the connections
     await worker.node.broker.close()
     worker.store.close()
     logs.log("info", "server_stopped", "app", closed_connections=n)

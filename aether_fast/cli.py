@@ -115,7 +115,7 @@ def _serve(config: Config, argv: list[str]) -> int:
 
     from aether_fast import logs
     from aether_fast.app import serve
-    from aether_fast.store import StoreError
+    from aether_fast.stores.base import StoreError
     from aether_fast.workers import is_worker, supervise
 
     logs.setup_logging(config.log_level)
@@ -189,7 +189,8 @@ _BROKER_NOTE = (
 def _backup(config: Config, path: str) -> int:
     """Copy DATA_DIR's channel store to `path` with SQLite's online backup: safe while a
     server runs. Written to a temporary file beside `path`, then renamed over it."""
-    from aether_fast.store import DB_FILE, ChannelStore, StoreError
+    from aether_fast.stores.base import StoreError
+    from aether_fast.stores.sqlite import DB_FILE, ChannelStore
 
     if config.broker_url:
         print(f"aether-fast: backup {_BROKER_NOTE}", file=sys.stderr)
@@ -229,14 +230,8 @@ def _restore(config: Config, path: str) -> int:
     beside it (`channels.sqlite3.pre-restore-<time>`), or moved aside (`….broken-<time>`) when it
     cannot even be opened (the recovery case: corrupt file).
     """
-    from aether_fast.store import (
-        DB_FILE,
-        ChannelStore,
-        DataDirLock,
-        StoreError,
-        StoreLocked,
-        read_backup,
-    )
+    from aether_fast.stores.base import StoreError, StoreLocked
+    from aether_fast.stores.sqlite import DB_FILE, ChannelStore, DataDirLock, read_backup
 
     if config.broker_url:
         print(f"aether-fast: restore {_BROKER_NOTE}", file=sys.stderr)

@@ -1,9 +1,11 @@
 """The upward interfaces: the only calls a lower layer makes on the control plane.
 
-Everything else goes down (the Node calls the sessions, the Hub and the broker). Two parts
-call back up, each through one of these protocols, and the Node implements both:
+Everything else goes down (the Node calls the sessions, the Hub, the broker and the
+cluster). Two parts call back up, each through one of these protocols, and the Node
+implements both:
 - `SessionEvents`, through `Hub.node`: what a `Session` (ext/session.pxi) reports;
-- `ClusterEvents`, given to `Broker.bind`: what a broker asks of this worker.
+- `ClusterEvents`, given to `Cluster.bind` (brokers/cluster.py): what the cluster of workers
+  asks of this one.
 `app.py` wires them (`wire`), so no part sets up its own callers. docs/architecture.md
 "Calls back up" says when each call is made.
 """
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from aether_fast._core import Connection, Session
-    from aether_fast.store import ChannelConfig
+    from aether_fast.stores.base import ChannelConfig
 
 
 class SessionEvents(Protocol):
@@ -39,7 +41,8 @@ class SessionEvents(Protocol):
 
 
 class ClusterEvents(Protocol):
-    """What a broker asks of this worker (the Redis broker; the memory broker asks nothing)."""
+    """What the cluster asks of this worker (`RedisCluster`, for itself and for the Redis
+    broker's subscriber; `SingleWorker`, the memory broker's, asks nothing)."""
 
     def local_session(self, identity: str | None, client_id: str) -> Session | None:
         """The live local session of (Session.identity, client_id), if this worker has it."""

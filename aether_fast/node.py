@@ -9,7 +9,7 @@ once-a-second timer. It uses two parts below it, which `app.py` builds and hands
 (status.py: the figures and the per-key connection counts).
 Rule: the Node never touches a socket; it talks to clients only through `Session.send_*`,
 `Session.close` and `Hub.deliver`, so every frame keeps its place in the member's outbox.
-The sessions and the broker call back up only through `events.SessionEvents` and
+The sessions and the cluster call back up only through `events.SessionEvents` and
 `events.ClusterEvents`, which the Node implements (answering `on_config_change` through
 `Operations`, `local_figures` through `Status`); `app.wire` connects them.
 """
@@ -27,6 +27,7 @@ from aether_fast import logs, protocol
 from aether_fast._core import Budget, Channel, Connection, Hub, Session
 from aether_fast.auth import Authenticator, AuthError, Claims, channel_allowed
 from aether_fast.brokers.base import BROKER_UNAVAILABLE, Broker, Recovery
+from aether_fast.brokers.cluster import Cluster
 from aether_fast.config import Config
 from aether_fast.operations import REMOVED_NOT_ALLOWED, Operations, presence
 from aether_fast.protocol import (
@@ -41,7 +42,7 @@ from aether_fast.protocol import (
     require_str,
 )
 from aether_fast.status import Status
-from aether_fast.store import ChannelConfig, Store, default_channel_config
+from aether_fast.stores.base import ChannelConfig, Store, default_channel_config
 
 _CONTROL = CLIENT_MESSAGES - {("message", "send"), ("message", "retry")}
 
@@ -54,7 +55,8 @@ def limit_key(user_id: str | None, peer: str) -> str:
     """Whose connections and inbound budget a session counts in: `u:<sub>` for a token's
     user, `ip:<address>` for an anonymous client. The two are kept apart by their prefix:
     a token whose sub is `ip:1.2.3.4` is a user, never the anonymous clients of that
-    address. The keys are also those of the cluster table (brokers/redis.py `CONNS_HASH`)."""
+    address. The keys are also those of the cluster table
+    (brokers/redis_cluster.py `CONNS_SUFFIX`)."""
     return f"ip:{peer}" if user_id is None else f"u:{user_id}"
 
 
@@ -64,6 +66,7 @@ class Node:
         config: Config,
         hub: Hub,
         broker: Broker,
+        cluster: Cluster,
         store: Store,
         auth: Authenticator,
         status: Status,
@@ -72,6 +75,7 @@ class Node:
         self.config = config
         self.hub = hub
         self.broker = broker
+        self.cluster = cluster
         self.store = store
         self.auth = auth
         self.status = status
@@ -151,7 +155,7 @@ class Node:
             old.close(CloseCode.REPLACED, "replaced by a newer connection")
             self._release_key(old)
         key = limit_key(s.user_id, s.peer)
-        count = self.status.connections_of(key) + self.broker.remote_connections(key)
+        count = self.status.connections_of(key) + self.cluster.remote_connections(key)
         limit = self.config.rate_limit_connections
         if 0 < limit <= count:
             self.security_event(s, "connection_limit", f"{count} connections")
@@ -331,7 +335,7 @@ class Node:
                 return refused
             if ch is None:
                 ch = self.hub.add_channel(name, cfg)
-            members = ch.member_count + self.broker.remote_members(name)
+            members = ch.member_count + self.cluster.remote_members(name)
             if 0 < ch.max_connections <= members:
                 return self._refuse_join(
                     s, name, ErrorCode.CHANNEL_FULL, "max_connections", opening

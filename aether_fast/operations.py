@@ -21,7 +21,7 @@ from aether_fast import logs, protocol
 from aether_fast._core import Channel, Hub, Session, encode_json_frame
 from aether_fast.brokers.base import Broker
 from aether_fast.protocol import CloseCode
-from aether_fast.store import ChannelConfig, Store
+from aether_fast.stores.base import ChannelConfig, Store
 
 T = TypeVar("T")
 

@@ -8,14 +8,14 @@ of the cluster table (`local_figures`), the rows of this node's workers (`node_w
 too), the counts of `system/status` (`status_counts`), the body of `/ws/status` and the
 health of `/health`.
 Rule: nothing here is called per message: the Hub's C counters are read when a figure is
-asked for. It changes nothing but its own counts; it reads the Hub, the broker (the other
-workers' rows) and the drain flag of `Operations`.
+asked for. It changes nothing but its own counts; it reads the Hub, the broker (its
+health), the cluster (this worker's names, the other workers' rows) and the drain flag of
+`Operations`.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ from typing import Any
 
 from aether_fast._core import Hub
 from aether_fast.brokers.base import Broker
+from aether_fast.brokers.cluster import Cluster
 from aether_fast.operations import Operations
 
 
@@ -37,19 +38,20 @@ class Rates:
 
 def total(figure: str, rows: Iterable[dict[str, Any]]) -> Any:
     """`figure` (a field of `Status.local_stats`) summed over cluster-table rows: this
-    worker's (`Status.local_figures`) and the other workers' (`Broker.remote_table`). A row
+    worker's (`Status.local_figures`) and the other workers' (`Cluster.remote_table`). A row
     without it (another version's) counts 0."""
     return sum(row["stats"].get(figure, 0) for row in rows)
 
 
 class Status:
-    def __init__(self, hub: Hub, broker: Broker, operations: Operations) -> None:
+    def __init__(self, hub: Hub, broker: Broker, cluster: Cluster, operations: Operations) -> None:
         self.hub = hub
         self.broker = broker
+        self.cluster = cluster
         self.operations = operations
         self.started_at = time.time()
-        self.node_id: str = getattr(broker, "node_id", socket.gethostname())
-        self.worker_id: str = getattr(broker, "worker_id", f"{self.node_id}:{os.getpid()}")
+        self.node_id: str = cluster.node_id
+        self.worker_id: str = cluster.worker_id
         self.rates = Rates()
         self._per_key: dict[str, int] = {}
 
@@ -121,7 +123,7 @@ class Status:
 
     def node_workers(self) -> list[dict[str, Any]]:
         """The rows of every live worker of this node (this one first)."""
-        others = self.broker.remote_table()
+        others = self.cluster.remote_table()
         mine = [w for w in others.values() if w["stats"].get("node") == self.node_id]
         return [self.local_figures(), *mine]
 
@@ -152,7 +154,7 @@ class Status:
         body["answered_by"] = self.worker_id
         workers = self.node_workers()
         body["workers"] = [w["stats"] for w in workers]
-        cluster = self.broker.remote_table()
+        cluster = self.cluster.remote_table()
         if cluster:
             body["cluster"] = {
                 "workers": len(cluster) + 1,

@@ -1,6 +1,8 @@
 """The broker contract: what every broker guarantees to the Hub and the Node.
 
-A broker owns, per channel: the offset counter, the epoch, the history and the dedupe window.
+A broker is the message log: it owns, per channel, the offset counter, the epoch, the
+history and the dedupe window. What a worker knows of the other workers (the cluster table,
+the calls back up to the Node) is the `Cluster`'s (`cluster.py`).
 
 Guarantees (every implementation keeps all of them):
 - Ordering: publications of one channel are delivered to local members in offset order, and
@@ -24,8 +26,6 @@ import secrets
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
-
-from aether_fast.events import ClusterEvents
 
 #: The dedupe window: the number of accepted sequences each broker remembers per (user,
 #: client_id, channel), the last ones whatever their pattern (docs/protocol.md §6). The memory
@@ -69,7 +69,8 @@ class Recovery:
 
 
 class Broker(Protocol):
-    """One interface for the memory and the Redis broker (see the module docstring)."""
+    """One interface for the memory and the Redis broker (see the module docstring): the
+    message log, and nothing about the other workers."""
 
     name: str
 
@@ -101,23 +102,6 @@ class Broker(Protocol):
         """("healthy" | "degraded" | "down", reason code): the code is public (/health,
         /ws/status), so it is one of a fixed set (BROKER_UNAVAILABLE ...) and never the
         text of an exception, which names hosts and ports: that goes to the log."""
-        ...
-
-    def bind(self, node: ClusterEvents) -> None:
-        """Called once by `app.wire`: the worker the broker may call back
-        (`events.ClusterEvents`: local_session, on_config_change, local_figures)."""
-        ...
-
-    def remote_connections(self, key: str) -> int:
-        """Connections of user/IP `key` on other workers (0 with one worker)."""
-        ...
-
-    def remote_members(self, channel: str) -> int:
-        """Members of `channel` on other workers (0 with one worker)."""
-        ...
-
-    def remote_table(self) -> dict[str, dict[str, Any]]:
-        """Every other live worker's latest figures, by worker id ({} with one worker)."""
         ...
 
     def sweep(self) -> None:

@@ -2,7 +2,8 @@
 
 It keeps every guarantee of `base.Broker` inside this process: offsets, history and the
 dedupe window live here and are lost on restart, which is why the epoch is new each time the
-process starts. Publishing is synchronous: the frame is encoded once and handed to
+process starts. It goes with `cluster.SingleWorker` (no other worker to know about).
+Publishing is synchronous: the frame is encoded once and handed to
 `Hub.deliver` before the sender's ack is queued, so members see it no later than the ack.
 
 The per-message part (dedupe, offset, history, deliver) is compiled: `publish` is
@@ -18,7 +19,6 @@ from typing import Any
 
 from aether_fast._core import ChannelLog, DedupeWindow, MemoryLogs
 from aether_fast.brokers.base import PublishResult, Recovery
-from aether_fast.events import ClusterEvents
 
 
 class MemoryBroker:
@@ -43,18 +43,6 @@ class MemoryBroker:
 
     def health(self) -> tuple[str, str]:
         return ("healthy", "")
-
-    def bind(self, node: ClusterEvents) -> None:
-        return None  # one worker: nothing to ask it
-
-    def remote_connections(self, key: str) -> int:
-        return 0
-
-    def remote_members(self, channel: str) -> int:
-        return 0
-
-    def remote_table(self) -> dict[str, dict[str, Any]]:
-        return {}
 
     def _log(self, channel: str) -> ChannelLog:
         return self._state.log(channel)

@@ -9,8 +9,9 @@ futures in order, because Redis answers one connection's commands in the order i
 them. That order is also what keeps a channel's offsets in sending order.
 
 Rule: nothing here retries or reconnects. A lost connection fails every waiting future with
-`redis.exceptions.ConnectionError` and resolves `closed`; the owner (the broker) decides
-when to connect again. Errors are redis-py's exception types, so callers catch one family.
+`redis.exceptions.ConnectionError` and resolves `closed`; the owner (`redis_link.py`, the
+connections the broker and the cluster share) decides when to connect again. Errors are
+redis-py's exception types, so callers catch one family.
 """
 
 from __future__ import annotations

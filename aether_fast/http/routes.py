@@ -26,7 +26,7 @@ from aether_fast.metrics import Metrics
 from aether_fast.operations import Operations
 from aether_fast.protocol import SEVERITIES, ErrorCode, error_body, name_error, valid_channel
 from aether_fast.status import Status
-from aether_fast.store import FieldError, parse_channel_config
+from aether_fast.stores.base import FieldError, parse_channel_config
 
 Handler = Callable[[Request, str], Response | Awaitable[Response]]
 

@@ -37,7 +37,7 @@ from aether_fast._core import (
 from aether_fast.auth import Authenticator, Claims, mint_token
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import load_config
-from aether_fast.store import default_channel_config
+from aether_fast.stores.base import default_channel_config
 from tests.unit import support
 from tests.unit.support import NullTransport
 

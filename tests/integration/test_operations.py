@@ -23,13 +23,8 @@ from typing import Any
 import pytest
 
 from aether_fast.config import SETTINGS, load_config
-from aether_fast.store import (
-    DB_FILE,
-    ChannelStore,
-    DataDirLock,
-    parse_channel_config,
-    read_backup,
-)
+from aether_fast.stores.base import parse_channel_config
+from aether_fast.stores.sqlite import DB_FILE, ChannelStore, DataDirLock, read_backup
 from tests.conftest import ROOT, SECRET, Server
 from tests.deploy import referenced_metrics, scraped_names
 from tests.dockerfile import Ignore, context_files, parse

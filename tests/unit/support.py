@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from aether_fast._core import Hub
-from aether_fast.store import ChannelConfig, ChannelStore
+from aether_fast.stores.base import ChannelConfig
+from aether_fast.stores.sqlite import ChannelStore
 
 
 def rsa_pems() -> tuple[str, str]:

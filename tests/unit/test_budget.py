@@ -14,10 +14,11 @@ import pytest
 from aether_fast._core import Budget, Session
 from aether_fast.app import control_plane, wire
 from aether_fast.auth import Authenticator, Claims
+from aether_fast.brokers.cluster import SingleWorker
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import load_config
 from aether_fast.node import Node
-from aether_fast.store import ChannelStore
+from aether_fast.stores.sqlite import ChannelStore
 from tests.unit.support import make_hub
 
 WINDOW = 0.3
@@ -42,8 +43,9 @@ def node(tmp_path: Path) -> Iterator[Node]:
     store = ChannelStore(str(tmp_path))
     store.open()
     broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)
-    node = control_plane(config, hub, broker, store, Authenticator(config)).node
-    wire(hub, node, broker)
+    cluster = SingleWorker()
+    node = control_plane(config, hub, broker, cluster, store, Authenticator(config)).node
+    wire(hub, node, broker, cluster)
     yield node
     store.close()
     loop.close()
@@ -90,8 +92,9 @@ def test_no_budget_without_a_limit(tmp_path: Path) -> None:
     store = ChannelStore(str(tmp_path))
     store.open()
     broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)
-    node = control_plane(config, hub, broker, store, Authenticator(config)).node
-    wire(hub, node, broker)
+    cluster = SingleWorker()
+    node = control_plane(config, hub, broker, cluster, store, Authenticator(config)).node
+    wire(hub, node, broker, cluster)
     assert _open(node, "alice", "a1").budget is None
     store.close()
     loop.close()

@@ -28,7 +28,7 @@ from aether_fast.auth import Claims
 from aether_fast.brokers.base import DEDUP_WINDOW
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import load_config
-from aether_fast.store import default_channel_config
+from aether_fast.stores.base import default_channel_config
 from tests.unit.support import make_hub
 
 

@@ -21,11 +21,13 @@ from picows.picows import _make_test_ws_frame
 from aether_fast._core import Session
 from aether_fast.app import ControlPlane, control_plane, wire
 from aether_fast.auth import Authenticator, Claims, mint_token
+from aether_fast.brokers.cluster import SingleWorker
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import Config, load_config
 from aether_fast.metrics import Metrics
 from aether_fast.status import total
-from aether_fast.store import ChannelConfig, ChannelStore, parse_channel_config
+from aether_fast.stores.base import ChannelConfig, parse_channel_config
+from aether_fast.stores.sqlite import ChannelStore
 from tests.unit.support import NullTransport, make_hub, server_frames
 
 SECRET = "node-secret-node-secret-node-secret-0123456789"
@@ -73,7 +75,9 @@ class Client:
 class World:
     """One worker's parts, as `app.start` builds them, minus the sockets."""
 
-    def __init__(self, tmp_path: Path, env: dict[str, str], broker: Any = None) -> None:
+    def __init__(
+        self, tmp_path: Path, env: dict[str, str], broker: Any = None, cluster: Any = None
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self.config: Config = load_config({"JWT_SECRET": SECRET, "DATA_DIR": str(tmp_path), **env})
         self.hub = make_hub(
@@ -87,10 +91,11 @@ class World:
         self.store = ChannelStore(str(tmp_path))
         self.store.open()
         self.auth = Authenticator(self.config)
+        self.cluster = cluster if cluster is not None else SingleWorker()
         self.parts: ControlPlane = control_plane(
-            self.config, self.hub, self.broker, self.store, self.auth
+            self.config, self.hub, self.broker, self.cluster, self.store, self.auth
         )
-        wire(self.hub, self.parts.node, self.broker)
+        wire(self.hub, self.parts.node, self.broker, self.cluster)
 
     def close(self) -> None:
         self.store.close()
@@ -139,10 +144,10 @@ def world(tmp_path: Path) -> Iterator[World]:
 def make_world(tmp_path: Path) -> Iterator[Any]:
     made: list[World] = []
 
-    def make(env: dict[str, str], broker: Any = None, sub: str = "w") -> World:
+    def make(env: dict[str, str], broker: Any = None, sub: str = "w", cluster: Any = None) -> World:
         path = tmp_path / f"{sub}{len(made)}"
         path.mkdir()
-        made.append(World(path, env, broker))
+        made.append(World(path, env, broker, cluster))
         return made[-1]
 
     yield make
@@ -621,9 +626,9 @@ def test_system_status_answers_the_counts(world: World) -> None:
     ]
 
 
-class _ClusterTable(MemoryBroker):
-    """The memory broker with a cluster table: the rows other workers published (what
-    the Redis broker's heartbeat reads; here they are set by the test)."""
+class _ClusterTable(SingleWorker):
+    """A cluster with a table: the rows other workers published (what the Redis cluster's
+    heartbeat reads; here they are set by the test)."""
 
     rows: dict[str, dict[str, Any]] = {}
 
@@ -638,11 +643,11 @@ def test_figures_are_summed_over_this_worker_and_the_others(make_world: Any) -> 
         member = other.open(f"o{i}", f"user{i}")
         member.received()
         joined(member, "other-room")
-    here = make_world({}, lambda hub: _ClusterTable(hub, history_ttl_s=60, dedup_ttl_s=60))
+    here = make_world({}, cluster=_ClusterTable())
     for c in (here.open("a1", "alice"), here.open("b1", "bob")):
         c.received()
         joined(c, "chat")
-    row = other.parts.node.local_figures()  # what its broker publishes (ClusterEvents)
+    row = other.parts.node.local_figures()  # what its cluster publishes (ClusterEvents)
     assert row["conns"] == {"u:u": 1, "u:user1": 1, "u:user2": 1}
     assert row["members"] == {"other-room": 2}
     mine = here.parts.status.local_figures()

@@ -1,4 +1,5 @@
-"""store.py: ChannelConfig validation and the SQLite ChannelStore (files under tmp_path)."""
+"""stores/base.py: ChannelConfig validation; stores/sqlite.py: the SQLite ChannelStore (files
+under tmp_path)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ import pytest
 
 from aether_fast.config import Config, load_config
 from aether_fast.protocol import valid_channel
-from aether_fast.store import (
-    DB_FILE,
+from aether_fast.stores.base import (
     ChannelConfig,
-    ChannelStore,
     FieldError,
     StoreError,
     default_channel_config,
     parse_channel_config,
 )
+from aether_fast.stores.sqlite import DB_FILE, ChannelStore
 from tests.unit.support import cfg, open_store
 
 CONFIG = load_config({"JWT_SECRET": "k" * 32})
@@ -199,7 +199,7 @@ def test_reopened_store_answers_from_memory_when_small(
 ) -> None:
     """Stored configs are read once at open (when there are at most KNOWN_CONFIGS): a join
     of an unconfigured channel costs no query. Past the limit every answer still holds."""
-    monkeypatch.setattr("aether_fast.store.KNOWN_CONFIGS", known_limit)
+    monkeypatch.setattr("aether_fast.stores.sqlite.KNOWN_CONFIGS", known_limit)
     data = str(tmp_path / "data")
     open_store(data, cfg("chat"), cfg("news")).close()
     again = ChannelStore(data)

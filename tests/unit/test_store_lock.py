@@ -10,15 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from aether_fast.store import (
-    DB_FILE,
-    LOCK_FILE,
-    ChannelStore,
-    DataDirLock,
-    StoreError,
-    StoreLocked,
-    read_backup,
-)
+from aether_fast.stores.base import StoreError, StoreLocked
+from aether_fast.stores.sqlite import DB_FILE, LOCK_FILE, ChannelStore, DataDirLock, read_backup
 from tests.conftest import ROOT
 from tests.unit.support import cfg, open_store
 
@@ -75,7 +68,7 @@ def test_the_lock_holds_across_processes_and_dies_with_its_holder(tmp_path: Path
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from aether_fast.store import ChannelStore\n"
+            "from aether_fast.stores.sqlite import ChannelStore\n"
             f"s = ChannelStore({str(tmp_path)!r}); s.open()\n"
             "print('open', flush=True); time.sleep(60)\n",
         ],
