@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import jwt.algorithms
 import jwt.exceptions
@@ -85,6 +85,12 @@ class Config:
     tls_cert_file: str | None
     tls_key_file: str | None
     echo_path: str | None
+
+    @property
+    def broker_urls(self) -> tuple[str, ...]:
+        """BROKER_URL's Redis servers (shards) in canonical order, the home first; () when
+        unset. One URL: a tuple of it alone."""
+        return tuple(self.broker_url.split(",")) if self.broker_url else ()
 
 
 # -- parsers: each takes the raw value (a str from the environment, or a typed CLI value) and
@@ -242,11 +248,54 @@ def _log_level(raw: object) -> str:
     return text
 
 
+def shard_key(url: str) -> str:
+    """The Redis server and database a BROKER_URL entry names, however it is written (as
+    redis-py reads it): `host:port db N` (host in lower case, port 6379 and database 0 by
+    default) or `unix:<path> db N`. Credentials, the scheme and other options do not count.
+    Two entries with one key are one shard, and shards are ordered by it (the canonical
+    order, `brokers/redis_shards.py`). ValueError on a port or database that is no number."""
+    parts = urlsplit(url)
+    db = next((value for name, value in parse_qsl(parts.query) if name == "db"), None)
+    if db is not None and not db.strip().isdigit():
+        raise ValueError("the db must be a database number")
+    if parts.scheme == "unix":
+        return f"unix:{unquote(parts.path)} db {int(db or 0)}"
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError("the port must be a number in 1..65535") from None
+    host = parts.hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    if db is None:  # redis-py: the path's number when the query names no db
+        path = parts.path.replace("/", "")
+        db = path if path.isdigit() else "0"
+    return f"{host}:{port} db {int(db)}"
+
+
 def _broker_url(raw: object) -> str:
-    text = _text(raw).strip()
-    if not text.startswith(BROKER_SCHEMES) or text.endswith("://"):
-        raise ValueError(f"must be a URL starting with {', '.join(BROKER_SCHEMES)}")
-    return text
+    """One Redis URL, or a comma-separated list of them (shards), returned in canonical order
+    (`shard_key`: the first is the home of the cluster-wide state) joined by commas; a single
+    URL is returned as given. The entries are never echoed (they may hold a password)."""
+    entries = [part.strip() for part in _text(raw).split(",")]
+    expect = f"must be a URL starting with {', '.join(BROKER_SCHEMES)}"
+    keys: dict[str, str] = {}
+    for i, url in enumerate(entries, 1):
+        where = f"entry {i} of {len(entries)}: " if len(entries) > 1 else ""
+        if not url:
+            raise ValueError(f"{where}empty: a list is URLs separated by single commas")
+        if not url.startswith(BROKER_SCHEMES) or url.endswith("://"):
+            raise ValueError(f"{where}{expect}")
+        try:
+            key = shard_key(url)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
+        if key in keys:
+            raise ValueError(f"{where}names {key} again: every shard must be listed once")
+        keys[key] = url
+    if len(entries) == 1:
+        return entries[0]
+    return ",".join(keys[key] for key in sorted(keys))
 
 
 #: Shortest ADMIN_TOKEN accepted: a static credential must not be guessable.
@@ -459,7 +508,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "broker_url",
         _broker_url,
         None,
-        "redis://, rediss:// or unix:// URL of the shared broker; unset = in-memory",
+        "redis://, rediss:// or unix:// URL of the shared broker, or a comma-separated list "
+        "of them (shards: every node must list the same ones); unset = in-memory",
         default_text="",
         secret=True,
     ),
@@ -690,6 +740,8 @@ def _mask_url(url: str) -> str:
             [(k, "***" if k.lower() in ("password", "pass", "pwd") else v) for k, v in pairs],
             safe="*",
         )
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing to hide (and urlunsplit would drop the "//" of unix:///path)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -704,6 +756,6 @@ def masked(config: Config) -> dict[str, object]:
         if value and f.name in _SECRET_FIELDS:
             value = "***"
         elif value and f.name == "broker_url":
-            value = _mask_url(str(value))
+            value = ",".join(_mask_url(url) for url in str(value).split(","))
         result[f.name] = value
     return result

@@ -9,7 +9,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from aether_fast.config import SETTINGS, Config, ConfigError, describe, load_config, masked
+from aether_fast.config import (
+    SETTINGS,
+    Config,
+    ConfigError,
+    describe,
+    load_config,
+    masked,
+    shard_key,
+)
 from tests.unit.support import rsa_pems
 
 SECRET = "s" * 32
@@ -334,3 +342,52 @@ def test_masked() -> None:
     assert plain["jwt_secret"] == "***"
     bare = load_config({"BROKER_URL": "redis://h:1", "JWT_SECRET": "k" * 32})
     assert masked(bare)["broker_url"] == "redis://h:1"
+
+
+# -- BROKER_URL lists (shards) ---------------------------------------------------------------
+
+
+def test_broker_url_list_is_put_in_canonical_order() -> None:
+    secret = {"JWT_SECRET": "k" * 32}
+    a = load_config(
+        {"BROKER_URL": " redis://b:6379/0 , redis://:pw@a:6379/1,unix:///r.sock", **secret}
+    )
+    b = load_config(
+        {"BROKER_URL": "unix:///r.sock,redis://:pw@a:6379/1,redis://b:6379/0", **secret}
+    )
+    assert a.broker_url == b.broker_url
+    assert a.broker_urls == ("redis://:pw@a:6379/1", "redis://b:6379/0", "unix:///r.sock")
+    assert masked(a)["broker_url"] == "redis://:***@a:6379/1,redis://b:6379/0,unix:///r.sock"
+    # one URL is kept as given
+    one = load_config({"BROKER_URL": "redis://B:6379", **secret})
+    assert one.broker_url == "redis://B:6379" and one.broker_urls == ("redis://B:6379",)
+    assert load_config(secret).broker_urls == ()
+
+
+def test_shard_key_names_the_server_and_database_only() -> None:
+    assert shard_key("redis://user:pw@Host:6380/3?socket_timeout=2") == "host:6380 db 3"
+    assert shard_key("redis://host") == shard_key("rediss://host:6379/0") == "host:6379 db 0"
+    assert shard_key("redis://host/1?db=2") == "host:6379 db 2"  # as redis-py: the query wins
+    assert shard_key("unix:///run/redis.sock?db=4") == "unix:/run/redis.sock db 4"
+    assert shard_key("redis://[::1]:7000") == "[::1]:7000 db 0"
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("redis://a,redis://b,", "entry 3 of 3: empty"),
+        ("redis://a,,redis://b", "entry 2 of 3: empty"),
+        ("redis://a,http://b", "entry 2 of 2: must be a URL starting with redis://"),
+        ("redis://a,redis://", "entry 2 of 2: must be a URL"),
+        ("redis://a,redis://b:port", "entry 2 of 2: the port must be a number"),
+        ("redis://a:99999", "the port must be a number"),
+        ("redis://a,redis://b/?db=x", "entry 2 of 2: the db must be a database number"),
+        ("redis://a:6379/0,redis://:secret@A", "entry 2 of 2: names a:6379 db 0 again"),
+        ("redis://a/1,rediss://a:6379?db=1", "names a:6379 db 1 again"),
+        ("unix:///s.sock,unix:///s.sock?db=0", "names unix:/s.sock db 0 again"),
+    ],
+)
+def test_bad_broker_url_lists_are_refused(value: str, fragment: str) -> None:
+    e = _err({"BROKER_URL": value, "JWT_SECRET": "k" * 32})
+    assert e.variable == "BROKER_URL" and fragment in e.message, e.message
+    assert "secret" not in str(e)  # never the URL itself: it may hold a password
