@@ -24,7 +24,7 @@ from aether_fast.brokers.cluster import Cluster, SingleWorker
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.brokers.redis import RedisBroker
 from aether_fast.brokers.redis_cluster import RedisCluster
-from aether_fast.brokers.redis_link import RedisLink
+from aether_fast.brokers.redis_shards import Shards
 from aether_fast.config import Config
 from aether_fast.http.front import PendingSockets, front_factory
 from aether_fast.http.routes import Router
@@ -145,20 +145,21 @@ async def start(config: Config) -> Worker:
     cluster: Cluster
     store: Store
     if config.broker_url:
-        # the broker and the cluster share the link's connections; neither knows the other's
-        # state: the broker asks the cluster whether a sender is here, the store asks the
-        # cluster for the configs
-        link = RedisLink(config.broker_url)
-        redis_cluster = RedisCluster(link, node_id=config.node_id)
+        # the broker and the cluster share the links' connections (one link per shard; the
+        # cluster's state on the first, the home); neither knows the other's state: the
+        # broker asks the cluster whether a sender is here, the store asks the cluster for
+        # the configs
+        shards = Shards(config.broker_urls)
+        redis_cluster = RedisCluster(shards.home, node_id=config.node_id)
         broker = RedisBroker(
             hub,
-            link,
+            shards,
             redis_cluster,
             history_ttl_s=config.history_ttl_s,
             dedup_ttl_s=config.dedup_ttl_s,
             channel_state_ttl_s=config.channel_state_ttl_s,
         )
-        await broker.start()  # opens the link
+        await broker.start()  # opens the links
         await redis_cluster.start()
         cluster, store = redis_cluster, RedisChannelStore(redis_cluster)
     else:

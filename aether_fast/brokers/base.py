@@ -35,6 +35,9 @@ DEDUP_WINDOW: Final = 1024
 
 #: The reason code of a broker that cannot be reached (its details are logged, not shown).
 BROKER_UNAVAILABLE = "broker_unavailable"
+#: The reason code of a sharded Redis broker some of whose shards (not all) cannot be
+#: reached: their channels are refused, the others work (which shard is logged, not shown).
+BROKER_SHARD_UNAVAILABLE = "broker_shard_unavailable"
 
 
 class BrokerUnavailable(RuntimeError):
@@ -100,7 +103,8 @@ class Broker(Protocol):
 
     def health(self) -> tuple[str, str]:
         """("healthy" | "degraded" | "down", reason code): the code is public (/health,
-        /ws/status), so it is one of a fixed set (BROKER_UNAVAILABLE ...) and never the
+        /ws/status), so it is one of a fixed set (BROKER_UNAVAILABLE,
+        BROKER_SHARD_UNAVAILABLE ...) and never the
         text of an exception, which names hosts and ports: that goes to the log."""
         ...
 

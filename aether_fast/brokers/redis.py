@@ -14,11 +14,13 @@ It keeps every guarantee of `base.Broker` across the cluster:
   too): a channel nobody uses leaves nothing behind after CHANNEL_STATE_TTL_S, and its
   next use starts a new epoch, as after a flush.
 
-The connections are the link's (`redis_link.RedisLink`, opened by `start`, closed by
-`close`): publishes and positions on its command connection, publications on its
-subscriber, deletes on redis-py's pool. The cluster table and the channel configs are the
-cluster's (`redis_cluster.RedisCluster`), which the subscriber asks whether the sender of a
-publication is here (its echo setting).
+The connections are the links' (`redis_link.RedisLink`, one per shard, opened by `start`,
+closed by `close`): everything of a channel goes to the link of its shard
+(`redis_shards.Shards`, the router; one link with one URL): publishes and positions on its
+command connection (one script call per shard and loop pass, a `_Lane` each), publications
+on its subscriber, deletes on redis-py's pool. The cluster table and the channel configs
+are the cluster's (`redis_cluster.RedisCluster`, on the home shard), which the subscriber
+asks whether the sender of a publication is here (its echo setting).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from aether_fast.brokers.base import (
 )
 from aether_fast.brokers.redis_cluster import RedisCluster
 from aether_fast.brokers.redis_link import PREFIX, RedisLink
+from aether_fast.brokers.redis_shards import Shards
 
 PUB = PREFIX + "pub:"
 PUB_B = PUB.encode()
@@ -132,13 +135,27 @@ def sender_key(identity: str | None, client_id: str) -> str:
     return f"{identity or ''}\x1f{client_id}"
 
 
+class _Lane:
+    """One shard's publishes: those of this loop pass (`batch`, sent together by
+    `_send_batch`), and how many batches wait for its command connection (`parked`): while
+    any wait, later ones queue behind them (the link's lock alone cannot say so: it is free
+    before its next waiter runs)."""
+
+    __slots__ = ("batch", "link", "parked")
+
+    def __init__(self, link: RedisLink) -> None:
+        self.link = link
+        self.batch: list[Pending] = []
+        self.parked = 0
+
+
 class RedisBroker:
     name = "redis"
 
     def __init__(
         self,
         hub: Any,
-        link: RedisLink,
+        shards: Shards,
         cluster: RedisCluster,
         *,
         history_ttl_s: float,
@@ -146,7 +163,7 @@ class RedisBroker:
         channel_state_ttl_s: float = 86400,
     ) -> None:
         self._hub = hub
-        self._link = link
+        self._shards = shards
         self._cluster = cluster
         self._dedup_ttl_ms = max(1000, int(dedup_ttl_s * 1000))
         # Every key of a channel expires (nothing a join or publish leaves is kept forever).
@@ -158,31 +175,33 @@ class RedisBroker:
             int(channel_state_ttl_s * 1000), int(history_ttl_s * 1000), self._dedup_ttl_ms
         )
         self._history_ttl_ms = int(history_ttl_s * 1000) or self._state_ttl_ms
-        #: publishes of this loop pass, sent together by `_send_batch`
-        self._batch: list[Pending] = []
-        #: batches waiting for the command connection; while any wait, later ones queue
-        #: behind them (the link's lock alone cannot say so: it is free before its next
-        #: waiter runs)
-        self._parked = 0
+        #: one lane per shard, in the order of `shards.links`
+        self._lanes = [_Lane(link) for link in shards.links]
+        self._single = len(self._lanes) == 1
         self._tasks: list[asyncio.Task[None]] = []
-        link.load_scripts(_PUBLISH, _POSITION)
-        link.listen(self._on_message)
+        for link in shards.links:
+            link.load_scripts(_PUBLISH, _POSITION)
+            link.listen(self._on_message)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the link (raises if Redis cannot be reached at start-up): the command
-        connection with the scripts loaded, and the subscriber."""
-        await self._link.start()
+        """Open the links (raises if a shard cannot be reached at start-up): each one's
+        command connection with the scripts loaded, and its subscriber."""
+        await self._shards.start()
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._link.close()
+        await self._shards.close()
 
     def health(self) -> tuple[str, str]:
-        return self._link.health()
+        return self._shards.health()
+
+    def _lane(self, channel: str) -> _Lane:
+        """The lane of `channel`'s shard."""
+        return self._lanes[0] if self._single else self._lanes[self._shards.index(channel)]
 
     # -- publish ---------------------------------------------------------------------------
 
@@ -215,50 +234,54 @@ class RedisBroker:
         ]
         loop = asyncio.get_running_loop()
         done: asyncio.Future[PublishResult] = loop.create_future()
-        if not self._batch:
-            loop.call_soon(self._send_batch)
-        self._batch.append((call, done))
+        lane = self._lanes[0] if self._single else self._lanes[self._shards.index(name)]
+        if not lane.batch:
+            loop.call_soon(self._send_batch, lane)
+        lane.batch.append((call, done))
         return done
 
-    def _send_batch(self) -> None:
-        """Send this loop pass's publishes, in the order they were made. While the command
-        connection reconnects they wait for it (the link's lock), behind the batches before
-        them."""
-        batch, self._batch = self._batch, []
-        conn = self._usable_now()
+    def _send_batch(self, lane: _Lane) -> None:
+        """Send this loop pass's publishes to one shard, in the order they were made. While
+        its command connection reconnects they wait for it (the link's lock), behind the
+        batches before them."""
+        batch, lane.batch = lane.batch, []
+        conn = self._usable_now(lane)
         if conn is None:
-            self._parked += 1
-            self._spawn(self._send_when_connected(batch))
+            lane.parked += 1
+            self._spawn(self._send_when_connected(lane, batch))
             return
         for start in range(0, len(batch), BATCH_MAX):
-            self._run_batch(conn, batch[start : start + BATCH_MAX], "EVALSHA")
+            self._run_batch(lane, conn, batch[start : start + BATCH_MAX], "EVALSHA")
 
-    async def _send_when_connected(self, batch: list[Pending]) -> None:
+    async def _send_when_connected(self, lane: _Lane, batch: list[Pending]) -> None:
         try:
-            conn = await self._link.commands()
+            conn = await lane.link.commands()
         except (RedisError, OSError) as exc:
-            self._published(batch, "EVAL", None, exc)
+            self._published(lane, batch, "EVAL", None, exc)
             return
         except BaseException:  # cancelled (the broker is closing)
-            self._published(batch, "EVAL", None, RedisConnectionError("the broker is closing"))
+            closing = RedisConnectionError("the broker is closing")
+            self._published(lane, batch, "EVAL", None, closing)
             raise
         finally:
-            self._parked -= 1
+            lane.parked -= 1
         for start in range(0, len(batch), BATCH_MAX):
-            self._run_batch(conn, batch[start : start + BATCH_MAX], "EVALSHA")
+            self._run_batch(lane, conn, batch[start : start + BATCH_MAX], "EVALSHA")
 
-    def _run_batch(self, conn: resp.RespConnection, batch: list[Pending], how: str) -> None:
+    def _run_batch(
+        self, lane: _Lane, conn: resp.RespConnection, batch: list[Pending], how: str
+    ) -> None:
         keys = [key for call, _ in batch for key in call[:3]]
         args = [arg for call, _ in batch for arg in call[3:]]
         script = _PUBLISH_SHA if how == "EVALSHA" else _PUBLISH
-        handler = partial(self._published, batch, how)
+        handler = partial(self._published, lane, batch, how)
         try:
             conn.request(handler, how, script, len(keys), *keys, *args)
         except RedisError as exc:
             handler(None, exc)
 
     def _published(
-        self, batch: list[Pending], how: str, reply: Any, exc: BaseException | None
+        self, lane: _Lane, batch: list[Pending], how: str, reply: Any, exc: BaseException | None
     ) -> None:
         """The publish script's answer: each future gets (offset, timestamp, duplicate), or
         BrokerUnavailable when Redis did not confirm it (never a false ack)."""
@@ -268,50 +291,55 @@ class RedisBroker:
                     offset, _, stamp = seen.decode().partition("|")
                     done.set_result((int(offset), stamp, bool(duplicate)))
             return
-        conn = self._link.command_connection
+        conn = lane.link.command_connection
         if isinstance(exc, NoScriptError) and how == "EVALSHA" and conn is not None:
             # SCRIPT FLUSH since this connection loaded it: send the script itself, once
-            self._run_batch(conn, batch, "EVAL")
+            self._run_batch(lane, conn, batch, "EVAL")
             return
-        self._link.degraded(exc)
+        lane.link.degraded(exc)
         for _, done in batch:
             if not done.done():
                 failure = BrokerUnavailable("broker unavailable: the message was not published")
                 failure.__cause__ = exc
                 done.set_exception(failure)
 
-    async def _script(self, script: str, sha: str, numkeys: int, args: list[Any]) -> Any:
-        """Run a Lua script on the command connection. Calls are written in the order they
-        are made (while it reconnects, they queue on the link's lock in that order too), and Redis
-        runs them in that order: a sender's messages get offsets in the order it sent
-        them, and a burst goes out in one write."""
-        conn = self._usable_now() or await self._link.commands()
+    async def _script(
+        self, lane: _Lane, script: str, sha: str, numkeys: int, args: list[Any]
+    ) -> Any:
+        """Run a Lua script on the command connection of `lane`'s shard. Calls are written in
+        the order they are made (while it reconnects, they queue on the link's lock in that
+        order too), and Redis runs them in that order: a sender's messages get offsets in the
+        order it sent them, and a burst goes out in one write."""
+        conn = self._usable_now(lane) or await lane.link.commands()
         try:
             return await conn.call("EVALSHA", sha, numkeys, *args)
         except NoScriptError:  # SCRIPT FLUSH since this connection loaded it
-            return await (await self._link.commands()).call("EVAL", script, numkeys, *args)
+            return await (await lane.link.commands()).call("EVAL", script, numkeys, *args)
 
-    def _usable_now(self) -> resp.RespConnection | None:
-        """The command connection, if a call may be written on it now: usable (the link),
-        and no batch of ours still waiting for it (to go after them is to keep the order)."""
-        if self._parked:
+    def _usable_now(self, lane: _Lane) -> resp.RespConnection | None:
+        """The command connection of `lane`'s shard, if a call may be written on it now:
+        usable (the link), and no batch of ours still waiting for it (to go after them is to
+        keep the order)."""
+        if lane.parked:
             return None
-        return self._link.usable_now()
+        return lane.link.usable_now()
 
     # -- positions and recovery ------------------------------------------------------------
 
     async def recover(self, channel: str, since: int | None, epoch: str | None) -> Recovery:
-        await self._link.subscribe(PUB + channel)
+        lane = self._lane(channel)
+        await lane.link.subscribe(PUB + channel)
         since_arg = -1 if since is None else since
         try:
             offset, current, entries = await self._script(
+                lane,
                 _POSITION,
                 _POSITION_SHA,
                 2,
                 [*_keys(channel), since_arg, new_epoch(), self._state_ttl_ms],
             )
         except (RedisError, OSError) as exc:
-            self._link.degraded(exc)
+            lane.link.degraded(exc)
             raise
         current_epoch = current.decode()
         offset = int(offset)
@@ -325,18 +353,23 @@ class RedisBroker:
         return Recovery(frames if complete else [], offset, current_epoch, complete)
 
     async def position(self, channel: str) -> tuple[int, str]:
+        lane = self._lane(channel)
         try:
             offset, epoch, _ = await self._script(
-                _POSITION, _POSITION_SHA, 2, [*_keys(channel), -1, new_epoch(), self._state_ttl_ms]
+                lane,
+                _POSITION,
+                _POSITION_SHA,
+                2,
+                [*_keys(channel), -1, new_epoch(), self._state_ttl_ms],
             )
         except (RedisError, OSError) as exc:
-            self._link.degraded(exc)
+            lane.link.degraded(exc)
             raise BrokerUnavailable(f"channel position not read: {exc}") from exc
         return (int(offset), epoch.decode())
 
     async def forget(self, channel: str) -> None:
         try:
-            await self._link.redis.delete(*_keys(channel))
+            await self._lane(channel).link.redis.delete(*_keys(channel))
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"channel history not deleted: {exc}") from exc
 
@@ -344,16 +377,17 @@ class RedisBroker:
 
     def sweep(self) -> None:
         """Unsubscribe from channels that no longer have a member on this worker."""
-        idle = []
-        for target in self._link.subscribed:
-            ch = self._hub.channel(target[len(PUB) :])
-            if ch is None or ch.member_count == 0:
-                idle.append(target)
-        if idle:
-            self._link.unsubscribe(idle)
+        for link in self._shards.links:
+            idle = []
+            for target in link.subscribed:
+                ch = self._hub.channel(target[len(PUB) :])
+                if ch is None or ch.member_count == 0:
+                    idle.append(target)
+            if idle:
+                link.unsubscribe(idle)
 
     def _on_message(self, target: bytes, data: bytes) -> None:
-        """A publication from the link's subscriber: to this worker's members of its
+        """A publication from a link's subscriber: to this worker's members of its
         channel (not to its sender when that is here and does not want its echo)."""
         ch = self._hub.channel(target[len(PUB_B) :].decode())
         if ch is None:

@@ -14,6 +14,12 @@ refreshes when told on `aether:config` (watched on the link's subscriber, read a
 full after the subscriber was lost). `stores/redis.py` reads and writes them through the
 public methods below (`config`, `configs`, `put_config`, `delete_config`).
 
+All of it has one home: with shards (a BROKER_URL list, `redis_shards.py`) the link it is
+given is the first shard's in canonical order, and this state lives on no other shard
+(every node must list the same shards). While the home is down the configs cannot change
+(writes raise BrokerUnavailable) and the other workers' figures stay as last read; the
+other shards' channels work on.
+
 The Redis broker asks it whether the sender of a publication is here (`local_session`);
 the bound worker (`bind`, by `app.wire`) answers that and the rest of `ClusterEvents`.
 Everything goes through redis-py's pool of the link; the link is opened by the broker, so

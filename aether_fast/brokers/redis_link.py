@@ -15,8 +15,10 @@ reads the other's state.
 - health: what is broken, by part ("commands", "pubsub"); healthy only when both work. The
   text of a fault goes to the log once per change, /health shows only the reason code.
 
-The broker opens the link (`start`, with its own start) and closes it (`close`); the
-cluster uses it in between.
+A link is one Redis server: with shards (a BROKER_URL list) each has its own link, named by
+its place in the canonical order (`shard`, in its log lines), and `redis_shards.Shards`
+says which link holds a channel. The broker opens the links (`start`, with its own start)
+and closes them (`close`); the cluster uses the home's in between.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from redis.exceptions import RedisError
 from aether_fast import logs
 from aether_fast.brokers import resp
 from aether_fast.brokers.base import BROKER_UNAVAILABLE
+from aether_fast.config import shard_key
 
 #: Every key and pub/sub channel of aether-fast in Redis starts with this.
 PREFIX = "aether:"
@@ -45,8 +48,14 @@ STALL_S = 5.0
 
 
 class RedisLink:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, shard: int | None = None) -> None:
         self.url = url
+        #: this Redis's place among the shards (None: the only one); in its log lines, with
+        #: the server it names (no credentials)
+        self.shard = shard
+        self._where: dict[str, object] = (
+            {} if shard is None else {"shard": shard, "redis": shard_key(url)}
+        )
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=POOL_SIZE, timeout=5, socket_timeout=5
         )
@@ -134,14 +143,14 @@ class RedisLink:
         retry, nor per request); /health shows only the reason code."""
         reason = f"redis: {exc.__class__.__name__}: {exc}"
         if self._faults.get(part) != reason:
-            logs.log("error", "broker_degraded", "broker", part=part, reason=reason)
+            logs.log("error", "broker_degraded", "broker", part=part, reason=reason, **self._where)
         self._faults[part] = reason
 
     def recovered(self, part: str) -> None:
         """`part` works again. The subscriber counts apart from commands: until it is back,
         publications for this worker's members would be lost, so it is not healthy yet."""
         if self._faults.pop(part, None) is not None and not self._faults:
-            logs.log("info", "broker_recovered", "broker")
+            logs.log("info", "broker_recovered", "broker", **self._where)
 
     # -- the command connection ------------------------------------------------------------
 
@@ -231,12 +240,16 @@ class RedisLink:
 
     async def _open_subscriber(self) -> resp.RespConnection:
         """Connect the subscriber and subscribe again to everything wanted, the watched
-        channels first. It is healthy again when Redis confirms the first (`_on_push`)."""
+        channels first. It is healthy again when Redis confirms the first (`_on_push`), or
+        answers a PING when nothing is wanted (a shard none of whose channels has members
+        here watches nothing)."""
         sub = await resp.connect(self.url, self._on_push)
         wanted = [*(c.decode() for c in self._watched), *(self._subscribed | set(self._confirm))]
         self._subscribed.clear()
         if wanted:
             sub.send("SUBSCRIBE", *wanted)
+        else:
+            sub.send("PING")
         return sub
 
     async def _subscriber_forever(self) -> None:
@@ -270,6 +283,9 @@ class RedisLink:
                 self._sub.abort()
             return
         try:
+            if reply == b"PONG":  # the PING of a subscriber with nothing to subscribe
+                self.recovered("pubsub")
+                return
             kind = reply[0]
             if kind == b"message":
                 target: bytes = reply[1]

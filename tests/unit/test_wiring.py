@@ -17,7 +17,7 @@ from aether_fast.brokers.cluster import Cluster, SingleWorker
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.brokers.redis import RedisBroker
 from aether_fast.brokers.redis_cluster import RedisCluster
-from aether_fast.brokers.redis_link import RedisLink
+from aether_fast.brokers.redis_shards import Shards
 from aether_fast.config import load_config
 from aether_fast.stores.sqlite import ChannelStore
 from tests.conftest import ROOT
@@ -41,10 +41,10 @@ def test_node_does_not_wire_itself_app_wire_does(tmp_path: Path) -> None:
 
         # the Redis cluster holds the Node's ClusterEvents once bound (no connection needed)
         hub = make_hub(loop)
-        link = RedisLink("redis://127.0.0.1:1")
-        redis_cluster = RedisCluster(link)
+        shards = Shards(["redis://127.0.0.1:1"])
+        redis_cluster = RedisCluster(shards.home)
         redis = RedisBroker(
-            hub, link, redis_cluster, history_ttl_s=60, dedup_ttl_s=60, channel_state_ttl_s=60
+            hub, shards, redis_cluster, history_ttl_s=60, dedup_ttl_s=60, channel_state_ttl_s=60
         )
         parts = control_plane(config, hub, redis, redis_cluster, store, Authenticator(config))
         node = parts.node
@@ -116,6 +116,7 @@ REDIS_SIDE = (
     "aether_fast/brokers/redis.py",
     "aether_fast/brokers/redis_cluster.py",
     "aether_fast/brokers/redis_link.py",
+    "aether_fast/brokers/redis_shards.py",
     "aether_fast/stores/redis.py",
     "aether_fast/app.py",
 )
