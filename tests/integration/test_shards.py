@@ -268,6 +268,11 @@ def test_one_shard_down_degrades_only_its_channels_then_recovers(
         with Client(b.ws_url, token=b.token("rec"), channel=up, since=2 * half, epoch=epoch) as r:
             assert joined(r, up)["recovered"] is True
             assert messages(r, 1)[0]["data"]["content"] == "still here"
+        # admin: a channel's view on the live shard is read; the list, which reads every
+        # live channel's position, is refused while one of them is on the dead shard
+        assert a.http("GET", f"/ws/channels/{up}", token=a.admin())[0] == 200
+        assert a.http("GET", f"/ws/channels/{down}", token=a.admin())[0] == 503
+        assert a.http("GET", "/ws/channels", token=a.admin())[0] == 503
         # the dead shard's channels refuse publishes and joins with the documented errors
         seq = pub.publish(down, "refused")
         err = expect_error(pub, "INTERNAL_ERROR")
