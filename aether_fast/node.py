@@ -347,12 +347,12 @@ class Node:
         if isinstance(recovery, Recovery):
             self._joined(s, name, since, recovery)
         else:
-            # an asynchronous broker: live frames are held until the replay is sent, and at
-            # open what the client sends too: the join reply is its first frame
-            # (docs/protocol.md §2)
+            # an asynchronous broker: live frames are held until the replay is sent, and
+            # what the client sends until the reply (at open: the reply is its first frame;
+            # later: a publication sent right after the join comes after it, not lost
+            # below the position the join reads), docs/protocol.md §2
             s.hold(name)
-            if opening:
-                s.hold_messages()
+            s.hold_messages(opening)
             self._spawn(self._join_later(s, name, since, recovery, opening))
         return None
 
@@ -395,8 +395,9 @@ class Node:
         try:
             await self._answer_join(s, name, since, pending, opening)
         finally:
-            if opening:  # the join's reply, or its error, is out: now what came meanwhile
-                self._release_messages(s)
+            # the join's reply, or its error, is out: now what came meanwhile (once no
+            # other join holds it)
+            self._release_messages(s)
 
     async def _answer_join(
         self,
@@ -430,8 +431,9 @@ class Node:
             s.drop_held(name)
 
     def _release_messages(self, s: Session) -> None:
-        """The initial join is answered: what the client sent meanwhile is handled now, in
-        order. A bug there closes the connection (1011), as it would on arrival."""
+        """A join is answered: what the client sent meanwhile is handled now, in order, if
+        no other join holds it. A bug there closes the connection (1011), as it would on
+        arrival."""
         try:
             s.release_messages()
         except Exception as exc:

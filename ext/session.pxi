@@ -17,13 +17,17 @@
 # Pongs and continuation frames carry no message of their own: every FREE_FRAMES_PER_TOKEN-th
 # of them takes a token (refused: a refusal, no error), so that no frame is free for ever.
 #
-# The first frame is the welcome (docs/protocol.md §2): while the join of the upgrade's
-# `channel` waits for an asynchronous broker (`hold_messages`, by the Node), what the client
+# Answers in the order sent across a join (docs/protocol.md §2): while a join of this
+# connection waits for an asynchronous broker (`hold_messages`, by the Node), what the client
 # sends is held in `inbound` — messages, over-size messages and pings, each having taken its
-# budget token as it came — and handled in order once the join is answered
-# (`release_messages`). At most HELD_MESSAGES of them and HELD_MESSAGE_SIZES x
-# MAX_MESSAGE_BYTES of their bytes: one more closes the connection with 1008. Otherwise
-# `inbound` is None: one test of it on the message path, nothing held.
+# budget token as it came — and handled in order once every join then waiting is answered
+# (`release_messages`); so the join of the upgrade's `channel` is the first frame, and a
+# publication sent right after a join comes after its reply. A join that comes while
+# nothing is held starts at once, beside the others waiting (not after the initial one):
+# once something is held nothing new starts, so the joins it waits for only get fewer.
+# At most HELD_MESSAGES held and HELD_MESSAGE_SIZES x MAX_MESSAGE_BYTES of their bytes: one
+# more closes the connection with 1008. Otherwise `inbound` is None: one test of it on the
+# message path, nothing held.
 
 #: The least strikes a session has (the `strikes` bucket holds the budget's capacity when
 #: that is more: a client may have sent one budget's worth of frames before it heard the
@@ -40,9 +44,10 @@ cdef int FREE_FRAMES_PER_TOKEN = 64
 #: a join whose replay would pass it is answered `recovered: false` (`Session.replay_fits`).
 cdef Py_ssize_t REPLAY_LIMITS = 16
 
-#: Messages (and pings) a connection may send while its initial join waits for the broker,
-#: and their bytes, in MAX_MESSAGE_BYTES: one more closes it (1008, `hold_limit_close`).
-#: A well-behaved client waits for the welcome, or sends less than its budget (50 by default).
+#: Messages (and pings) a connection may have held while its joins wait for the broker, and
+#: their bytes, in MAX_MESSAGE_BYTES: one more closes it (1008, `hold_limit_close`). A
+#: well-behaved client keeps fewer than 10 frames unanswered (the bundled ones 8), or sends
+#: less than its budget (50 by default).
 cdef Py_ssize_t HELD_MESSAGES = 64
 cdef Py_ssize_t HELD_MESSAGE_SIZES = 4
 #: What a held entry is when it is not a message (whose kind is its opcode).
@@ -73,6 +78,19 @@ cdef inline bint valid_channel_name(object name):
 def channel_name_ok(object name) -> bool:
     """`valid_channel_name` (for tests: it must agree with protocol.CHANNEL_NAME_RE)."""
     return valid_channel_name(name)
+
+
+cdef bint is_join(int opcode, bytes payload) except -1:
+    """Whether a message is a `connection/connect` (a join; valid or not, its budget token
+    taken or not): what may start while other joins wait for the broker."""
+    if opcode != WSMsgType.TEXT:
+        return False
+    try:
+        msg = _loads(payload)
+    except JSONDecodeError:
+        return False
+    return (type(msg) is dict and (<dict>msg).get("type") == "connection"
+            and (<dict>msg).get("action") == "connect")
 
 
 cdef class Replay:
@@ -121,9 +139,11 @@ cdef class Session(Connection):
     cdef Py_ssize_t held_bytes
     cdef list replays         # Replay entries still being written, oldest first, or None
     cdef bint pumping
-    # (kind, payload, budget wait) of what came while the initial join waits, or None
+    # (kind, payload, budget wait) of what came while joins wait for the broker, or None
     cdef list inbound
     cdef Py_ssize_t inbound_bytes
+    cdef int joins_waiting    # joins that hold messages (`hold_messages`) not answered yet
+    cdef bint welcoming       # one of them is the initial join: no other join starts
 
     def __init__(self, Hub hub, str client_id, object claims, str peer):
         Connection.__init__(self, hub, peer, hub.max_message_bytes)
@@ -142,6 +162,8 @@ cdef class Session(Connection):
         self.pumping = False
         self.inbound = None
         self.inbound_bytes = 0
+        self.joins_waiting = 0
+        self.welcoming = False
         self.budget = None
         self.refusals = 0
         self.strikes.capacity = 0.0
@@ -156,6 +178,7 @@ cdef class Session(Connection):
         self.held_bytes = 0
         self.inbound = None
         self.inbound_bytes = 0
+        self.joins_waiting = 0
         self.hub.node.on_close(self)
 
     cdef void slow_reader_event(self, str reason) except *:
@@ -282,7 +305,7 @@ cdef class Session(Connection):
     cdef void on_message(self, int opcode, bytes payload):
         self.hub.messages_in += 1
         cdef double wait = self.take()
-        if self.inbound is not None:
+        if self.inbound is not None and not self.starts_now(opcode, payload):
             self.hold_message(opcode, payload, wait)
             return
         self.handle_message(opcode, payload, wait)
@@ -421,17 +444,29 @@ cdef class Session(Connection):
                         None)
         self.close(CloseCode.AUTH, "token expired")
 
-    # -- the initial join: what the client sends meanwhile waits for its reply ------------
+    # -- joins waiting for the broker: what the client sends meanwhile waits for them ------
 
-    def hold_messages(self):
+    def hold_messages(self, bint first=False):
         """Hold what this connection sends (messages, over-size messages, the answers to its
-        pings) until `release_messages`: its initial join waits for the broker, and the
-        join's reply must be the first frame. Each still takes its budget token as it
-        comes; past HELD_MESSAGES entries or HELD_MESSAGE_SIZES x MAX_MESSAGE_BYTES bytes the
-        connection is closed (1008)."""
+        pings) until this join, and every other one holding, is answered: each calls
+        `release_messages` once. `first`: the initial join, whose reply must be the first
+        frame (no other join starts meanwhile). Each held message still takes its budget
+        token as it comes; past HELD_MESSAGES entries or HELD_MESSAGE_SIZES x
+        MAX_MESSAGE_BYTES bytes the connection is closed (1008)."""
+        self.joins_waiting += 1
+        if first:
+            self.welcoming = True
         if self.inbound is None and not self.closing:
             self.inbound = []
             self.inbound_bytes = 0
+
+    cdef bint starts_now(self, int opcode, bytes payload) except -1:
+        """Whether a message that comes while joins wait is handled at once: a join, when
+        nothing is held before it and the initial join is answered (it starts beside the
+        others; what comes after it waits for all of them)."""
+        if self.welcoming or PyList_GET_SIZE(self.inbound) > 0:
+            return False
+        return is_join(opcode, payload)
 
     cdef void hold_message(self, int kind, bytes payload, double wait) except *:
         cdef Py_ssize_t size = PyBytes_GET_SIZE(payload) if payload is not None else 0
@@ -442,28 +477,49 @@ cdef class Session(Connection):
             self.inbound = None
             self.inbound_bytes = 0
             self.hub.node.security_event(self, "hold_limit_close",
-                                         "more than %d messages or %d bytes before the welcome"
+                                         "more than %d messages or %d bytes held for a join"
                                          % (HELD_MESSAGES, HELD_MESSAGE_SIZES * self.max_message))
-            self.close(CloseCode.POLICY, "too much sent before the first frame")
+            self.close(CloseCode.POLICY, "too much sent while a join waits")
             return
         self.inbound.append((kind, payload, wait))
         self.inbound_bytes += size
 
     def release_messages(self):
-        """The initial join is answered, or failed: handle what was held meanwhile, in the
-        order it came and as it would have been handled then (its budget tokens were taken
-        then: a refused one gets its RATE_LIMITED now), and hold nothing more."""
-        cdef list held = self.inbound
+        """A join that holds messages is answered, or failed. Once none is left waiting,
+        handle what was held, in the order it came and as it would have been handled then
+        (its budget tokens were taken then: a refused one gets its RATE_LIMITED now). A held
+        join that waits for the broker in turn holds what follows it again (joins right
+        behind it start with it)."""
+        cdef list held
         cdef tuple entry
         cdef int kind
+        cdef Py_ssize_t i, n, size
+        if self.joins_waiting > 0:
+            self.joins_waiting -= 1
+        if self.joins_waiting > 0:
+            return
+        self.welcoming = False
+        held = self.inbound
         self.inbound = None
         self.inbound_bytes = 0
         if held is None:
             return
-        for entry in held:
+        n = PyList_GET_SIZE(held)
+        for i in range(n):
             if self.closing:  # one of them closed the connection (1007, 1008, 4001...)
                 return
+            entry = <tuple>held[i]
             kind = entry[0]
+            if self.inbound is not None and not (
+                    kind >= 0 and is_join(kind, <bytes>entry[1])):
+                # a held join waits for the broker: the rest waits for it (and those with it)
+                self.inbound = held[i:]
+                size = 0
+                for entry in self.inbound:
+                    if entry[1] is not None:
+                        size += PyBytes_GET_SIZE(<bytes>entry[1])
+                self.inbound_bytes = size
+                return
             if kind == HELD_PING:
                 if <double>entry[2] == 0.0:
                     self.enqueue_frame(<bytes>entry[1])

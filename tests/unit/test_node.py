@@ -21,6 +21,7 @@ from picows.picows import _make_test_ws_frame
 from aether_fast._core import Session
 from aether_fast.app import ControlPlane, control_plane, wire
 from aether_fast.auth import Authenticator, Claims, mint_token
+from aether_fast.brokers.base import BrokerUnavailable, Recovery
 from aether_fast.brokers.cluster import SingleWorker
 from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.config import Config, load_config
@@ -403,6 +404,118 @@ def test_more_held_than_the_bound_closes_1008(world: World) -> None:
     assert not alice.session.holds_messages
     alice.session.release_messages()  # as the Node does once the join is answered: nothing
     assert alice.received() == []
+
+
+class LateBroker(MemoryBroker):
+    """The memory broker, except that a join's position comes when the test says
+    (`answer`), as an asynchronous broker's (Redis) does: its `recover` returns a future."""
+
+    def __init__(self, hub: Any) -> None:
+        super().__init__(hub, history_ttl_s=60, dedup_ttl_s=60)
+        self.waiting: dict[str, tuple[asyncio.Future[Recovery], int | None, str | None]] = {}
+
+    def recover(  # type: ignore[override]
+        self, channel: str, since: int | None, epoch: str | None
+    ) -> asyncio.Future[Recovery]:
+        future: asyncio.Future[Recovery] = asyncio.get_running_loop().create_future()
+        self.waiting[channel] = (future, since, epoch)
+        return future
+
+    def answer(self, world: World, channel: str, fail: bool = False) -> None:
+        """The join of `channel` reads the position now (or fails), and the Node's task
+        that waits for it runs."""
+        future, since, epoch = self.waiting.pop(channel)
+        if fail:
+            future.set_exception(BrokerUnavailable("broker down"))
+        else:
+            future.set_result(MemoryBroker.recover(self, channel, since, epoch))
+        for _ in range(5):
+            world.loop.run_until_complete(asyncio.sleep(0))
+
+
+def sent_in_loop(world: World, client: Client, *messages: tuple[str, str, dict[str, Any]]) -> None:
+    """`client` sends `messages`, inside the running loop (a join that waits spawns a task)."""
+
+    async def send() -> None:
+        for message in messages:
+            client.send(*message)
+
+    world.loop.run_until_complete(send())
+
+
+def publication(channel: str, seq: int) -> tuple[str, str, dict[str, Any]]:
+    return ("message", "send", {"channel": channel, "content": "x", "metadata": {"sequence": seq}})
+
+
+def join(channel: str) -> tuple[str, str, dict[str, Any]]:
+    return ("connection", "connect", {"channel": channel})
+
+
+def labels(frames: list[dict[str, Any]]) -> list[str]:
+    """`join:chat` (with its offset), `copy:chat:1` (offset), `ack:1`, `status` or the code."""
+    out = []
+    for f in frames:
+        if f["type"] == "error":
+            out.append(f"{f['code']}:{f['details']['channel']}")
+        elif (f["type"], f["action"]) == ("connection", "connect"):
+            out.append(f"join:{f['data']['channel']}@{f['data']['offset']}")
+        elif f["action"] == "send":
+            out.append(f"copy:{f['data']['channel']}:{f['data']['metadata']['offset']}")
+        elif f["action"] == "ack":
+            out.append(f"ack:{f['data']['metadata']['offset']}")
+        else:
+            out.append(f["action"])
+    return out
+
+
+def test_a_publication_right_after_a_later_join_comes_after_its_reply(
+    make_world: Any,
+) -> None:
+    """docs/protocol.md §2: a join that waits for the broker holds what the client sends
+    next; once it is answered, the reply comes first (offset 0), then the own copy and the
+    ack of the publication (offset 1): not dropped as at or below the join's position."""
+    world = make_world({}, broker=LateBroker)
+    alice = world.open("a1", "alice")
+    alice.session.echo = True
+    alice.received()
+    sent_in_loop(world, alice, join("chat"), publication("chat", 1), ("system", "status", {}))
+    assert alice.received() == [] and alice.session.holds_messages
+    world.broker.answer(world, "chat")
+    assert labels(alice.received()) == ["join:chat@0", "copy:chat:1", "ack:1", "status"]
+    assert not alice.session.holds_messages
+
+
+def test_joins_behind_a_join_start_with_it_and_what_follows_waits_for_all(
+    make_world: Any,
+) -> None:
+    """A join that comes while nothing is held starts beside the one waiting; a message
+    waits for every join waiting when it came; a join held behind it starts once it is
+    handled, and holds what follows. A failed join releases what it held too."""
+    world = make_world({}, broker=LateBroker)
+    alice = world.open("a1", "alice")
+    alice.received()
+    sent_in_loop(
+        world,
+        alice,
+        join("a"),
+        join("b"),  # starts at once
+        publication("a", 1),  # held: waits for a and b
+        join("c"),  # held behind it
+        publication("c", 2),
+        join("d"),
+        publication("d", 3),
+    )
+    assert set(world.broker.waiting) == {"a", "b"}
+    world.broker.answer(world, "b")
+    assert labels(alice.received()) == ["join:b@0"]  # the reply is not held, the rest is
+    world.broker.answer(world, "a")
+    assert labels(alice.received()) == ["join:a@0", "ack:1"]
+    assert set(world.broker.waiting) == {"c"}
+    world.broker.answer(world, "c", fail=True)
+    assert labels(alice.received()) == ["INTERNAL_ERROR:c", "NOT_A_MEMBER:c"]
+    world.broker.answer(world, "d")
+    assert labels(alice.received()) == ["join:d@0", "ack:1"]
+    assert not alice.session.holds_messages and not world.broker.waiting
 
 
 # -- leave, publish, presence --------------------------------------------------------------
