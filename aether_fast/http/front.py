@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Protocol, cast
@@ -88,6 +88,15 @@ class Response:
         **details: object,
     ) -> Response:
         return cls.json(status, error_body(code, message, "http", reason, **details), headers)
+
+    @classmethod
+    def method_not_allowed(cls, method: str, allowed: Iterable[str]) -> Response:
+        """405 for `method`, naming the `allowed` methods (the Allow header too)."""
+        allow = ", ".join(sorted(allowed))
+        reason = f"{method} is not allowed here; allowed: {allow}"
+        return cls.error(
+            405, ErrorCode.INVALID_MESSAGE, "method not allowed", reason, (("Allow", allow),)
+        )
 
     def encode(self, keep_alive: bool, head: bool = False) -> bytes:
         """The response bytes; `head`: the answer to a HEAD request (headers only)."""
