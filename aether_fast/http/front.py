@@ -181,11 +181,9 @@ class PendingSockets:
         return True
 
     def release_peer(self, peer: str) -> None:
-        held = self._by_peer.get(peer, 0) - 1
+        held = self._by_peer.pop(peer, 0) - 1
         if held > 0:
             self._by_peer[peer] = held
-        else:
-            self._by_peer.pop(peer, None)
 
 
 @dataclass(frozen=True, slots=True)
