@@ -26,7 +26,8 @@ from aether_fast.brokers.redis import RedisBroker
 from aether_fast.brokers.redis_cluster import RedisCluster
 from aether_fast.brokers.redis_shards import Shards
 from aether_fast.config import Config
-from aether_fast.http.front import PendingSockets, front_factory
+from aether_fast.http import front
+from aether_fast.http.front import PendingSockets, Port, front_factory
 from aether_fast.http.routes import Router
 from aether_fast.http.upgrade import WebSocketUpgrader
 from aether_fast.metrics import Metrics, PrometheusRouter
@@ -61,6 +62,17 @@ def _tls(config: Config) -> ssl.SSLContext | None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(config.tls_cert_file, config.tls_key_file)
     return ctx
+
+
+def _port(
+    config: Config, name: str, router: front.Router, upgrader: front.Upgrader | None, max_body: int
+) -> Port:
+    """What the sockets of the port `name` share: the first request's deadline and the cap on
+    pending sockets are every port's (HANDSHAKE_TIMEOUT_S, MAX_PENDING_CONNECTIONS[_PER_PEER])."""
+    pending = PendingSockets(
+        config.max_pending_connections, config.max_pending_connections_per_peer, name
+    )
+    return Port(router, upgrader, max_body, config.handshake_timeout_s, pending)
 
 
 def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -183,15 +195,7 @@ async def start(config: Config) -> Worker:
     tls = _tls(config)
     servers = [
         await loop.create_server(
-            front_factory(
-                router,
-                upgrader,
-                config.max_http_body_bytes,
-                config.handshake_timeout_s,
-                PendingSockets(
-                    config.max_pending_connections, config.max_pending_connections_per_peer, "ws"
-                ),
-            ),
+            front_factory(_port(config, "ws", router, upgrader, config.max_http_body_bytes)),
             sock=_listen(config.ws_host, config.ws_port, reuse_port=config.workers > 1),
             ssl=tls,
             # a stalled handshake is closed; the front's first-request deadline, which
@@ -204,17 +208,7 @@ async def start(config: Config) -> Worker:
         prom = PrometheusRouter(parts.status, config)
         servers.append(
             await loop.create_server(
-                front_factory(
-                    prom,
-                    None,
-                    1024,
-                    config.handshake_timeout_s,
-                    PendingSockets(
-                        config.max_pending_connections,
-                        config.max_pending_connections_per_peer,
-                        "metrics",
-                    ),
-                ),
+                front_factory(_port(config, "metrics", prom, None, 1024)),
                 sock=_listen(config.metrics_host, config.metrics_port, config.workers > 1),
             )
         )

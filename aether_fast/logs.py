@@ -21,6 +21,7 @@ import re
 import sys
 import time
 import traceback
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 from typing import Final, TextIO
 
@@ -183,6 +184,7 @@ def _short(value: object) -> object:
     return value
 
 
+@dataclass(eq=False, slots=True)
 class Throttle:
     """At most one line per `every_s` per kind; the lines held back are counted by kind and
     written as one summary line (`summary_event`) per `every_s`, with a sample of peers.
@@ -193,25 +195,17 @@ class Throttle:
     so the counts of a flood that stopped are not held back.
     """
 
-    def __init__(
-        self,
-        component: str,
-        summary_event: str,
-        *,
-        every_s: float = 1.0,
-        max_kinds: int = 32,
-        max_peers: int = 10,
-    ) -> None:
-        self.component = component
-        self.summary_event = summary_event
-        self.every_s = every_s
-        self.max_kinds = max_kinds
-        self.max_peers = max_peers
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-        self._peers: set[str] = set()
-        #: when the oldest line held back was: its summary is due `every_s` later
-        self._held_since = 0.0
+    component: str
+    summary_event: str
+    _: KW_ONLY
+    every_s: float = 1.0
+    max_kinds: int = 32
+    max_peers: int = 10
+    _last: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _held: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _peers: set[str] = field(default_factory=set, init=False, repr=False)
+    #: when the oldest line held back was: its summary is due `every_s` later
+    _held_since: float = field(default=0.0, init=False, repr=False)
 
     def log(self, level: str, event: str, *, kind: str | None = None, **details: object) -> bool:
         """Write `event` unless a line of its kind (default: the event) was written less than

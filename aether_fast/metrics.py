@@ -164,11 +164,5 @@ class PrometheusRouter:
         if request.path != "/metrics":
             return Response.error(404, ErrorCode.INVALID_MESSAGE, "not found", "only /metrics here")
         if request.method not in ("GET", "HEAD"):
-            return Response.error(
-                405,
-                ErrorCode.INVALID_MESSAGE,
-                "method not allowed",
-                "GET only",
-                (("Allow", "GET"),),
-            )
+            return Response.method_not_allowed(request.method, ("GET",))
         return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)

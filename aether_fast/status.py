@@ -76,11 +76,9 @@ class Status:
 
     def connection_closed(self, key: str) -> int:
         """One connection of `key` fewer; returns how many it still has here."""
-        left = self._per_key.get(key, 1) - 1
+        left = self._per_key.pop(key, 1) - 1
         if left > 0:
             self._per_key[key] = left
-        else:
-            self._per_key.pop(key, None)
         return max(left, 0)
 
     # -- figures ---------------------------------------------------------------------------

@@ -465,13 +465,14 @@ def render_charts(report: Json, out_dir: Path) -> list[str]:
     def bars(
         filename: str,
         title: str,
-        keys: list[str],
-        labels: list[str],
+        cases: list[tuple[str, str]],
         metric: str,
         ylabel: str,
         log: bool = False,
         scale: float = 1.0,
     ) -> None:
+        """A bar a server per case: `cases` are (summary key, tick label) pairs."""
+        keys = [key for key, _ in cases]
         fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(keys) + 3), 4.5))
         width = 0.8 / max(1, len(servers))
         for i, name in enumerate(servers):
@@ -490,7 +491,7 @@ def render_charts(report: Json, out_dir: Path) -> list[str]:
             plt.close(fig)
             return
         ax.set_xticks(range(len(keys)))
-        ax.set_xticklabels(labels)
+        ax.set_xticklabels([label for _, label in cases])
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         if log:
@@ -503,39 +504,17 @@ def render_charts(report: Json, out_dir: Path) -> list[str]:
         made.append(filename)
 
     fan = [(s, w) for s in profile["fanout_subs"] for w in profile["windows"]]
-    bars(
-        "fanout.png",
-        "Fan-out: deliveries/s (higher is better)",
-        [f"fanout S={s} W={w}" for s, w in fan],
-        [f"S={s}\nW={w}" for s, w in fan],
-        "deliveries_per_s",
-        "deliveries/s",
-        log=True,
-    )
+    fan_cases = [(f"fanout S={s} W={w}", f"S={s}\nW={w}") for s, w in fan]
+    title = "Fan-out: deliveries/s (higher is better)"
+    bars("fanout.png", title, fan_cases, "deliveries_per_s", "deliveries/s", log=True)
+    latency_cases = [(f"latency {r}/s", f"{r} msg/s") for r in profile["rates"]]
     for q in ("p50", "p99"):
-        bars(
-            f"latency_{q}.png",
-            f"Latency {q}, {profile['latency_subs']} subscribers (lower is better)",
-            [f"latency {r}/s" for r in profile["rates"]],
-            [f"{r} msg/s" for r in profile["rates"]],
-            f"{q}_ms",
-            "ms",
-            log=True,
-        )
-    bars(
-        "rtt.png",
-        "Round trips/s (higher is better)",
-        [f"rtt C={c}" for c in profile["rtt_conns"]],
-        [f"{c} conn" for c in profile["rtt_conns"]],
-        "round_trips_per_s",
-        "round trips/s",
-    )
-    bars(
-        "connections.png",
-        "Server RSS per idle connection (lower is better)",
-        [f"connections N={n}" for n in profile["conn_counts"]],
-        [f"{n} conns" for n in profile["conn_counts"]],
-        "kib_per_conn",
-        "KiB per connection",
-    )
+        title = f"Latency {q}, {profile['latency_subs']} subscribers (lower is better)"
+        bars(f"latency_{q}.png", title, latency_cases, f"{q}_ms", "ms", log=True)
+    rtt_cases = [(f"rtt C={c}", f"{c} conn") for c in profile["rtt_conns"]]
+    title = "Round trips/s (higher is better)"
+    bars("rtt.png", title, rtt_cases, "round_trips_per_s", "round trips/s")
+    conn_cases = [(f"connections N={n}", f"{n} conns") for n in profile["conn_counts"]]
+    title = "Server RSS per idle connection (lower is better)"
+    bars("connections.png", title, conn_cases, "kib_per_conn", "KiB per connection")
     return made

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Protocol, cast
@@ -88,6 +88,15 @@ class Response:
         **details: object,
     ) -> Response:
         return cls.json(status, error_body(code, message, "http", reason, **details), headers)
+
+    @classmethod
+    def method_not_allowed(cls, method: str, allowed: Iterable[str]) -> Response:
+        """405 for `method`, naming the `allowed` methods (the Allow header too)."""
+        allow = ", ".join(sorted(allowed))
+        reason = f"{method} is not allowed here; allowed: {allow}"
+        return cls.error(
+            405, ErrorCode.INVALID_MESSAGE, "method not allowed", reason, (("Allow", allow),)
+        )
 
     def encode(self, keep_alive: bool, head: bool = False) -> bytes:
         """The response bytes; `head`: the answer to a HEAD request (headers only)."""
@@ -172,11 +181,23 @@ class PendingSockets:
         return True
 
     def release_peer(self, peer: str) -> None:
-        held = self._by_peer.get(peer, 0) - 1
+        held = self._by_peer.pop(peer, 0) - 1
         if held > 0:
             self._by_peer[peer] = held
-        else:
-            self._by_peer.pop(peer, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Port:
+    """What every socket of one listening port shares (each front holds this one reference):
+    where its requests go, the upgrader of its WebSockets (None: it serves no WebSocket), the
+    largest request body, the first request's deadline from the accept, and its count of
+    sockets not yet upgraded."""
+
+    router: Router
+    upgrader: Upgrader | None
+    max_body: int
+    first_request_timeout: float
+    pending: PendingSockets
 
 
 class HttpFront(asyncio.Protocol):
@@ -194,44 +215,29 @@ class HttpFront(asyncio.Protocol):
         "_idle",
         "_in_request",
         "_loop",
-        "_max_body",
         "_next_pass",
         "_parser",
         "_peer",
         "_peer_counted",
-        "_pending",
+        "_port",
         "_read_paused",
-        "_request_timeout",
-        "_router",
         "_slots",
         "_transport",
         "_unparsed",
-        "_upgrader",
         "_url",
         "_write_paused",
     )
 
-    def __init__(
-        self,
-        router: Router,
-        upgrader: Upgrader | None,
-        max_body: int,
-        first_request_timeout: float,
-        pending: PendingSockets,
-    ) -> None:
-        self._router = router
-        self._upgrader = upgrader
-        self._max_body = max_body
-        self._request_timeout = first_request_timeout
-        self._pending = pending
-        self._counted = pending.admit()  # from the accept, TLS handshake included
+    def __init__(self, port: Port) -> None:
+        self._port = port
+        self._counted = port.pending.admit()  # from the accept, TLS handshake included
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         # from the accept: the first request must be complete within the timeout, whatever
         # the TLS handshake before it took
         self._idle: asyncio.TimerHandle | None = self._loop.call_later(
-            first_request_timeout, self._on_idle
+            port.first_request_timeout, self._on_idle
         )
         self._peer = ""
         self._peer_counted = False  # counted in its peer's share of the pending sockets
@@ -265,7 +271,7 @@ class HttpFront(asyncio.Protocol):
             return
         peer = transport.get_extra_info("peername")
         self._peer = str(peer[0]) if peer else ""
-        if not self._pending.admit_peer(self._peer):
+        if not self._port.pending.admit_peer(self._peer):
             self._done = True  # past this address's share of MAX_PENDING_CONNECTIONS
             self._cancel_idle()
             self._release()
@@ -384,7 +390,7 @@ class HttpFront(asyncio.Protocol):
         self._reset()
         # a request must arrive whole within the timeout of its first byte (no slowloris)
         self._in_request = True
-        self._arm(self._request_timeout)
+        self._arm(self._port.first_request_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -396,12 +402,12 @@ class HttpFront(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         length = self._header_value(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self._max_body:
+        if length is not None and length.isdigit() and int(length) > self._port.max_body:
             raise _Refused(self._too_large())
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
-        if self._body_size > self._max_body:
+        if self._body_size > self._port.max_body:
             raise _Refused(self._too_large())
         self._body.append(body)
 
@@ -416,7 +422,7 @@ class HttpFront(asyncio.Protocol):
         slot = _Slot(self._parser.should_keep_alive(), request.method == "HEAD")
         self._slots.append(slot)
         try:
-            response = self._router.handle(request)
+            response = self._port.router.handle(request)
         except Exception as exc:  # a route bug must not take the connection's peers down
             response = _internal_error(exc)
         if isinstance(response, Response):
@@ -468,8 +474,8 @@ class HttpFront(asyncio.Protocol):
             413,
             ErrorCode.MESSAGE_TOO_LARGE,
             "request body too large",
-            f"body over {self._max_body} bytes",
-            limit=self._max_body,
+            f"body over {self._port.max_body} bytes",
+            limit=self._port.max_body,
         )
 
     def _header_value(self, name: bytes) -> str | None:
@@ -495,7 +501,7 @@ class HttpFront(asyncio.Protocol):
     def _on_upgrade(self, rest: bytes) -> None:
         request = self._request()
         assert self._transport is not None
-        upgrader = self._upgrader
+        upgrader = self._port.upgrader
         if upgrader is None or not upgrader.wants(request):
             self._send(
                 Response.error(404, ErrorCode.INVALID_MESSAGE, "not found", "no WebSocket here"),
@@ -549,10 +555,10 @@ class HttpFront(asyncio.Protocol):
         """This socket no longer counts against MAX_PENDING_CONNECTIONS."""
         if self._counted:
             self._counted = False
-            self._pending.count -= 1
+            self._port.pending.count -= 1
         if self._peer_counted:
             self._peer_counted = False
-            self._pending.release_peer(self._peer)
+            self._port.pending.release_peer(self._peer)
 
     def _cancel_idle(self) -> None:
         if self._idle is not None:
@@ -596,14 +602,8 @@ class _Refused(Exception):
         self.response = response
 
 
-def front_factory(
-    router: Router,
-    upgrader: Upgrader | None,
-    max_body: int,
-    first_request_timeout: float,
-    pending: PendingSockets,
-) -> Callable[[], HttpFront]:
+def front_factory(port: Port) -> Callable[[], HttpFront]:
     def make() -> HttpFront:
-        return HttpFront(router, upgrader, max_body, first_request_timeout, pending)
+        return HttpFront(port)
 
     return make

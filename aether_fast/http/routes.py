@@ -86,14 +86,7 @@ class Router:
         method = "GET" if request.method == "HEAD" else request.method
         handler = methods.get(method)
         if handler is None:
-            allow = ", ".join(sorted(methods))
-            return Response.error(
-                405,
-                ErrorCode.INVALID_MESSAGE,
-                "method not allowed",
-                f"{request.method} is not allowed here; allowed: {allow}",
-                (("Allow", allow),),
-            )
+            return Response.method_not_allowed(request.method, methods)
         try:
             answer = handler(request, arg)
         except _Refused as refused:
@@ -120,12 +113,10 @@ class Router:
     def _check_admin(self, request: Request) -> Response | None:
         header = request.header("authorization") or ""
         if header[:7].lower() != "bearer " or not header[7:].strip():
-            return Response.error(
-                401,
+            return _unauthorized(
                 ErrorCode.AUTH_REQUIRED,
                 "admin credentials required",
                 "send Authorization: Bearer <admin token>",
-                (("WWW-Authenticate", "Bearer"),),
             )
         token = header[7:].strip()
         admin_token = self._config.admin_token
@@ -134,9 +125,7 @@ class Router:
         try:
             claims = self._auth.verify(token)
         except AuthError as err:
-            return Response.error(
-                401, err.code, "invalid credentials", err.reason, (("WWW-Authenticate", "Bearer"),)
-            )
+            return _unauthorized(err.code, "invalid credentials", err.reason)
         if not claims.admin:
             return Response.error(
                 403, ErrorCode.FORBIDDEN, "admin rights required", "token is not an admin token"
@@ -256,6 +245,11 @@ def _no_channel(name: str) -> Response:
     return Response.error(
         404, ErrorCode.CHANNEL_NOT_FOUND, "no such channel", "not found", channel=name
     )
+
+
+def _unauthorized(code: str, message: str, reason: str) -> Response:
+    """401 with the Bearer challenge: no admin credentials, or credentials refused."""
+    return Response.error(401, code, message, reason, (("WWW-Authenticate", "Bearer"),))
 
 
 def _field_error(field: str, reason: str) -> Response:

@@ -192,34 +192,44 @@ class WebSocketUpgrader:
         if self._node.shutting_down:
             return Response.error(503, ErrorCode.SERVER_BUSY, "server shutting down", "shutdown")
         if self._hub.active_connections >= self._config.max_connections:
-            logs.security(
-                "connection_refused",
-                kind="connection_refused:max_connections",
-                peer=request.peer,
-                reason="max_connections",
-            )
-            return Response.error(
+            return _refuse(
+                request,
+                "max_connections",
                 503,
                 ErrorCode.SERVER_BUSY,
                 "server is at MAX_CONNECTIONS",
-                "max_connections",
                 (("Retry-After", "1"),),
                 limit=self._config.max_connections,
             )
         origins = self._config.allowed_origins
         origin = request.header("origin")
         if origins and origin is not None and origin.lower() not in origins:
-            logs.security(
-                "connection_refused",
-                kind="connection_refused:origin",
-                peer=request.peer,
-                reason="origin",
-                origin=origin,
-            )
-            return Response.error(
-                403, ErrorCode.FORBIDDEN, "origin not allowed", "origin", origin=origin
+            return _refuse(
+                request, "origin", 403, ErrorCode.FORBIDDEN, "origin not allowed", origin=origin
             )
         return None
+
+
+def _refuse(
+    request: Request,
+    reason: str,
+    status: int,
+    code: str,
+    message: str,
+    headers: tuple[tuple[str, str], ...] = (),
+    **details: object,
+) -> Response:
+    """The upgrade refused for `reason`: a security event (`connection_refused`, of kind
+    `connection_refused:<reason>`, through the throttle), and the answer, which names
+    `reason` and `details` too."""
+    logs.security(
+        "connection_refused",
+        kind=f"connection_refused:{reason}",
+        peer=request.peer,
+        reason=reason,
+        **details,
+    )
+    return Response.error(status, code, message, reason, headers, **details)
 
 
 def _valid_key(key: str | None) -> bool:

@@ -484,6 +484,9 @@ def test_prometheus_port_only_serves_metrics(server: Server) -> None:
     code, body, _ = server.http("GET", "/ws/status", port=server.metrics_port)
     assert code == 404
     assert isinstance(body, dict) and body["type"] == "error", body
+    code, body, headers = server.http("POST", "/metrics", raw=b"", port=server.metrics_port)
+    assert code == 405 and headers["Allow"] == "GET", (body, headers)
+    assert isinstance(body, dict) and body["details"]["reason"].startswith("POST"), body
 
 
 # -- errors for unknown paths and methods ------------------------------------------------------

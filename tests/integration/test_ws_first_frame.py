@@ -243,25 +243,30 @@ def sends(channel: str, n: int, content: str = "m") -> list[bytes]:
     return [text(send_msg(channel, content, i)) for i in range(1, n + 1)]
 
 
+def send_held(setup: Setup, user: str, channel: str, frames: list[bytes], *, over: bool) -> None:
+    """`frames`, the publications of sequences 1..len(frames) to `channel`, sent with the
+    upgrade while the broker is slow. Within the bound (not `over`), and always with the
+    memory broker (it holds nothing: its join is answered at once), each is answered after
+    the welcome; past it (`over`), Redis closes with 1008 before anything else is sent."""
+    srv = setup.srv
+    setup.slow_broker()
+    with pipelined(srv, query(srv, user, channel), frames) as c:
+        if over and setup.is_redis:
+            assert close_code(c) == 1008
+        else:
+            welcome(c, channel)
+            own_publications(setup, c, len(frames), channel)
+            quiet(c)
+
+
 def test_messages_past_the_bound_close_1008_when_held(setup: Setup) -> None:
     """HELD_MESSAGES messages are held and answered; one more closes the connection with
     1008 (docs/protocol.md §12) before anything else is sent, logged `hold_limit_close`.
     The memory broker holds nothing (its join is answered at once): all are answered."""
     srv = setup.srv
     n = HELD_MESSAGES
-    setup.slow_broker()
-    with pipelined(srv, query(srv, "fits", "first.fits"), sends("first.fits", n)) as c:
-        welcome(c, "first.fits")
-        own_publications(setup, c, n, "first.fits")
-        quiet(c)
-    setup.slow_broker()
-    with pipelined(srv, query(srv, "over", "first.over"), sends("first.over", n + 1)) as c:
-        if setup.is_redis:
-            assert close_code(c) == 1008
-        else:
-            welcome(c, "first.over")
-            own_publications(setup, c, n + 1, "first.over")
-            quiet(c)
+    send_held(setup, "fits", "first.fits", sends("first.fits", n), over=False)
+    send_held(setup, "over", "first.over", sends("first.over", n + 1), over=True)
     setup.settle()
     closes = [o for o in srv.log_lines() if o.get("event") == "hold_limit_close"]
     assert [o["data"]["details"]["user_id"] for o in closes] == (
@@ -271,7 +276,6 @@ def test_messages_past_the_bound_close_1008_when_held(setup: Setup) -> None:
 
 def test_bytes_past_the_bound_close_1008_when_held(setup: Setup) -> None:
     """HELD_MESSAGE_SIZES x MAX_MESSAGE_BYTES of messages are held; past it, 1008."""
-    srv = setup.srv
 
     def big(channel: str, n: int) -> list[bytes]:
         """n messages of MAX_MESSAGE_BYTES each: HELD_MESSAGE_SIZES of them fill the room."""
@@ -280,24 +284,13 @@ def test_bytes_past_the_bound_close_1008_when_held(setup: Setup) -> None:
         assert len(frames[0]) - 6 - 2 == MAX_MESSAGE_BYTES  # header 2 + 2 (length), mask 4
         return frames
 
-    setup.slow_broker()
     fitting = big("first.bytes", HELD_MESSAGE_SIZES)
-    with pipelined(srv, query(srv, "bytes-fit", "first.bytes"), fitting) as c:
-        welcome(c, "first.bytes")
-        own_publications(setup, c, HELD_MESSAGE_SIZES, "first.bytes")
-        quiet(c)
-    setup.slow_broker()
+    send_held(setup, "bytes-fit", "first.bytes", fitting, over=False)
     one_more = [
         *big("first.bytes2", HELD_MESSAGE_SIZES),
         text(send_msg("first.bytes2", "", HELD_MESSAGE_SIZES + 1)),
     ]
-    with pipelined(srv, query(srv, "bytes-over", "first.bytes2"), one_more) as c:
-        if setup.is_redis:
-            assert close_code(c) == 1008
-        else:
-            welcome(c, "first.bytes2")
-            own_publications(setup, c, HELD_MESSAGE_SIZES + 1, "first.bytes2")
-            quiet(c)
+    send_held(setup, "bytes-over", "first.bytes2", one_more, over=True)
     setup.settle()
 
 

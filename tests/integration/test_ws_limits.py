@@ -261,8 +261,20 @@ def test_max_connections_refuses_upgrade_with_503(make_server: Callable[..., Ser
         with pytest.raises(InvalidStatus) as refused:
             Client(srv.ws_url, token=srv.token("carol"), channel="mc")
         assert refused.value.response.status_code == 503
+        assert refused.value.response.headers["Retry-After"] == "1"
         body = json.loads(refused.value.response.body or b"{}")
         assert body.get("type") == "error" and body.get("code") == "SERVER_BUSY", body
+        assert body["details"]["reason"] == "max_connections", body
+        assert body["details"]["limit"] == 2, body
+        # logged as a security event, with the same reason (docs/operations.md §7)
+        wait_for(
+            lambda: any(
+                o.get("event") == "connection_refused"
+                and o["data"]["details"].get("reason") == "max_connections"
+                for o in srv.log_lines()
+            ),
+            5,
+        )
         # the existing clients keep working
         a.publish("mc", "still fine")
         expect(a, "message", "ack")

@@ -1,12 +1,15 @@
 """What several unit test modules and bench/micro share: an RSA key pair, a Hub on a loop
-without sockets, channel configs and an open channel store, an asyncio transport that sends
-nothing (optionally keeping what is written), and a reader of the server frames written to it."""
+without sockets, one worker's parts with the memory broker (`memory_worker`), channel configs
+and an open channel store, an asyncio transport that sends nothing (optionally keeping what is
+written), and a reader of the server frames written to it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from aether_fast._core import Hub
+from aether_fast.app import ControlPlane, control_plane, wire
+from aether_fast.auth import Authenticator
+from aether_fast.brokers.cluster import SingleWorker
+from aether_fast.brokers.memory import MemoryBroker
+from aether_fast.config import Config, load_config
 from aether_fast.stores.base import ChannelConfig
 from aether_fast.stores.sqlite import ChannelStore
 
@@ -54,6 +62,51 @@ def make_hub(
         refresh_notice=60,
         busy_poll_s=busy_poll_s,
     )
+
+
+@dataclasses.dataclass
+class MemoryWorker:
+    """One worker's parts below its control plane, with the memory broker and the
+    single-worker cluster: what `app.control_plane` is given."""
+
+    loop: asyncio.AbstractEventLoop
+    config: Config
+    store: ChannelStore
+    hub: Hub
+    broker: MemoryBroker
+    cluster: SingleWorker
+
+    def control_plane(self) -> ControlPlane:
+        """The control plane on these parts, not wired yet (`app.wire` does that)."""
+        auth = Authenticator(self.config)
+        return control_plane(self.config, self.hub, self.broker, self.cluster, self.store, auth)
+
+    def wired(self) -> ControlPlane:
+        """The control plane on these parts, wired by `app.wire`."""
+        parts = self.control_plane()
+        wire(self.hub, parts.node, self.broker, self.cluster)
+        return parts
+
+
+@contextlib.contextmanager
+def memory_worker(data_dir: Path, **env: str) -> Iterator[MemoryWorker]:
+    """A new loop, the config of `env` (a JWT_SECRET given, DATA_DIR `data_dir`), the channel
+    store open there, a Hub on the loop with the config's per-connection rate limit, the
+    memory broker and the single-worker cluster. The store and the loop are closed after."""
+    loop = asyncio.new_event_loop()
+    config = load_config({"JWT_SECRET": "x" * 40, "DATA_DIR": str(data_dir), **env})
+    store = open_store(data_dir)
+    try:
+        hub = make_hub(
+            loop,
+            conn_capacity=float(config.rate_limit_messages),
+            conn_window=float(config.rate_limit_window_s),
+        )
+        broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)
+        yield MemoryWorker(loop, config, store, hub, broker, SingleWorker())
+    finally:
+        store.close()
+        loop.close()
 
 
 class _NoSocket:

@@ -4,7 +4,6 @@ until full again, then forgotten by the timer's sweep."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,43 +11,17 @@ from pathlib import Path
 import pytest
 
 from aether_fast._core import Budget, Session
-from aether_fast.app import control_plane, wire
-from aether_fast.auth import Authenticator, Claims
-from aether_fast.brokers.cluster import SingleWorker
-from aether_fast.brokers.memory import MemoryBroker
-from aether_fast.config import load_config
+from aether_fast.auth import Claims
 from aether_fast.node import Node
-from aether_fast.stores.sqlite import ChannelStore
-from tests.unit.support import make_hub
+from tests.unit.support import memory_worker
 
 WINDOW = 0.3
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
-    loop = asyncio.new_event_loop()
-    config = load_config(
-        {
-            "JWT_SECRET": "x" * 40,
-            "DATA_DIR": str(tmp_path),
-            "RATE_LIMIT_MESSAGES": "3",
-            "RATE_LIMIT_WINDOW_S": str(WINDOW),
-        }
-    )
-    hub = make_hub(
-        loop,
-        conn_capacity=float(config.rate_limit_messages),
-        conn_window=float(config.rate_limit_window_s),
-    )
-    store = ChannelStore(str(tmp_path))
-    store.open()
-    broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)
-    cluster = SingleWorker()
-    node = control_plane(config, hub, broker, cluster, store, Authenticator(config)).node
-    wire(hub, node, broker, cluster)
-    yield node
-    store.close()
-    loop.close()
+    with memory_worker(tmp_path, RATE_LIMIT_MESSAGES="3", RATE_LIMIT_WINDOW_S=str(WINDOW)) as w:
+        yield w.wired().node
 
 
 def _open(node: Node, user: str | None, client_id: str, peer: str = "10.0.0.1") -> Session:
@@ -86,15 +59,5 @@ def test_budget_outlives_its_connections_until_refilled(node: Node) -> None:
 
 
 def test_no_budget_without_a_limit(tmp_path: Path) -> None:
-    loop = asyncio.new_event_loop()
-    config = load_config({"JWT_SECRET": "x" * 40, "RATE_LIMIT_MESSAGES": "0"})
-    hub = make_hub(loop)
-    store = ChannelStore(str(tmp_path))
-    store.open()
-    broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)
-    cluster = SingleWorker()
-    node = control_plane(config, hub, broker, cluster, store, Authenticator(config)).node
-    wire(hub, node, broker, cluster)
-    assert _open(node, "alice", "a1").budget is None
-    store.close()
-    loop.close()
+    with memory_worker(tmp_path, RATE_LIMIT_MESSAGES="0") as w:
+        assert _open(w.wired().node, "alice", "a1").budget is None

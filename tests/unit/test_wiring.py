@@ -5,7 +5,6 @@ and the cluster (not the broker) is what it binds to the Node."""
 from __future__ import annotations
 
 import ast
-import asyncio
 import os
 import socket
 from pathlib import Path
@@ -13,40 +12,32 @@ from pathlib import Path
 from aether_fast.app import control_plane, wire
 from aether_fast.auth import Authenticator
 from aether_fast.brokers.base import Broker
-from aether_fast.brokers.cluster import Cluster, SingleWorker
-from aether_fast.brokers.memory import MemoryBroker
+from aether_fast.brokers.cluster import Cluster
 from aether_fast.brokers.redis import RedisBroker
 from aether_fast.brokers.redis_cluster import RedisCluster
 from aether_fast.brokers.redis_shards import Shards
-from aether_fast.config import load_config
-from aether_fast.stores.sqlite import ChannelStore
 from tests.conftest import ROOT
-from tests.unit.support import make_hub
+from tests.unit.support import make_hub, memory_worker
 
 
 def test_node_does_not_wire_itself_app_wire_does(tmp_path: Path) -> None:
-    loop = asyncio.new_event_loop()
-    config = load_config({"JWT_SECRET": "x" * 40, "DATA_DIR": str(tmp_path)})
-    store = ChannelStore(str(tmp_path))
-    store.open()
-    try:
-        hub = make_hub(loop)
-        broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)
-        cluster = SingleWorker()
-        node = control_plane(config, hub, broker, cluster, store, Authenticator(config)).node
+    with memory_worker(tmp_path) as w:
+        hub, broker, cluster = w.hub, w.broker, w.cluster
+        node = w.control_plane().node
         assert hub.node is None and hub.broker is None  # not wired yet
         wire(hub, node, broker, cluster)
         assert hub.node is node and hub.broker is broker
         assert node.cluster is cluster
 
         # the Redis cluster holds the Node's ClusterEvents once bound (no connection needed)
-        hub = make_hub(loop)
+        hub = make_hub(w.loop)
         shards = Shards(["redis://127.0.0.1:1"])
         redis_cluster = RedisCluster(shards.home)
         redis = RedisBroker(
             hub, shards, redis_cluster, history_ttl_s=60, dedup_ttl_s=60, channel_state_ttl_s=60
         )
-        parts = control_plane(config, hub, redis, redis_cluster, store, Authenticator(config))
+        auth = Authenticator(w.config)
+        parts = control_plane(w.config, hub, redis, redis_cluster, w.store, auth)
         node = parts.node
         assert redis_cluster.local_figures() == {}  # the default before bind
         assert redis_cluster.local_session(None, "c") is None
@@ -57,24 +48,13 @@ def test_node_does_not_wire_itself_app_wire_does(tmp_path: Path) -> None:
         assert redis_cluster.local_figures == node.local_figures
         assert parts.status.node_id == redis_cluster.node_id
         assert parts.status.worker_id == redis_cluster.worker_id
-    finally:
-        store.close()
-        loop.close()
 
 
 def test_the_memory_broker_goes_with_the_single_worker_cluster(tmp_path: Path) -> None:
     """One worker: the Node counts only its own connections and members, its status has no
     cluster, and it is named after the host; the memory broker has no cluster calls left."""
-    loop = asyncio.new_event_loop()
-    config = load_config({"JWT_SECRET": "x" * 40, "DATA_DIR": str(tmp_path)})
-    store = ChannelStore(str(tmp_path))
-    store.open()
-    try:
-        hub = make_hub(loop)
-        broker = MemoryBroker(hub, history_ttl_s=60, dedup_ttl_s=60)
-        cluster = SingleWorker()
-        parts = control_plane(config, hub, broker, cluster, store, Authenticator(config))
-        wire(hub, parts.node, broker, cluster)
+    with memory_worker(tmp_path) as w:
+        parts, broker, cluster = w.wired(), w.broker, w.cluster
         assert cluster.remote_connections("u:alice") == 0
         assert cluster.remote_members("news") == 0
         assert cluster.remote_table() == {}
@@ -82,12 +62,9 @@ def test_the_memory_broker_goes_with_the_single_worker_cluster(tmp_path: Path) -
         assert parts.status.worker_id == f"{socket.gethostname()}:{os.getpid()}"
         status = parts.status.status()
         assert "cluster" not in status and status["node"] == socket.gethostname()
-        assert [w["worker"] for w in status["workers"]] == [parts.status.worker_id]
+        assert [row["worker"] for row in status["workers"]] == [parts.status.worker_id]
         for name in ("bind", "remote_connections", "remote_members", "remote_table", "node_id"):
             assert not hasattr(broker, name), name
-    finally:
-        store.close()
-        loop.close()
 
 
 def test_the_broker_and_cluster_protocols_are_apart() -> None:
