@@ -145,6 +145,7 @@ async def start(config: Config) -> Worker:
                 PendingSockets(
                     config.max_pending_connections, config.max_pending_connections_per_peer, "ws"
                 ),
+                config.http_keepalive_idle_s,
             ),
             sock=_listen(config.ws_host, config.ws_port, reuse_port=config.workers > 1),
             ssl=tls,
@@ -168,6 +169,7 @@ async def start(config: Config) -> Worker:
                         config.max_pending_connections_per_peer,
                         "metrics",
                     ),
+                    config.http_keepalive_idle_s,
                 ),
                 sock=_listen(config.metrics_host, config.metrics_port, config.workers > 1),
             )

@@ -73,6 +73,7 @@ class Config:
     data_dir: str
     allowed_origins: tuple[str, ...]
     handshake_timeout_s: float
+    http_keepalive_idle_s: float
     ping_interval_s: float
     send_buffer_limit_bytes: int
     busy_poll_us: int
@@ -137,6 +138,8 @@ def _int(lo: int, hi: int = _INT32_MAX) -> Parser:
 
 def _float(lo: float, *, exclusive: bool = False, hi: float = 1e12) -> Parser:
     bound = f"> {lo:g}" if exclusive else f">= {lo:g}"
+    if hi != 1e12:
+        bound += f" and <= {hi:g}"
     expect = f"must be a number {bound}"
 
     def parse(raw: object) -> float:
@@ -437,6 +440,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _float(0, exclusive=True),
         5.0,
         "time allowed for the HTTP request/upgrade",
+    ),
+    Setting(
+        "http_keepalive_idle_s",
+        _float(0, exclusive=True, hi=86400),
+        30.0,
+        "an HTTP keep-alive connection idle this long after an answer is closed, seconds",
     ),
     Setting("ping_interval_s", _float(0), 20.0, "server ping interval, seconds; 0 = no pings"),
     Setting(

@@ -1,13 +1,13 @@
 """The HTTP/1.1 front: one asyncio protocol per accepted socket, parsed by httptools.
 
-What it owns: request parsing, keep-alive, limits on heads and bodies, the idle and
-handshake timeouts (the first request's deadline runs from the accept, TLS handshake
-included), the cap on sockets not yet upgraded (MAX_PENDING_CONNECTIONS, and its share per
-peer address, MAX_PENDING_CONNECTIONS_PER_PEER), backpressure (a
-client that does not read its answers stops being read: bounded write buffer, answers in
-flight and unparsed bytes), fairness (at most BATCH_PER_PASS requests of one connection per
-loop pass, the rest held unparsed until the next), and the hand-off of a WebSocket upgrade
-to picows.
+What it owns: request parsing, keep-alive, limits on heads and bodies, the idle
+(HTTP_KEEPALIVE_IDLE_S) and handshake timeouts (the first request's deadline runs from the
+accept, TLS handshake included), the cap on sockets not yet upgraded
+(MAX_PENDING_CONNECTIONS, and its share per peer address, MAX_PENDING_CONNECTIONS_PER_PEER),
+backpressure (a client that does not read its answers stops being read: bounded write
+buffer, answers in flight and unparsed bytes), fairness (at most BATCH_PER_PASS requests of
+one connection per loop pass, the rest held unparsed until the next), and the hand-off of a
+WebSocket upgrade to picows.
 Rule: the front never interprets a route; it passes each complete `Request` to the router
 (`routes.Router`) or, for an upgrade on WS_PATH, to the `Upgrader` and then steps aside:
 after `transport.set_protocol(...)` this object no longer sees a byte.
@@ -30,8 +30,6 @@ from aether_fast.protocol import ErrorCode, error_body
 
 #: Largest request head (request line + headers) accepted.
 MAX_HEAD_BYTES = 16 * 1024
-#: Keep-alive connections idle this long are closed.
-KEEPALIVE_IDLE_S = 30.0
 #: After a final answer, how long unread request bytes are drained before the close.
 LINGER_S = 2.0
 #: Unsent answer bytes per connection above which the front stops reading the client
@@ -193,6 +191,7 @@ class HttpFront(asyncio.Protocol):
         "_headers",
         "_idle",
         "_in_request",
+        "_keepalive_idle",
         "_loop",
         "_max_body",
         "_next_pass",
@@ -218,8 +217,10 @@ class HttpFront(asyncio.Protocol):
         max_body: int,
         first_request_timeout: float,
         pending: PendingSockets,
+        keepalive_idle: float,
     ) -> None:
         self._router = router
+        self._keepalive_idle = keepalive_idle  # HTTP_KEEPALIVE_IDLE_S
         self._upgrader = upgrader
         self._max_body = max_body
         self._request_timeout = first_request_timeout
@@ -528,7 +529,7 @@ class HttpFront(asyncio.Protocol):
         transport.write(response.encode(keep_alive, head))
         if keep_alive:
             if not self._in_request:  # a request under way keeps its own deadline
-                self._arm(KEEPALIVE_IDLE_S)
+                self._arm(self._keepalive_idle)
             return
         self._done = True
         # A lingering close: say we are done writing, then read and discard what the client
@@ -602,8 +603,9 @@ def front_factory(
     max_body: int,
     first_request_timeout: float,
     pending: PendingSockets,
+    keepalive_idle: float,
 ) -> Callable[[], HttpFront]:
     def make() -> HttpFront:
-        return HttpFront(router, upgrader, max_body, first_request_timeout, pending)
+        return HttpFront(router, upgrader, max_body, first_request_timeout, pending, keepalive_idle)
 
     return make

@@ -37,6 +37,7 @@ def test_defaults() -> None:
     assert c.history_size == 100 and c.history_ttl_s == 3600
     assert c.data_dir == "./data" and c.allowed_origins == ()
     assert c.handshake_timeout_s == 5 and c.ping_interval_s == 20
+    assert c.http_keepalive_idle_s == 30
     assert c.send_buffer_limit_bytes == 1048576 and c.shutdown_timeout_s == 10
     assert c.workers == 1 and c.broker_url is None and c.log_level == "info"
     assert c.admin_token is None and c.tls_cert_file is None and c.echo_path is None
@@ -133,6 +134,8 @@ def test_star_origin_means_any() -> None:
         ({"ALLOWED_ORIGINS": "https://a.com/"}, "ALLOWED_ORIGINS", "origin"),
         ({"ALLOWED_ORIGINS": "a.com"}, "ALLOWED_ORIGINS", "origin"),
         ({"HANDSHAKE_TIMEOUT_S": "0"}, "HANDSHAKE_TIMEOUT_S", "> 0"),
+        ({"HTTP_KEEPALIVE_IDLE_S": "0"}, "HTTP_KEEPALIVE_IDLE_S", "> 0 and <= 86400"),
+        ({"HTTP_KEEPALIVE_IDLE_S": "86401"}, "HTTP_KEEPALIVE_IDLE_S", "> 0 and <= 86400"),
         ({"WORKERS": "0"}, "WORKERS", "1..1024"),
         ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL", "debug|info|warn|error"),
         ({"BROKER_URL": "http://x"}, "BROKER_URL", "redis://"),
