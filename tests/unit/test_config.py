@@ -140,6 +140,8 @@ def test_star_origin_means_any() -> None:
         ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL", "debug|info|warn|error"),
         ({"BROKER_URL": "http://x"}, "BROKER_URL", "redis://"),
         ({"BROKER_URL": "redis://"}, "BROKER_URL", "redis://"),
+        ({"BROKER_URL": "redis://h/0?timeout=1"}, "BROKER_URL", "'timeout' is not supported"),
+        ({"BROKER_URL": "rediss://h/x"}, "BROKER_URL", "database number"),
         ({"ECHO_PATH": "echo"}, "ECHO_PATH", "start"),
         ({"ECHO_PATH": "/ws"}, "ECHO_PATH", "differ"),
         ({"JWT_SECRET": "short"}, "JWT_SECRET", "at least 32 bytes"),
@@ -175,6 +177,8 @@ def test_secret_values_never_echoed() -> None:
     assert "tiny-admin" not in str(e)
     e = _err({"BROKER_URL": "http://user:hunter2@x"})
     assert "hunter2" not in str(e)
+    for url in ("redis://u:hunter2@x/0?foo=1", "redis://:hunter2@x:99999/0", "unix://:hunter2@"):
+        assert "hunter2" not in str(_err({"BROKER_URL": url})), url
 
 
 def test_admin_token_minimum_length() -> None:
