@@ -109,8 +109,8 @@ def test_redis_history_leaves_after_history_ttl_and_the_offsets_go_on(
         for text in ("m1", "m2"):
             pub.publish(ch, text)
             _ack(pub)
+        published = time.monotonic()  # the history's TTL started before this ack
         hello, replayed = _recover(srv, ch, 0)
-        published = time.monotonic()
         assert (hello["recovered"], replayed) == (True, ["m1", "m2"]), hello
 
         def expired() -> dict[str, Any] | None:
