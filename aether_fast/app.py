@@ -67,12 +67,20 @@ def _tls(config: Config) -> ssl.SSLContext | None:
 def _port(
     config: Config, name: str, router: front.Router, upgrader: front.Upgrader | None, max_body: int
 ) -> Port:
-    """What the sockets of the port `name` share: the first request's deadline and the cap on
-    pending sockets are every port's (HANDSHAKE_TIMEOUT_S, MAX_PENDING_CONNECTIONS[_PER_PEER])."""
+    """What the sockets of the port `name` share: the first request's deadline, the cap on
+    pending sockets and the keep-alive idle close are every port's (HANDSHAKE_TIMEOUT_S,
+    MAX_PENDING_CONNECTIONS[_PER_PEER], HTTP_KEEPALIVE_IDLE_S)."""
     pending = PendingSockets(
         config.max_pending_connections, config.max_pending_connections_per_peer, name
     )
-    return Port(router, upgrader, max_body, config.handshake_timeout_s, pending)
+    return Port(
+        router,
+        upgrader,
+        max_body,
+        config.handshake_timeout_s,
+        pending,
+        config.http_keepalive_idle_s,
+    )
 
 
 def _listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:

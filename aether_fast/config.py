@@ -73,6 +73,7 @@ class Config:
     data_dir: str
     allowed_origins: tuple[str, ...]
     handshake_timeout_s: float
+    http_keepalive_idle_s: float
     ping_interval_s: float
     send_buffer_limit_bytes: int
     busy_poll_us: int
@@ -143,6 +144,8 @@ def _int(lo: int, hi: int = _INT32_MAX) -> Parser:
 
 def _float(lo: float, *, exclusive: bool = False, hi: float = 1e12) -> Parser:
     bound = f"> {lo:g}" if exclusive else f">= {lo:g}"
+    if hi != 1e12:
+        bound += f" and <= {hi:g}"
     expect = f"must be a number {bound}"
 
     def parse(raw: object) -> float:
@@ -248,6 +251,66 @@ def _log_level(raw: object) -> str:
     return text
 
 
+#: Query parameters of BROKER_URL: every connection to Redis (the pool and the lean ones of
+#: brokers/resp.py) honours them; anything else is refused rather than half applied.
+BROKER_URL_OPTIONS: Final = ("db", "username", "password")
+#: ... and with rediss:// (TLS), those of redis-py's SSLConnection that say whom to trust.
+BROKER_TLS_OPTIONS: Final = (
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+)
+_BROKER_TLS_FILES: Final = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+_BROKER_BOOLS: Final = ("true", "false", "yes", "no", "1", "0")
+
+
+def _one_broker_url(text: str) -> str:
+    """One entry of BROKER_URL, checked as every connection to Redis will read it."""
+    if not text.startswith(BROKER_SCHEMES) or text.endswith("://"):
+        raise ValueError(f"must be a URL starting with {', '.join(BROKER_SCHEMES)}")
+    # the messages below never quote the URL: it may hold a password
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 (urllib checks the port only when asked)
+    except ValueError as e:
+        raise ValueError(f"bad port ({e})") from None
+    allowed = BROKER_URL_OPTIONS + (BROKER_TLS_OPTIONS if parts.scheme == "rediss" else ())
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    for name, _ in query:
+        if name not in allowed:
+            raise ValueError(
+                f"query parameter {name!r} is not supported with {parts.scheme}:// "
+                f"(supported: {', '.join(allowed)})"
+            )
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("unix:// needs the socket's path, e.g. unix:///run/redis/redis.sock")
+    elif parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        raise ValueError("the path must be a database number, e.g. redis://host:6379/0")
+    from redis.asyncio.connection import parse_url  # the parser every connection uses
+
+    try:
+        options = parse_url(text)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    if options.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):
+        raise ValueError("ssl_cert_reqs must be none, optional or required")
+    for name, value in query:
+        # redis-py reads any other word as true ("off" too): only the unambiguous ones
+        if name == "ssl_check_hostname" and value.lower() not in _BROKER_BOOLS:
+            raise ValueError(f"ssl_check_hostname must be one of {', '.join(_BROKER_BOOLS)}")
+        if name in _BROKER_TLS_FILES:
+            try:
+                with open(value, "rb") as fh:
+                    fh.read(1)
+            except OSError as e:
+                raise ValueError(f"{name}: cannot read {value!r}: {e.strerror or e}") from None
+    return text
+
+
 def shard_key(url: str) -> str:
     """The Redis server and database a BROKER_URL entry names, however it is written (as
     redis-py reads it): `host:port db N` (host in lower case, port 6379 and database 0 by
@@ -288,6 +351,7 @@ def _broker_url(raw: object) -> str:
             raise ValueError(f"{where}{expect}")
         try:
             key = shard_key(url)
+            _one_broker_url(url)
         except ValueError as e:
             raise ValueError(f"{where}{e}") from None
         if key in keys:
@@ -486,6 +550,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _float(0, exclusive=True),
         5.0,
         "time allowed for the HTTP request/upgrade",
+    ),
+    Setting(
+        "http_keepalive_idle_s",
+        _float(0, exclusive=True, hi=86400),
+        30.0,
+        "an HTTP keep-alive connection idle this long after an answer is closed, seconds",
     ),
     Setting("ping_interval_s", _float(0), 20.0, "server ping interval, seconds; 0 = no pings"),
     Setting(

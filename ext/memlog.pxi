@@ -180,10 +180,12 @@ cdef class MemoryLogs:
         cdef DedupeWindow window = self.windows.get(key)
         if window is None:
             window = self.windows[key] = DedupeWindow()
-        window.touched = now
         cdef DedupeEntry* seen = window.find(seq)
         if seen is not NULL:
+            # a duplicate is not a publish: it does not keep the window (DEDUP_TTL_S) alive,
+            # as in Redis, where only a publish renews the key's TTL
             return (seen.offset, iso_at(seen.ms), True)
+        window.touched = now
         cdef ChannelLog log = self.log(name)
         log.offset += 1
         cdef str ts = iso_now()

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import hiredis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import RedisSSLContext, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -151,9 +151,25 @@ class RespConnection(asyncio.Protocol):
             self.connection_lost(RedisConnectionError(reason))
 
 
+def tls_context(opts: Any) -> ssl.SSLContext:
+    """The TLS context of a rediss:// URL (`opts`: its `parse_url`), from its `ssl_*`
+    parameters and with the defaults of redis-py's SSLConnection, which the broker's other
+    connections (its pool) use: the certificate and host name are checked, against the
+    system's CAs or `ssl_ca_certs`; `ssl_certfile`/`ssl_keyfile` are the client's own."""
+    return RedisSSLContext(
+        keyfile=opts.get("ssl_keyfile"),
+        certfile=opts.get("ssl_certfile"),
+        cert_reqs=opts.get("ssl_cert_reqs", "required"),
+        ca_certs=opts.get("ssl_ca_certs"),
+        ca_path=opts.get("ssl_ca_path"),
+        check_hostname=opts.get("ssl_check_hostname", True),
+    ).get()
+
+
 async def connect(url: str, on_push: Push | None = None, timeout: float = 5.0) -> RespConnection:
     """Open a connection to the Redis at `url` (redis://, rediss:// or unix://, with the
-    password, user and database it names) and authenticate/select before returning."""
+    password, user, database and TLS settings it names) and authenticate/select before
+    returning."""
     opts = parse_url(url)
     loop = asyncio.get_running_loop()
 
@@ -165,7 +181,7 @@ async def connect(url: str, on_push: Push | None = None, timeout: float = 5.0) -
             if "path" in opts:
                 _, conn = await loop.create_unix_connection(factory, opts["path"])
             else:
-                tls = ssl.create_default_context() if urlsplit(url).scheme == "rediss" else None
+                tls = tls_context(opts) if urlsplit(url).scheme == "rediss" else None
                 _, conn = await loop.create_connection(
                     factory, opts.get("host", "localhost"), opts.get("port", 6379), ssl=tls
                 )

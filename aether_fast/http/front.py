@@ -1,13 +1,13 @@
 """The HTTP/1.1 front: one asyncio protocol per accepted socket, parsed by httptools.
 
-What it owns: request parsing, keep-alive, limits on heads and bodies, the idle and
-handshake timeouts (the first request's deadline runs from the accept, TLS handshake
-included), the cap on sockets not yet upgraded (MAX_PENDING_CONNECTIONS, and its share per
-peer address, MAX_PENDING_CONNECTIONS_PER_PEER), backpressure (a
-client that does not read its answers stops being read: bounded write buffer, answers in
-flight and unparsed bytes), fairness (at most BATCH_PER_PASS requests of one connection per
-loop pass, the rest held unparsed until the next), and the hand-off of a WebSocket upgrade
-to picows.
+What it owns: request parsing, keep-alive, limits on heads and bodies, the idle
+(HTTP_KEEPALIVE_IDLE_S) and handshake timeouts (the first request's deadline runs from the
+accept, TLS handshake included), the cap on sockets not yet upgraded
+(MAX_PENDING_CONNECTIONS, and its share per peer address, MAX_PENDING_CONNECTIONS_PER_PEER),
+backpressure (a client that does not read its answers stops being read: bounded write
+buffer, answers in flight and unparsed bytes), fairness (at most BATCH_PER_PASS requests of
+one connection per loop pass, the rest held unparsed until the next), and the hand-off of a
+WebSocket upgrade to picows.
 Rule: the front never interprets a route; it passes each complete `Request` to the router
 (`routes.Router`) or, for an upgrade on WS_PATH, to the `Upgrader` and then steps aside:
 after `transport.set_protocol(...)` this object no longer sees a byte.
@@ -30,8 +30,6 @@ from aether_fast.protocol import ErrorCode, error_body
 
 #: Largest request head (request line + headers) accepted.
 MAX_HEAD_BYTES = 16 * 1024
-#: Keep-alive connections idle this long are closed.
-KEEPALIVE_IDLE_S = 30.0
 #: After a final answer, how long unread request bytes are drained before the close.
 LINGER_S = 2.0
 #: Unsent answer bytes per connection above which the front stops reading the client
@@ -190,14 +188,16 @@ class PendingSockets:
 class Port:
     """What every socket of one listening port shares (each front holds this one reference):
     where its requests go, the upgrader of its WebSockets (None: it serves no WebSocket), the
-    largest request body, the first request's deadline from the accept, and its count of
-    sockets not yet upgraded."""
+    largest request body, the first request's deadline from the accept, its count of
+    sockets not yet upgraded, and how long a keep-alive connection may idle between requests
+    (HTTP_KEEPALIVE_IDLE_S)."""
 
     router: Router
     upgrader: Upgrader | None
     max_body: int
     first_request_timeout: float
     pending: PendingSockets
+    keepalive_idle: float
 
 
 class HttpFront(asyncio.Protocol):
@@ -534,7 +534,7 @@ class HttpFront(asyncio.Protocol):
         transport.write(response.encode(keep_alive, head))
         if keep_alive:
             if not self._in_request:  # a request under way keeps its own deadline
-                self._arm(KEEPALIVE_IDLE_S)
+                self._arm(self._port.keepalive_idle)
             return
         self._done = True
         # A lingering close: say we are done writing, then read and discard what the client

@@ -45,6 +45,7 @@ def test_defaults() -> None:
     assert c.history_size == 100 and c.history_ttl_s == 3600
     assert c.data_dir == "./data" and c.allowed_origins == ()
     assert c.handshake_timeout_s == 5 and c.ping_interval_s == 20
+    assert c.http_keepalive_idle_s == 30
     assert c.send_buffer_limit_bytes == 1048576 and c.shutdown_timeout_s == 10
     assert c.workers == 1 and c.broker_url is None and c.log_level == "info"
     assert c.admin_token is None and c.tls_cert_file is None and c.echo_path is None
@@ -141,10 +142,14 @@ def test_star_origin_means_any() -> None:
         ({"ALLOWED_ORIGINS": "https://a.com/"}, "ALLOWED_ORIGINS", "origin"),
         ({"ALLOWED_ORIGINS": "a.com"}, "ALLOWED_ORIGINS", "origin"),
         ({"HANDSHAKE_TIMEOUT_S": "0"}, "HANDSHAKE_TIMEOUT_S", "> 0"),
+        ({"HTTP_KEEPALIVE_IDLE_S": "0"}, "HTTP_KEEPALIVE_IDLE_S", "> 0 and <= 86400"),
+        ({"HTTP_KEEPALIVE_IDLE_S": "86401"}, "HTTP_KEEPALIVE_IDLE_S", "> 0 and <= 86400"),
         ({"WORKERS": "0"}, "WORKERS", "1..1024"),
         ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL", "debug|info|warn|error"),
         ({"BROKER_URL": "http://x"}, "BROKER_URL", "redis://"),
         ({"BROKER_URL": "redis://"}, "BROKER_URL", "redis://"),
+        ({"BROKER_URL": "redis://h/0?timeout=1"}, "BROKER_URL", "'timeout' is not supported"),
+        ({"BROKER_URL": "rediss://h/x"}, "BROKER_URL", "database number"),
         ({"ECHO_PATH": "echo"}, "ECHO_PATH", "start"),
         ({"ECHO_PATH": "/ws"}, "ECHO_PATH", "differ"),
         ({"JWT_SECRET": "short"}, "JWT_SECRET", "at least 32 bytes"),
@@ -180,6 +185,8 @@ def test_secret_values_never_echoed() -> None:
     assert "tiny-admin" not in str(e)
     e = _err({"BROKER_URL": "http://user:hunter2@x"})
     assert "hunter2" not in str(e)
+    for url in ("redis://u:hunter2@x/0?foo=1", "redis://:hunter2@x:99999/0", "unix://:hunter2@"):
+        assert "hunter2" not in str(_err({"BROKER_URL": url})), url
 
 
 def test_admin_token_minimum_length() -> None:
