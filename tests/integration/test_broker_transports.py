@@ -260,7 +260,7 @@ def test_tls_url_that_trusts_the_wrong_ca_stops_the_start(
     [
         ("redis://127.0.0.1:6379/0?ssl_ca_certs=/etc/hostname", "'ssl_ca_certs' is not supported"),
         ("redis://127.0.0.1:6379/0?socket_timeout=2", "'socket_timeout' is not supported"),
-        ("redis://127.0.0.1:6379/0?db=x", "Invalid value for 'db'"),
+        ("redis://127.0.0.1:6379/0?db=x", "the db must be a database number"),
         ("redis://127.0.0.1:6379/cache", "database number"),
         ("redis://127.0.0.1:99999/0", "port"),
         ("rediss://127.0.0.1:6379/0?ssl_ca_certs=/nonexistent.pem", "cannot read"),
