@@ -76,12 +76,14 @@ def private_client(srv: Server) -> redis.Redis:
 
 @pytest.fixture
 def cleanup() -> Iterator[list[int]]:
-    """PIDs a test leaves to kill (orphans of a supervisor it killed)."""
+    """PIDs a test leaves to kill (orphans of a supervisor it killed): each is killed if it
+    still runs the program it ran when the test was over (not a PID reused since)."""
     pids: list[int] = []
     yield pids
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    for pid, name in [(pid, comm(pid)) for pid in pids]:
+        if name and alive(pid) and comm(pid) == name:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # -- the workers meet in it -------------------------------------------------------------------
@@ -222,7 +224,7 @@ def test_a_killed_supervisor_does_not_leave_its_redis_behind(
     assert srv.proc is not None
     rpid = redis_child(srv)
     assert rpid is not None
-    cleanup += [pid for pid in srv.children() if pid != rpid]  # the orphaned workers
+    cleanup += srv.children()  # the orphaned workers (and Redis, should it stay)
     os.kill(srv.proc.pid, signal.SIGKILL)
     srv.proc.wait()
     # the kernel tells it (PR_SET_PDEATHSIG): it writes its AOF and exits
@@ -274,6 +276,38 @@ def test_killed_private_redis_is_restarted_and_the_workers_resume(
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_hung_private_redis_is_killed_and_restarted(
+    make_server: Callable[..., Server],
+) -> None:
+    srv = start(make_server)
+    srv.allow_errors = True
+    old = redis_child(srv)
+    assert old is not None
+    os.kill(old, signal.SIGSTOP)  # alive, its socket accepts, nothing answers
+    try:
+        new = wait_for(lambda: (p := redis_child(srv)) and p != old and p, timeout=40.0)
+        assert not alive(old)  # killed by the supervisor, not left stopped
+    finally:
+        if alive(old) and comm(old) == "redis-server":
+            os.kill(old, signal.SIGCONT)
+    assert new != old
+    wait_node(srv, lambda b: b["status"] == "healthy" and len(b["workers"]) == 2, timeout=30)
+    ch = "p.hung"
+    a = Client(srv.ws_url, token=srv.token("a"), channel=ch)
+    b = Client(srv.ws_url, token=srv.token("b"), channel=ch)
+    try:
+        joined(a, ch)
+        joined(b, ch)
+        a.publish(ch, "after the hang")
+        assert messages(b, 1)[0]["data"]["content"] == "after the hang"
+    finally:
+        a.close()
+        b.close()
+    events = [line.get("event") for line in srv.log_lines()]
+    assert "private_redis_unresponsive" in events, events
+    only_expected_errors(srv, "private_redis_unresponsive", "private_redis_died", "broker_degraded")
 
 
 # -- start-up errors --------------------------------------------------------------------------
@@ -364,3 +398,25 @@ def test_a_socket_path_too_long_for_sun_path_moves_to_the_temporary_directory(
     assert "DATA_DIR" in line and "107 bytes" in line, out
     assert "Traceback" not in out
     assert not list(tmpdir.iterdir())  # the temporary directory it tried was removed
+
+
+def test_backup_and_restore_say_the_configs_are_in_the_private_redis(tmp_path: Path) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "BROKER_URL"},
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "WORKERS": "2",
+        "JWT_SECRET": SECRET,
+        "DATA_DIR": str(tmp_path / "data"),
+    }
+    for args in (["backup", str(tmp_path)], ["restore", str(tmp_path / "x.sqlite3")]):
+        out = subprocess.run(
+            [sys.executable, "-m", "aether_fast", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 2, out
+        assert "private Redis" in out.stderr and "DATA_DIR/redis" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
