@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from typing import Final
+from urllib.parse import quote
 
 from aether_fast import logs
 from aether_fast.config import ConfigError
@@ -122,7 +123,8 @@ class PrivateRedis:
 
     @property
     def url(self) -> str:
-        return f"unix://{self.socket_path}"
+        """The workers' BROKER_URL (the path percent-encoded: a DATA_DIR may hold # or ?)."""
+        return f"unix://{quote(self.socket_path)}"
 
     @property
     def healthy(self) -> bool:
@@ -135,6 +137,7 @@ class PrivateRedis:
         """Create DATA_DIR/redis, take its lock, choose the socket path."""
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            os.chmod(self.dir, 0o700)  # the AOF holds every message: the server's user only
         except OSError as e:
             raise PrivateRedisError(
                 f"DATA_DIR: {self.dir}: cannot create the private Redis's directory: "
@@ -261,14 +264,14 @@ class PrivateRedis:
             code = self.proc.poll()
             if code is not None:
                 raise PrivateRedisError(
-                    f"{BINARY} exited with status {code} at start ({self.log_path}: "
-                    f"{self.log_tail(1) or 'empty'})"
+                    f"the private {BINARY} exited with status {code} at start ({self.log_path}: "
+                    f"{self.log_tail(2) or 'empty'})"
                 )
             if answer == "LOADING":
                 deadline = time.monotonic() + READY_TIMEOUT_S
             elif time.monotonic() > deadline:
                 raise PrivateRedisError(
-                    f"{BINARY} did not answer on {self.socket_path} within "
+                    f"the private {BINARY} did not answer on {self.socket_path} within "
                     f"{READY_TIMEOUT_S:g} s ({self.log_path}: {self.log_tail(1) or 'empty'})"
                 )
             time.sleep(0.05)
@@ -344,6 +347,7 @@ class PrivateRedis:
         drop the lock and a moved socket's directory."""
         proc = self.proc
         if proc is not None:
+            began = time.monotonic()
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -352,7 +356,12 @@ class PrivateRedis:
                     proc.kill()
                     proc.wait()
             logs.log(
-                "info", "private_redis_stopped", "workers", pid=proc.pid, status=proc.returncode
+                "info",
+                "private_redis_stopped",
+                "workers",
+                pid=proc.pid,
+                status=proc.returncode,
+                took_s=round(time.monotonic() - began, 3),  # its last fsync of the AOF
             )
             self.proc = None
         if self._socket_dir is not None:
@@ -371,4 +380,5 @@ class PrivateRedis:
                 text = fh.read().decode("utf-8", "replace")
         except OSError:
             return ""
-        return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+        kept = [line.strip() for line in text.splitlines() if line.strip()]
+        return " | ".join(kept[-lines:])

@@ -74,9 +74,13 @@ def supervise(config: Config, argv: Sequence[str]) -> int:
             redis.open()
             redis.start()
             redis.wait_ready(lambda: stopping)
-        except (PrivateRedisError, OSError) as err:
+        except PrivateRedisError as err:
             redis.stop()
-            print(f"aether-fast: private {BINARY}: {err}", file=sys.stderr)
+            print(f"aether-fast: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:  # its log not writable, the binary not executable
+            redis.stop()
+            print(f"aether-fast: the private {BINARY} cannot start: {err}", file=sys.stderr)
             return 2
         env["BROKER_URL"] = redis.url
     status = 0

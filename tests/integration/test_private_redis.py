@@ -163,7 +163,10 @@ def test_history_and_configs_survive_a_restart_of_the_server(
     finally:
         writer.close()
 
-    srv.restart()  # SIGTERM: exit 0; then a new supervisor, a new redis-server, new workers
+    # SIGTERM: exit 0 (generous: Redis's last fsync of its AOF waits for a busy disk); then a
+    # new supervisor, a new redis-server, new workers
+    assert srv.stop(timeout=60) == 0, srv.log_text()[-2000:]
+    srv.start()
     wait_node(srv, lambda b: len(b["workers"]) == 2 and b["status"] == "healthy", timeout=20.0)
 
     code, body, _ = srv.http("GET", "/ws/channels/p.keep", token=admin)
@@ -186,9 +189,11 @@ def test_history_and_configs_survive_a_restart_of_the_server(
 
 
 def test_sigterm_drains_the_workers_then_stops_redis_leaving_no_process(
-    make_server: Callable[..., Server],
+    make_server: Callable[..., Server], tmp_path: Path
 ) -> None:
-    srv = start(make_server)
+    data = tmp_path / "data #1 ?x"  # what a URL would mistake: BROKER_URL percent-encodes it
+    srv = start(make_server, DATA_DIR=str(data))
+    assert (data / "redis" / "redis.sock").is_socket()
     children = srv.children()
     rpid = redis_child(srv)
     assert rpid is not None and len(children) == 3, children  # two workers and Redis
@@ -197,7 +202,7 @@ def test_sigterm_drains_the_workers_then_stops_redis_leaving_no_process(
         for c in clients:
             joined(c, "p.term")
         spread(srv, 8)
-        assert srv.stop(signal.SIGTERM) == 0, srv.log_text()[-2000:]
+        assert srv.stop(signal.SIGTERM, timeout=60) == 0, srv.log_text()[-2000:]
         for c in clients:
             got, code = drain(c)
             assert code == 1001, (got, code)
@@ -213,7 +218,7 @@ def test_sigterm_drains_the_workers_then_stops_redis_leaving_no_process(
     assert (
         max(stopped) < events.index("private_redis_stopped") < events.index("supervisor_stopped")
     ), events
-    assert not (srv.data_dir / "redis" / "redis.sock").exists()  # redis-server removed it
+    assert not (data / "redis" / "redis.sock").exists()  # redis-server removed it
 
 
 def test_a_killed_supervisor_does_not_leave_its_redis_behind(
@@ -341,6 +346,20 @@ def test_no_redis_server_on_path_is_exit_2_naming_it(tmp_path: Path) -> None:
     assert check.stderr.strip() == lines[0]
 
 
+def test_a_redis_that_cannot_start_is_exit_2_with_the_tail_of_its_log(tmp_path: Path) -> None:
+    aof = tmp_path / "data" / "redis" / "appendonlydir"
+    aof.mkdir(parents=True)
+    (aof / "appendonly.aof.manifest").write_text("not a manifest\n")  # a damaged AOF
+    code, out = run_serve(tmp_path, {"WORKERS": "2", "JWT_SECRET": SECRET})
+    assert code == 2, out
+    line = next(x for x in out.splitlines() if x.startswith("aether-fast:"))
+    assert "redis-server exited with status 1 at start" in line, out
+    assert "redis.log" in line and "manifest" in line, line  # why, from its own log
+    assert "Traceback" not in out
+    assert "supervisor_started" not in out and "server_started" not in out  # no worker
+    assert oct((tmp_path / "data" / "redis").stat().st_mode & 0o777) == "0o700"
+
+
 def test_a_second_supervisor_on_the_same_data_dir_is_refused(
     make_server: Callable[..., Server], tmp_path: Path
 ) -> None:
@@ -383,7 +402,7 @@ def test_a_socket_path_too_long_for_sun_path_moves_to_the_temporary_directory(
     finally:
         a.close()
         b.close()
-    assert srv.stop() == 0
+    assert srv.stop(timeout=60) == 0
     assert not Path(moved).parent.exists()  # its directory is removed at stop
 
     # and when even the temporary directory is too deep: exit 2, naming DATA_DIR
