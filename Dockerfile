@@ -3,7 +3,8 @@
 #
 # Stage 1 builds the wheel (Cython extension compiled here, with the full image's compiler and
 # headers) and installs it into a virtual environment; stage 2 is a slim runtime that only
-# copies that environment. Configuration is by environment variables alone (docs/operations.md,
+# copies that environment, plus Debian's redis-server: WORKERS=N without BROKER_URL runs it as
+# the workers' private broker (docs/operations.md section 14). Configuration is by environment variables alone (docs/operations.md,
 # section 3); tests/integration/test_operations.py lints this file and runs the build stage's
 # RUN steps in a fresh venv.
 ARG PYTHON_VERSION=3.11
@@ -34,6 +35,13 @@ ENV VIRTUAL_ENV=/opt/aether \
     METRICS_PORT=9090 \
     DATA_DIR=/data \
     SHUTDOWN_TIMEOUT_S=8
+# redis-server: from Debian bookworm's own archive, whose security updates replace the version,
+# so it is not pinned (a pinned version would stop building at the next point release)
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends redis-server \
+    && rm -rf /var/lib/apt/lists/* \
+    && redis-server --version
 RUN groupadd --system --gid 10001 aether \
     && useradd --system --uid 10001 --gid aether --home-dir /nonexistent --no-create-home \
        --shell /usr/sbin/nologin aether \

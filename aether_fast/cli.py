@@ -83,11 +83,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _backup(_config({"data_dir": args.data_dir}), args.path)
         if args.command == "restore":
             return _restore(_config({"data_dir": args.data_dir}), args.path)
-        print(orjson.dumps(masked(_config()), option=orjson.OPT_INDENT_2).decode())
+        config = _config()
+        _check_private_redis(config)
+        print(orjson.dumps(masked(config), option=orjson.OPT_INDENT_2).decode())
         return 0
     except ConfigError as err:
         print(f"aether-fast: configuration error: {err}", file=sys.stderr)
         return 2
+
+
+def _check_private_redis(config: Config) -> None:
+    """WORKERS > 1 without BROKER_URL needs redis-server on PATH (ConfigError otherwise)."""
+    if config.workers > 1 and config.broker_url is None:
+        from aether_fast.private_redis import find_binary
+
+        find_binary()
 
 
 def _token(config: Config, args: argparse.Namespace) -> int:
@@ -128,6 +138,7 @@ def _serve(config: Config, argv: list[str]) -> int:
             "tokens from `aether-fast token` will not be accepted. Set JWT_SECRET.",
         )
     if config.workers > 1 and not is_worker():
+        _check_private_redis(config)
         return supervise(config, argv[1:] if argv[:1] == ["serve"] else argv)
     try:
         return uvloop.run(serve(config))
@@ -180,10 +191,21 @@ def _health(config: Config, args: argparse.Namespace) -> int:
     return 1
 
 
-_BROKER_NOTE = (
-    "covers the SQLite channel store only; with BROKER_URL set the channel configs live in "
-    "Redis (hash aether:channels): back up Redis instead (docs/operations.md §16)"
-)
+def _not_sqlite(config: Config) -> str | None:
+    """Why backup/restore do not apply to this config (the channel configs live in Redis)."""
+    if config.broker_url:
+        where = "with BROKER_URL set the channel configs live in Redis (hash aether:channels)"
+    elif config.workers > 1:
+        where = (
+            "with WORKERS > 1 and no BROKER_URL the channel configs live in the private Redis "
+            "(its AOF in DATA_DIR/redis)"
+        )
+    else:
+        return None
+    return (
+        f"covers the SQLite channel store only; {where}: back up Redis instead "
+        "(docs/operations.md §16)"
+    )
 
 
 def _backup(config: Config, path: str) -> int:
@@ -192,8 +214,9 @@ def _backup(config: Config, path: str) -> int:
     from aether_fast.stores.base import StoreError
     from aether_fast.stores.sqlite import DB_FILE, ChannelStore
 
-    if config.broker_url:
-        print(f"aether-fast: backup {_BROKER_NOTE}", file=sys.stderr)
+    note = _not_sqlite(config)
+    if note is not None:
+        print(f"aether-fast: backup {note}", file=sys.stderr)
         return 2
     source = os.path.join(config.data_dir, DB_FILE)
     if not os.path.isfile(source):
@@ -233,8 +256,9 @@ def _restore(config: Config, path: str) -> int:
     from aether_fast.stores.base import StoreError, StoreLocked
     from aether_fast.stores.sqlite import DB_FILE, ChannelStore, DataDirLock, read_backup
 
-    if config.broker_url:
-        print(f"aether-fast: restore {_BROKER_NOTE}", file=sys.stderr)
+    note = _not_sqlite(config)
+    if note is not None:
+        print(f"aether-fast: restore {note}", file=sys.stderr)
         return 2
     try:
         read_backup(path)  # refuse a bad backup before touching anything

@@ -80,6 +80,7 @@ class Config:
     shutdown_timeout_s: float
     workers: int
     broker_url: str | None
+    private_redis_maxmemory_mb: int
     node_id: str | None
     log_level: str
     admin_token: str | None
@@ -537,7 +538,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "Redis: a channel's offset, epoch and history expire this long after its last join "
         "or publish (at least HISTORY_TTL_S and DEDUP_TTL_S), seconds",
     ),
-    Setting("data_dir", _path, "./data", "directory of the embedded channel store (SQLite)"),
+    Setting(
+        "data_dir",
+        _path,
+        "./data",
+        "directory of the embedded channel store (SQLite), or of the private Redis (redis/)",
+    ),
     Setting(
         "allowed_origins",
         _origins,
@@ -573,15 +579,29 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "after sending, keep polling without sleeping this long, microseconds; 0 = off",
     ),
     Setting("shutdown_timeout_s", _float(0), 10.0, "time allowed for a graceful shutdown, seconds"),
-    Setting("workers", _int(1, 1024), 1, "worker processes sharing the port (>1 needs BROKER_URL)"),
+    Setting(
+        "workers",
+        _int(1, 1024),
+        1,
+        "worker processes sharing the port; >1 without BROKER_URL starts a private redis-server "
+        "(on PATH) for them",
+    ),
     Setting(
         "broker_url",
         _broker_url,
         None,
         "redis://, rediss:// or unix:// URL of the shared broker, or a comma-separated list "
-        "of them (shards: every node must list the same ones); unset = in-memory",
+        "of them (shards: every node must list the same ones); unset = in-memory (one "
+        "worker) or the private redis-server (WORKERS > 1)",
         default_text="",
         secret=True,
+    ),
+    Setting(
+        "private_redis_maxmemory_mb",
+        _int(0),
+        512,
+        "WORKERS > 1 without BROKER_URL: the private redis-server's memory bound, MiB (past it "
+        "the state of the channels least recently used is evicted first); 0 = no bound",
     ),
     Setting(
         "node_id",
@@ -765,11 +785,6 @@ def load_config(env: Mapping[str, str], overrides: Mapping[str, object] | None =
         raise ConfigError("METRICS_PORT", f"must differ from WS_PORT ({values['ws_port']})")
 
     workers = values["workers"]
-    if isinstance(workers, int) and workers > 1 and values["broker_url"] is None:
-        raise ConfigError(
-            "WORKERS",
-            "more than one worker needs a shared broker: set BROKER_URL=redis://...",
-        )
     if generated and (
         values["broker_url"] is not None or (isinstance(workers, int) and workers > 1)
     ):

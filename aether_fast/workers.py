@@ -4,6 +4,9 @@ What it owns: starting the workers (each is `aether-fast serve` run again with
 AETHER_WORKER_INDEX set; they bind the port with SO_REUSEPORT and meet in Redis), restarting
 one that dies with a growing backoff, forwarding SIGTERM/SIGINT for a graceful drain, and
 the exit status: 0 when every worker drained, 2 when a worker could not start at all.
+Without BROKER_URL it first starts the private Redis the workers meet in (private_redis.py:
+BROKER_URL=unix://… in their environment), restarts it when it dies and stops it last, once
+the workers are gone; no worker is (re)started while it does not answer.
 Rule: the supervisor holds no client and no socket; it only watches processes.
 """
 
@@ -14,15 +17,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aether_fast import logs
 from aether_fast.config import Config
+from aether_fast.private_redis import BINARY, PrivateRedis, PrivateRedisError, find_binary
 
 WORKER_ENV = "AETHER_WORKER_INDEX"
 #: A worker that exits within this many seconds of its start with status 2 could not start
-#: (bad config, port in use, Redis unreachable): the supervisor gives up instead of looping.
+#: (bad config, port in use, Redis unreachable): the supervisor gives up instead of looping
+#: (unless the private Redis was down meanwhile).
 START_GRACE_S = 3.0
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 10.0
@@ -54,27 +59,76 @@ def supervise(config: Config, argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    env = dict(os.environ)
+    redis: PrivateRedis | None = None
+    if config.broker_url is None:
+        redis = PrivateRedis(
+            config.data_dir,
+            find_binary(),
+            maxmemory_mb=config.private_redis_maxmemory_mb,
+            backoff_min_s=BACKOFF_MIN_S,
+            backoff_max_s=BACKOFF_MAX_S,
+            healthy_after_s=HEALTHY_AFTER_S,
+        )
+        try:
+            redis.open()
+            redis.start()
+            redis.wait_ready(lambda: stopping)
+        except PrivateRedisError as err:
+            redis.stop()
+            print(f"aether-fast: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:  # its log not writable, the binary not executable
+            redis.stop()
+            print(f"aether-fast: the private {BINARY} cannot start: {err}", file=sys.stderr)
+            return 2
+        env["BROKER_URL"] = redis.url
+    status = 0
+    if not stopping:
+        status = _run(config, argv, env, redis, lambda: stopping)
+    if redis is not None:
+        redis.stop()  # last: the workers drained with their broker still there
+    logs.log("info", "supervisor_stopped", "workers", status=status)
+    return status
+
+
+def _run(
+    config: Config,
+    argv: Sequence[str],
+    env: dict[str, str],
+    redis: PrivateRedis | None,
+    stopping: Callable[[], bool],
+) -> int:
+    """Start the workers, keep them (and the private Redis) running until `stopping()`,
+    then drain them; returns the exit status."""
+
     def spawn(index: int) -> subprocess.Popen[bytes]:
-        env = {**os.environ, WORKER_ENV: str(index)}
-        return subprocess.Popen([sys.executable, "-m", "aether_fast", "serve", *argv], env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "aether_fast", "serve", *argv],
+            env={**env, WORKER_ENV: str(index)},
+        )
 
     now = time.monotonic()
     workers = [_Worker(i, spawn(i), now) for i in range(config.workers)]
     logs.log("info", "supervisor_started", "workers", workers=[w.proc.pid for w in workers])
     status = 0
-    while not stopping:
+    while not stopping():
         time.sleep(0.1)
         now = time.monotonic()
+        if redis is not None:
+            redis.poll(now)
         for w in workers:
             code = w.proc.poll()
             if code is None:
                 if now - w.started > HEALTHY_AFTER_S:
                     w.backoff = BACKOFF_MIN_S
                 continue
-            if code == 2 and now - w.started < START_GRACE_S:
+            # a worker that could not reach the private Redis while it was down (or dying)
+            # was not misconfigured: it is restarted once Redis answers again
+            redis_trouble = redis is not None and redis.last_trouble >= w.started - 1.0
+            if code == 2 and now - w.started < START_GRACE_S and not redis_trouble:
                 logs.log("error", "worker_cannot_start", "workers", index=w.index, status=code)
-                stopping, status = True, 2
-                break
+                return _drain(config, workers, 2)
             if w.restart_at == 0.0:
                 w.restart_at = now + w.backoff
                 logs.log(
@@ -86,10 +140,15 @@ def supervise(config: Config, argv: Sequence[str]) -> int:
                     status=code,
                     restart_in_s=w.backoff,
                 )
-            elif now >= w.restart_at:
+            elif now >= w.restart_at and (redis is None or redis.healthy):
                 w.proc, w.started, w.restart_at = spawn(w.index), now, 0.0
                 w.backoff = min(w.backoff * 2, BACKOFF_MAX_S)
                 logs.log("info", "worker_restarted", "workers", index=w.index, pid=w.proc.pid)
+    return _drain(config, workers, status)
+
+
+def _drain(config: Config, workers: list[_Worker], status: int) -> int:
+    """SIGTERM to every live worker, then wait for all (killed past the drain's time)."""
     for w in workers:
         if w.proc.poll() is None:
             w.proc.send_signal(signal.SIGTERM)
@@ -101,5 +160,4 @@ def supervise(config: Config, argv: Sequence[str]) -> int:
             w.proc.kill()
             w.proc.wait()
             status = status or 1
-    logs.log("info", "supervisor_stopped", "workers", status=status)
     return status

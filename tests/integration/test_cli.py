@@ -109,7 +109,7 @@ BAD_VALUES = [
     ({"ENABLE_METRICS": "maybe"}, "ENABLE_METRICS"),
     ({"JWT_ALGORITHM": "none"}, "JWT_ALGORITHM"),
     ({"JWT_ALGORITHM": "HS1"}, "JWT_ALGORITHM"),
-    ({"WORKERS": "2"}, "WORKERS"),
+    ({"WORKERS": "0"}, "WORKERS"),
     ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
     ({"SHUTDOWN_TIMEOUT_S": "soon"}, "SHUTDOWN_TIMEOUT_S"),
     ({"JWT_SECRET": "tiny-secret-XYZ"}, "JWT_SECRET"),

@@ -158,7 +158,6 @@ def test_star_origin_means_any() -> None:
         ({"MAX_CHANNELS": "0"}, "MAX_CHANNELS", ">= 1"),
         ({"CHANNEL_STATE_TTL_S": "0"}, "CHANNEL_STATE_TTL_S", ">= 1"),
         ({"JWT_SECRET": SECRET, "JWT_ALGORITHM": "HS512"}, "JWT_SECRET", "at least 64 bytes"),
-        ({"WORKERS": "2"}, "WORKERS", "BROKER_URL"),
         ({"METRICS_PORT": "8000"}, "METRICS_PORT", "differ"),
         ({"JWT_ALGORITHM": "RS256"}, "JWT_PUBLIC_KEY", "required for RS256"),
         ({"JWT_ALGORITHM": "RS256", "JWT_PUBLIC_KEY": "junk"}, "JWT_PUBLIC_KEY", "usable"),
@@ -220,8 +219,25 @@ def test_workers_with_broker() -> None:
     assert load_config({"BROKER_URL": "rediss://h:6380", **secret}).broker_url
 
 
+def test_workers_without_a_broker_get_the_private_redis() -> None:
+    """WORKERS > 1 without BROKER_URL is no longer refused: the supervisor starts a
+    redis-server of its own (workers.py, private_redis.py), bounded by this setting."""
+    c = load_config({"WORKERS": "2", "JWT_SECRET": "s" * 32})
+    assert c.workers == 2 and c.broker_url is None
+    assert c.private_redis_maxmemory_mb == 512
+    c = load_config({"WORKERS": "2", "JWT_SECRET": "s" * 32, "PRIVATE_REDIS_MAXMEMORY_MB": "0"})
+    assert c.private_redis_maxmemory_mb == 0
+    with pytest.raises(ConfigError) as err:
+        load_config({"PRIVATE_REDIS_MAXMEMORY_MB": "-1"})
+    assert err.value.variable == "PRIVATE_REDIS_MAXMEMORY_MB"
+
+
 def test_shared_deployments_need_a_shared_secret() -> None:
-    for env in ({"WORKERS": "2", "BROKER_URL": "redis://h"}, {"BROKER_URL": "redis://h"}):
+    for env in (
+        {"WORKERS": "2", "BROKER_URL": "redis://h"},
+        {"BROKER_URL": "redis://h"},
+        {"WORKERS": "2"},
+    ):
         with pytest.raises(ConfigError) as err:
             load_config(env)
         assert err.value.variable == "JWT_SECRET"

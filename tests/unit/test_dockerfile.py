@@ -185,3 +185,19 @@ def test_parser_reads_continuations_and_comments() -> None:
     assert d.stages[0].all("RUN")[0].args == "x && y"
     assert d.stages[1].env() == {"A": "1", "B": "two words"}
     assert d.stages[1].all("CMD")[0].exec_form == ["p", "q"]
+
+
+def test_the_runtime_ships_redis_server_for_workers_without_a_broker(docker: Dockerfile) -> None:
+    """WORKERS=N without BROKER_URL starts a private redis-server (docs/operations.md §14): the
+    image must have it on PATH, installed as root before USER, without the apt lists."""
+    runtime = docker.stages[-1]
+    runs = [r for r in runtime.all("RUN") if "redis-server" in r.args]
+    assert len(runs) == 1, [r.args for r in runtime.all("RUN")]
+    words = runs[0].args.split()
+    install = words.index("install")
+    assert "--no-install-recommends" in words and "redis-server" in words[install:]
+    assert "rm -rf /var/lib/apt/lists/*" in runs[0].args
+    assert "redis-server --version" in runs[0].args  # the build fails without a working one
+    user = runtime.last("USER")
+    assert user is not None and runs[0].line < user.line
+    assert runtime.env()["PATH"].endswith(":$PATH")  # /usr/bin, where it is, stays on PATH
