@@ -206,6 +206,8 @@ class RedisBroker:
         #: waiter runs)
         self._parked = 0
         self._tasks: list[asyncio.Task[None]] = []
+        #: the loop `start` ran in: each publish needs it
+        self._loop: asyncio.AbstractEventLoop | None = None
         link.load_scripts(_PUBLISH, _POSITION)
         link.listen(self._on_message)
 
@@ -214,6 +216,7 @@ class RedisBroker:
     async def start(self) -> None:
         """Open the link (raises if Redis cannot be reached at start-up): the command
         connection with the scripts loaded, and the subscriber."""
+        self._loop = asyncio.get_running_loop()
         await self._link.start()
 
     async def close(self) -> None:
@@ -250,7 +253,7 @@ class RedisBroker:
             tail,
             ts,
         ]
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()  # (3.11 asks the OS for its pid)
         done: asyncio.Future[PublishResult] = loop.create_future()
         if not self._batch:
             loop.call_soon(self._send_batch)
