@@ -2,9 +2,11 @@
 
 It keeps every guarantee of `base.Broker` across the cluster:
 - offsets, the epoch, history and the dedupe window live in Redis and are changed by one Lua
-  script per publish, atomically: offset assigned, history appended (a capped stream), the
-  sequence remembered, the publication PUBLISHed. A publish that Redis did not confirm
-  raises, so the sender gets an error, never a false ack;
+  script (one call for the publishes of a loop pass), each publish atomically: offset
+  assigned, history appended (a capped stream; none with `history_size` 0), the sequence
+  remembered, the publication PUBLISHed. A publish that Redis did not confirm raises, so
+  the sender gets an error, never a false ack; a join recovers at most `history_size`
+  publications, as with the memory broker;
 - each worker SUBSCRIBEs only to the channels its members joined, and waits for Redis to
   confirm the subscription before it reads a joining member's position, so nothing published
   in between is missed; Redis delivers one channel's publications in PUBLISH order;
