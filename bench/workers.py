@@ -8,6 +8,8 @@ is reported). Layouts: one worker, WORKERS=2, and two nodes (two servers of one 
 on two ports, sharing the Redis: odd connections go to the second). Scenarios: connections
 set up per second (each with its own JWT, joining its own channel), round trips with 50
 connections (echo=1, each on its own channel), and fan-out 1 -> 1000 with 64 in flight.
+Then bench/redis_cpu.py: Redis CPU per published message with and without history, and
+round trips through Redis against the memory broker, in the same run.
 
 Writes bench/results/workers-<time>.json and prints one JSON line with the ratios.
 Usage: python bench/workers.py [--quick]
@@ -241,6 +243,10 @@ def main() -> int:
         "round_trips": "round_trips_per_s_50_conns",
         "fanout": "fanout_1000_w64_deliveries_per_s",
     }
+    # Redis CPU per publish (history / none) and round trips memory vs Redis, in one run
+    from redis_cpu import measure
+
+    cost = measure(rounds=2 if args.quick else 5, duration=1.5 if args.quick else 3.0)
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "one_worker": one,
@@ -248,6 +254,7 @@ def main() -> int:
         "two_nodes": nodes,
         "ratio_two_workers": {k: ratio(two, v) for k, v in keys.items()},
         "ratio_two_nodes": {k: ratio(nodes, v) for k, v in keys.items()},
+        "redis_cpu": cost,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"workers-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json").write_text(

@@ -2,9 +2,11 @@
 
 It keeps every guarantee of `base.Broker` across the cluster:
 - offsets, the epoch, history and the dedupe window live in Redis and are changed by one Lua
-  script per publish, atomically: offset assigned, history appended (a capped stream), the
-  sequence remembered, the publication PUBLISHed. A publish that Redis did not confirm
-  raises, so the sender gets an error, never a false ack;
+  script (one call for the publishes of a loop pass), each publish atomically: offset
+  assigned, history appended (a capped stream; none with `history_size` 0), the sequence
+  remembered, the publication PUBLISHed. A publish that Redis did not confirm raises, so
+  the sender gets an error, never a false ack; a join recovers at most `history_size`
+  publications, as with the memory broker;
 - each worker SUBSCRIBEs only to the channels its members joined, and waits for Redis to
   confirm the subscription before it reads a joining member's position, so nothing published
   in between is missed; Redis delivers one channel's publications in PUBLISH order;
@@ -54,51 +56,89 @@ BATCH_MAX = 64
 
 #: (keys + args of one message, the future its sender waits on)
 Pending = tuple[list[Any], "asyncio.Future[PublishResult]"]
+#: where a message's timestamp is in its keys + args (the ack of a new publish carries it)
+_TS = 10
 
 
 # One call publishes a batch (every publish of one loop pass, up to BATCH_MAX): Redis spends
-# ~25 µs setting up each script call, more than the commands themselves.
-# KEYS, 3 per message: meta (hash: seq, epoch), hist (stream), dedupe (slot -> "seq|offset|ts")
-# ARGV, 12 per message: sequence, history size, history ttl ms, dedupe ttl ms, pubsub channel,
-#   sender, json head, json tail, new epoch, timestamp, dedupe slot (sequence mod the window),
-#   channel state ttl ms (meta)
-# Returns {seen, duplicate} per message, seen = "offset|timestamp". Eight commands a message
-# at most: each costs Redis CPU, and Redis is shared by every worker. Every key written gets
-# its TTL here (see `RedisBroker` for why the meta key outlives the others).
+# ~10-25 µs setting up each script call, more than the commands of one message. What one
+# message costs Redis is what bench/redis_cpu.py measures (docs/performance.md, *Redis CPU
+# per publish*): each `redis.call` (~0.3 µs at least), each argument (~0.1 µs), each string
+# Lua builds, each number it formats.
+# ARGV 1-4, once per call: history ttl ms, dedupe ttl ms, channel state ttl ms (meta), a new
+#   epoch (used only by a channel that has none)
+# Per message, KEYS (3): meta (hash: seq, epoch), hist (stream), dedupe (slot -> "seq|offset|ts")
+#   ARGV (8): sequence, dedupe slot (sequence mod the window), history size, pubsub channel,
+#   sender, json head, json tail, timestamp
+# Returns one entry per message: the offset (an integer) when it was published now, or
+# "offset|timestamp" (a string) of the original when it is a duplicate.
+# Every key written gets its TTL here, once per key and call (all messages of a call share
+# its clock): PEXPIREAT with Redis's own TIME, so the TTL is exactly the one PEXPIRE would
+# set. A channel with history_size 0 has no history stream: no XADD, no TTL for it.
+# The history is trimmed with `MAXLEN ~` (whole stream nodes): it may hold a few more than
+# history_size entries, which `recover` does not replay (`_POSITION` gets the size).
 _PUBLISH = """
+local now = redis.call('TIME')
+now = now[1] * 1000 + math.floor(now[2] / 1000)
+local hist_at = string.format('%d', now + ARGV[1])
+local dedupe_at = string.format('%d', now + ARGV[2])
+local meta_at = string.format('%d', now + ARGV[3])
+local ttl_set = {}
 local out = {}
 for i = 0, #KEYS / 3 - 1 do
   local meta, hist, dedupe = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
-  local a = i * 12
-  local seq, slot = ARGV[a + 1], ARGV[a + 11]
-  local held = redis.call('HGET', dedupe, slot)
+  local a = 4 + i * 8
+  local seq, slot = ARGV[a + 1], ARGV[a + 2]
+  -- 'h', the highest sequence accepted, is the window's first field: found at once even
+  -- while the hash is a listpack (scanned field by field). Above it, a sequence is new
+  -- without a look at its slot. (Doubles: rounding keeps the order, so a sequence past 2^53
+  -- is at worst looked up.) A window begun without 'h' (by an earlier version)
+  -- never gets one: its highest sequence is not known.
+  local high = redis.call('HGET', dedupe, 'h')
+  local above = high and tonumber(seq) > tonumber(high)
+  local first = not high and redis.call('EXISTS', dedupe) == 0
+  local held = not above and redis.call('HGET', dedupe, slot)
   local bar = held and string.find(held, '|', 1, true)
   if bar and string.sub(held, 1, bar - 1) == seq then
-    out[i + 1] = {string.sub(held, bar + 1), 1}
+    out[i + 1] = string.sub(held, bar + 1)
   else
     local offset = redis.call('HINCRBY', meta, 'seq', 1)
-    if offset == 1 and redis.call('HSETNX', meta, 'epoch', ARGV[a + 9]) == 1 then
+    if offset == 1 and redis.call('HSETNX', meta, 'epoch', ARGV[4]) == 1 then
       redis.call('DEL', hist)  -- a new epoch (first publish, or Redis lost the channel)
     end
-    redis.call('PEXPIRE', meta, ARGV[a + 12])
-    local payload = ARGV[a + 7] .. offset .. ARGV[a + 8]
-    local size = tonumber(ARGV[a + 2])
-    if size > 0 then
-      redis.call('XADD', hist, 'MAXLEN', size, offset .. '-1', 'p', payload)
-      redis.call('PEXPIRE', hist, ARGV[a + 3])
+    if not ttl_set[meta] then
+      ttl_set[meta] = true
+      redis.call('PEXPIREAT', meta, meta_at)
     end
-    local seen = offset .. '|' .. ARGV[a + 10]
-    redis.call('HSET', dedupe, slot, seq .. '|' .. seen)
-    redis.call('PEXPIRE', dedupe, ARGV[a + 4])
-    redis.call('PUBLISH', ARGV[a + 5], ARGV[a + 6] .. '\\n' .. offset .. '\\n' .. payload)
-    out[i + 1] = {seen, 0}
+    local o = string.format('%d', offset)
+    local payload = ARGV[a + 6] .. o .. ARGV[a + 7]
+    if ARGV[a + 3] ~= '0' then
+      redis.call('XADD', hist, 'MAXLEN', '~', ARGV[a + 3], o .. '-1', 'p', payload)
+      if not ttl_set[hist] then
+        ttl_set[hist] = true
+        redis.call('PEXPIREAT', hist, hist_at)
+      end
+    end
+    if above or first then
+      redis.call('HSET', dedupe, 'h', seq, slot, seq .. '|' .. o .. '|' .. ARGV[a + 8])
+    else
+      redis.call('HSET', dedupe, slot, seq .. '|' .. o .. '|' .. ARGV[a + 8])
+    end
+    if not ttl_set[dedupe] then
+      ttl_set[dedupe] = true
+      redis.call('PEXPIREAT', dedupe, dedupe_at)
+    end
+    redis.call('PUBLISH', ARGV[a + 4], ARGV[a + 5] .. '\\n' .. o .. '\\n' .. payload)
+    out[i + 1] = offset
   end
 end
 return out
 """
 
-# KEYS: meta, hist   ARGV: since (-1: none), new epoch, channel state ttl ms
-# A join (or a read of the position) keeps the meta key alive like a publish does.
+# KEYS: meta, hist   ARGV: since (-1: none), new epoch, channel state ttl ms, history size
+# (-1: not known here). A join (or a read of the position) keeps the meta key alive like a
+# publish does. Only the last `history size` offsets are read: the stream may hold a few more
+# (`MAXLEN ~`), which are not replayed, as the memory broker would not have them.
 _POSITION = """
 local meta = redis.call('HMGET', KEYS[1], 'seq', 'epoch')
 local epoch = meta[2]
@@ -111,8 +151,9 @@ if not epoch then
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local since = tonumber(ARGV[1])
+local size = tonumber(ARGV[4])
 local entries = {}
-if since >= 0 and since < offset then
+if since >= 0 and since < offset and (size < 0 or offset - since <= size) then
   entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-1', '+')
 end
 return {offset, epoch, entries}
@@ -175,10 +216,14 @@ class RedisBroker:
             int(channel_state_ttl_s * 1000), int(history_ttl_s * 1000), self._dedup_ttl_ms
         )
         self._history_ttl_ms = int(history_ttl_s * 1000) or self._state_ttl_ms
+        #: the publish script's first arguments, once per call (its new epoch is set per call)
+        self._ttls = (self._history_ttl_ms, self._dedup_ttl_ms, self._state_ttl_ms)
         #: one lane per shard, in the order of `shards.links`
         self._lanes = [_Lane(link) for link in shards.links]
         self._single = len(self._lanes) == 1
         self._tasks: list[asyncio.Task[None]] = []
+        #: the loop `start` ran in: each publish needs it
+        self._loop: asyncio.AbstractEventLoop | None = None
         for link in shards.links:
             link.load_scripts(_PUBLISH, _POSITION)
             link.listen(self._on_message)
@@ -188,6 +233,7 @@ class RedisBroker:
     async def start(self) -> None:
         """Open the links (raises if a shard cannot be reached at start-up): each one's
         command connection with the scripts loaded, and its subscriber."""
+        self._loop = asyncio.get_running_loop()
         await self._shards.start()
 
     async def close(self) -> None:
@@ -220,19 +266,15 @@ class RedisBroker:
             hist_key,
             f"{PREFIX}dedupe:{{{name}}}:{who}",
             sequence,
+            sequence % DEDUP_WINDOW,
             channel.config.history_size,
-            self._history_ttl_ms,
-            self._dedup_ttl_ms,
             PUB + name,
             who,
             head,
             tail,
-            new_epoch(),
             ts,
-            sequence % DEDUP_WINDOW,
-            self._state_ttl_ms,
         ]
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()  # (3.11 asks the OS for its pid)
         done: asyncio.Future[PublishResult] = loop.create_future()
         lane = self._lanes[0] if self._single else self._lanes[self._shards.index(name)]
         if not lane.batch:
@@ -276,7 +318,7 @@ class RedisBroker:
         script = _PUBLISH_SHA if how == "EVALSHA" else _PUBLISH
         handler = partial(self._published, lane, batch, how)
         try:
-            conn.request(handler, how, script, len(keys), *keys, *args)
+            conn.request(handler, how, script, len(keys), *keys, *self._call_args, *args)
         except RedisError as exc:
             handler(None, exc)
 
@@ -286,10 +328,14 @@ class RedisBroker:
         """The publish script's answer: each future gets (offset, timestamp, duplicate), or
         BrokerUnavailable when Redis did not confirm it (never a false ack)."""
         if exc is None:
-            for (_, done), (seen, duplicate) in zip(batch, reply, strict=True):
-                if not done.done():
-                    offset, _, stamp = seen.decode().partition("|")
-                    done.set_result((int(offset), stamp, bool(duplicate)))
+            for (call, done), got in zip(batch, reply, strict=True):
+                if done.done():
+                    continue
+                if type(got) is int:  # published now, at the timestamp it was sent with
+                    done.set_result((got, call[_TS], False))
+                else:  # a duplicate: the original's "offset|timestamp"
+                    offset, _, stamp = got.decode().partition("|")
+                    done.set_result((int(offset), stamp, True))
             return
         conn = lane.link.command_connection
         if isinstance(exc, NoScriptError) and how == "EVALSHA" and conn is not None:
@@ -316,6 +362,12 @@ class RedisBroker:
         except NoScriptError:  # SCRIPT FLUSH since this connection loaded it
             return await (await lane.link.commands()).call("EVAL", script, numkeys, *args)
 
+    @property
+    def _call_args(self) -> tuple[Any, ...]:
+        """The publish script's arguments shared by the messages of one call: the TTLs and a
+        new epoch (each call its own, so no two epochs of one channel are the same)."""
+        return (*self._ttls, new_epoch())
+
     def _usable_now(self, lane: _Lane) -> resp.RespConnection | None:
         """The command connection of `lane`'s shard, if a call may be written on it now:
         usable (the link), and no batch of ours still waiting for it (to go after them is to
@@ -330,13 +382,15 @@ class RedisBroker:
         lane = self._lane(channel)
         await lane.link.subscribe(PUB + channel)
         since_arg = -1 if since is None else since
+        ch = self._hub.channel(channel)
+        size = -1 if ch is None else ch.config.history_size
         try:
             offset, current, entries = await self._script(
                 lane,
                 _POSITION,
                 _POSITION_SHA,
                 2,
-                [*_keys(channel), since_arg, new_epoch(), self._state_ttl_ms],
+                [*_keys(channel), since_arg, new_epoch(), self._state_ttl_ms, size],
             )
         except (RedisError, OSError) as exc:
             lane.link.degraded(exc)
@@ -360,7 +414,7 @@ class RedisBroker:
                 _POSITION,
                 _POSITION_SHA,
                 2,
-                [*_keys(channel), -1, new_epoch(), self._state_ttl_ms],
+                [*_keys(channel), -1, new_epoch(), self._state_ttl_ms, -1],
             )
         except (RedisError, OSError) as exc:
             lane.link.degraded(exc)
