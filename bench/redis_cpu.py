@@ -1,15 +1,15 @@
 """Redis CPU per published message, and round trips through Redis against the memory broker.
 
-A `redis-server` of our own (on a free port, or a Unix socket with `--unix`), aether-fast
-servers pinned to CPU 0 (one worker each: one with BROKER_URL and `HISTORY_SIZE=100`, one
-with BROKER_URL and `HISTORY_SIZE=0`, one with the memory broker) and the C load generator
-pinned to CPU 1 in its `rtt` mode: 50 connections, each on its own channel with echo=1,
-publishing and waiting for their own message. For each round the redis-server process's
-utime + stime (`/proc/<pid>/stat`) is read before and after the load generator runs:
-Redis CPU time ÷ messages published = µs of Redis CPU per publish. CPU time, not wall time,
-so a busy shared machine changes it little; the servers take turns, round after round, and
-the median of the rounds is reported. The same runs give round trips/s for each server:
-the Redis broker's against the memory broker's, measured in the same run.
+A `redis-server` of our own (on a free port, or a Unix socket with `--unix`) pinned to CPU 1,
+aether-fast servers pinned to CPU 0 (one worker each: one with BROKER_URL and
+`HISTORY_SIZE=100`, one with BROKER_URL and `HISTORY_SIZE=0`, one with the memory broker) and
+the C load generator pinned to CPU 1 beside Redis, in its `rtt` mode: 50 connections, each
+on its own channel with echo=1, publishing and waiting for their own message. For each round
+the redis-server process's utime + stime (`/proc/<pid>/stat`) is read before and after the
+load generator runs: Redis CPU time ÷ messages published = µs of Redis CPU per publish. CPU
+time, not wall time, so a busy shared machine changes it little; the servers take turns,
+round after round, and the median of the rounds is reported. The same runs give round
+trips/s for each server: the Redis broker's against the memory broker's, in the same run.
 
 What one round costs Redis besides the publishes (50 joins, their SUBSCRIBEs, the cluster
 heartbeat, Redis's own timer) is under 0.1 µs per message at these rates.

@@ -92,10 +92,10 @@ for i = 0, #KEYS / 3 - 1 do
   -- 'h', the highest sequence accepted, is the window's first field: found at once even
   -- while the hash is a listpack (scanned field by field). Above it, a sequence is new
   -- without a look at its slot. (Doubles: rounding keeps the order, so a sequence past 2^53
-  -- is at worst looked up.) A window begun without 'h' (by an earlier version)
-  -- never gets one: its highest sequence is not known.
-  local high = redis.call('HGET', dedupe, 'h')
-  local above = high and tonumber(seq) > tonumber(high)
+  -- is at worst looked up.) A window begun without 'h' (by an earlier version) never gets
+  -- one: its highest sequence is not known.
+  local high = tonumber(redis.call('HGET', dedupe, 'h'))
+  local above = high and tonumber(seq) > high
   local first = not high and redis.call('EXISTS', dedupe) == 0
   local held = not above and redis.call('HGET', dedupe, slot)
   local bar = held and string.find(held, '|', 1, true)
