@@ -22,6 +22,12 @@ Rules it keeps:
   current epoch is delivered once, and (sender user, sender client_id, sequence) - which the
   protocol makes unique - is remembered for a window, which also covers a publication that
   appears again under a new epoch after the server lost its history.
+- ... and at least once: an offset counts as delivered only when its publication came
+  (with echo off, also when it is our own, acked: its copy never comes), never because an
+  ack came first (with Redis an ack may beat its own copy and lower offsets, docs/protocol.md
+  §7). The channel's position (`since` of a recovery) is the last offset without a gap
+  below it; a gap that stays while GAP_WINDOW later offsets come is asked for at once
+  (joined again with `since`), else at the next reconnect.
 - No reconnect after close 4001 (auth) or 4003 (forbidden) unless a new token is supplied
   (by `token_refresh` or `set_token`); none after 4009 (replaced by a newer connection).
 - Only this module's own task touches the socket; callbacks run on the loop and must not
@@ -79,6 +85,11 @@ RETRYABLE_JOIN_CODES: Final = frozenset({"RATE_LIMITED", "SERVER_BUSY"})
 IN_FLIGHT_TIMEOUT_S: Final = 30.0
 #: How many (user, client_id, sequence) keys per channel are remembered for dedupe.
 SEEN_WINDOW: Final = 4096
+#: How many offsets a channel keeps above one that has not come (its position stays below
+#: that one: a reconnect's recovery asks for it). One more, and the channel is joined again
+#: with `since` at once, so the server replays what is missing; at twice as many (that join
+#: waits too long) the socket is dropped: the reconnect's recovery asks for it then.
+GAP_WINDOW: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +166,8 @@ class _Pending:
 class _Channel:
     name: str
     epoch: str | None = None
-    #: every offset <= floor was delivered (or is ours); `above` holds later ones seen
+    #: the position: every offset <= floor was received (or, with echo off, is one of our
+    #: own, acked); `above` holds the later ones received, above one that has not come yet
     floor: int | None = None
     above: set[int] = field(default_factory=set)
     seen: OrderedDict[tuple[Any, Any, int], None] = field(default_factory=OrderedDict)
@@ -169,19 +181,29 @@ class _Channel:
     replay_until: int = 0
 
     def take_offset(self, offset: int) -> bool:
-        """Record `offset`; False when it was already delivered."""
+        """Record `offset` as received; False when it already was. The floor only moves
+        over offsets received: one that has not come holds it (and the recovery position,
+        `since`) below it, however many later ones come (the client bounds them: GAP_WINDOW)."""
         if self.floor is None:
             self.floor = offset - 1
         if offset <= self.floor or offset in self.above:
             return False
         self.above.add(offset)
+        self.advance()
+        return True
+
+    def advance(self) -> None:
+        """Move the floor over the offsets received right above it."""
+        assert self.floor is not None
         while self.floor + 1 in self.above:
             self.floor += 1
             self.above.discard(self.floor)
-        if len(self.above) > SEEN_WINDOW:  # a gap that never fills: give up on it
-            self.floor = max(self.above)
-            self.above.clear()
-        return True
+
+    def settle(self) -> None:
+        """After the floor jumped forward (a join reply): forget what is below it, advance."""
+        assert self.floor is not None
+        self.above = {o for o in self.above if o > self.floor}
+        self.advance()
 
     def take_key(self, key: tuple[Any, Any, int]) -> bool:
         """Record a (user, client_id, sequence); False when it was already delivered."""
@@ -359,7 +381,8 @@ class AetherClient:
         return len(self._pending)
 
     def position(self, channel: str) -> tuple[int | None, str | None]:
-        """(last offset delivered without a gap, epoch) of a joined channel."""
+        """(position, epoch) of a joined channel: the last offset with none missing below
+        it (received, or with echo off our own, acked), the `since` of its next recovery."""
         ch = self._channels[channel]
         return ch.floor, ch.epoch
 
@@ -783,7 +806,7 @@ class AetherClient:
             for pub in held:
                 self._deliver(ch, pub)
             ch.floor = offset if ch.floor is None else max(ch.floor, offset)
-            ch.above = {o for o in ch.above if o > ch.floor}
+            ch.settle()
             ch.replay_until = 0
         result = JoinResult(
             ch.name, offset, epoch, recovered if ch.asked else None, new_epoch and ch.asked
@@ -849,6 +872,7 @@ class AetherClient:
         if not isinstance(offset, int) or not isinstance(sequence, int):
             return
         fresh_offset = ch.take_offset(offset)
+        self._mind_gap(ch)
         key = (meta.get("user_id"), meta.get("client_id"), sequence)
         if not fresh_offset or not ch.take_key(key):
             return
@@ -885,13 +909,43 @@ class AetherClient:
             self._window = min(self.max_in_flight, self._window + 1)
         ack = Ack(item.channel, item.sequence, int(meta["offset"]), str(meta.get("timestamp")))
         ch = self._channels.get(item.channel)
-        if ch is not None and not ch.resyncing and item.channel not in self._syncing:
-            ch.take_offset(ack.offset)  # our own message: not missed, not to be replayed
-            ch.take_key((self.user_id, self.client_id, item.sequence))
+        if (
+            not self._echo
+            and ch is not None
+            and ch.floor is not None
+            and not ch.resyncing
+            and item.channel not in self._syncing
+        ):
+            # echo off: our own message never comes as a copy; its offset is not missed, so
+            # the position passes it and a recovery does not ask for it. With echo on the
+            # copy comes, maybe after this ack (Redis, docs/protocol.md §7) or after lower
+            # offsets: it counts when it comes, so that it is not taken for a double.
+            ch.take_offset(ack.offset)
+            self._mind_gap(ch)
             self._flush_held(ch)
         if not item.future.done():
             item.future.set_result(ack)
         self._pump()
+
+    def _mind_gap(self, ch: _Channel) -> None:
+        """Bound the offsets kept above one that has not come (GAP_WINDOW): the server
+        missed it for this socket (its Redis subscriber was lost a while, say). Join again
+        with `since` (= the floor): the server replays what is missing (or answers
+        `recovered: false`: the join event says so). If that join is still not answered at
+        twice the bound, drop the socket: the reconnect's recovery asks again."""
+        if len(ch.above) <= GAP_WINDOW or (ch.floor or 0) < ch.replay_until:
+            return  # few, or a replay is coming in (it fills every gap below its end)
+        if ch.name not in self._syncing and not ch.resyncing:
+            log.warning(
+                "channel %s: offset %s has not come; recovering", ch.name, (ch.floor or 0) + 1
+            )
+            self._queue_join(ch)
+            self._pump()
+        elif len(ch.above) > 2 * GAP_WINDOW and self._transport is not None:
+            log.warning(
+                "channel %s: offset %s has not come; reconnecting", ch.name, (ch.floor or 0) + 1
+            )
+            self.reconnect()
 
     def _on_error_frame(self, msg: dict[str, Any]) -> None:
         details = msg.get("details") if isinstance(msg.get("details"), dict) else {}

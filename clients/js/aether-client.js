@@ -7,6 +7,11 @@
 // since + epoch and drops anything already delivered; refreshes its token before expiry.
 // No reconnect after close 4001/4003 unless a new token is supplied (tokenRefresh or
 // setToken), none after 4009 (replaced by a newer connection).
+// Each offset is delivered once, and only when its publication came (with echo off, also
+// when it is our own, acked: its copy never comes), never because an ack came first (with
+// Redis an ack may beat its own copy and lower offsets, docs/protocol.md §7). A channel's
+// position (since of a recovery) is the last offset with no gap below it; a gap that stays
+// while GAP_WINDOW later offsets come is asked for at once (joined again with since).
 // Pacing: every frame costs the user's budget on the server (10 refusals, or one budget's
 // worth when that is more, refilled at 3x the budget's rate, close the socket with 1008), so
 // joins, leaves and publications go out through one window (maxInFlight frames awaiting their
@@ -29,6 +34,11 @@ const FINAL_CLOSE_CODES = new Set([1000, 4009]);
 const RETRYABLE_CODES = new Set(['RATE_LIMITED', 'SERVER_BUSY', 'INTERNAL_ERROR']);
 const RETRYABLE_JOIN_CODES = new Set(['RATE_LIMITED', 'SERVER_BUSY']);
 const SEEN_WINDOW = 4096;
+// offsets a channel keeps above one that has not come (its position stays below it: a
+// reconnect's recovery asks for it). One more, and the channel is joined again with since at
+// once, so the server replays what is missing; at twice as many (that join waits too long)
+// the socket is dropped: the reconnect's recovery asks for it then
+const GAP_WINDOW = 1024;
 // a join, leave or publication still unanswered after this frees its place in the window (a
 // join or leave is sent again; a publication waits for its answer or the next socket): a
 // safety net, the server answers every one of them
@@ -72,8 +82,10 @@ class ChannelState {
   constructor(name, floor = null, epoch = null) {
     this.name = name;
     this.epoch = epoch;
-    this.floor = floor; // every offset <= floor was delivered (or is ours)
-    this.above = new Set(); // offsets > floor already delivered
+    // the position: every offset <= floor was received (or, with echo off, is one of our
+    // own, acked); `above` holds the later ones received, above one that has not come yet
+    this.floor = floor;
+    this.above = new Set();
     this.seen = new Set(); // "user|client|sequence" keys, insertion-ordered window
     this.asked = false; // this socket's join sent `since`
     this.resyncing = false; // a second join (since=0 in a new epoch) is under way
@@ -82,19 +94,29 @@ class ChannelState {
     this.replayUntil = 0;
   }
 
+  /** Record `offset` as received; false when it already was. The floor only moves over
+   * offsets received: one that has not come holds it (and `since`) below it, however many
+   * later ones come (the client bounds them: GAP_WINDOW). */
   takeOffset(offset) {
     if (this.floor === null) this.floor = offset - 1;
     if (offset <= this.floor || this.above.has(offset)) return false;
     this.above.add(offset);
+    this.advance();
+    return true;
+  }
+
+  /** Move the floor over the offsets received right above it. */
+  advance() {
     while (this.above.has(this.floor + 1)) {
       this.floor += 1;
       this.above.delete(this.floor);
     }
-    if (this.above.size > SEEN_WINDOW) {
-      this.floor = Math.max(...this.above);
-      this.above.clear();
-    }
-    return true;
+  }
+
+  /** After the floor jumped forward (a join reply): forget what is below it, then advance. */
+  settle() {
+    for (const o of this.above) if (o <= this.floor) this.above.delete(o);
+    this.advance();
   }
 
   takeKey(key) {
@@ -203,7 +225,8 @@ export class AetherClient {
     return this.pendingMap.size;
   }
 
-  /** {offset, epoch} of a joined channel: the last offset delivered without a gap. */
+  /** {offset, epoch} of a joined channel: the last offset with none missing below it
+   * (received, or with echo off our own, acked), the since of its next recovery. */
   position(channel) {
     const ch = this.channelStates.get(channel);
     return ch ? { offset: ch.floor, epoch: ch.epoch } : null;
@@ -586,7 +609,7 @@ export class AetherClient {
       if (held.length) ch.floor = null;
       for (const pub of held) this.deliver(ch, pub);
       ch.floor = ch.floor === null ? offset : Math.max(ch.floor, offset);
-      for (const o of ch.above) if (o <= ch.floor) ch.above.delete(o);
+      ch.settle();
       ch.replayUntil = 0;
     }
     const result = {
@@ -657,6 +680,7 @@ export class AetherClient {
     const meta = data.metadata;
     if (!meta || !Number.isInteger(meta.offset) || !Number.isInteger(meta.sequence)) return;
     const freshOffset = ch.takeOffset(meta.offset);
+    this.mindGap(ch);
     if (!freshOffset || !ch.takeKey(`${meta.user_id}|${meta.client_id}|${meta.sequence}`)) return;
     if (!this.echo && meta.client_id === this.clientId && meta.user_id === this.userId) return; // ours, replayed
     this.emit('message', {
@@ -682,13 +706,30 @@ export class AetherClient {
     }
     const ack = { channel: item.channel, sequence: item.sequence, offset: meta.offset, timestamp: meta.timestamp };
     const ch = this.channelStates.get(item.channel);
-    if (ch && !ch.resyncing && !this.syncing.has(item.channel)) {
-      ch.takeOffset(ack.offset); // our own message: not missed, not to be replayed
-      ch.takeKey(`${this.userId}|${this.clientId}|${item.sequence}`);
+    if (!this.echo && ch && ch.floor !== null && !ch.resyncing && !this.syncing.has(item.channel)) {
+      // echo off: our own message never comes as a copy; its offset is not missed, so the
+      // position passes it and a recovery does not ask for it. With echo on the copy comes,
+      // maybe after this ack (Redis, docs/protocol.md §7) or after lower offsets: it counts
+      // when it comes, so that it is not taken for a double.
+      ch.takeOffset(ack.offset);
+      this.mindGap(ch);
       this.flushHeld(ch);
     }
     item.resolve(ack);
     this.pump();
+  }
+
+  /** Bound the offsets kept above one that has not come (GAP_WINDOW): the server missed it
+   * for this socket (its Redis subscriber was lost a while, say). Join again with since (the
+   * floor): the server replays what is missing (or answers recovered: false, which the join
+   * event says). If that join is still not answered at twice the bound, drop the socket: the
+   * reconnect's recovery asks again. */
+  mindGap(ch) {
+    if (ch.above.size <= GAP_WINDOW || (ch.floor ?? 0) < ch.replayUntil) return; // few, or a replay is coming in
+    if (!this.syncing.has(ch.name) && !ch.resyncing) {
+      this.queueJoin(ch);
+      this.pump();
+    } else if (ch.above.size > 2 * GAP_WINDOW && this.ws) this.reconnect();
   }
 
   onErrorFrame(msg) {

@@ -1,6 +1,7 @@
 """The JS client's own tests (clients/js/test/*.test.mjs, Node's test runner against real
-servers), run from pytest so that `make test` covers them. Node and npm are required: a
-missing one fails this test rather than skipping it (.ci/run installs them)."""
+servers, and a redis-server of their own for the Redis tests), run from pytest so that
+`make test` covers them. Node and npm are required: a missing one fails this test rather
+than skipping it (.ci/run installs them)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """aether_fast.client against a real server: acks and fan-out, the queue while disconnected,
 unacked messages resent with `retry`, recovery from history, a server restart in the middle
-of a stream (nothing lost, nothing doubled), rate limits, and the token rules (no reconnect
-after 4001 without a new token; refresh before expiry)."""
+of a stream (nothing lost, nothing doubled), rate limits, the token rules (no reconnect
+after 4001 without a new token; refresh before expiry), and Redis behind a relay that slows
+its pub/sub so that acks beat copies (docs/protocol.md §7): no copy lost, with echo off a
+recovery asks for none of one's own messages, a gap on a live socket is asked for again."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypedDict, TypeVar
 
 import jwt
 import pytest
 
 from aether_fast.client import (
+    GAP_WINDOW,
     Ack,
     AetherClient,
     AetherError,
@@ -25,6 +29,9 @@ from aether_fast.client import (
     State,
 )
 from tests.conftest import Server
+from tests.integration.cluster_helpers import only_expected_errors
+from tests.integration.redis_fixture import RedisServer, db_of
+from tests.integration.slow_pubsub import SlowPubSubRelay
 from tests.integration.wiretap import Tapped, WireTap
 
 T = TypeVar("T")
@@ -670,3 +677,227 @@ def test_backs_off_longer_after_4029(make_server: Callable[..., Server]) -> None
         await holder.close()
 
     run(main())
+
+
+# -- acks before copies: the Redis broker (docs/protocol.md §7) ----------------------------------
+
+
+@dataclass
+class Race:
+    srv: Server
+    broker: str  # "memory" or "redis"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def race(request: pytest.FixtureRequest, make_server: Callable[..., Server]) -> Iterator[Race]:
+    """A server whose acks beat the copies they acknowledge: the Redis broker behind a relay
+    that delays Redis' pub/sub (tests/integration/slow_pubsub.py); or the memory broker,
+    which queues the copy before the ack."""
+    env = {"RATE_LIMIT_MESSAGES": "100000"}
+    if request.param == "memory":
+        yield Race(make_server(**env), "memory")
+        return
+    redis_server: RedisServer = request.getfixturevalue("redis_server")
+    db = db_of(request.getfixturevalue("redis_url"))
+    with SlowPubSubRelay(("127.0.0.1", redis_server.port)) as relay:
+        srv = make_server(BROKER_URL=relay.url(db), **env)
+        yield Race(srv, "redis")
+        srv.stop()  # before the relay goes
+
+
+RACE_CHANNELS = [f"pc.race.{i}" for i in range(20)]
+RACE_ROUNDS = 4
+
+
+def test_acks_before_copies_lose_nothing(race: Race) -> None:
+    """echo=1, two members publishing to 20 channels at once: with Redis the ack of a
+    publication comes before its own copy and before the copies of lower offsets published
+    by the other member. Each member gets every copy, its own and the other's, once, in
+    offset order, and its position is the last offset."""
+    srv = race.srv
+
+    async def main() -> None:
+        got: dict[str, list[Message]] = {"a": [], "b": []}
+        acked: dict[str, set[str]] = {"a": set(), "b": set()}
+        top: dict[tuple[str, str], int] = {}  # (member, channel): highest offset acked
+        beaten = Counter[str]()  # copies that came after an ack of theirs or of a higher one
+
+        def on_message(me: str) -> Callable[[Message], None]:
+            def record(msg: Message) -> None:
+                if msg.content in acked[me]:
+                    beaten["own"] += 1
+                elif msg.offset < top.get((me, msg.channel), 0):
+                    beaten["lower"] += 1
+                got[me].append(msg)
+
+            return record
+
+        def on_ack(me: str, content: str) -> Callable[[asyncio.Future[Ack]], None]:
+            def record(fut: asyncio.Future[Ack]) -> None:
+                ack = fut.result()
+                acked[me].add(content)
+                top[me, ack.channel] = max(top.get((me, ack.channel), 0), ack.offset)
+
+            return record
+
+        total = 2 * RACE_ROUNDS * len(RACE_CHANNELS)
+        async with (
+            client(
+                srv,
+                "race-a",
+                client_id="race-a",
+                channels=RACE_CHANNELS,
+                echo=True,
+                on_message=on_message("a"),
+            ) as a,
+            client(
+                srv,
+                "race-b",
+                client_id="race-b",
+                channels=RACE_CHANNELS,
+                echo=True,
+                on_message=on_message("b"),
+            ) as b,
+        ):
+            futures = []
+            for r in range(RACE_ROUNDS):
+                for ch in RACE_CHANNELS:
+                    for me, c in (("a", a), ("b", b)):
+                        content = f"{me}:{ch}:{r}"
+                        fut = c.publish_nowait(ch, content)
+                        fut.add_done_callback(on_ack(me, content))
+                        futures.append(fut)
+            await asyncio.wait_for(asyncio.gather(*futures), 30)
+            with contextlib.suppress(AssertionError):
+                await until(lambda: len(got["a"]) >= total and len(got["b"]) >= total, 20)
+            await asyncio.sleep(0.3)  # a copy too many would show
+            for me, c in (("a", a), ("b", b)):
+                for ch in RACE_CHANNELS:
+                    offsets = [m.offset for m in got[me] if m.channel == ch]
+                    want = list(range(1, 2 * RACE_ROUNDS + 1))
+                    assert offsets == want, f"{me} on {ch}: {offsets} (lost or doubled)"
+                    assert c.position(ch)[0] == 2 * RACE_ROUNDS
+                assert sorted(m.content for m in got[me]) == sorted(
+                    f"{w}:{ch}:{r}"
+                    for w in "ab"
+                    for ch in RACE_CHANNELS
+                    for r in range(RACE_ROUNDS)
+                )
+        if race.broker == "redis":
+            # the races this test is about did happen: own copies after their acks, copies
+            # of the other member after an ack of a higher offset
+            assert beaten["own"] > 0 and beaten["lower"] > 0, beaten
+
+    run(main())
+
+
+def test_echo_off_position_passes_own_messages(race: Race) -> None:
+    """echo off: a member's own publications never come back as copies, but its position
+    passes their offsets (as acked), so a reconnect's recovery asks for nothing it already
+    has: the server replays none of its own messages, and reports no gap. The other
+    member's messages, some of lower offsets arriving after an ack, all arrive once."""
+    srv = race.srv
+    channels = [f"pc.quiet.{i}" for i in range(5)]
+    rounds = 4
+
+    async def main(tap: WireTap) -> None:
+        ra = Recorder()
+        async with (
+            AetherClient(
+                tap.url(),
+                token=srv.token("quiet-a"),
+                client_id="quiet-a",
+                channels=channels,
+                **FAST,
+                **ra.kwargs(),
+            ) as a,
+            client(srv, "quiet-b", client_id="quiet-b", channels=channels) as b,
+        ):
+            futures = [
+                c.publish_nowait(ch, f"{who}:{ch}:{r}")
+                for r in range(rounds)
+                for ch in channels
+                for who, c in (("a", a), ("b", b))
+            ]
+            await asyncio.wait_for(asyncio.gather(*futures), 30)
+            theirs = sorted(f"b:{ch}:{r}" for ch in channels for r in range(rounds))
+            await ra.wait_count(len(theirs))
+            epochs = {}
+            for ch in channels:
+                floor, epochs[ch] = a.position(ch)
+                assert floor == 2 * rounds, (ch, floor, a._channels[ch].above)
+            a.reconnect()
+            await until(lambda: len(ra.joins) == 2 * len(channels), 20)
+            await asyncio.sleep(0.3)  # a replayed message would show
+            assert all(j.recovered is True for j in ra.joins[len(channels) :]), ra.joins
+            assert sorted(ra.contents()) == theirs  # once each, none of its own
+        conns = tap.snapshot()
+        assert len(conns) == 2, conns
+        since = {
+            m["data"]["channel"]: (m["data"].get("since"), m["data"].get("epoch"))
+            for m in conns[1].up
+            if (m.get("type"), m.get("action")) == ("connection", "connect")
+        }
+        assert since == {ch: (2 * rounds, epochs[ch]) for ch in channels}, since
+        replayed = [
+            m for m in conns[1].down if (m.get("type"), m.get("action")) == ("message", "send")
+        ]
+        assert replayed == [], replayed[:3]
+
+    with WireTap(("127.0.0.1", srv.port)) as tap:
+        run(main(tap))
+
+
+def test_a_gap_on_a_live_socket_is_recovered(
+    make_server: Callable[..., Server], redis_server: RedisServer, redis_url: str
+) -> None:
+    """Publications the server's Redis subscriber missed (it was cut for a while) never
+    reach the member: its position stays below the gap while later offsets come. Once
+    GAP_WINDOW of them are kept, the client joins again with `since` and the server
+    replays what is missing: every message once, in the end, without a reconnect."""
+    with SlowPubSubRelay(("127.0.0.1", redis_server.port), delay=0.02) as relay:
+        srv = make_server(
+            BROKER_URL=relay.url(db_of(redis_url)),
+            RATE_LIMIT_MESSAGES="100000",
+            HISTORY_SIZE="5000",
+        )
+        srv.allow_errors = True  # the cut subscriber: broker_degraded (checked below)
+
+        async def main() -> None:
+            ra = Recorder()
+            async with (
+                client(srv, "gap-a", ra, client_id="gap-a", channels=["pc.gap"]) as a,
+                client(srv, "gap-b", client_id="gap-b", channels=["pc.gap"]) as b,
+            ):
+                sent = [f"m{i}" for i in range(8)]
+                for text in sent[:3]:
+                    await b.publish("pc.gap", text)
+                await ra.wait_count(3)
+                relay.cut_subscribers()
+                missed = [await b.publish("pc.gap", text) for text in sent[3:8]]
+                assert [ack.offset for ack in missed] == [4, 5, 6, 7, 8]
+                relay.refusing = False
+                # the server subscribes again: what it publishes now comes, above the gap
+                while not ra.messages[3:]:
+                    sent.append(f"m{len(sent)}")
+                    await b.publish("pc.gap", sent[-1])
+                    await asyncio.sleep(0.05)
+                assert a.position("pc.gap")[0] == 3
+                more = [f"m{i}" for i in range(len(sent), len(sent) + GAP_WINDOW + 20)]
+                sent += more  # more than GAP_WINDOW come above the gap
+                await asyncio.gather(*(b.publish_nowait("pc.gap", t) for t in more))
+                await ra.wait_count(len(sent), timeout=30)
+                await asyncio.sleep(0.3)  # a double would show
+                assert_once_in_order(
+                    [m.content for m in sorted(ra.messages, key=lambda m: m.offset)], sent
+                )
+                assert a.position("pc.gap")[0] == len(sent)
+                assert ra.states.count("open") == 1  # no reconnect
+                assert [j.recovered for j in ra.joins] == [None, True], ra.joins
+                assert {m.content for m in ra.messages if m.replayed} >= set(sent[3:8])
+
+        try:
+            run(main())
+        finally:
+            srv.stop()  # before the relay goes
+    only_expected_errors(srv, "broker_degraded")

@@ -7,7 +7,7 @@ import base64
 import json
 import time
 
-from aether_fast.client import AetherClient, _Channel, token_expiry
+from aether_fast.client import GAP_WINDOW, AetherClient, _Channel, token_expiry
 
 
 def _client(**kw: object) -> AetherClient:
@@ -60,6 +60,28 @@ def test_offsets_delivered_once_even_out_of_order() -> None:
         True,
     ]
     assert ch.floor == 4 and ch.above == set()
+
+
+def test_the_floor_waits_for_a_missing_offset() -> None:
+    """The position never passes an offset that has not come, however many later ones do
+    (the client, not the channel, bounds them: GAP_WINDOW); once it comes, the floor moves
+    over everything received above it."""
+    ch = _Channel("c", floor=0)
+    assert all(ch.take_offset(o) for o in range(2, 3 * GAP_WINDOW))
+    assert ch.floor == 0 and len(ch.above) == 3 * GAP_WINDOW - 2
+    assert ch.take_offset(1) and ch.floor == 3 * GAP_WINDOW - 1 and ch.above == set()
+    assert not ch.take_offset(1) and not ch.take_offset(5)
+
+
+def test_settle_after_a_jump() -> None:
+    """A join reply that sets the floor forward (nothing replayed) drops what is below it and
+    moves over what was received right above it."""
+    ch = _Channel("c", floor=0)
+    for o in (3, 5, 6, 9):
+        ch.take_offset(o)
+    ch.floor = 4
+    ch.settle()
+    assert ch.floor == 6 and ch.above == {9}
 
 
 def test_sender_sequence_window() -> None:

@@ -182,3 +182,128 @@ export function onceInOrder(got, sent) {
   if (missing.length) throw new Error(`lost ${missing.length}: ${missing.slice(0, 5)}`);
   if (JSON.stringify(got) !== JSON.stringify(sent)) throw new Error('out of order');
 }
+
+/** A redis-server of its own on a free port (no persistence), stopped by its PID. A missing
+ * redis-server fails the tests that need it: they are not skipped. */
+export class RedisServer {
+  constructor() {
+    this.dir = mkdtempSync(path.join(tmpdir(), 'aether-js-redis-'));
+    this.proc = null;
+  }
+
+  url(db = 0) {
+    return `redis://127.0.0.1:${this.port}/${db}`;
+  }
+
+  async start() {
+    this.port = await freePort();
+    const args = ['--port', String(this.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'];
+    this.proc = spawn('redis-server', [...args, '--dir', this.dir], { stdio: 'ignore' });
+    const failed = new Promise((_, reject) =>
+      this.proc.once('error', (err) => reject(new Error(`redis-server (apt-get install redis-server): ${err.message}`))),
+    );
+    const ready = (async () => {
+      const deadline = Date.now() + 10000;
+      while (!(await canConnect(this.port))) {
+        if (Date.now() > deadline) throw new Error('redis-server did not start');
+        await sleep(20);
+      }
+    })();
+    await Promise.race([ready, failed]);
+    return this;
+  }
+
+  async dispose() {
+    if (this.proc && this.proc.exitCode === null) {
+      const gone = new Promise((resolve) => this.proc.once('exit', resolve));
+      this.proc.kill('SIGKILL');
+      await gone;
+    }
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * A TCP relay to a redis-server that makes its pub/sub slow: what Redis sends to a
+ * subscriber connection reaches the server `delayMs` late (in order, nothing dropped);
+ * publishes and their replies (the acks) pass at once. So acks beat the copies they
+ * acknowledge, and copies of lower offsets, as they may with Redis (docs/protocol.md §7).
+ * A connection is a subscriber from its first SUBSCRIBE. `cutSubscribers()` closes those
+ * and refuses new connections until `refusing` is false again: what is published meanwhile
+ * never reaches the server's members (a gap on their live sockets).
+ * Same as tests/integration/slow_pubsub.py.
+ */
+export class SlowPubSubRelay {
+  constructor(targetPort, delayMs = 150) {
+    this.targetPort = targetPort;
+    this.delayMs = delayMs;
+    this.refusing = false;
+    this.links = new Set();
+  }
+
+  url(db = 0) {
+    return `redis://127.0.0.1:${this.port}/${db}`;
+  }
+
+  async start() {
+    this.listener = net.createServer((client) => this.relay(client));
+    await new Promise((resolve) => this.listener.listen(0, '127.0.0.1', resolve));
+    this.port = this.listener.address().port;
+    return this;
+  }
+
+  relay(client) {
+    if (this.refusing) {
+      client.destroy();
+      return;
+    }
+    const upstream = net.connect(this.targetPort, '127.0.0.1');
+    const link = { client, upstream, subscriber: false };
+    this.links.add(link);
+    const late = []; // [due, data] of a subscriber, released in order
+    let timer = null;
+    const release = () => {
+      timer = null;
+      while (late.length && late[0][0] <= Date.now()) {
+        const [, data] = late.shift();
+        if (!client.destroyed) client.write(data);
+      }
+      if (late.length) timer = setTimeout(release, late[0][0] - Date.now());
+    };
+    let tail = '';
+    client.on('data', (data) => {
+      const text = tail + data.toString('latin1');
+      if (!link.subscriber && text.toUpperCase().includes('SUBSCRIBE')) link.subscriber = true;
+      tail = text.slice(-16);
+      if (!upstream.destroyed) upstream.write(data);
+    });
+    upstream.on('data', (data) => {
+      if (!link.subscriber) {
+        if (!client.destroyed) client.write(data);
+        return;
+      }
+      late.push([Date.now() + this.delayMs, data]);
+      if (timer === null) timer = setTimeout(release, this.delayMs);
+    });
+    const end = () => {
+      clearTimeout(timer);
+      client.destroy();
+      upstream.destroy();
+      this.links.delete(link);
+    };
+    for (const s of [client, upstream]) {
+      s.on('error', end);
+      s.on('close', end);
+    }
+  }
+
+  cutSubscribers() {
+    this.refusing = true;
+    for (const link of this.links) if (link.subscriber) link.client.destroy();
+  }
+
+  close() {
+    this.listener.close();
+    for (const link of this.links) link.client.destroy();
+  }
+}

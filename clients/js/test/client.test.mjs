@@ -4,7 +4,16 @@ import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 
 import { AetherClient, AetherError, ClientClosed, tokenExpiry } from '../aether-client.js';
-import { makeClient, mintToken, onceInOrder, Server, sleep, until } from '../support/helpers.mjs';
+import {
+  makeClient,
+  mintToken,
+  onceInOrder,
+  RedisServer,
+  Server,
+  SlowPubSubRelay,
+  sleep,
+  until,
+} from '../support/helpers.mjs';
 
 describe('without a server', () => {
   test('backoff grows exponentially up to its cap, with jitter', () => {
@@ -466,5 +475,164 @@ describe('budget refusals that used to jam the client', () => {
       assert.deepEqual(c.rec.errors, []); // the refusal was retried, not reported
       await c.close();
     });
+  });
+});
+
+describe('with Redis: acks before copies (docs/protocol.md §7)', () => {
+  // Redis behind a relay that delays its pub/sub: an ack (the publish's reply) beats its own
+  // copy and the copies of lower offsets, which come back through pub/sub
+  let redis;
+  let db = 0;
+  before(async () => {
+    redis = await new RedisServer().start();
+  });
+  after(async () => {
+    await redis.dispose();
+  });
+
+  async function withRelay(delayMs, env, body, expectedErrors = []) {
+    const relay = await new SlowPubSubRelay(redis.port, delayMs).start();
+    const server = await new Server({ BROKER_URL: relay.url(db++), RATE_LIMIT_MESSAGES: '100000', ...env }).start();
+    try {
+      await body(server, relay);
+    } finally {
+      const errors = server.errors().filter((line) => !expectedErrors.some((e) => line.includes(`"${e}"`)));
+      await server.dispose();
+      relay.close();
+      assert.deepEqual(errors, []);
+    }
+  }
+
+  test('echo on, two members, 20 channels: every copy, own and other, once, in order', { timeout: 60000 }, async () => {
+    await withRelay(150, {}, async (server) => {
+      const channels = Array.from({ length: 20 }, (_, i) => `js.race.${i}`);
+      const rounds = 4;
+      const acked = { a: new Set(), b: new Set() };
+      const top = new Map(); // "member|channel" -> highest offset acked
+      const beaten = { own: 0, lower: 0 };
+      const members = {};
+      for (const me of ['a', 'b']) {
+        members[me] = makeClient(server, `race-${me}`, { clientId: `js-race-${me}`, channels, echo: true });
+        members[me].on('message', (m) => {
+          if (acked[me].has(m.content)) beaten.own += 1;
+          else if (m.offset < (top.get(`${me}|${m.channel}`) ?? 0)) beaten.lower += 1;
+        });
+      }
+      const { a, b } = members;
+      await Promise.all([a.connect(), b.connect()]);
+      const acks = [];
+      for (let r = 0; r < rounds; r++) {
+        for (const ch of channels) {
+          for (const [me, c] of [['a', a], ['b', b]]) {
+            const content = `${me}:${ch}:${r}`;
+            acks.push(
+              c.publish(ch, content).then((ack) => {
+                acked[me].add(content);
+                const key = `${me}|${ch}`;
+                top.set(key, Math.max(top.get(key) ?? 0, ack.offset));
+              }),
+            );
+          }
+        }
+      }
+      await Promise.all(acks);
+      const total = 2 * rounds * channels.length;
+      await until(() => a.rec.messages.length >= total && b.rec.messages.length >= total, 20000, 'every copy').catch(() => {});
+      await sleep(300); // a double would show
+      const want = Array.from({ length: 2 * rounds }, (_, i) => i + 1);
+      for (const [me, c] of [['a', a], ['b', b]]) {
+        for (const ch of channels) {
+          const offsets = c.rec.messages.filter((m) => m.channel === ch).map((m) => m.offset);
+          assert.deepEqual(offsets, want, `${me} on ${ch}: lost or doubled`);
+          assert.equal(c.position(ch).offset, 2 * rounds);
+        }
+      }
+      // the races this test is about did happen
+      assert.ok(beaten.own > 0 && beaten.lower > 0, JSON.stringify(beaten));
+      await Promise.all([a.close(), b.close()]);
+    });
+  });
+
+  test('echo off: the position passes its own offsets, a recovery replays none of them', { timeout: 60000 }, async () => {
+    await withRelay(150, {}, async (server) => {
+      const channels = Array.from({ length: 5 }, (_, i) => `js.quiet.${i}`);
+      const rounds = 4;
+      const tap = await wireTap(server.port);
+      try {
+        const a = makeClient({ url: tap.url }, 'quiet-a', { clientId: 'js-quiet-a', channels });
+        const b = makeClient(server, 'quiet-b', { clientId: 'js-quiet-b', channels });
+        await Promise.all([a.connect(), b.connect()]);
+        const acks = [];
+        for (let r = 0; r < rounds; r++) {
+          for (const ch of channels) for (const [who, c] of [['a', a], ['b', b]]) acks.push(c.publish(ch, `${who}:${ch}:${r}`));
+        }
+        await Promise.all(acks);
+        const theirs = channels.flatMap((ch) => Array.from({ length: rounds }, (_, r) => `b:${ch}:${r}`)).sort();
+        await until(() => a.rec.messages.length >= theirs.length, 20000, 'the other member’s messages');
+        const epochs = {};
+        for (const ch of channels) {
+          const pos = a.position(ch);
+          assert.equal(pos.offset, 2 * rounds, `${ch}: ${JSON.stringify(pos)}`);
+          epochs[ch] = pos.epoch;
+        }
+        a.reconnect();
+        await until(() => a.rec.joins.length === 2 * channels.length, 20000, 'rejoined');
+        await sleep(300); // a replayed message would show
+        assert.ok(a.rec.joins.slice(channels.length).every((j) => j.recovered === true), JSON.stringify(a.rec.joins));
+        assert.deepEqual(a.rec.messages.map((m) => m.content).sort(), theirs); // once each, none of its own
+        assert.equal(tap.connections.length, 2);
+        const [, second] = tap.connections;
+        const since = Object.fromEntries(
+          second.up
+            .filter((m) => m.type === 'connection' && m.action === 'connect')
+            .map((m) => [m.data.channel, [m.data.since, m.data.epoch]]),
+        );
+        assert.deepEqual(since, Object.fromEntries(channels.map((ch) => [ch, [2 * rounds, epochs[ch]]])));
+        assert.deepEqual(second.down.filter((m) => m.type === 'message' && m.action === 'send'), []);
+        await Promise.all([a.close(), b.close()]);
+      } finally {
+        tap.close();
+      }
+    });
+  });
+
+  test('a gap on a live socket (the server’s subscriber cut) is asked for again', { timeout: 60000 }, async () => {
+    await withRelay(
+      20,
+      { HISTORY_SIZE: '5000' },
+      async (server, relay) => {
+        const a = makeClient(server, 'gap-a', { clientId: 'js-gap-a', channels: ['js.gap'] });
+        const b = makeClient(server, 'gap-b', { clientId: 'js-gap-b', channels: ['js.gap'] });
+        await Promise.all([a.connect(), b.connect()]);
+        const sent = Array.from({ length: 8 }, (_, i) => `m${i}`);
+        for (const t of sent.slice(0, 3)) await b.publish('js.gap', t);
+        await until(() => a.rec.messages.length === 3);
+        relay.cutSubscribers();
+        const missed = [];
+        for (const t of sent.slice(3, 8)) missed.push((await b.publish('js.gap', t)).offset);
+        assert.deepEqual(missed, [4, 5, 6, 7, 8]);
+        relay.refusing = false;
+        // the server subscribes again: what it publishes now comes, above the gap
+        while (a.rec.messages.length === 3) {
+          sent.push(`m${sent.length}`);
+          await b.publish('js.gap', sent.at(-1));
+          await sleep(50);
+        }
+        assert.equal(a.position('js.gap').offset, 3);
+        const more = Array.from({ length: 1024 + 20 }, (_, i) => `m${sent.length + i}`); // GAP_WINDOW + 20 above the gap
+        sent.push(...more);
+        await Promise.all(more.map((t) => b.publish('js.gap', t)));
+        await until(() => a.rec.messages.length >= sent.length, 30000, 'every message');
+        await sleep(300); // a double would show
+        onceInOrder([...a.rec.messages].sort((x, y) => x.offset - y.offset).map((m) => m.content), sent);
+        assert.equal(a.position('js.gap').offset, sent.length);
+        assert.equal(a.rec.states.filter((s) => s === 'open').length, 1); // no reconnect
+        assert.deepEqual(a.rec.joins.map((j) => j.recovered), [null, true]);
+        const replayed = new Set(a.rec.messages.filter((m) => m.replayed).map((m) => m.content));
+        for (const t of sent.slice(3, 8)) assert.ok(replayed.has(t), `${t} replayed`);
+        await Promise.all([a.close(), b.close()]);
+      },
+      ['broker_degraded'],
+    );
   });
 });
