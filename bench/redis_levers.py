@@ -92,6 +92,12 @@ Message = dict[str, Any]
 Builder = Callable[[list[Message], str], list[Any]]
 
 
+def message_keys(m: Message) -> list[Any]:
+    """A message's 3 keys in both layouts: the channel's meta, its history, the dedupe key."""
+    meta, hist = broker._keys(m["channel"])
+    return [meta, hist, f"{PREFIX}dedupe:{{{m['channel']}}}:{m['who']}"]
+
+
 def new_layout(history: int) -> Builder:
     """The committed script's arguments (brokers/redis.py)."""
 
@@ -99,8 +105,7 @@ def new_layout(history: int) -> Builder:
         keys: list[Any] = []
         args: list[Any] = []
         for m in batch:
-            meta, hist = broker._keys(m["channel"])
-            keys += [meta, hist, f"{PREFIX}dedupe:{{{m['channel']}}}:{m['who']}"]
+            keys += message_keys(m)
             args += [m["seq"], m["seq"] % 1024, history, broker.PUB + m["channel"], m["who"]]
             args += [m["head"], m["tail"], TS]
         return [*how.split(), len(keys), *keys, 3600000, 300000, 86400000, "0badcafe", *args]
@@ -113,8 +118,7 @@ def old_layout(batch: list[Message], how: str) -> list[Any]:
     keys: list[Any] = []
     args: list[Any] = []
     for m in batch:
-        meta, hist = broker._keys(m["channel"])
-        keys += [meta, hist, f"{PREFIX}dedupe:{{{m['channel']}}}:{m['who']}"]
+        keys += message_keys(m)
         args += [m["seq"], 100, 3600000, 300000, broker.PUB + m["channel"], m["who"]]
         args += [m["head"], m["tail"], "0badcafe", TS, m["seq"] % 1024, 86400000]
     return [*how.split(), len(keys), *keys, *args]
