@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from tests.integration.cluster_helpers import (
     worker_pids,
 )
 from tests.integration.helpers import drain, expect, joined, wait_for
+from tests.integration.test_cli import cli_env, run
 from tests.integration.test_workers import parent_of, run_serve, spread
 from tests.integration.wsclient import Client
 
@@ -333,16 +332,7 @@ def test_no_redis_server_on_path_is_exit_2_naming_it(tmp_path: Path) -> None:
     assert not (tmp_path / "data" / "redis").exists()  # nothing was started or made
 
     # check-config says the same
-    full = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), **env}
-    full.pop("BROKER_URL", None)
-    check = subprocess.run(
-        [sys.executable, "-m", "aether_fast", "check-config"],
-        env=full,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    check = run(["check-config"], cli_env(tmp_path, **env), tmp_path, 30)
     assert check.returncode == 2, check
     assert check.stdout.strip() == ""
     assert check.stderr.strip() == lines[0]
@@ -422,22 +412,9 @@ def test_a_socket_path_too_long_for_sun_path_moves_to_the_temporary_directory(
 
 
 def test_backup_and_restore_say_the_configs_are_in_the_private_redis(tmp_path: Path) -> None:
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "BROKER_URL"},
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-        "WORKERS": "2",
-        "JWT_SECRET": SECRET,
-        "DATA_DIR": str(tmp_path / "data"),
-    }
+    env = cli_env(tmp_path, WORKERS="2", JWT_SECRET=SECRET)
     for args in (["backup", str(tmp_path)], ["restore", str(tmp_path / "x.sqlite3")]):
-        out = subprocess.run(
-            [sys.executable, "-m", "aether_fast", *args],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        out = run(args, env, tmp_path, 30)
         assert out.returncode == 2, out
         assert "private Redis" in out.stderr and "DATA_DIR/redis" in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
