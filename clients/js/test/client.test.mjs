@@ -4,7 +4,7 @@ import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 
 import { AetherClient, AetherError, ClientClosed, tokenExpiry } from '../aether-client.js';
-import { makeClient, mintToken, onceInOrder, Server, sleep, until } from '../support/helpers.mjs';
+import { disposeClean, makeClient, mintToken, onceInOrder, Server, sleep, until } from '../support/helpers.mjs';
 
 describe('without a server', () => {
   test('backoff grows exponentially up to its cap, with jitter', () => {
@@ -44,11 +44,7 @@ describe('against a server', () => {
   before(async () => {
     server = await new Server({ RATE_LIMIT_MESSAGES: '100000' }).start();
   });
-  after(async () => {
-    const errors = server.errors();
-    await server.dispose();
-    assert.deepEqual(errors, []);
-  });
+  after(() => disposeClean(server));
 
   test('connect, join, publish: acks with offsets, fan-out in order', async () => {
     const alice = makeClient(server, 'alice', { clientId: 'js-a', channels: ['js.basic'] });
