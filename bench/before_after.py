@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import statistics
@@ -34,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from workers import SECRET, free_port, loadgen, wait_port  # noqa: E402
+from workers import SECRET, free_port, loadgen, serve_pinned, wait_port  # noqa: E402
 
 LOADGEN = ROOT / "bench" / "build" / "loadgen"
 RESULTS = ROOT / "bench" / "results"
@@ -68,24 +67,7 @@ def rss_kib(pid: int) -> int:
 
 
 def start(tree: Path, tmp: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    full = {
-        **os.environ,
-        "PYTHONPATH": str(tree),
-        "JWT_SECRET": SECRET,
-        "WS_HOST": "127.0.0.1",
-        "WS_PORT": str(port),
-        "METRICS_PORT": str(free_port()),
-        "RATE_LIMIT_MESSAGES": "0",
-        "RATE_LIMIT_CONNECTIONS": "0",
-        "MAX_CONNECTIONS": "19000",
-        "LOG_LEVEL": "warn",
-        "DATA_DIR": str(tmp / f"data-{port}"),
-        **env,
-    }
-    argv = ["taskset", "-c", "0", sys.executable, "-m", "aether_fast", "serve"]
-    proc = subprocess.Popen(argv, env=full, cwd=tmp)
-    wait_port(port)
+    proc, port = serve_pinned(tmp, {"MAX_CONNECTIONS": "19000", **env}, tree)
     time.sleep(0.5)
     return proc, port
 

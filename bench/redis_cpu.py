@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from workers import SECRET, free_port, loadgen, urls, wait_port  # noqa: E402
+from workers import free_port, loadgen, serve_pinned, urls, wait_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 #: the configurations measured: name -> (BROKER_URL wanted, HISTORY_SIZE)
@@ -79,28 +79,6 @@ class Redis:
         self.proc.wait(10)
 
 
-def serve(tmp: Path, env: dict[str, str], tree: Path = ROOT) -> tuple[subprocess.Popen[bytes], int]:
-    """One aether-fast worker (of the source tree `tree`) pinned to CPU 0 (no busy polling)."""
-    port = free_port()
-    full = {
-        **os.environ,
-        "PYTHONPATH": str(tree),
-        "JWT_SECRET": SECRET,
-        "WS_HOST": "127.0.0.1",
-        "WS_PORT": str(port),
-        "METRICS_PORT": str(free_port()),
-        "RATE_LIMIT_MESSAGES": "0",
-        "RATE_LIMIT_CONNECTIONS": "0",
-        "LOG_LEVEL": "warn",
-        "DATA_DIR": str(tmp / f"data-{port}"),
-        **env,
-    }
-    argv = ["taskset", "-c", "0", sys.executable, "-m", "aether_fast", "serve"]
-    proc = subprocess.Popen(argv, env=full, cwd=tmp)
-    wait_port(port)
-    return proc, port
-
-
 def measure(
     *,
     rounds: int = 5,
@@ -120,7 +98,7 @@ def measure(
             env = {"HISTORY_SIZE": str(history)}
             if use_redis:
                 env["BROKER_URL"] = redis.url
-            servers[name] = serve(tmp, env, tree)
+            servers[name] = serve_pinned(tmp, env, tree)
         time.sleep(1.0)
         lines = {name: urls(tmp, name, conns, channel=None, echo=True) for name in LAYOUTS}
         for _ in range(rounds):

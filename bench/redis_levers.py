@@ -92,6 +92,12 @@ Message = dict[str, Any]
 Builder = Callable[[list[Message], str], list[Any]]
 
 
+def message_keys(m: Message) -> list[Any]:
+    """A message's 3 keys in both layouts: the channel's meta, its history, the dedupe key."""
+    meta, hist = broker._keys(m["channel"])
+    return [meta, hist, f"{PREFIX}dedupe:{{{m['channel']}}}:{m['who']}"]
+
+
 def new_layout(history: int) -> Builder:
     """The committed script's arguments (brokers/redis.py)."""
 
@@ -99,8 +105,7 @@ def new_layout(history: int) -> Builder:
         keys: list[Any] = []
         args: list[Any] = []
         for m in batch:
-            meta, hist = broker._keys(m["channel"])
-            keys += [meta, hist, f"{PREFIX}dedupe:{{{m['channel']}}}:{m['who']}"]
+            keys += message_keys(m)
             args += [m["seq"], m["seq"] % 1024, history, broker.PUB + m["channel"], m["who"]]
             args += [m["head"], m["tail"], TS]
         return [*how.split(), len(keys), *keys, 3600000, 300000, 86400000, "0badcafe", *args]
@@ -113,8 +118,7 @@ def old_layout(batch: list[Message], how: str) -> list[Any]:
     keys: list[Any] = []
     args: list[Any] = []
     for m in batch:
-        meta, hist = broker._keys(m["channel"])
-        keys += [meta, hist, f"{PREFIX}dedupe:{{{m['channel']}}}:{m['who']}"]
+        keys += message_keys(m)
         args += [m["seq"], 100, 3600000, 300000, broker.PUB + m["channel"], m["who"]]
         args += [m["head"], m["tail"], "0badcafe", TS, m["seq"] % 1024, 86400000]
     return [*how.split(), len(keys), *keys, *args]
@@ -145,7 +149,7 @@ def variants() -> dict[str, tuple[str, Builder, bool]]:
     """name -> (Lua text, argument builder, as a Function)"""
     now = broker._PUBLISH
     no_high = undo(
-        now, "local high = redis.call('HGET', dedupe, 'h')", "local high = false"
+        now, "local high = tonumber(redis.call('HGET', dedupe, 'h'))", "local high = false"
     ).replace("local first = not high and redis.call('EXISTS', dedupe) == 0", "local first = false")
     exact = undo(now, "'MAXLEN', '~',", "'MAXLEN',")
     per_message = now
@@ -216,9 +220,9 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], int, str]:
 
 
 def measure(rounds: int = 5, messages: int = 25000) -> dict[str, Any]:
+    rows = variants()  # first: an out-of-date lever stops here, before Redis is started
     tmp = Path(tempfile.mkdtemp(prefix="aether-levers-"))
     proc, port, path = start_redis(tmp)
-    rows = variants()
     samples: dict[str, list[float]] = {name: [] for name in rows}
     try:
         tcp, unix = Conn(port), Conn(port, path)

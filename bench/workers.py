@@ -137,6 +137,31 @@ def start(port: int, redis_url: str, tmp: Path, workers: int, node: str) -> subp
     return subprocess.Popen([sys.executable, "-m", "aether_fast", "serve"], env=env)
 
 
+def serve_pinned(
+    tmp: Path, env: dict[str, str], tree: Path = ROOT
+) -> tuple[subprocess.Popen[bytes], int]:
+    """One aether-fast worker (of the source tree `tree`) pinned to CPU 0 (no busy polling),
+    no rate limits, `env` on top; returns once its port listens. Its process and port."""
+    port = free_port()
+    full = {
+        **os.environ,
+        "PYTHONPATH": str(tree),
+        "JWT_SECRET": SECRET,
+        "WS_HOST": "127.0.0.1",
+        "WS_PORT": str(port),
+        "METRICS_PORT": str(free_port()),
+        "RATE_LIMIT_MESSAGES": "0",
+        "RATE_LIMIT_CONNECTIONS": "0",
+        "LOG_LEVEL": "warn",
+        "DATA_DIR": str(tmp / f"data-{port}"),
+        **env,
+    }
+    argv = ["taskset", "-c", "0", sys.executable, "-m", "aether_fast", "serve"]
+    proc = subprocess.Popen(argv, env=full, cwd=tmp)
+    wait_port(port)
+    return proc, port
+
+
 def run(layout: str, redis_url: str, redis_pid: int, tmp: Path, quick: bool) -> dict[str, Any]:
     """`layout`: "1 worker", "2 workers" (WORKERS=2, one port) or "2 nodes" (two servers of
     one worker each on two ports, sharing the Redis; odd connections go to the second)."""

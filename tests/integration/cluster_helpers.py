@@ -7,14 +7,16 @@ is polled with a deadline, never awaited with a fixed sleep.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import Server
+from tests.integration.helpers import joined
 from tests.integration.wsclient import Client
 
 #: the brokers' WORKER_TTL_S: a dead worker's figures are gone from the table after this long
@@ -99,6 +101,38 @@ def messages(c: Client, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         else:
             assert (msg["type"], msg.get("action")) == ("message", "ack"), msg
     return got
+
+
+def reader_leaves_after_five(url: str, reader: dict[str, Any], pub: Client, ch: str) -> str:
+    """`reader` (Client keyword arguments) joins `ch` at `url` and gets `pub`'s m1..m5 with
+    offsets 1..5, then leaves; `pub` publishes m6..m10 while it is away. The channel's epoch."""
+    with Client(url, **reader) as r:
+        epoch = str(joined(r, ch)["epoch"])
+        for i in range(1, 6):
+            pub.publish(ch, f"m{i}")
+        got = messages(r, 5)
+        assert [m["data"]["metadata"]["offset"] for m in got] == [1, 2, 3, 4, 5]
+    for i in range(6, 11):
+        pub.publish(ch, f"m{i}")
+    return epoch
+
+
+@contextlib.contextmanager
+def pub_members_late(
+    a: Server, b: Server, ch: str, late_on: Server
+) -> Iterator[tuple[Client, Client, Client, Client]]:
+    """On `ch`, all joined: a publisher (client_id "pub") and a member on `a`, a member on
+    `b`; and a client on `late_on` that joined no channel yet. Closed when the block ends."""
+    with (
+        Client(a.ws_url, token=a.token("pub"), client_id="pub", channel=ch) as pub,
+        Client(a.ws_url, token=a.token("ma"), channel=ch) as ma,
+        Client(b.ws_url, token=b.token("mb"), channel=ch) as mb,
+        Client(late_on.ws_url, token=late_on.token("late")) as late,
+    ):
+        for c in (pub, ma, mb):
+            joined(c, ch)
+        joined(late)
+        yield pub, ma, mb, late
 
 
 def refused_eventually(

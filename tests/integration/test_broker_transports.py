@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,9 +26,10 @@ import pytest
 import redis
 import trustme
 
-from tests.conftest import ROOT, SECRET, Server
+from tests.conftest import SECRET, Server
 from tests.integration.cluster_helpers import messages, start_pair, wait_cluster
 from tests.integration.helpers import expect, joined
+from tests.integration.test_cli import cli_env, run
 from tests.integration.wsclient import Client
 from tools.common import free_port
 
@@ -215,24 +215,8 @@ def test_publish_subscribe_retry_and_recover_across_two_servers(
 
 def _serve_fails(tmp_path: Path, broker_url: str) -> str:
     """`aether-fast serve` with this BROKER_URL must refuse to start: its output."""
-    env = {k: v for k, v in os.environ.items() if k not in ("BROKER_URL", "WORKERS")}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        WS_HOST="127.0.0.1",
-        WS_PORT=str(free_port()),
-        METRICS_PORT=str(free_port()),
-        DATA_DIR=str(tmp_path / "data"),
-        JWT_SECRET=SECRET,
-        BROKER_URL=broker_url,
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "aether_fast", "serve"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    env = cli_env(tmp_path, JWT_SECRET=SECRET, BROKER_URL=broker_url)
+    done = run(["serve"], env, tmp_path, 30)
     out = done.stdout + done.stderr
     assert done.returncode == 2, out
     assert "Traceback" not in out, out

@@ -20,6 +20,7 @@ from tests.conftest import Server
 from tests.integration.cluster_helpers import (
     first_answer,
     messages,
+    reader_leaves_after_five,
     refused_eventually,
     start_pair,
     status,
@@ -171,14 +172,7 @@ def test_recovery_on_the_other_machine_and_after_a_flushed_redis(
     reader = {"token": a.token("reader"), "client_id": "reader-1", "channel": ch}
     with Client(a.ws_url, token=a.token("pub"), channel=ch) as pub:
         joined(pub, ch)
-        with Client(a.ws_url, **reader) as r:
-            epoch = joined(r, ch)["epoch"]
-            for i in range(1, 6):
-                pub.publish(ch, f"m{i}")
-            got = messages(r, 5)
-            assert [m["data"]["metadata"]["offset"] for m in got] == [1, 2, 3, 4, 5]
-        for i in range(6, 11):
-            pub.publish(ch, f"m{i}")
+        epoch = reader_leaves_after_five(a.ws_url, reader, pub, ch)
         assert [m["data"]["metadata"]["offset"] for m in acks(pub, 10)] == list(range(1, 11))
 
         # the reader comes back on machine B with what it saw on machine A

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,7 +28,8 @@ from tests.integration.cluster_helpers import (
     wait_node,
     worker_pids,
 )
-from tests.integration.helpers import drain, expect, joined, wait_for
+from tests.integration.helpers import closing_all, drain, expect, joined, wait_for
+from tests.integration.test_cli import cli_env, run
 from tests.integration.test_workers import parent_of, run_serve, spread
 from tests.integration.wsclient import Client
 
@@ -74,6 +73,42 @@ def private_client(srv: Server) -> redis.Redis:
     return redis.Redis(
         unix_socket_path=str(srv.data_dir / "redis" / "redis.sock"), socket_timeout=5
     )
+
+
+@contextlib.contextmanager
+def members(srv: Server, ch: str, name: str) -> Iterator[list[Client]]:
+    """N clients (user and client id `name`0, `name`1, ...) that joined `ch` on connecting;
+    closed when the block ends."""
+    clients = [
+        Client(srv.ws_url, token=srv.token(f"{name}{i}"), client_id=f"{name}{i}", channel=ch)
+        for i in range(N)
+    ]
+    with closing_all(clients):
+        for c in clients:
+            joined(c, ch)
+        yield clients
+
+
+def each_hears_the_others(clients: list[Client], ch: str, text: str, timeout: float) -> None:
+    """Client i publishes "`text` i" on `ch`; each client gets what all the others published
+    (once each), whichever worker they are on."""
+    for i, c in enumerate(clients):
+        c.publish(ch, f"{text} {i}")
+    for i, c in enumerate(clients):
+        got = [m["data"]["content"] for m in messages(c, len(clients) - 1, timeout=timeout)]
+        assert sorted(got) == sorted(f"{text} {j}" for j in range(len(clients)) if j != i), got
+
+
+def one_hears_another(srv: Server, ch: str, text: str) -> None:
+    """Two members of `ch`: what one publishes, the other gets."""
+    with (
+        Client(srv.ws_url, token=srv.token("a"), channel=ch) as a,
+        Client(srv.ws_url, token=srv.token("b"), channel=ch) as b,
+    ):
+        joined(a, ch)
+        joined(b, ch)
+        a.publish(ch, text)
+        assert messages(b, 1)[0]["data"]["content"] == text
 
 
 @pytest.fixture
@@ -124,24 +159,10 @@ def test_two_workers_meet_in_the_private_redis(make_server: Callable[..., Server
 
     # clients on both workers: every publication reaches every other member, whichever
     # worker it was published on
-    ch = "p.fan"
-    clients = [
-        Client(srv.ws_url, token=srv.token(f"u{i}"), client_id=f"c{i}", channel=ch)
-        for i in range(N)
-    ]
-    try:
-        for c in clients:
-            joined(c, ch)
+    with members(srv, "p.fan", "c") as clients:
         by_worker = spread(srv, N)
         assert set(by_worker) == set(pids), by_worker
-        for i, c in enumerate(clients):
-            c.publish(ch, f"from c{i}")
-        for i, c in enumerate(clients):
-            got_texts = {m["data"]["content"] for m in messages(c, N - 1)}
-            assert got_texts == {f"from c{j}" for j in range(N) if j != i}
-    finally:
-        for c in clients:
-            c.close()
+        each_hears_the_others(clients, "p.fan", "from", timeout=10.0)
 
 
 # -- it survives a restart --------------------------------------------------------------------
@@ -199,18 +220,12 @@ def test_sigterm_drains_the_workers_then_stops_redis_leaving_no_process(
     children = srv.children()
     rpid = redis_child(srv)
     assert rpid is not None and len(children) == 3, children  # two workers and Redis
-    clients = [Client(srv.ws_url, token=srv.token(f"t{i}"), channel="p.term") for i in range(N)]
-    try:
-        for c in clients:
-            joined(c, "p.term")
+    with members(srv, "p.term", "t") as clients:
         spread(srv, N)
         assert srv.stop(signal.SIGTERM, timeout=60) == 0, srv.log_text()[-2000:]
         for c in clients:
             got, code = drain(c)
             assert code == 1001, (got, code)
-    finally:
-        for c in clients:
-            c.close()
     for pid in children:  # the workers and redis-server exited and were reaped
         assert not Path(f"/proc/{pid}").exists(), (pid, comm(pid))
     events = [line.get("event") for line in srv.log_lines()]
@@ -247,13 +262,7 @@ def test_killed_private_redis_is_restarted_and_the_workers_resume(
     srv = start(make_server)
     srv.allow_errors = True  # the death of Redis is logged at error level, by all three
     ch = "p.kill"
-    clients = [
-        Client(srv.ws_url, token=srv.token(f"k{i}"), client_id=f"k{i}", channel=ch)
-        for i in range(N)
-    ]
-    try:
-        for c in clients:
-            joined(c, ch)
+    with members(srv, ch, "k") as clients:
         spread(srv, N)
         old = redis_child(srv)
         assert old is not None
@@ -271,18 +280,11 @@ def test_killed_private_redis_is_restarted_and_the_workers_resume(
         wait_for(health_ok, timeout=20.0, interval=0.2)
 
         # the members kept their connections, and publishing works again on both workers
-        for i, c in enumerate(clients):
-            c.publish(ch, f"after {i}")
-        for i, c in enumerate(clients):
-            got = [m["data"]["content"] for m in messages(c, N - 1, timeout=15.0)]
-            assert sorted(got) == sorted(f"after {j}" for j in range(N) if j != i), got
+        each_hears_the_others(clients, ch, "after", timeout=15.0)
         events = [line.get("event") for line in srv.log_lines()]
         assert "private_redis_died" in events, events
         assert "worker_died" not in events, events  # the workers rode it out
         only_expected_errors(srv, "private_redis_died", "broker_degraded")
-    finally:
-        for c in clients:
-            c.close()
 
 
 def test_a_hung_private_redis_is_killed_and_restarted(
@@ -301,17 +303,7 @@ def test_a_hung_private_redis_is_killed_and_restarted(
             os.kill(old, signal.SIGCONT)
     assert new != old
     wait_node(srv, lambda b: b["status"] == "healthy" and len(b["workers"]) == 2, timeout=30)
-    ch = "p.hung"
-    a = Client(srv.ws_url, token=srv.token("a"), channel=ch)
-    b = Client(srv.ws_url, token=srv.token("b"), channel=ch)
-    try:
-        joined(a, ch)
-        joined(b, ch)
-        a.publish(ch, "after the hang")
-        assert messages(b, 1)[0]["data"]["content"] == "after the hang"
-    finally:
-        a.close()
-        b.close()
+    one_hears_another(srv, "p.hung", "after the hang")
     events = [line.get("event") for line in srv.log_lines()]
     assert "private_redis_unresponsive" in events, events
     only_expected_errors(srv, "private_redis_unresponsive", "private_redis_died", "broker_degraded")
@@ -333,16 +325,7 @@ def test_no_redis_server_on_path_is_exit_2_naming_it(tmp_path: Path) -> None:
     assert not (tmp_path / "data" / "redis").exists()  # nothing was started or made
 
     # check-config says the same
-    full = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), **env}
-    full.pop("BROKER_URL", None)
-    check = subprocess.run(
-        [sys.executable, "-m", "aether_fast", "check-config"],
-        env=full,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    check = run(["check-config"], cli_env(tmp_path, **env), tmp_path, 30)
     assert check.returncode == 2, check
     assert check.stdout.strip() == ""
     assert check.stderr.strip() == lines[0]
@@ -393,17 +376,7 @@ def test_a_socket_path_too_long_for_sun_path_moves_to_the_temporary_directory(
     assert (deep / "redis" / "appendonlydir").is_dir()  # the AOF stays in DATA_DIR
     with redis.Redis(unix_socket_path=moved, socket_timeout=5) as r:
         assert r.config_get("dir")["dir"] == str(deep / "redis")
-    ch = "p.long"
-    a = Client(srv.ws_url, token=srv.token("a"), channel=ch)
-    b = Client(srv.ws_url, token=srv.token("b"), channel=ch)
-    try:
-        joined(a, ch)
-        joined(b, ch)
-        a.publish(ch, "through the moved socket")
-        assert messages(b, 1)[0]["data"]["content"] == "through the moved socket"
-    finally:
-        a.close()
-        b.close()
+    one_hears_another(srv, "p.long", "through the moved socket")
     assert srv.stop(timeout=60) == 0
     assert not Path(moved).parent.exists()  # its directory is removed at stop
 
@@ -422,22 +395,9 @@ def test_a_socket_path_too_long_for_sun_path_moves_to_the_temporary_directory(
 
 
 def test_backup_and_restore_say_the_configs_are_in_the_private_redis(tmp_path: Path) -> None:
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "BROKER_URL"},
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-        "WORKERS": "2",
-        "JWT_SECRET": SECRET,
-        "DATA_DIR": str(tmp_path / "data"),
-    }
+    env = cli_env(tmp_path, WORKERS="2", JWT_SECRET=SECRET)
     for args in (["backup", str(tmp_path)], ["restore", str(tmp_path / "x.sqlite3")]):
-        out = subprocess.run(
-            [sys.executable, "-m", "aether_fast", *args],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        out = run(args, env, tmp_path, 30)
         assert out.returncode == 2, out
         assert "private Redis" in out.stderr and "DATA_DIR/redis" in out.stderr, out.stderr
         assert "Traceback" not in out.stderr

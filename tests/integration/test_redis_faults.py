@@ -22,6 +22,7 @@ from tests.conftest import Server
 from tests.integration.cluster_helpers import (
     messages,
     only_expected_errors,
+    pub_members_late,
     start_pair,
     status,
 )
@@ -81,15 +82,7 @@ def test_redis_outage_degrades_then_recovers_by_itself(
 ) -> None:
     a, b = outage_pair
     ch = "f.ch"
-    with (
-        Client(a.ws_url, token=a.token("pub"), client_id="pub", channel=ch) as pub,
-        Client(a.ws_url, token=a.token("ma"), channel=ch) as ma,
-        Client(b.ws_url, token=b.token("mb"), channel=ch) as mb,
-        Client(a.ws_url, token=a.token("late")) as late,
-    ):
-        for c in (pub, ma, mb):
-            joined(c, ch)
-        joined(late)
+    with pub_members_late(a, b, ch, late_on=a) as (pub, ma, mb, late):
         pub.publish(ch, "before")
         expect(pub, "message", "ack")
         for m in (ma, mb):

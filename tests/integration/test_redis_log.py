@@ -22,12 +22,20 @@ def ack_of(c: Client, sequence: int) -> dict[str, Any]:
     return dict(msg)
 
 
+def with_channel(
+    make_server: Callable[..., Server], redis_url: str, ch: str, history_size: int, **env: str
+) -> Server:
+    """A server with the Redis broker (and `env`) where channel `ch` keeps `history_size`."""
+    srv = make_server(BROKER_URL=redis_url, **env)
+    srv.create_channel(name=ch, history_size=history_size)
+    return srv
+
+
 def test_channel_without_history_keeps_no_stream(
     make_server: Callable[..., Server], redis_server: RedisServer, redis_url: str
 ) -> None:
-    srv = make_server(BROKER_URL=redis_url, CHANNEL_STATE_TTL_S="5000")
     ch = "log.nohist"
-    srv.create_channel(name=ch, history_size=0)
+    srv = with_channel(make_server, redis_url, ch, 0, CHANNEL_STATE_TTL_S="5000")
     with (
         Client(srv.ws_url, token=srv.token("pub"), client_id="p1", channel=ch) as pub,
         Client(srv.ws_url, token=srv.token("sub"), channel=ch) as sub,
@@ -90,9 +98,8 @@ def test_sequences_out_of_order_are_new_or_duplicates_by_their_own_record(
 def test_recovery_beyond_history_size_through_redis(
     make_server: Callable[..., Server], redis_server: RedisServer, redis_url: str
 ) -> None:
-    srv = make_server(BROKER_URL=redis_url, RATE_LIMIT_MESSAGES="100000")
     ch = "log.short"
-    srv.create_channel(name=ch, history_size=2)
+    srv = with_channel(make_server, redis_url, ch, 2, RATE_LIMIT_MESSAGES="100000")
     with Client(srv.ws_url, token=srv.token("pub"), channel=ch) as pub:
         epoch = joined(pub, ch)["epoch"]
         sent = [pub.publish(ch, f"h{i}") for i in range(1, 41)]

@@ -29,6 +29,8 @@ from tests.conftest import SECRET, Server
 from tests.integration.cluster_helpers import (
     messages,
     only_expected_errors,
+    pub_members_late,
+    reader_leaves_after_five,
     status,
     wait_cluster,
 )
@@ -118,14 +120,7 @@ def test_channels_work_across_machines_listing_the_shards_in_any_order(
             joined(pub, ch)
             joined(mb, ch)
             # publications from A reach B: both machines put the channel on the same shard
-            with Client(a.ws_url, **reader) as r:
-                epoch = joined(r, ch)["epoch"]
-                for i in range(1, 6):
-                    pub.publish(ch, f"m{i}")
-                got = messages(r, 5)
-                assert [m["data"]["metadata"]["offset"] for m in got] == [1, 2, 3, 4, 5]
-            for i in range(6, 11):
-                pub.publish(ch, f"m{i}")
+            epoch = reader_leaves_after_five(a.ws_url, reader, pub, ch)
             assert [m["offset"] for m in acks(pub, 10)] == list(range(1, 11))
             got = messages(mb, 10)
             assert [m["data"]["content"] for m in got] == [f"m{i}" for i in range(1, 11)]
@@ -193,17 +188,10 @@ def test_one_shard_down_degrades_only_its_channels_then_recovers(
     a, b = nodes(make_server, shards)
     a.allow_errors = b.allow_errors = True  # the lost shard is logged at error level
     up, down = channel_on(0, "sh.up."), channel_on(1, "sh.down.")
-    with (
-        Client(a.ws_url, token=a.token("pub"), client_id="pub", channel=up) as pub,
-        Client(a.ws_url, token=a.token("ma"), channel=up) as ma,
-        Client(b.ws_url, token=b.token("mb"), channel=up) as mb,
-        Client(b.ws_url, token=b.token("late")) as late,
-    ):
+    with pub_members_late(a, b, up, late_on=b) as (pub, ma, mb, late):
         for c in (pub, ma, mb):
-            joined(c, up)
             c.join(down)
             joined(c, down)
-        joined(late)
 
         # a stream of publishes alternating between the two shards' channels; the other
         # shard is frozen (SIGSTOP) in the middle of it, then killed by its PID

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import ROOT, SECRET, Server
+from tests.conftest import SECRET, Server
 from tests.integration.cluster_helpers import (
     WORKER_TTL_S,
     first_answer,
@@ -36,6 +34,7 @@ from tests.integration.cluster_helpers import (
 )
 from tests.integration.helpers import closing_all, drain, expect, joined, wait_for
 from tests.integration.redis_fixture import RedisServer, db_of
+from tests.integration.test_cli import cli_env, run
 from tests.integration.wsclient import Client
 from tools.common import free_port
 
@@ -305,28 +304,8 @@ def test_sigterm_to_the_supervisor_drains_every_worker(
 
 def run_serve(tmp_path: Path, env: dict[str, str], timeout: float = 30) -> tuple[int, str]:
     """`aether-fast serve` that must refuse to start: its exit status and its output."""
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("JWT_SECRET", "BROKER_URL", "WORKERS", "NODE_ID", "WS_PORT")
-    }
-    full = {
-        **base,
-        "PYTHONPATH": str(ROOT),
-        "WS_HOST": "127.0.0.1",
-        "WS_PORT": str(free_port()),
-        "METRICS_PORT": str(free_port()),
-        "DATA_DIR": str(tmp_path / "data"),
-        **env,
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "aether_fast", "serve"],
-        env=full,
-        cwd=tmp_path,
-        capture_output=True,
-        timeout=timeout,
-    )
-    return proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace")
+    done = run(["serve"], cli_env(tmp_path, **env), tmp_path, timeout)
+    return done.returncode, done.stdout + done.stderr
 
 
 def test_workers_without_a_jwt_secret_is_a_start_up_error(tmp_path: Path, redis_url: str) -> None:

@@ -19,19 +19,17 @@ what it sends is served between the joins, and it is never closed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from tests.conftest import Server
+from tests.integration import test_ws_first_frame as first_frame
 from tests.integration.cluster_helpers import only_expected_errors
 from tests.integration.helpers import join_msg, send_msg, wait_for
 from tests.integration.rawhttp import RawConn
 from tests.integration.redis_fixture import RedisServer
 from tests.integration.test_ws_first_frame import (
     HELD_MESSAGES,
-    MAX_MESSAGE_BYTES,
     Setup,
     close_code,
     kind,
@@ -44,15 +42,8 @@ from tests.integration.test_ws_first_frame import (
     welcome,
 )
 
-
-@pytest.fixture(params=["memory", "redis"])
-def setup(request: pytest.FixtureRequest, make_server: Callable[..., Server]) -> Iterator[Setup]:
-    env = {"RATE_LIMIT_MESSAGES": "100000", "MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES)}
-    redis: RedisServer | None = None
-    if request.param == "redis":
-        redis = request.getfixturevalue("redis_server")
-        env["BROKER_URL"] = request.getfixturevalue("redis_url")
-    yield Setup(make_server(**env), redis)
+#: the same fixture as test_ws_first_frame.py's: a server with the memory broker, then Redis
+setup = first_frame.setup
 
 
 def connected(srv: Server, user: str) -> RawConn:

@@ -1,4 +1,5 @@
 // Test helpers: a real aether-fast server process, HS256 tokens, and small waits.
+import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
@@ -152,6 +153,13 @@ export class Server {
     await this.stop();
     rmSync(this.dir, { recursive: true, force: true });
   }
+}
+
+/** Dispose of `server`, then fail if it logged errors while it ran. */
+export async function disposeClean(server) {
+  const errors = server.errors();
+  await server.dispose();
+  assert.deepEqual(errors, []);
 }
 
 /** A client on the ws package with fast backoff, recording what it is given. */

@@ -5,6 +5,7 @@ import { after, before, describe, test } from 'node:test';
 
 import { AetherClient, AetherError, ClientClosed, tokenExpiry } from '../aether-client.js';
 import {
+  disposeClean,
   makeClient,
   mintToken,
   onceInOrder,
@@ -53,11 +54,7 @@ describe('against a server', () => {
   before(async () => {
     server = await new Server({ RATE_LIMIT_MESSAGES: '100000' }).start();
   });
-  after(async () => {
-    const errors = server.errors();
-    await server.dispose();
-    assert.deepEqual(errors, []);
-  });
+  after(() => disposeClean(server));
 
   test('connect, join, publish: acks with offsets, fan-out in order', async () => {
     const alice = makeClient(server, 'alice', { clientId: 'js-a', channels: ['js.basic'] });

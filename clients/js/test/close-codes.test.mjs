@@ -5,7 +5,7 @@ import { after, afterEach, before, describe, test } from 'node:test';
 import WebSocket from 'ws';
 
 import { AetherClient, AetherError, ClientClosed } from '../aether-client.js';
-import { FAST, makeClient as makeRecorded, mintToken, Server, sleep, until } from '../support/helpers.mjs';
+import { disposeClean, FAST, makeClient as makeRecorded, mintToken, Server, sleep, until } from '../support/helpers.mjs';
 
 /** Every client a test made: closed after it, so that one the code under test failed to stop
  * does not keep reconnecting (and the test process alive) after a failure. */
@@ -62,9 +62,7 @@ async function withServer(env, body) {
   try {
     await body(server);
   } finally {
-    const errors = server.errors();
-    await server.dispose();
-    assert.deepEqual(errors, []);
+    await disposeClean(server);
   }
 }
 
@@ -73,11 +71,7 @@ describe('close codes that stop the client', () => {
   before(async () => {
     server = await new Server({ RATE_LIMIT_MESSAGES: '100000' }).start();
   });
-  after(async () => {
-    const errors = server.errors();
-    await server.dispose();
-    assert.deepEqual(errors, []);
-  });
+  after(() => disposeClean(server));
 
   test('4003 (a URL channel the token does not allow): stops, no reconnect with that token', LIMIT, async () => {
     // the clients join with messages; only a URL that names a channel can earn a 4003
