@@ -741,24 +741,19 @@ def test_acks_before_copies_lose_nothing(race: Race) -> None:
             return record
 
         total = 2 * RACE_ROUNDS * len(RACE_CHANNELS)
-        async with (
-            client(
+
+        def racer(me: str) -> AetherClient:
+            """A member of every race channel, with echo, recording what it receives."""
+            return client(
                 srv,
-                "race-a",
-                client_id="race-a",
+                f"race-{me}",
+                client_id=f"race-{me}",
                 channels=RACE_CHANNELS,
                 echo=True,
-                on_message=on_message("a"),
-            ) as a,
-            client(
-                srv,
-                "race-b",
-                client_id="race-b",
-                channels=RACE_CHANNELS,
-                echo=True,
-                on_message=on_message("b"),
-            ) as b,
-        ):
+                on_message=on_message(me),
+            )
+
+        async with racer("a") as a, racer("b") as b:
             futures = []
             for r in range(RACE_ROUNDS):
                 for ch in RACE_CHANNELS:
