@@ -22,8 +22,17 @@
  *            closed, SIGTERM, or --hold seconds.
  *   parsebench  the frame parser alone on an in-memory buffer (no sockets): its ceiling.
  *
+ * --deflate offers permessage-deflate (RFC 7692) in every upgrade and reads the server's answer
+ * (negotiated or not, per connection). Compressed frames (RSV1) are counted like any other and
+ * never inflated on the hot path; a few --sample-conns subscribers inflate every data frame
+ * they get (raw inflate, 00 00 ff ff appended, the context kept when the server keeps its
+ * own) and check that it is the JSON that was published; mismatches are counted, not hidden.
+ * --json-content N makes the content a realistic, compressible JSON document of about N bytes
+ * (escaped in the content string) instead of N 'x's.
+ *
  * Every mode is bounded (--timeout) and exits by itself. The result is one JSON object on
- * stdout (connect prints a second one when it stops holding). Build: gcc -O2 -o loadgen loadgen.c
+ * stdout (connect prints a second one when it stops holding).
+ * Build: gcc -O2 -o loadgen loadgen.c -lz
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -43,7 +52,9 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
+#include <strings.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24
@@ -67,6 +78,10 @@ typedef struct conn {
     uint8_t hit;         /* reached its target in the current stage */
     uint8_t want_send;   /* rtt: its own message came back */
     uint8_t closing;     /* we sent CLOSE: do not answer theirs */
+    uint8_t deflate;     /* permessage-deflate negotiated */
+    uint8_t ctx_takeover; /* ... and the server keeps its compression context between messages */
+    uint8_t check;       /* a sample connection: inflate and check every data frame */
+    z_stream *zs;        /* its inflater (sample connections only) */
     uint32_t idx;
     uint64_t frames;     /* data frames received, ever */
     uint64_t base;       /* frames at the start of the phase */
@@ -96,6 +111,8 @@ typedef struct {
     double per_s;
     double lg_cpu, srv_cpu;
     uint64_t rx_bytes, rx_frames, rx_reads, waits;
+    uint64_t data_wire_bytes, compressed_frames; /* data frames: header + payload bytes; RSV1 */
+    uint64_t sample_ok, sample_errors;
     int timed_out;
     int dead;
     int has_hist;
@@ -133,11 +150,38 @@ static struct {
     int concurrency;
     long warmup;
     double connect_timeout;
+    int deflate;          /* offer permessage-deflate */
+    int json_content;     /* content: about this many bytes of JSON (0: --payload 'x's) */
+    int sample_conns;     /* subscribers that inflate and check every data frame */
 } opt = {
     .mode = -1, .host = "127.0.0.1", .port = 0, .src_ips = 0, .subs = 0, .messages = 1000,
     .duration = 5.0, .timeout = 120.0, .grace = 5.0, .hold = 60.0, .ready_frames = 0,
     .payload = 64, .server_pid = 0, .concurrency = 256, .warmup = 0, .connect_timeout = 60.0,
+    .deflate = 0, .json_content = 0, .sample_conns = 4,
 };
+
+#define NBODIES 16
+#define ZOUT_SIZE (256 * 1024)
+
+/* permessage-deflate: what was negotiated and what the sample connections found */
+static struct {
+    uint64_t negotiated;      /* connections whose 101 accepted the offer */
+    uint64_t ctx_takeover;    /* ... of which the server keeps its context (no server_no_context_takeover) */
+    uint64_t unoffered;       /* 101s naming an extension we did not offer (a server bug) */
+    uint64_t rsv1_unexpected; /* compressed frames on a connection that did not negotiate */
+    char response[200];       /* the first Sec-WebSocket-Extensions answer */
+    uint64_t frames;          /* data frames checked on the sample connections */
+    uint64_t inflated;        /* ... of which compressed (inflated) */
+    uint64_t in_bytes, out_bytes; /* compressed payload bytes in, inflated bytes out */
+    uint64_t ok;              /* publications whose content was the one published */
+    uint64_t other;           /* well-formed frames that are not publications (replies, acks) */
+    uint64_t errors;          /* inflate failures, or not the JSON that was published */
+    char first_error[200];
+    uint8_t *zin, *zout;
+    char *bodies[NBODIES];    /* --json-content: the escaped JSON documents, by batch number */
+    size_t body_len[NBODIES];
+    size_t content_max;       /* the longest content this run sends */
+} dfl;
 
 static struct {
     int ep;
@@ -148,6 +192,8 @@ static struct {
     uint8_t *rbuf;
     uint64_t frames;      /* data frames, all connections */
     uint64_t rx_bytes;
+    uint64_t data_wire_bytes; /* data frames: header + payload */
+    uint64_t compressed_frames; /* data frames with RSV1 (permessage-deflate) */
     uint64_t reads;
     uint64_t waits;       /* epoll_wait calls that returned events */
     uint64_t last_frame_ns;
@@ -350,6 +396,187 @@ static void hist_into(phase_t *ph, const hist_t *h) {
     ph->mean = h->count ? (double)h->sum / (double)h->count / 1e3 : 0.0;
 }
 
+/* ---------------------------------------------------------------- --json-content */
+
+static uint32_t xorshift(uint32_t x) {
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    return x;
+}
+
+/* NBODIES realistic JSON documents (a batch of order events: names, ids, prices, timestamps),
+ * each of about `target` bytes once escaped into a JSON string, from a fixed seed: every run
+ * sends the same bytes. Batch k starts with {\"batch\":\"kk, so a receiver knows which to expect. */
+static void make_bodies(int target) {
+    static const char *const types[] = {"order.created", "order.updated", "order.filled",
+                                        "order.cancelled", "trade.executed"};
+    static const char *const symbols[] = {"BTC-USD", "ETH-USD", "SOL-USD", "ADA-EUR",
+                                          "DOT-EUR", "XRP-USD", "LTC-GBP", "AVAX-USD"};
+    static const char *const statuses[] = {"open", "partially_filled", "filled", "cancelled"};
+    static const char *const tiers[] = {"free", "silver", "gold", "platinum"};
+    static const char *const venues[] = {"api", "web", "ios", "android"};
+    char *raw = malloc((size_t)target + 1024);
+    for (int b = 0; b < NBODIES; b++) {
+        uint32_t x = 0x9e3779b9u ^ (uint32_t)(b * 7919 + 1);
+        /* escaped length: every '"' of the raw JSON becomes \" */
+        size_t n = 0, quotes = 0;
+        n += (size_t)sprintf(raw + n, "{\"batch\":\"%02d\",\"source\":\"orders-eu-west-1\","
+                                      "\"schema\":\"orders.v3\",\"events\":[", b);
+        for (int e = 0;; e++) {
+            quotes = 0;
+            for (size_t i = 0; i < n; i++) quotes += raw[i] == '"';
+            if (n + quotes + 300 > (size_t)target && e > 0) break;
+            uint32_t r[16];
+            for (int i = 0; i < 16; i++) r[i] = x = xorshift(x);
+            uint32_t acct = 10000 + r[0] % 90000;
+            n += (size_t)sprintf(
+                raw + n,
+                "%s{\"id\":\"evt-%02d-%03d\",\"type\":\"%s\",\"account\":{\"id\":%u,"
+                "\"name\":\"trader_%u\",\"tier\":\"%s\"},\"symbol\":\"%s\",\"side\":\"%s\","
+                "\"price\":%u.%02u,\"qty\":%u.%03u,\"status\":\"%s\",\"venue\":\"%s\","
+                "\"ts\":\"2026-12-07T02:%02u:%02u.%03uZ\",\"tags\":[\"spot\",\"%s\"]}",
+                e ? "," : "", b, e, types[r[1] % 5], acct, acct, tiers[r[2] % 4],
+                symbols[r[3] % 8], r[4] % 2 ? "buy" : "sell", 100 + r[5] % 60000, r[6] % 100,
+                r[7] % 20, r[8] % 1000, statuses[r[9] % 4], venues[r[10] % 4], r[11] % 60,
+                r[12] % 60, r[13] % 1000, r[14] % 3 ? "maker" : "taker");
+        }
+        /* then a note of words up to the target's length exactly (when it is not past it) */
+        static const char *const words[] = {"client", "requested", "amend", "after", "partial",
+                                            "fill", "on", "venue", "retry", "queued", "risk",
+                                            "check", "passed", "limit", "order", "the"};
+        n += (size_t)sprintf(raw + n, "],\"note\":\"");
+        quotes = 0;
+        for (size_t i = 0; i < n; i++) quotes += raw[i] == '"';
+        for (int w = 0; n + quotes + 12 < (size_t)target; w++) {
+            x = xorshift(x);
+            n += (size_t)sprintf(raw + n, "%s%s", w ? " " : "", words[x % 16]);
+        }
+        while (n + quotes + 3 < (size_t)target) raw[n++] = '.';
+        n += (size_t)sprintf(raw + n, "\"}");
+        char *esc = malloc(2 * n + 1);
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (raw[i] == '"' || raw[i] == '\\') esc[k++] = '\\';
+            esc[k++] = raw[i];
+        }
+        esc[k] = 0;
+        dfl.bodies[b] = esc;
+        dfl.body_len[b] = k;
+        if (k > dfl.content_max) dfl.content_max = k;
+    }
+    free(raw);
+}
+
+/* ---------------------------------------------------------------- sample checks */
+
+static void sample_fail(conn *c, const char *fmt, ...) {
+    dfl.errors++;
+    if (dfl.first_error[0]) return;
+    int k = snprintf(dfl.first_error, sizeof dfl.first_error, "connection %u: ", c->idx);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(dfl.first_error + k, sizeof dfl.first_error - (size_t)k, fmt, ap);
+    va_end(ap);
+}
+
+/* A data frame's text as the server sent it (inflated if it was compressed): 1 when it is a
+ * publication carrying exactly the content the publisher sent, 0 when it is another JSON
+ * object (a reply, an ack), -1 (and counted as an error) otherwise. */
+static int check_text(conn *c, const uint8_t *p, size_t n) {
+    if (n < 2 || p[0] != '{' || p[n - 1] != '}') {
+        char head[41];
+        size_t k = n < 40 ? n : 40;
+        for (size_t i = 0; i < k; i++) head[i] = p[i] >= 0x20 && p[i] < 0x7f ? (char)p[i] : '?';
+        head[k] = 0;
+        sample_fail(c, "not a JSON object (%zu bytes: %s)", n, head);
+        return -1;
+    }
+    const uint8_t *k = memmem(p, n, "\"content\"", 9), *e = p + n;
+    if (!k) return 0;
+    k += 9;
+    while (k < e && (*k == ' ' || *k == ':')) k++;
+    if (e - k < 22 || *k != '"' || (k[1] != 'M' && k[1] != 'W')) {
+        sample_fail(c, "a content the publisher did not send");
+        return -1;
+    }
+    k += 2;
+    for (int i = 0; i < 20; i++)
+        if (k[i] < '0' || k[i] > '9') {
+            sample_fail(c, "the content's send time is not 20 digits");
+            return -1;
+        }
+    k += 20;
+    const char *want = g.pad;
+    size_t want_len = (size_t)opt.payload;
+    if (opt.json_content) {
+        static const char mark[] = "{\\\"batch\\\":\\\"";
+        size_t ml = sizeof mark - 1;
+        unsigned idx = NBODIES;
+        if ((size_t)(e - k) >= ml + 2 && !memcmp(k, mark, ml) && k[ml] >= '0' && k[ml] <= '9' &&
+            k[ml + 1] >= '0' && k[ml + 1] <= '9')
+            idx = (unsigned)(k[ml] - '0') * 10 + (unsigned)(k[ml + 1] - '0');
+        if (idx >= NBODIES) {
+            sample_fail(c, "the content is not one of the JSON documents published");
+            return -1;
+        }
+        want = dfl.bodies[idx];
+        want_len = dfl.body_len[idx];
+    }
+    if ((size_t)(e - k) < want_len + 1 || memcmp(k, want, want_len) != 0 || k[want_len] != '"') {
+        sample_fail(c, "the content differs from what was published");
+        return -1;
+    }
+    return 1;
+}
+
+/* Check one data frame of a sample connection: inflate it when it is compressed (raw
+ * inflate with 00 00 ff ff appended; the context kept across messages when the server keeps
+ * its own, reset otherwise), then check_text. */
+static void check_frame(conn *c, uint8_t b0, const uint8_t *p, size_t n) {
+    if (!(b0 & 0x80) || (b0 & 0x0f) == 0) {
+        sample_fail(c, "a fragmented message: not reassembled, the connection is no longer checked");
+        c->check = 0;
+        return;
+    }
+    if ((b0 & 0x0f) != 0x1) return; /* binary: not ours to check */
+    dfl.frames++;
+    int r;
+    if (b0 & 0x40) {
+        z_stream *zs = c->zs;
+        if (!zs) {
+            zs = c->zs = calloc(1, sizeof *zs);
+            if (inflateInit2(zs, -15) != Z_OK) die("inflateInit2 failed");
+        } else if (!c->ctx_takeover) {
+            inflateReset(zs);
+        }
+        memcpy(dfl.zin, p, n);
+        memcpy(dfl.zin + n, "\x00\x00\xff\xff", 4);
+        zs->next_in = dfl.zin;
+        zs->avail_in = (uInt)(n + 4);
+        zs->next_out = dfl.zout;
+        zs->avail_out = ZOUT_SIZE;
+        int z = inflate(zs, Z_SYNC_FLUSH);
+        size_t out = ZOUT_SIZE - zs->avail_out;
+        int ended = z == Z_STREAM_END; /* a final block (BFINAL): the 4 bytes are left over */
+        if ((z != Z_OK && !ended) || (!ended && zs->avail_in != 0)) {
+            sample_fail(c, "inflate failed (%d: %s) on a %zu-byte frame", z,
+                        zs->msg ? zs->msg : (zs->avail_out ? "?" : "over 256 KiB"), n);
+            c->check = 0;
+            return;
+        }
+        if (ended) inflateReset(zs);
+        dfl.inflated++;
+        dfl.in_bytes += n;
+        dfl.out_bytes += out;
+        r = check_text(c, dfl.zout, out);
+    } else {
+        r = check_text(c, p, n);
+    }
+    if (r > 0) dfl.ok++;
+    else if (r == 0) dfl.other++;
+}
+
 /* ---------------------------------------------------------------- URL lines */
 
 static void load_urls(const char *path) {
@@ -513,10 +740,11 @@ static size_t build_frame(uint8_t *dst, uint8_t opcode, const uint8_t *payload, 
 static size_t build_publish(uint8_t *out, const conn *c, char tag, uint64_t ns) {
     char payload[CARRY_MAX];
     uint64_t seq = ++g.seq;
+    const char *body = opt.json_content ? dfl.bodies[seq % NBODIES] : g.pad;
     int n = snprintf(payload, sizeof payload,
                      "{\"type\":\"message\",\"action\":\"send\",\"data\":{\"channel\":\"%.*s\","
                      "\"content\":\"%c%020llu%s\",\"metadata\":{\"sequence\":%llu}}}",
-                     (int)c->chan_len, c->chan, tag, (unsigned long long)ns, g.pad,
+                     (int)c->chan_len, c->chan, tag, (unsigned long long)ns, body,
                      (unsigned long long)seq);
     return build_frame(out, 0x1, (const uint8_t *)payload, (size_t)n);
 }
@@ -557,8 +785,10 @@ static void send_handshake(conn *c) {
     int n = snprintf(req, sizeof req,
                      "GET %.*s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     "Sec-WebSocket-Version: 13\r\n\r\n",
-                     (int)c->url_len, c->url, opt.host, opt.port);
+                     "Sec-WebSocket-Version: 13\r\n%s\r\n",
+                     (int)c->url_len, c->url, opt.host, opt.port,
+                     opt.deflate ? "Sec-WebSocket-Extensions: permessage-deflate; "
+                                   "client_max_window_bits\r\n" : "");
     if (n >= (int)sizeof req) die("URL line %u too long", c->idx + 1);
     c->state = ST_HANDSHAKE;
     epoll_set(c, EPOLLIN, EPOLL_CTL_MOD);
@@ -604,9 +834,10 @@ static inline uint64_t content_ns(const uint8_t *p, size_t n, char *tag) {
     return v;
 }
 
-static inline void on_data(conn *c, const uint8_t *p, size_t n, uint64_t now) {
+static inline void on_data(conn *c, uint8_t b0, const uint8_t *p, size_t n, uint64_t now) {
     c->frames++;
     if (c->frames == c->target) reach(c);
+    if (c->check) check_frame(c, b0, p, n);
     if (!c->scan) return;
     char tag = 0;
     uint64_t sent = content_ns(p, n, &tag);
@@ -641,6 +872,21 @@ static void on_control(conn *c, uint8_t op, const uint8_t *p, size_t n) {
     }
 }
 
+/* The wire bytes of a data frame, and whether it is compressed (RSV1); 0 when the frame is
+ * compressed on a connection that did not negotiate permessage-deflate (it is then closed). */
+static inline int count_data(conn *c, uint8_t b0, uint64_t wire) {
+    g.data_wire_bytes += wire;
+    if (b0 & 0x40) {
+        g.compressed_frames++;
+        if (!c->deflate) {
+            dfl.rsv1_unexpected++;
+            conn_dead(c, "a compressed frame (RSV1) without permessage-deflate", 0);
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* Parse every complete frame in p[0..n); returns the bytes consumed. */
 static size_t parse_frames(conn *c, const uint8_t *p, size_t n, uint64_t now) {
     const uint8_t *start = p, *end = p + n;
@@ -666,15 +912,21 @@ static size_t parse_frames(conn *c, const uint8_t *p, size_t n, uint64_t now) {
         size_t avail = (size_t)(end - p) - hl;
         if (len > avail) {
             if (op < 8 && len > CARRY_MAX) { /* count it now, discard its bytes as they come */
-                on_data(c, p + hl, 0, now);
+                if (!count_data(c, b0, hl + len)) return (size_t)(end - start);
+                if (c->check) {
+                    sample_fail(c, "a %llu-byte frame: too long to check", (unsigned long long)len);
+                    c->check = 0;
+                }
+                on_data(c, b0, p + hl, 0, now);
                 c->skip = len - avail;
                 return (size_t)(end - start);
             }
             break;
         }
-        if (op < 8)
-            on_data(c, p + hl, (size_t)len, now);
-        else {
+        if (op < 8) {
+            if (!count_data(c, b0, hl + len)) return (size_t)(end - start);
+            on_data(c, b0, p + hl, (size_t)len, now);
+        } else {
             on_control(c, op, p + hl, (size_t)len);
             if (c->state == ST_CLOSED) return (size_t)(end - start);
         }
@@ -693,6 +945,45 @@ static void keep_carry(conn *c, const uint8_t *p, size_t n) {
     }
     memmove(c->carry, p, n);
     c->carry_len = (uint32_t)n;
+}
+
+/* case-insensitive: does p[0..n) contain `needle`? */
+static int has_ci(const char *p, size_t n, const char *needle) {
+    size_t k = strlen(needle);
+    for (size_t i = 0; i + k <= n; i++)
+        if (strncasecmp(p + i, needle, k) == 0) return 1;
+    return 0;
+}
+
+/* The Sec-WebSocket-Extensions answer of a 101 head h[0..n): permessage-deflate negotiated
+ * or not, and whether the server keeps its context; an answer to no offer closes it. */
+static void read_extensions(conn *c, const char *h, size_t n) {
+    static const char name[] = "sec-websocket-extensions:";
+    const size_t nl = sizeof name - 1;
+    const char *line = h, *end = h + n;
+    while (line < end) {
+        const char *eol = memchr(line, '\n', (size_t)(end - line));
+        if (!eol) eol = end;
+        if ((size_t)(eol - line) > nl && strncasecmp(line, name, nl) == 0) {
+            const char *v = line + nl, *ve = eol;
+            while (v < ve && (*v == ' ' || *v == '\t')) v++;
+            while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ')) ve--;
+            size_t vn = (size_t)(ve - v);
+            if (!dfl.response[0]) snprintf(dfl.response, sizeof dfl.response, "%.*s", (int)vn, v);
+            if (!opt.deflate) {
+                dfl.unoffered++;
+                conn_dead(c, "the 101 answers an extension that was not offered", 0);
+                return;
+            }
+            if (has_ci(v, vn, "permessage-deflate") && !c->deflate) {
+                c->deflate = 1;
+                c->ctx_takeover = !has_ci(v, vn, "server_no_context_takeover");
+                dfl.negotiated++;
+                dfl.ctx_takeover += c->ctx_takeover;
+            }
+        }
+        line = eol + 1;
+    }
 }
 
 static void on_readable(conn *c) {
@@ -752,6 +1043,8 @@ static void on_readable(conn *c) {
             return;
         }
         off = (size_t)(e + 4 - buf);
+        read_extensions(c, (const char *)buf, off);
+        if (c->state == ST_CLOSED) return;
         on_open(c);
     }
     if (c->skip) {
@@ -980,7 +1273,7 @@ static void fanout_hook(uint64_t now) {
     while (room-- > 0) {
         len += build_publish(buf + len, pub, fo_tag, now);
         fo_sent++;
-        if (len > sizeof buf - (size_t)opt.payload - 1024) break;
+        if (len > sizeof buf - dfl.content_max - 1024) break;
     }
     conn_send(pub, buf, len);
 }
@@ -992,6 +1285,7 @@ static int fanout_done(void) { return drained_or_stalled(fo_sent >= fo_total); }
  * meter_stop into its phase_t at its end. */
 typedef struct {
     uint64_t rx_bytes, frames, reads, waits;
+    uint64_t data_wire_bytes, compressed_frames, sample_ok, sample_errors;
     double lg_cpu, srv_cpu;
     cpus_t cpus;
 } meter_t;
@@ -1001,6 +1295,10 @@ static void meter_start(meter_t *m) {
     m->frames = g.frames;
     m->reads = g.reads;
     m->waits = g.waits;
+    m->data_wire_bytes = g.data_wire_bytes;
+    m->compressed_frames = g.compressed_frames;
+    m->sample_ok = dfl.ok;
+    m->sample_errors = dfl.errors;
     m->lg_cpu = cpu_self();
     m->srv_cpu = cpu_server();
     cpus_now(&m->cpus);
@@ -1016,6 +1314,10 @@ static void meter_stop(const meter_t *m, phase_t *ph) {
     ph->rx_frames = g.frames - m->frames;
     ph->rx_reads = g.reads - m->reads;
     ph->waits = g.waits - m->waits;
+    ph->data_wire_bytes = g.data_wire_bytes - m->data_wire_bytes;
+    ph->compressed_frames = g.compressed_frames - m->compressed_frames;
+    ph->sample_ok = dfl.ok - m->sample_ok;
+    ph->sample_errors = dfl.errors - m->sample_errors;
 }
 
 /* The deliveries of a phase in which each subscriber should get `sent` messages: got (at
@@ -1076,7 +1378,7 @@ static void latency_hook(uint64_t now) {
     uint64_t due = (uint64_t)((double)(now - lat_t0) * lat_rate / 1e9) + 1;
     static uint8_t buf[64 * 1024 * 4];
     size_t len = 0;
-    while (lat_next_k < due && len < sizeof buf - (size_t)opt.payload - 1024) {
+    while (lat_next_k < due && len < sizeof buf - dfl.content_max - 1024) {
         uint64_t sched = lat_t0 + (uint64_t)((double)lat_next_k * 1e9 / lat_rate);
         double lag = (double)(now - sched) / 1e3;
         if (lag > lat_lag_max) lat_lag_max = lag;
@@ -1265,7 +1567,28 @@ static void print_result(double connect_s, long connected) {
         json_str(g.first_error);
     else
         printf("null");
-    printf(",\"phases\":[");
+    printf(",\"deflate\":{\"offered\":%s,\"negotiated\":%llu,\"context_takeover\":%llu,"
+           "\"unoffered\":%llu,\"rsv1_unexpected\":%llu,\"response\":",
+           opt.deflate ? "true" : "false", (unsigned long long)dfl.negotiated,
+           (unsigned long long)dfl.ctx_takeover, (unsigned long long)dfl.unoffered,
+           (unsigned long long)dfl.rsv1_unexpected);
+    if (dfl.response[0])
+        json_str(dfl.response);
+    else
+        printf("null");
+    long sampled = 0;
+    for (long i = 0; i < g.n; i++) sampled += g.c[i].check || g.c[i].zs;
+    printf("},\"samples\":{\"conns\":%ld,\"frames\":%llu,\"inflated\":%llu,\"ok\":%llu,"
+           "\"other\":%llu,\"errors\":%llu,\"in_bytes\":%llu,\"out_bytes\":%llu,\"first_error\":",
+           sampled, (unsigned long long)dfl.frames, (unsigned long long)dfl.inflated,
+           (unsigned long long)dfl.ok, (unsigned long long)dfl.other,
+           (unsigned long long)dfl.errors, (unsigned long long)dfl.in_bytes,
+           (unsigned long long)dfl.out_bytes);
+    if (dfl.first_error[0])
+        json_str(dfl.first_error);
+    else
+        printf("null");
+    printf("},\"content_bytes\":%zu,\"phases\":[", dfl.content_max);
     for (int i = 0; i < nphases; i++) {
         phase_t *p = &phases[i];
         const char *pname = opt.mode == MODE_FANOUT ? "window" : opt.mode == MODE_LATENCY ? "rate" : "conns";
@@ -1288,6 +1611,10 @@ static void print_result(double connect_s, long connected) {
                (unsigned long long)p->rx_bytes, (unsigned long long)p->rx_frames,
                (unsigned long long)p->rx_reads, (unsigned long long)p->waits, p->timed_out ? "true" : "false", p->dead, (unsigned long long)p->foreign,
                p->cpu0_busy, p->cpu1_busy);
+        printf(",\"data_wire_bytes\":%llu,\"compressed_frames\":%llu,\"sample_ok\":%llu,"
+               "\"sample_errors\":%llu",
+               (unsigned long long)p->data_wire_bytes, (unsigned long long)p->compressed_frames,
+               (unsigned long long)p->sample_ok, (unsigned long long)p->sample_errors);
         if (p->has_hist)
             printf(",\"p50_us\":%.2f,\"p90_us\":%.2f,\"p99_us\":%.2f,\"p999_us\":%.2f,"
                    "\"max_us\":%.2f,\"min_us\":%.2f,\"mean_us\":%.2f",
@@ -1379,7 +1706,10 @@ static void usage(void) {
             "  --warmup N          fanout: messages before the measured windows (0)\n"
             "  --concurrency N     connect: handshakes in flight (256)\n"
             "  --connect-timeout s (60)\n"
-            "  --server-pid PID    also report that process's CPU time per phase\n");
+            "  --server-pid PID    also report that process's CPU time per phase\n"
+            "  --deflate           offer permessage-deflate; client_max_window_bits\n"
+            "  --json-content N    content: about N bytes of realistic JSON (escaped), not --payload\n"
+            "  --sample-conns K    subscribers that inflate and check every data frame (4)\n");
     exit(2);
 }
 
@@ -1400,7 +1730,8 @@ int main(int argc, char **argv) {
         {"duration", 1, 0, 'd'},  {"timeout", 1, 0, 't'},      {"grace", 1, 0, 'g'},
         {"hold", 1, 0, 'H'},      {"ready-frames", 1, 0, 'R'}, {"payload", 1, 0, 'P'},
         {"server-pid", 1, 0, 'S'}, {"concurrency", 1, 0, 'C'}, {"warmup", 1, 0, 'W'},
-        {"connect-timeout", 1, 0, 'T'}, {0, 0, 0, 0}};
+        {"connect-timeout", 1, 0, 'T'}, {"deflate", 0, 0, 'D'}, {"json-content", 1, 0, 'J'},
+        {"sample-conns", 1, 0, 'K'}, {0, 0, 0, 0}};
     optind = 2;
     int ch;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -1425,6 +1756,9 @@ int main(int argc, char **argv) {
         case 'C': opt.concurrency = atoi(optarg); break;
         case 'W': opt.warmup = atol(optarg); break;
         case 'T': opt.connect_timeout = atof(optarg); break;
+        case 'D': opt.deflate = 1; break;
+        case 'J': opt.json_content = atoi(optarg); break;
+        case 'K': opt.sample_conns = atoi(optarg); break;
         default: usage();
         }
     }
@@ -1432,6 +1766,12 @@ int main(int argc, char **argv) {
     g.pad = malloc((size_t)opt.payload + 1);
     memset(g.pad, 'x', (size_t)opt.payload);
     g.pad[opt.payload] = 0;
+    if (opt.json_content < 0 || opt.json_content > 32768) die("--json-content must be 0..32768");
+    if (opt.sample_conns < 0) die("--sample-conns must be >= 0");
+    dfl.content_max = (size_t)opt.payload;
+    if (opt.json_content) make_bodies(opt.json_content);
+    dfl.zin = malloc(CARRY_MAX + 8);
+    dfl.zout = malloc(ZOUT_SIZE);
     g.rng = (uint32_t)now_ns() | 1u;
     {   /* sequences start at the wall clock in us: a rerun with the same client_ids is never
          * taken for a retry of old messages by aether-fast's per-client dedupe window */
@@ -1509,6 +1849,15 @@ int main(int argc, char **argv) {
         url_channel(c->url, &c->chan, &c->chan_len);
         c->role = (i == 0 && (opt.mode == MODE_FANOUT || opt.mode == MODE_LATENCY)) ? ROLE_PUB : ROLE_SUB;
         c->scan = (opt.mode == MODE_LATENCY && c->role == ROLE_SUB) || opt.mode == MODE_RTT;
+    }
+    /* the sample connections: the probe (the last subscriber) and others spread among the
+     * subscribers in fanout and latency; the first ones otherwise */
+    if (opt.mode == MODE_FANOUT || opt.mode == MODE_LATENCY) {
+        long k = opt.sample_conns < opt.subs ? opt.sample_conns : opt.subs;
+        if (k > 0) g.c[opt.subs].check = 1;
+        for (long j = 1; j < k; j++) g.c[1 + (j - 1) * opt.subs / k].check = 1;
+    } else {
+        for (long i = 0; i < need && i < opt.sample_conns; i++) g.c[i].check = 1;
     }
     g.deadline_ns = now_ns() + (uint64_t)(opt.timeout * 1e9);
 

@@ -164,7 +164,7 @@ def build_loadgen() -> Path:
     LOADGEN.parent.mkdir(parents=True, exist_ok=True)
     cc = os.environ.get("CC", "gcc")
     subprocess.run(
-        [cc, "-O2", "-Wall", "-Wextra", "-o", str(LOADGEN), str(LOADGEN_SRC)], check=True
+        [cc, "-O2", "-Wall", "-Wextra", "-o", str(LOADGEN), str(LOADGEN_SRC), "-lz"], check=True
     )
     return LOADGEN
 

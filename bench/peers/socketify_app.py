@@ -4,7 +4,13 @@ Each connection subscribes to the topic named by the `channel` query parameter o
 taken in the upgrade handler. Every text message is parsed with orjson, re-serialized and
 published to the topic, which uWS sends to every subscriber (the sender included).
 
-Run: python socketify_app.py PORT
+With `--compress` it offers permessage-deflate with uWS' shared compressor
+(`CompressOptions.SHARED_COMPRESSOR`: one deflate stream for the whole loop, no context kept
+between messages) and publishes with `compress=True`: a subscriber that negotiated it gets a
+compressed frame, compressed for that subscriber (uWS compresses a publication once per
+subscriber in this mode), the others the plain one.
+
+Run: python socketify_app.py PORT [--compress]
 """
 
 from __future__ import annotations
@@ -30,16 +36,22 @@ def ws_open(ws: Any) -> None:
     ws.subscribe(ws.get_user_data())
 
 
+COMPRESS = "--compress" in sys.argv[2:]
+
+
 def ws_message(ws: Any, message: str | bytes, opcode: OpCode) -> None:
     if opcode == OpCode.TEXT:
-        app.publish(ws.get_user_data(), orjson.dumps(orjson.loads(message)), OpCode.TEXT)
+        body = orjson.dumps(orjson.loads(message))
+        app.publish(ws.get_user_data(), body, OpCode.TEXT, COMPRESS)
 
 
 def main(port: int) -> None:
     app.ws(
         "/*",
         {
-            "compression": CompressOptions.DISABLED,
+            "compression": (
+                CompressOptions.SHARED_COMPRESSOR if COMPRESS else CompressOptions.DISABLED
+            ),
             "max_payload_length": 2**20,
             "idle_timeout": 120,
             "max_backpressure": 2**20,
