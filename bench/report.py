@@ -4,9 +4,10 @@
 count, memory, kernel, fd limit), the commit (read from .git), package versions, how busy
 the machine was before and after, the load generator's parse ceiling, the micro benchmarks,
 every sample and `summarize`'s summary (median, min and max of the runs per server and
-case). `write_report` writes it to <timestamp>[-profile].json, renders the tables of
-latest.md (`render_markdown`) and the PNG charts (`render_charts`, with matplotlib when it
-is installed). Nothing here runs a server or the load generator, but for its parse ceiling.
+case), and `deflate_targets`: issue 15's permessage-deflate targets met or not.
+`write_report` writes it to <timestamp>[-profile].json, renders the tables of latest.md
+(`render_markdown`) and the PNG charts (`render_charts`, with matplotlib when it is
+installed). Nothing here runs a server or the load generator, but for its parse ceiling.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from scenarios import LOADGEN_BOUND, NOISY, Profile, Sample, parsebench
+from scenarios import DEFLATE_ROWS, LOADGEN_BOUND, NOISY, Profile, Sample, parsebench
 from servers import (
     LOADGEN_CPU,
     ROOT,
@@ -174,6 +175,11 @@ def build_report(
             "rtt_duration_s": profile.rtt_duration,
             "conn_counts": list(profile.conn_counts),
             "scenarios": list(scenarios),
+            "deflate_subs": profile.deflate_subs,
+            "deflate_windows": list(profile.deflate_windows),
+            "deflate_messages": profile.deflate_messages,
+            "json_content": profile.json_content,
+            "deflate_conns": profile.deflate_conns,
         },
         "meta": {
             "machine": machine_info(),
@@ -190,6 +196,7 @@ def build_report(
         "micro": micro,
         "samples": [s.to_json() for s in samples],
         "summary": summarize(samples),
+        "deflate_targets": deflate_targets(summarize(samples), profile),
     }
 
 
@@ -236,6 +243,157 @@ def summarize(samples: list[Sample]) -> dict[str, dict[str, Json]]:
             "errors": errors,
             "runs": len(group),
         }
+    return out
+
+
+def _median(
+    summary: dict[str, dict[str, Json]], server: str, key: str, metric: str
+) -> float | None:
+    m = summary.get(server, {}).get(key, {}).get("metrics", {}).get(metric)
+    return float(m["median"]) if m and "median" in m else None
+
+
+#: issue 15: (what, server A, server B, metric, scenario, the limit, at least (else at most))
+DEFLATE_TARGETS = (
+    (
+        "deliveries/s, aether-fast with deflate / without",
+        "aether-fast-deflate",
+        "aether-fast",
+        "deliveries_per_s",
+        "fanout-deflate",
+        0.9,
+        True,
+    ),
+    (
+        "bytes on the wire per delivery, aether-fast with deflate / without",
+        "aether-fast-deflate",
+        "aether-fast",
+        "wire_bytes_per_delivery",
+        "fanout-deflate",
+        0.4,
+        False,
+    ),
+    (
+        "deliveries/s, aether-fast with deflate / socketify with deflate",
+        "aether-fast-deflate",
+        "socketify-deflate",
+        "deliveries_per_s",
+        "fanout-deflate",
+        5.0,
+        True,
+    ),
+    (
+        "idle RSS per connection, aether-fast deflate-negotiated / plain",
+        "aether-fast-deflate",
+        "aether-fast-deflate",
+        "kib_per_conn",
+        "connections-deflate",
+        1.1,
+        False,
+    ),
+)
+
+
+def deflate_targets(summary: dict[str, dict[str, Json]], profile: Profile) -> list[Json]:
+    """Issue 15's targets, each case: the ratio of the medians and whether it is met (None
+    when a side has no number, e.g. aether-fast without permessage-deflate)."""
+    out: list[Json] = []
+    for what, a, b, metric, scenario, limit, at_least in DEFLATE_TARGETS:
+        if scenario == "fanout-deflate":
+            pairs = [
+                (
+                    f"S={profile.deflate_subs} W={w}",
+                    f"fanout-deflate S={profile.deflate_subs} W={w}",
+                )
+                for w in profile.deflate_windows
+            ]
+            keys = [(case, key, key) for case, key in pairs]
+        else:
+            n = profile.deflate_conns
+            keys = [(f"N={n}", f"{scenario} deflate N={n}", f"{scenario} plain N={n}")]
+        for case, key_a, key_b in keys:
+            va, vb = _median(summary, a, key_a, metric), _median(summary, b, key_b, metric)
+            ratio = va / vb if va is not None and vb else None
+            met = None if ratio is None else (ratio >= limit if at_least else ratio <= limit)
+            out.append(
+                {
+                    "target": what,
+                    "case": case,
+                    "ratio": round(ratio, 3) if ratio is not None else None,
+                    "limit": f"{'>=' if at_least else '<='} {limit}",
+                    "met": met,
+                }
+            )
+    return out
+
+
+def _deflate_markdown(report: Json) -> list[str]:
+    """The permessage-deflate section of latest.md (empty when neither scenario ran)."""
+    summary: dict[str, dict[str, Json]] = report["summary"]
+    profile: Json = report["profile"]
+    scenarios = profile.get("scenarios", [])
+    if "fanout-deflate" not in scenarios and "connections-deflate" not in scenarios:
+        return []
+    info = report["servers"]
+    rows = [s for s in DEFLATE_ROWS if info.get(s, {}).get("available")]
+    subs = profile["deflate_subs"]
+    keys = [f"fanout-deflate S={subs} W={w}" for w in profile["deflate_windows"]]
+    out = [
+        "",
+        f"## permessage-deflate: fan-out 1 → {subs}, a {profile['json_content']}-byte JSON content",
+        "",
+        "The deflate rows offer `permessage-deflate; client_max_window_bits`; wire bytes are "
+        "frame header + payload per delivery; CPU is µs of the server's CPU time per delivery.",
+        "",
+    ]
+    header = ["server", "connections that negotiated"]
+    for k in keys:
+        w = k.rsplit(" ", 1)[1]
+        header += [f"{w} deliveries/s", f"{w} wire B", f"{w} server µs"]
+    table = []
+    for name in rows:
+        neg = summary.get(name, {}).get(keys[0], {}).get("metrics", {}).get("negotiated")
+        offered = info[name].get("deflate")
+        row = [name, "not offered" if not offered else DASH if not neg else f"{neg['median']:.0f}"]
+        for k in keys:
+            entry = summary.get(name, {}).get(k)
+            row += [
+                _cell(entry, "deliveries_per_s"),
+                _cell(entry, "wire_bytes_per_delivery"),
+                _cell(entry, "server_cpu_us_per_delivery"),
+            ]
+        table.append(row)
+    out += _table(header, table)
+    n = profile["deflate_conns"]
+    rss_rows = [
+        [
+            name,
+            _cell(summary.get(name, {}).get(f"connections-deflate plain N={n}"), "kib_per_conn"),
+            _cell(summary.get(name, {}).get(f"connections-deflate deflate N={n}"), "kib_per_conn"),
+        ]
+        for name in rows
+        if info[name].get("deflate")
+    ]
+    if rss_rows and "connections-deflate" in scenarios:
+        out += ["", f"Idle RSS per connection ({n} connections, each on a fresh server):", ""]
+        out += _table(["server", "KiB/conn plain", "KiB/conn deflate"], rss_rows)
+    targets = report.get("deflate_targets") or []
+    if targets:
+        marks = {True: "met", False: "**missed**", None: DASH}
+        out += ["", "Issue 15's targets (ratios of the medians):", ""]
+        out += _table(
+            ["target", "case", "ratio", "limit", ""],
+            [
+                [
+                    t["target"],
+                    t["case"],
+                    DASH if t["ratio"] is None else f"{t['ratio']:.2f}",
+                    t["limit"],
+                    marks[t["met"]],
+                ]
+                for t in targets
+            ],
+        )
     return out
 
 
@@ -291,7 +449,8 @@ def render_markdown(report: Json) -> str:
     summary: dict[str, dict[str, Json]] = report["summary"]
     profile: Json = report["profile"]
     meta: Json = report["meta"]
-    servers = [s for s in report["servers"] if report["servers"][s]["available"]]
+    # the deflate variants have their own section (_deflate_markdown), not a row everywhere
+    servers = [s for s, v in report["servers"].items() if v["available"] and not v.get("only")]
     missing = {s: v["reason"] for s, v in report["servers"].items() if not v["available"]}
 
     def get(server: str, key: str) -> Json | None:
@@ -431,9 +590,10 @@ def render_markdown(report: Json) -> str:
         out += _table(["benchmark", "median µs", "ops/s", "what"], micro_rows)
     elif micro.get("error"):
         out += ["", "## Micro benchmarks", "", "Failed: see the JSON (`micro.error`)."]
+    out += _deflate_markdown(report)
     errors = [
         f"- {name} {key}: {err}"
-        for name in servers
+        for name in report["servers"]
         for key, entry in summary.get(name, {}).items()
         for err in entry["errors"][:1]
     ]
@@ -459,7 +619,7 @@ def render_charts(report: Json, out_dir: Path) -> list[str]:
         return []
     summary: dict[str, dict[str, Json]] = report["summary"]
     profile: Json = report["profile"]
-    servers = [s for s in report["servers"] if report["servers"][s]["available"]]
+    servers = [s for s, v in report["servers"].items() if v["available"] and not v.get("only")]
     made: list[str] = []
 
     def bars(

@@ -11,7 +11,10 @@ CPU 1, and this runner stays on CPU 1 too. Scenarios (see docs/performance.md):
   every subscriber has every message, and any loss;
 - latency: 1000 subscribers, fixed publish rates: publish-to-receive p50/p99/max;
 - rtt: 1 and 50 connections, each publishing and waiting for its own message (echo=1);
-- connections: server RSS per idle connection at 5000 and 15000, and connections set up/s.
+- connections: server RSS per idle connection at 5000 and 15000, and connections set up/s;
+- fanout-deflate: 1 -> 1000 with a 2 KB JSON content, aether-fast and socketify without and
+  with permessage-deflate: deliveries/s, bytes on the wire and CPU per delivery;
+- connections-deflate: idle RSS per connection, plain and deflate-negotiated.
 
 Results go to bench/results/: <timestamp>.json (everything, with machine, CPU model, commit and
 versions), latest.md (the tables: median of the runs with min-max) and PNG charts. Only the
@@ -51,7 +54,7 @@ from scenarios import (
 from servers import BENCH, LOADGEN_CPU, SERVERS, Json, available_servers, stop_started
 
 RESULTS = BENCH / "results"
-OWN_SERVERS = ("aether-fast", "write-floor")
+OWN_SERVERS = ("aether-fast", "aether-fast-deflate", "write-floor")
 
 
 @contextlib.contextmanager
@@ -148,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if s.error and s.server not in OWN_SERVERS:
             say(f"warning: {s.server} {s.scenario} {s.case}: {s.error}")
     if args.smoke:
-        lost = [s for s in samples if s.server == "aether-fast" and s.metrics.get("lost")]
+        lost = [s for s in samples if s.server.startswith("aether-fast") and s.metrics.get("lost")]
         bad_micro = micro is not None and micro.get("returncode") != 0
         for s in failures:
             say(f"FAIL {s.server} {s.scenario} {s.case}: {s.error}")

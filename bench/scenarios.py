@@ -10,6 +10,10 @@
 - `scenario_fanout`, `scenario_latency`, `scenario_rtt` (one server process for the three,
   restarted when it died: `run_server`) and `scenario_connections` (a fresh server): each
   turns the load generator's phases into `Sample`s, one per case;
+- permessage-deflate (issue 15): `scenario_fanout_deflate` (1 → S with a 2 KB JSON content,
+  the deflate rows offering the extension) and `scenario_connections_deflate` (idle RSS per
+  connection, plain and deflate-negotiated, each on a fresh server); `takes_part` says which
+  server runs which scenario;
 - `run_micro`: the pytest-benchmark micro benchmarks (bench/micro), pinned to the server CPU.
 
 The numbers are not judged here: bench/report.py summarizes and renders them.
@@ -79,6 +83,12 @@ class Profile:
     micro: tuple[str, ...]
     warmup: float = 0.1  # warm-up messages before the fan-out windows, as a share of M
     noisy_retries: int = 1  # an invocation during which something else used a CPU is rerun
+    # permessage-deflate (fanout-deflate, connections-deflate)
+    deflate_subs: int = 1000
+    deflate_windows: tuple[int, ...] = (16, 64)
+    deflate_messages: int = 3000
+    json_content: int = 2048  # bytes of JSON in each publication's content
+    deflate_conns: int = 5000  # idle connections, plain and deflate-negotiated
 
     def messages_for(self, subs: int) -> int:
         lo, hi = self.fanout_messages
@@ -122,6 +132,8 @@ PROFILES: dict[str, Profile] = {
         settle=0.3,
         micro=("--benchmark-min-rounds=5", "--benchmark-max-time=0.1"),
         warmup=0.0,
+        deflate_messages=600,
+        deflate_conns=2000,
     ),
     "smoke": Profile(
         name="smoke",
@@ -142,10 +154,27 @@ PROFILES: dict[str, Profile] = {
         micro=("--benchmark-disable",),
         warmup=0.0,
         noisy_retries=0,
+        deflate_subs=20,
+        deflate_windows=(4, 16),
+        deflate_messages=20,
+        deflate_conns=50,
     ),
 }
 
-SCENARIOS = ("fanout", "latency", "rtt", "connections")
+SCENARIOS = ("fanout", "latency", "rtt", "connections", "fanout-deflate", "connections-deflate")
+#: the rows of fanout-deflate: aether-fast and socketify without and with permessage-deflate
+DEFLATE_ROWS = ("aether-fast", "aether-fast-deflate", "socketify", "socketify-deflate")
+
+
+def takes_part(spec: ServerSpec, scenario: str) -> bool:
+    """Whether `spec` runs `scenario`: a spec with `only` runs those; fanout-deflate runs on
+    DEFLATE_ROWS, connections-deflate on the deflate specs; the rest on every other spec."""
+    if spec.only:
+        return scenario in spec.only
+    if scenario == "fanout-deflate":
+        return spec.name in DEFLATE_ROWS
+    return scenario != "connections-deflate"
+
 
 _T0 = time.monotonic()
 
@@ -191,6 +220,9 @@ def loadgen_args(mode: str, server: ServerProcess, urls: Path, **opts: Any) -> l
         str(server.spec.ready_frames),
     ]
     for key, value in opts.items():
+        if isinstance(value, bool):  # a flag: given when True
+            argv += [f"--{key.replace('_', '-')}"] if value else []
+            continue
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
         argv += [f"--{key.replace('_', '-')}", str(value)]
@@ -348,6 +380,11 @@ def make_urls(maker: Urls, profile: Profile, scenarios: Sequence[str]) -> dict[s
         urls["latency"] = maker.make(profile.latency_subs + 1, "latency")
     if "rtt" in scenarios:
         urls["rtt"] = maker.make(max(profile.rtt_conns), None, echo=True)
+    if "fanout-deflate" in scenarios:
+        urls["fanout-deflate"] = maker.make(profile.deflate_subs + 1, "fanout-deflate")
+    if "connections-deflate" in scenarios:
+        urls["deflate-warm"] = maker.make(100, "idle")
+        urls["deflate-idle"] = maker.make(profile.deflate_conns, "idle")
     if "connections" in scenarios:
         urls["warm"] = maker.make(100, "idle")
         held = 0
@@ -427,18 +464,22 @@ def _phase_samples(
     metrics: Callable[[Json], Metrics],
     check: Callable[[Json], str | None] = lambda ph: None,
     no_phase: str | None = None,
+    check_run: Callable[[Json], str | None] = lambda result: None,
+    run_metrics: Callable[[Json], Metrics] = lambda result: {},
 ) -> list[Sample]:
     """One load generator run with `need` connections whose phases are `cases`: (the value
     of the phase's field `by`, the case's name). A Sample per case: `metrics(phase)`, or an
     error when the run failed or its phase is missing. The run's problem (too few
     connected, no phase) goes with every case; `check(phase)` may add one, which goes with
-    that case and the later ones; `no_phase` is the error of a missing phase otherwise."""
+    that case and the later ones; `no_phase` is the error of a missing phase otherwise.
+    `check_run(result)` may add a problem of the whole run, `run_metrics(result)` metrics of
+    the whole run to every case."""
     name = server.spec.name
     try:
         result = run_loadgen_clean(argv, 200, profile.noisy_retries)
     except LoadgenError as e:
         return [Sample(name, run, scenario, case, {}, None, str(e)) for _, case in cases]
-    problem = _check_connected(result, need)
+    problem = _check_connected(result, need) or check_run(result)
     phases = {ph[by]: ph for ph in result["phases"]}
     samples = []
     for value, case in cases:
@@ -447,7 +488,8 @@ def _phase_samples(
             samples.append(Sample(name, run, scenario, case, {}, result, problem or no_phase))
             continue
         problem = problem or check(ph)
-        samples.append(Sample(name, run, scenario, case, metrics(ph), ph, problem))
+        values = {**metrics(ph), **run_metrics(result)}
+        samples.append(Sample(name, run, scenario, case, values, ph, problem))
     return samples
 
 
@@ -581,38 +623,169 @@ def scenario_rtt(
     )
 
 
-def scenario_connections(
+def _deflate_problem(spec: ServerSpec, result: Json) -> str | None:
+    """What is wrong with permessage-deflate in a run: a deflate row whose connections did
+    not all negotiate it, a sample check that failed, or no publication checked at all."""
+    offer, checks = result["deflate"], result["samples"]
+    if spec.deflate and int(offer["negotiated"]) < int(result["connected"]):
+        return (
+            f"offered permessage-deflate: {offer['negotiated']} of {result['connected']} "
+            f"connections negotiated it (the answer: {offer['response']})"
+        )
+    if int(checks["errors"]):
+        return f"{checks['errors']} sample checks failed: {checks['first_error']}"
+    if not int(checks["ok"]):
+        return "no publication was checked on the sample connections"
+    return None
+
+
+def _deflate_run_metrics(result: Json) -> Metrics:
+    checks = result["samples"]
+    out = int(checks["out_bytes"])
+    return {
+        "negotiated": int(result["deflate"]["negotiated"]),
+        "content_bytes": int(result["content_bytes"]),
+        "samples_checked": int(checks["frames"]),
+        "sample_errors": int(checks["errors"]),
+        # compressed payload / inflated payload of the checked frames (None: none compressed)
+        "inflate_ratio": round(int(checks["in_bytes"]) / out, 3) if out else None,
+    }
+
+
+def _fanout_deflate_metrics(ph: Json) -> Metrics:
+    """The fan-out metrics, and per delivery: the bytes on the wire (frame header + payload),
+    the server's and the load generator's CPU time (µs; None for a phase too short for the
+    server's 10 ms clock ticks); the share of frames that came compressed."""
+    frames = max(1, int(ph["rx_frames"]))
+    deliveries = max(1, int(ph["deliveries"]))
+    long_enough = float(ph["seconds"]) >= 0.25 and float(ph["server_cpu_s"]) >= 0
+    return {
+        **_fanout_metrics(ph),
+        "wire_bytes_per_delivery": round(int(ph["data_wire_bytes"]) / frames, 1),
+        "compressed_share": round(int(ph["compressed_frames"]) / frames, 3),
+        "server_cpu_us_per_delivery": (
+            round(float(ph["server_cpu_s"]) * 1e6 / deliveries, 3) if long_enough else None
+        ),
+        "loadgen_cpu_us_per_delivery": round(float(ph["loadgen_cpu_s"]) * 1e6 / deliveries, 3),
+    }
+
+
+def scenario_fanout_deflate(
+    server: ServerProcess, urls: dict[str, Path], profile: Profile, run: int
+) -> list[Sample]:
+    """1 publisher -> deflate_subs subscribers, a 2 KB JSON content (--json-content), the
+    deflate rows offering permessage-deflate: deliveries/s, wire bytes and CPU per delivery;
+    a few subscribers inflate and check every frame they get (bench/loadgen.c)."""
+    spec = server.spec
+    subs = profile.deflate_subs
+    messages = profile.deflate_messages
+    argv = loadgen_args(
+        "fanout",
+        server,
+        urls["fanout-deflate"],
+        subs=subs,
+        messages=messages,
+        windows=profile.deflate_windows,
+        duration=profile.fanout_duration,
+        grace=profile.grace,
+        warmup=max(10, int(messages * profile.warmup)) if profile.warmup > 0 else 0,
+        timeout=120,
+        json_content=profile.json_content,
+        deflate=spec.deflate,
+    )
+
+    def nothing_compressed(ph: Json) -> str | None:
+        if spec.deflate and not int(ph["compressed_frames"]):
+            return "permessage-deflate negotiated, but no frame came compressed"
+        return None
+
+    return _phase_samples(
+        server,
+        run,
+        "fanout-deflate",
+        argv,
+        profile,
+        need=subs + 1,
+        by="window",
+        cases=[(w, f"S={subs} W={w}") for w in profile.deflate_windows],
+        metrics=_fanout_deflate_metrics,
+        check=nothing_compressed,
+        no_phase="no data",
+        check_run=lambda result: _deflate_problem(spec, result),
+        run_metrics=_deflate_run_metrics,
+    )
+
+
+def scenario_connections_deflate(
     spec: ServerSpec, tmp: Path, urls: dict[str, Path], profile: Profile, run: int
+) -> list[Sample]:
+    """Idle RSS per connection on a deflate row: `scenario_connections` with deflate_conns
+    plain connections on one fresh server, then as many offering permessage-deflate (every
+    one must negotiate it) on another."""
+    n = profile.deflate_conns
+    samples: list[Sample] = []
+    for offer, label in ((False, "plain"), (True, "deflate")):
+        samples += scenario_connections(
+            spec,
+            tmp,
+            urls,
+            profile,
+            run,
+            scenario="connections-deflate",
+            steps=[(n, f"{label} N={n}", "deflate-idle")],
+            warm="deflate-warm",
+            deflate=offer,
+        )
+    return samples
+
+
+def scenario_connections(
+    spec: ServerSpec,
+    tmp: Path,
+    urls: dict[str, Path],
+    profile: Profile,
+    run: int,
+    *,
+    scenario: str = "connections",
+    steps: Sequence[tuple[int, str, str]] = (),
+    warm: str = "warm",
+    deflate: bool = False,
 ) -> list[Sample]:
     """One fresh server, warmed with 100 connections (then closed); its RSS is the baseline.
     Idle connections are then added step by step (each joined to one channel, each with its
     own JWT) up to every count of the profile, and the RSS taken at each: KiB per connection
     is (RSS - baseline) / connections. The connections/s of a step is that of the
-    connections it added (a later step opens its own on top of those already held)."""
+    connections it added (a later step opens its own on top of those already held).
+    `steps` (count, case, URL file) replace the profile's conn_counts; with `deflate` every
+    connection (the warm ones too) offers permessage-deflate and must negotiate it."""
     samples: list[Sample] = []
-    cases = [f"N={n}" for n in profile.conn_counts]
+    if not steps:
+        steps = [(n, f"N={n}", f"conn-{n}") for n in profile.conn_counts]
+    cases = [case for _, case, _ in steps]
     try:
         server = start_server(spec, tmp)
     except RuntimeError as e:
-        return [Sample(spec.name, run, "connections", c, {}, None, str(e)) for c in cases]
+        return [Sample(spec.name, run, scenario, c, {}, None, str(e)) for c in cases]
     holders: list[tuple[Holder, int]] = []
     try:
-        run_loadgen(loadgen_args("connect", server, urls["warm"], conns=100, hold=0), 120)
+        warm_argv = loadgen_args("connect", server, urls[warm], conns=100, hold=0, deflate=deflate)
+        run_loadgen(warm_argv, 120)
         time.sleep(profile.settle)
         rss0 = server.rss_kib()
         total = 0
-        for count, case in zip(profile.conn_counts, cases, strict=True):
+        for count, case, url_key in steps:
             add = count - total
             holder = Holder(
                 loadgen_args(
                     "connect",
                     server,
-                    urls[f"conn-{count}"],
+                    urls[url_key],
                     conns=add,
                     hold=180,
                     concurrency=256,
                     timeout=120,
                     connect_timeout=90,
+                    deflate=deflate,
                 )
             )
             holders.append((holder, add))
@@ -622,8 +795,12 @@ def scenario_connections(
             time.sleep(profile.settle)
             rss = server.rss_kib()
             problem = None
+            negotiated = int(first["deflate"]["negotiated"])
             if connected < add:
                 problem = f"only {connected} of {add} connected: {first['error']}"
+            elif deflate and negotiated < connected:
+                answer = first["deflate"]["response"]
+                problem = f"{negotiated} of {connected} negotiated permessage-deflate ({answer})"
             if not server.alive():
                 problem = f"server died: {server.tail()}"
             metrics: Metrics = {
@@ -634,17 +811,16 @@ def scenario_connections(
                 "added": connected,
                 "rss_before_kib": rss0,
                 "rss_after_kib": rss,
+                "negotiated": negotiated,
             }
-            samples.append(Sample(spec.name, run, "connections", case, metrics, first, problem))
+            samples.append(Sample(spec.name, run, scenario, case, metrics, first, problem))
             say(f"    {case}: {total} connections held")
             if problem:
                 break
     except (LoadgenError, ValueError, KeyError, OSError, subprocess.TimeoutExpired) as e:
         done = {s.case for s in samples}
         samples += [
-            Sample(spec.name, run, "connections", c, {}, None, repr(e))
-            for c in cases
-            if c not in done
+            Sample(spec.name, run, scenario, c, {}, None, repr(e)) for c in cases if c not in done
         ]
     finally:
         closed_while_idle = 0
@@ -670,15 +846,16 @@ def run_server(
     run: int,
     scenarios: Sequence[str],
 ) -> list[Sample]:
-    """Every scenario of `scenarios` against `spec`: fan-out, latency and round trips on one
-    server process (started again if it died meanwhile), connections on a fresh one."""
+    """Every scenario of `scenarios` that `spec` takes part in: fan-out, latency and round
+    trips on one server process (started again if it died meanwhile); connections,
+    fanout-deflate and connections-deflate each on fresh ones."""
     samples: list[Sample] = []
     steps: list[tuple[str, Scenario]] = [
         ("fanout", scenario_fanout),
         ("latency", scenario_latency),
         ("rtt", scenario_rtt),
     ]
-    steps = [s for s in steps if s[0] in scenarios]
+    steps = [s for s in steps if s[0] in scenarios and takes_part(spec, s[0])]
     server: ServerProcess | None = None
     try:
         for name, fn in steps:
@@ -696,10 +873,35 @@ def run_server(
     finally:
         if server is not None:
             server.stop()
-    if "connections" in scenarios:
+    if "connections" in scenarios and takes_part(spec, "connections"):
         say(f"  {spec.name}: connections")
         samples += scenario_connections(spec, tmp, urls, profile, run)
+    if "fanout-deflate" in scenarios and takes_part(spec, "fanout-deflate"):
+        say(f"  {spec.name}: fanout-deflate")
+        samples += _on_fresh_server(spec, tmp, urls, profile, run, scenario_fanout_deflate)
+    if "connections-deflate" in scenarios and takes_part(spec, "connections-deflate"):
+        say(f"  {spec.name}: connections-deflate")
+        samples += scenario_connections_deflate(spec, tmp, urls, profile, run)
     return samples
+
+
+def _on_fresh_server(
+    spec: ServerSpec,
+    tmp: Path,
+    urls: dict[str, Path],
+    profile: Profile,
+    run: int,
+    fn: Scenario,
+) -> list[Sample]:
+    """`fn` against a server of its own, started for it and stopped after it."""
+    try:
+        server = start_server(spec, tmp)
+    except RuntimeError as e:
+        return [Sample(spec.name, run, "start", "-", {}, None, str(e))]
+    try:
+        return fn(server, urls, profile, run)
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------- micro

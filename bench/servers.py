@@ -1,10 +1,12 @@
 """The servers under test for bench/run.py: aether-fast and the peers of bench/peers/.
 
 `SERVERS` says how to start each one on a port, whether it can run here (and why not) and
-its version; `start_server` starts one pinned to `SERVER_CPU` (`taskset -c 0`) and waits for
-its listener; `pinned` is the same pinning for the load generator (`LOADGEN_CPU`). Every
-process the runner starts (servers and load generators) is kept in `STARTED` until it is
-stopped, and `stop_started` ends those still running, each by its PID.
+its version (`deflate`: the load generator offers permessage-deflate to it; `only`: the
+scenarios it takes part in, when not every one); `start_server` starts one pinned to
+`SERVER_CPU` (`taskset -c 0`) and waits for its listener; `pinned` is the same pinning for
+the load generator (`LOADGEN_CPU`). Every process the runner starts (servers and load
+generators) is kept in `STARTED` until it is stopped, and `stop_started` ends those still
+running, each by its PID.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class ServerSpec:
     env: Callable[[int, Path], dict[str, str]] = field(default=lambda port, tmp: {})
     ready_frames: int = 0  # data frames a connection gets before it is joined (aether: 1)
     version: Callable[[], str] = field(default=lambda: "")
+    deflate: bool = False  # the load generator offers permessage-deflate (a compression row)
+    only: tuple[str, ...] = ()  # the scenarios it takes part in, when not every one
 
 
 def dist_version(name: str) -> str:
@@ -111,8 +115,35 @@ def _aether_env(port: int, tmp: Path) -> dict[str, str]:
     }
 
 
-def _py(script: str) -> Callable[[int], list[str]]:
-    return lambda port: [sys.executable, str(PEERS / script), str(port)]
+def _py(script: str, *args: str) -> Callable[[int], list[str]]:
+    return lambda port: [sys.executable, str(PEERS / script), str(port), *args]
+
+
+#: the settings of aether-fast's permessage-deflate (docs/operations.md) in its deflate row
+AETHER_DEFLATE_ENV = {"COMPRESSION": "1"}
+
+
+def _aether_deflate_env(port: int, tmp: Path) -> dict[str, str]:
+    return {**_aether_env(port, tmp), **AETHER_DEFLATE_ENV}
+
+
+def _aether_deflate_check() -> str | None:
+    """None when this aether-fast has permessage-deflate (its Config has `compression`)."""
+    reason = _import_check("aether_fast._core", "aether_fast.app")
+    if reason is not None:
+        return reason
+    code = (
+        "import dataclasses, sys; from aether_fast.config import Config; "
+        "sys.exit(0 if 'compression' in {f.name for f in dataclasses.fields(Config)} else 3)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, cwd=ROOT)
+    if done.returncode != 0:
+        return "this aether-fast has no permessage-deflate (no COMPRESSION setting)"
+    return None
+
+
+#: the scenarios of the permessage-deflate comparison (bench/scenarios.py)
+DEFLATE_ONLY = ("fanout-deflate", "connections-deflate")
 
 
 SERVERS: tuple[ServerSpec, ...] = (
@@ -163,6 +194,29 @@ SERVERS: tuple[ServerSpec, ...] = (
         version=lambda: f"socketify {dist_version('socketify')}",
     ),
     ServerSpec(
+        name="aether-fast-deflate",
+        description="aether-fast as above with permessage-deflate on "
+        + ", ".join(f"{k}={v}" for k, v in AETHER_DEFLATE_ENV.items())
+        + ": a publication compressed once for every member that negotiated it",
+        command=lambda port: [sys.executable, "-m", "aether_fast", "serve"],
+        check=_aether_deflate_check,
+        env=_aether_deflate_env,
+        ready_frames=1,
+        version=lambda: "aether-fast " + pyproject_version(),
+        deflate=True,
+        only=DEFLATE_ONLY,
+    ),
+    ServerSpec(
+        name="socketify-deflate",
+        description="socketify as above with CompressOptions.SHARED_COMPRESSOR and "
+        "app.publish(compress=True): uWS compresses a publication once per subscriber",
+        command=_py("socketify_app.py", "--compress"),
+        check=lambda: _import_check("socketify", "orjson"),
+        version=lambda: f"socketify {dist_version('socketify')}",
+        deflate=True,
+        only=DEFLATE_ONLY,
+    ),
+    ServerSpec(
         name="node-ws",
         description="Node.js ws + JSON.parse/stringify, send per open member",
         command=lambda port: ["node", str(PEERS / "ws_app.js"), str(port)],
@@ -186,6 +240,8 @@ def available_servers(only: set[str] | None) -> tuple[list[ServerSpec], dict[str
             "reason": reason,
             "description": spec.description,
             "version": spec.version() if reason is None else "",
+            "deflate": spec.deflate,
+            "only": list(spec.only),
         }
         if reason is None:
             usable.append(spec)
