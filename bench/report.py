@@ -178,6 +178,7 @@ def build_report(
             "deflate_subs": profile.deflate_subs,
             "deflate_windows": list(profile.deflate_windows),
             "deflate_messages": profile.deflate_messages,
+            "deflate_duration_s": profile.deflate_duration,
             "json_content": profile.json_content,
             "deflate_conns": profile.deflate_conns,
         },

@@ -87,6 +87,7 @@ class Profile:
     deflate_subs: int = 1000
     deflate_windows: tuple[int, ...] = (16, 64)
     deflate_messages: int = 3000
+    deflate_duration: float = 4.0  # the publisher stops sending after this many seconds
     json_content: int = 2048  # bytes of JSON in each publication's content
     deflate_conns: int = 5000  # idle connections, plain and deflate-negotiated
 
@@ -133,6 +134,7 @@ PROFILES: dict[str, Profile] = {
         micro=("--benchmark-min-rounds=5", "--benchmark-max-time=0.1"),
         warmup=0.0,
         deflate_messages=600,
+        deflate_duration=1.0,
         deflate_conns=2000,
     ),
     "smoke": Profile(
@@ -157,6 +159,7 @@ PROFILES: dict[str, Profile] = {
         deflate_subs=20,
         deflate_windows=(4, 16),
         deflate_messages=20,
+        deflate_duration=2.0,
         deflate_conns=50,
     ),
 }
@@ -686,7 +689,7 @@ def scenario_fanout_deflate(
         subs=subs,
         messages=messages,
         windows=profile.deflate_windows,
-        duration=profile.fanout_duration,
+        duration=profile.deflate_duration,
         grace=profile.grace,
         warmup=max(10, int(messages * profile.warmup)) if profile.warmup > 0 else 0,
         timeout=120,
