@@ -89,6 +89,11 @@ class Config:
     echo_path: str | None
 
     @property
+    def broker_cluster(self) -> bool:
+        """BROKER_URL names a Redis Cluster's seed nodes (`redis+cluster://`)."""
+        return bool(self.broker_url and self.broker_url.startswith(CLUSTER_SCHEME))
+
+    @property
     def broker_urls(self) -> tuple[str, ...]:
         """BROKER_URL's Redis servers (shards) in canonical order, the home first; () when
         unset. One URL: a tuple of it alone."""
@@ -117,6 +122,8 @@ ASYMMETRIC_ALGORITHMS: Final = (
 ALGORITHMS: Final = HMAC_ALGORITHMS + ASYMMETRIC_ALGORITHMS
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 BROKER_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+#: BROKER_URL of a Redis Cluster: `redis+cluster://[user:pass@]host:port,host:port[?...]`.
+CLUSTER_SCHEME: Final = "redis+cluster://"
 
 
 def _int(lo: int, hi: int = _INT32_MAX) -> Parser:
@@ -337,10 +344,70 @@ def shard_key(url: str) -> str:
     return f"{host}:{port} db {int(db)}"
 
 
+def cluster_seed_urls(url: str) -> list[str]:
+    """The redis:// URL of each seed node of a `redis+cluster://` BROKER_URL (its
+    credentials and options each), in the order given. ValueError (never quoting the URL:
+    it may hold a password) when it is not one."""
+    if url.startswith("rediss+cluster://"):
+        raise ValueError(
+            "rediss+cluster:// (TLS to a Redis Cluster) is not supported yet: use "
+            "redis+cluster:// on a trusted network, or one Redis / shards over rediss://"
+        )
+    if not url.startswith(CLUSTER_SCHEME):
+        raise ValueError(f"must start with {CLUSTER_SCHEME}")
+    rest, _, query = url[len(CLUSTER_SCHEME) :].partition("?")
+    auth, at, hosts = rest.rpartition("@")
+    entries = [h.strip() for h in hosts.split(",")]
+    seen: set[str] = set()
+    seeds = []
+    for i, host in enumerate(entries, 1):
+        where = f"seed {i} of {len(entries)}: " if len(entries) > 1 else ""
+        if "://" in host:
+            raise ValueError(
+                f"{where}a redis+cluster:// list names seed nodes as host:port only "
+                "(not mixed with other URLs; a cluster is one broker, not shards)"
+            )
+        if not host:
+            raise ValueError(f"{where}empty: seed nodes are host:port separated by single commas")
+        if "/" in host:
+            raise ValueError(f"{where}a Redis Cluster has database 0 only: no /db path")
+        if "@" in host:
+            raise ValueError(f"{where}credentials go before the first seed only")
+        parts = urlsplit(f"redis://{host}")
+        try:
+            port = parts.port
+        except ValueError as e:
+            raise ValueError(f"{where}bad port ({e})") from None
+        if port is None or not parts.hostname:
+            raise ValueError(f"{where}must be host:port")
+        key = f"{parts.hostname.lower()}:{port}"
+        if key in seen:
+            raise ValueError(f"{where}names {key} again: every seed must be listed once")
+        seen.add(key)
+        for name, _ in parse_qsl(query, keep_blank_values=True):
+            if name not in ("username", "password"):
+                raise ValueError(
+                    f"query parameter {name!r} is not supported with redis+cluster:// "
+                    "(supported: username, password)"
+                )
+        seed = f"redis://{auth}{at}{host}" + (f"?{query}" if query else "")
+        try:
+            _one_broker_url(seed)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
+        seeds.append(seed)
+    return seeds
+
+
 def _broker_url(raw: object) -> str:
     """One Redis URL, or a comma-separated list of them (shards), returned in canonical order
     (`shard_key`: the first is the home of the cluster-wide state) joined by commas; a single
-    URL is returned as given. The entries are never echoed (they may hold a password)."""
+    URL is returned as given; a `redis+cluster://` URL (seed nodes) as given. The entries are
+    never echoed (they may hold a password)."""
+    text = _text(raw).strip()
+    if text.startswith(("redis+cluster://", "rediss+cluster://")):
+        cluster_seed_urls(text)
+        return text
     entries = [part.strip() for part in _text(raw).split(",")]
     expect = f"must be a URL starting with {', '.join(BROKER_SCHEMES)}"
     keys: dict[str, str] = {}
@@ -348,6 +415,11 @@ def _broker_url(raw: object) -> str:
         where = f"entry {i} of {len(entries)}: " if len(entries) > 1 else ""
         if not url:
             raise ValueError(f"{where}empty: a list is URLs separated by single commas")
+        if url.startswith(("redis+cluster://", "rediss+cluster://")):
+            raise ValueError(
+                f"{where}redis+cluster:// must be the only URL: "
+                "redis+cluster://host:port,host:port names a cluster's seed nodes"
+            )
         if not url.startswith(BROKER_SCHEMES) or url.endswith("://"):
             raise ValueError(f"{where}{expect}")
         try:
