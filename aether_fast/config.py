@@ -902,6 +902,17 @@ def _mask_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def _mask_cluster_url(url: str) -> str:
+    """A redis+cluster:// URL (one URL naming several hosts) with its credentials hidden."""
+    rest, mark, query = url[len(CLUSTER_SCHEME) :].partition("?")
+    auth, at, hosts = rest.rpartition("@")
+    if auth:
+        auth = auth.split(":", 1)[0] + ":***" if ":" in auth else "***"
+    if query:
+        query = _mask_url(f"redis://h?{query}").partition("?")[2]
+    return f"{CLUSTER_SCHEME}{auth}{at}{hosts}{mark}{query}"
+
+
 _SECRET_FIELDS: Final = frozenset({"jwt_secret", "jwt_private_key", "admin_token"})
 
 
@@ -912,6 +923,8 @@ def masked(config: Config) -> dict[str, object]:
         value = getattr(config, f.name)
         if value and f.name in _SECRET_FIELDS:
             value = "***"
+        elif value and f.name == "broker_url" and str(value).startswith(CLUSTER_SCHEME):
+            value = _mask_cluster_url(str(value))
         elif value and f.name == "broker_url":
             value = ",".join(_mask_url(url) for url in str(value).split(","))
         result[f.name] = value
