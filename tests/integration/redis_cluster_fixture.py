@@ -47,7 +47,7 @@ class Node:
             raise RuntimeError("redis-server is not on PATH: the cluster tests need a real Redis")
         self.port = _cluster_port()
         self.dir = workdir / str(self.port)
-        self.dir.mkdir()
+        self.dir.mkdir(parents=True)
         self.proc = subprocess.Popen(
             [
                 binary,
@@ -125,7 +125,7 @@ class ClusterProcs:
                 capture_output=True,
                 timeout=30,
             )
-            self.wait_ok()
+            self.wait_ok(replicas=replicas)
         except BaseException:
             self.stop()
             raise
@@ -168,8 +168,9 @@ class ClusterProcs:
                 return self.by_port(int(replicas[0][1]))
         raise LookupError(master.port)
 
-    def wait_ok(self, timeout: float = 20.0) -> None:
-        """Every live node says `cluster_state:ok` and agrees on who serves every slot."""
+    def wait_ok(self, timeout: float = 20.0, replicas: int = 0) -> None:
+        """Every live node says `cluster_state:ok` and agrees on who serves every slot (and
+        each master has `replicas` replicas)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -181,6 +182,7 @@ class ClusterProcs:
                         ok = ok and info.get("cluster_state") == "ok"
                         table = r.execute_command("CLUSTER SLOTS")
                         views.add(tuple(sorted((s, e, int(m[1])) for s, e, m, *_ in table)))
+                        ok = ok and all(len(entry) - 3 >= replicas for entry in table)
                 if ok and len(views) == 1 and sum(e - s + 1 for s, e, _ in views.pop()) == 16384:
                     return
             except redis.RedisError:

@@ -179,3 +179,188 @@ def test_channels_on_every_master_work_across_machines(
             assert r.zcard("aether:{aether}:workers") == 2
     for srv in (a, b):
         assert healthy(srv)
+
+
+# -- a slot moves to another master ------------------------------------------------------------
+
+
+def offsets_until(c: Client, last: int, timeout: float = 15.0) -> list[int]:
+    """The offsets `c` receives until `last` comes."""
+    got: list[int] = []
+    deadline = time.monotonic() + timeout
+    while not got or got[-1] != last:
+        left = deadline - time.monotonic()
+        assert left > 0, f"offset {last} never came: {got}"
+        got.append(messages(c, 1, left)[0]["data"]["metadata"]["offset"])
+    return got
+
+
+def test_a_slot_migrated_while_publishing_loses_nothing_acked(
+    make_server: Callable[..., Server], cluster3: ClusterProcs
+) -> None:
+    src, dst, _ = cluster3.masters()
+    ch = channel_on(cluster3, src, "rc.mig.")
+    slot = channel_slot(ch)
+    a, b = nodes(make_server, cluster3)
+    with (
+        Client(a.ws_url, token=a.token("pub"), client_id="pub", channel=ch) as pub,
+        Client(a.ws_url, token=a.token("ma"), channel=ch) as ma,
+        Client(b.ws_url, token=b.token("mb"), channel=ch) as mb,
+    ):
+        for c in (pub, ma, mb):
+            joined(c, ch)
+        contents: dict[int, str] = {}
+
+        def burst(first: int) -> None:
+            for i in range(first, first + 10):
+                pub.publish(ch, f"m{i}")
+            for meta, i in zip(acks(pub, 10), range(first, first + 10), strict=True):
+                contents[meta["offset"]] = f"m{i}"
+
+        burst(1)
+        for m in (ma, mb):
+            assert [g["data"]["metadata"]["offset"] for g in messages(m, 10)] == list(range(1, 11))
+
+        # the slot half moved: its keys are on dst, src still owns it and answers ASK
+        cluster3.migrate_slot(slot, dst, finish=False)
+        with dst.client() as r_dst, src.client() as r_src:
+            assert r_dst.execute_command("CLUSTER COUNTKEYSINSLOT", slot) >= 3
+            assert r_src.execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+        burst(11)  # acked: followed to dst with ASKING
+        with Client(b.ws_url, token=b.token("ask"), channel=ch) as j:  # a join reads dst too
+            assert joined(j, ch)["offset"] == 20
+
+        # the move is finished: src answers MOVED, the subscriptions follow the slot
+        cluster3.finish_migration(slot, src, dst)
+        assert cluster3.owner(slot) is dst
+        wait_for(lambda: shard_subscribers(dst, ch) == 2, timeout=15.0)
+        assert shard_subscribers(src, ch) == 0
+        burst(21)
+        assert sorted(contents) == list(range(1, 31))
+        for m in (ma, mb):
+            got = offsets_until(m, 30)
+            assert got[-10:] == list(range(21, 31)) and len(set(got)) == len(got), got
+
+        # nothing acked is lost: a join with `since` gets every one of them, in order
+        for srv in (a, b):
+            replay, recovered = history(srv, ch, since=10)
+            assert recovered
+            assert [(g["data"]["metadata"]["offset"], g["data"]["content"]) for g in replay] == [
+                (o, contents[o]) for o in range(11, 31)
+            ]
+            wait_for(partial(healthy, srv), timeout=15.0)
+        with src.client() as r:
+            assert r.keys(f"*{{{ch}}}*") == []
+
+
+# -- issue 14 item 7: a master killed, its replica promoted ------------------------------------
+
+
+def test_a_killed_master_fails_over_and_nothing_acked_is_lost(
+    make_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    procs = ClusterProcs(tmp_path / "ha", masters=3, replicas=1)
+    try:
+        victim, other, _ = procs.masters()
+        down = channel_on(procs, victim, "rc.down.")
+        up = channel_on(procs, other, "rc.up.")
+        replica = procs.replica_of(victim)
+        a, b = nodes(make_server, procs)
+        a.allow_errors = b.allow_errors = True  # the lost master is logged at error level
+        with (
+            Client(a.ws_url, token=a.token("pub"), client_id="pub") as pub,
+            Client(a.ws_url, token=a.token("ma")) as ma,
+            Client(b.ws_url, token=b.token("mb")) as mb,
+        ):
+            for c in (pub, ma, mb):
+                joined(c)
+                for ch in (down, up):
+                    c.join(ch)
+                    joined(c, ch)
+            for i in range(10):
+                pub.publish(down, f"d{i}")
+                pub.publish(up, f"u{i}")
+            assert sorted(m["offset"] for m in acks(pub, 20)) == sorted([*range(1, 11)] * 2)
+            for m in (ma, mb):
+                messages(m, 20)
+            acked = {o: f"d{o - 1}" for o in range(1, 11)}  # each channel's offsets in order
+
+            # the replica has every write of its master (WAIT, then the offsets agree)
+            with victim.client() as r:
+                assert r.execute_command("WAIT", 1, 5000) == 1
+                master_offset = r.info("replication")["master_repl_offset"]
+            with replica.client() as r:
+                assert r.info("replication")["slave_repl_offset"] == master_offset
+                # no failover until the outage has been seen (then it is allowed again)
+                r.config_set("cluster-replica-no-failover", "yes")
+            victim.kill()
+
+            # the outage: its channels' publishes are refused, never acked; /health degraded
+            for srv in (a, b):
+                wait_for(partial(degraded_with, srv, "broker_cluster_degraded"), timeout=10.0)
+                assert f":{victim.port}" not in json.dumps(status(srv))
+            seq = pub.publish(down, "refused")
+            err = expect_error(pub, "INTERNAL_ERROR", timeout=10.0)
+            assert err["details"]["component"] == "broker", err
+            assert (err["details"]["channel"], err["details"]["sequence"]) == (down, seq), err
+            pub.publish(up, "u-during")  # the other masters' channels work on
+            assert acks(pub, 1)[0]["offset"] == 11
+            for m in (ma, mb):
+                assert messages(m, 1)[0]["data"]["content"] == "u-during"
+
+            # the replica takes over; both machines are healthy again by themselves
+            with replica.client() as r:
+                r.config_set("cluster-replica-no-failover", "no")
+            wait_for(lambda: procs.owner(channel_slot(down)) is replica, timeout=30.0)
+            procs.wait_ok(timeout=30.0)
+            for srv in (a, b):
+                wait_for(partial(healthy, srv), timeout=20.0, interval=0.1)
+            wait_for(lambda: shard_subscribers(replica, down) == 2, timeout=10.0)
+
+            # publishes work again, in the same epoch (the history survived), and reach the
+            # members of both machines (their subscriptions followed the slot)
+            pub.publish(down, "after", sequence=seq, action="retry")
+            assert acks(pub, 1)[0]["offset"] == 11
+            acked[11] = "after"
+            for m in (ma, mb):
+                got = messages(m, 1)[0]["data"]
+                assert (got["channel"], got["content"]) == (down, "after"), got
+
+            # clients recovering with `since` get every acked message, nothing refused
+            for srv in (a, b):
+                replay, recovered = history(srv, down, since=0)
+                assert recovered
+                assert {g["data"]["metadata"]["offset"]: g["data"]["content"] for g in replay} == (
+                    acked
+                )
+        for srv in (a, b):
+            only_expected_errors(srv, "broker_degraded")
+    finally:
+        procs.stop()
+
+
+# -- the URL is checked before anything starts ------------------------------------------------
+
+
+def test_bad_cluster_urls_exit_2_with_one_line_and_no_credentials(tmp_path: Path) -> None:
+    good = "redis+cluster://:pw-do-not-print@127.0.0.1:7000,127.0.0.1:7001"
+    out = run(["check-config"], cli_env(tmp_path, JWT_SECRET=SECRET, BROKER_URL=good), tmp_path)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)["broker_url"]
+    assert shown == "redis+cluster://:***@127.0.0.1:7000,127.0.0.1:7001", shown
+    for bad, fragment in (
+        ("redis+cluster://:pw-do-not-print@a:1,redis://b:2", "seed 2 of 2: a redis+cluster://"),
+        ("redis://:pw-do-not-print@b:2,redis+cluster://a:1", "entry 2 of 2: redis+cluster://"),
+        ("redis+cluster://:pw-do-not-print@a:1/2", "database 0 only"),
+        ("redis+cluster://:pw-do-not-print@a:1,,b:2", "seed 2 of 3: empty"),
+        ("redis+cluster://:pw-do-not-print@a:1,a:1", "names a:1 again"),
+        ("redis+cluster://:pw-do-not-print@a", "must be host:port"),
+        ("redis+cluster://a:1?password=pw-do-not-print&db=1", "'db' is not supported"),
+        ("rediss+cluster://:pw-do-not-print@a:1", "not supported yet"),
+    ):
+        for command in (["check-config"], ["serve"]):
+            out = run(command, cli_env(tmp_path, JWT_SECRET=SECRET, BROKER_URL=bad), tmp_path)
+            assert out.returncode == 2, (command, bad, out.stdout, out.stderr)
+            line = one_line(out.stderr)
+            assert line.startswith("aether-fast: configuration error: BROKER_URL: "), line
+            assert fragment in line and "pw-do-not-print" not in line, line
