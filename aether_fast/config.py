@@ -357,6 +357,8 @@ def cluster_seed_urls(url: str) -> list[str]:
         raise ValueError(f"must start with {CLUSTER_SCHEME}")
     rest, _, query = url[len(CLUSTER_SCHEME) :].partition("?")
     auth, at, hosts = rest.rpartition("@")
+    if "," in auth:
+        raise ValueError("credentials go before the first seed only (user:password@host:port,...)")
     entries = [h.strip() for h in hosts.split(",")]
     seen: set[str] = set()
     seeds = []
