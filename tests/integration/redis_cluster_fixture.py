@@ -23,7 +23,6 @@ from typing import Any
 import redis
 
 
-
 def _cluster_port() -> int:
     """A free port P <= 55535 whose bus port P + 10000 is free too (Redis Cluster's rule)."""
     for _ in range(1000):
@@ -119,8 +118,15 @@ class ClusterProcs:
             if cli is None:
                 raise RuntimeError("redis-cli is not on PATH: the cluster tests need it")
             subprocess.run(
-                [cli, "--cluster", "create", *(n.addr for n in self.nodes)]
-                + ["--cluster-replicas", str(replicas), "--cluster-yes"],
+                [
+                    cli,
+                    "--cluster",
+                    "create",
+                    *(n.addr for n in self.nodes),
+                    "--cluster-replicas",
+                    str(replicas),
+                    "--cluster-yes",
+                ],
                 check=True,
                 capture_output=True,
                 timeout=30,
@@ -163,7 +169,7 @@ class ClusterProcs:
         return [self.by_port(p) for p in sorted(ports)]
 
     def replica_of(self, master: Node) -> Node:
-        for start, _end, first, *replicas in self.slots():
+        for _start, _end, first, *replicas in self.slots():
             if int(first[1]) == master.port and replicas:
                 return self.by_port(int(replicas[0][1]))
         raise LookupError(master.port)
@@ -205,9 +211,7 @@ class ClusterProcs:
             t.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
             s.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
             while keys := s.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
-                s.execute_command(
-                    "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys
-                )
+                s.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
             if finish:
                 self.finish_migration(slot, source, target)
         return source

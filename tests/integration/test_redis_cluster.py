@@ -121,7 +121,9 @@ def test_channels_on_every_master_work_across_machines(
 ) -> None:
     masters = cluster3.masters()
     assert len(masters) == 3
-    chans = [channel_on(cluster3, m, f"rc.{i}.", skip=k) for i, m in enumerate(masters) for k in (0, 1)]
+    chans = [
+        channel_on(cluster3, m, f"rc.{i}.", skip=k) for i, m in enumerate(masters) for k in (0, 1)
+    ]
     a, b = nodes(make_server, cluster3)
     with (
         Client(a.ws_url, token=a.token("pub"), client_id="pub") as pub,
