@@ -164,6 +164,8 @@ class Slots:
         self._refresh_lock = asyncio.Lock()
         self._refreshed_at = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        #: links being opened, by "host:port"
+        self._opening: dict[str, asyncio.Task[RedisLink]] = {}
         #: faults of the cluster-wide state (`StateHome`), by part
         self.home_faults: dict[str, str] = {}
 
@@ -225,7 +227,9 @@ class Slots:
         self._tasks.append(asyncio.get_running_loop().create_task(self._keep_alive()))
 
     async def close(self) -> None:
-        tasks = [*self._tasks, *([self._refresh_task] if self._refresh_task else [])]
+        tasks: list[asyncio.Task[Any]] = [*self._tasks, *self._opening.values()]
+        if self._refresh_task is not None:
+            tasks.append(self._refresh_task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -238,6 +242,15 @@ class Slots:
                 await link.close()
 
     async def _open_link(self, addr: str) -> RedisLink:
+        """The link of `addr`, opened once however many ask at the same time."""
+        opening = self._opening.get(addr)
+        if opening is None:
+            opening = asyncio.get_running_loop().create_task(self._new_link(addr))
+            self._opening[addr] = opening
+            opening.add_done_callback(lambda _: self._opening.pop(addr, None))
+        return await asyncio.shield(opening)
+
+    async def _new_link(self, addr: str) -> RedisLink:
         link = RedisLink(node_url(self.seeds[0], addr), node=addr)
         link.load_scripts(*self._scripts)
         for channel, on_message, on_resubscribed in self._watches:
