@@ -665,8 +665,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _broker_url,
         None,
         "redis://, rediss:// or unix:// URL of the shared broker, or a comma-separated list "
-        "of them (shards: every node must list the same ones); unset = in-memory (one "
-        "worker) or the private redis-server (WORKERS > 1)",
+        "of them (shards: every node must list the same ones), or "
+        "redis+cluster://host:port,host:port (a Redis Cluster's seed nodes); "
+        "unset = in-memory (one worker) or the private redis-server (WORKERS > 1)",
         default_text="",
         secret=True,
     ),

@@ -18,7 +18,8 @@ All of it has one home: with shards (a BROKER_URL list, `redis_shards.py`) the l
 given is the first shard's in canonical order, and this state lives on no other shard
 (every node must list the same shards). While the home is down the configs cannot change
 (writes raise BrokerUnavailable) and the other workers' figures stay as last read; the
-other shards' channels work on.
+other shards' channels work on. With a Redis Cluster (`redis_slots.py`) its keys carry one
+hash tag (`aether:{aether}:...`, the `prefix`), and its link is `redis_slots.StateHome`.
 
 The Redis broker asks it whether the sender of a publication is here (`local_session`);
 the bound worker (`bind`, by `app.wire`) answers that and the rest of `ClusterEvents`.

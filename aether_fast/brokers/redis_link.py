@@ -17,8 +17,11 @@ reads the other's state.
 
 A link is one Redis server: with shards (a BROKER_URL list) each has its own link, named by
 its place in the canonical order (`shard`, in its log lines), and `redis_shards.Shards`
-says which link holds a channel. The broker opens the links (`start`, with its own start)
-and closes them (`close`); the cluster uses the home's in between.
+says which link holds a channel. A Redis Cluster master's link (`node`, made by
+`redis_slots.Slots`) subscribes sharded (SSUBSCRIBE, one channel per command) and reports a
+subscription Redis dropped or refused because its slot moved (`on_lost`). The broker opens
+the links (`start`, with its own start) and closes them (`close`); the cluster uses the
+home's in between.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Redis Cluster mode: `BROKER_URL=redis+cluster://host:port,host:port` (the seed nodes).
+"""Redis Cluster mode: `BROKER_URL=redis+cluster://host:port,host:port` (its seed nodes).
 
 (Not to be confused with `redis_cluster.RedisCluster`, aether's own cluster table of
 workers; this module is about Redis's cluster, hence "slots".)
@@ -118,7 +118,7 @@ def pub_channel(channel: str) -> str:
 
 
 def node_url(seed_url: str, addr: str) -> str:
-    """The redis:// URL of the node at `addr` ("host:port"): the seed URL's credentials
+    """The redis:// URL of the node at `addr` ("host:port"): a seed URL's credentials
     and options with that host and port."""
     parts = urlsplit(seed_url)
     auth = parts.netloc.rpartition("@")[0]
@@ -145,7 +145,7 @@ class Slots:
     def __init__(self, seeds: list[str]) -> None:
         if not seeds:
             raise ValueError("no seed node")
-        #: redis:// URLs of the seed nodes (BROKER_URL's list, with its credentials)
+        #: redis:// URLs of BROKER_URL's seed nodes (BROKER_URL's list, with its credentials)
         self.seeds = seeds
         #: one link per master in use, by "host:port"
         self.links: dict[str, RedisLink] = {}

@@ -1,6 +1,6 @@
 """The Redis Cluster router (aether_fast/brokers/redis_slots.py): every key and the pub/sub
 channel of a channel hash to one slot, the slot is Redis's (CRC16 of the hash tag, against
-Redis's documented values), redirects are read right, and node URLs keep the seed's
+Redis's documented values), redirects are read right, and node URLs keep a seed URL's
 credentials. Building `Slots` opens no connection."""
 
 from __future__ import annotations
