@@ -98,6 +98,8 @@ STATE_PREFIX: Final = PREFIX + "{aether}:"
 MAX_HOPS: Final = 5
 #: Seconds between two reads of the slot table while everything is healthy.
 REFRESH_S: Final = 5.0
+#: Shortest time between two reads of the slot table asked for by failures.
+REFRESH_GAP_S: Final = 0.1
 #: Channels whose slot is remembered; forgotten all at once past this many.
 SLOT_CACHE: Final = 65536
 
@@ -160,6 +162,9 @@ class Slots:
         self._on_lost: Callable[[str], None] = lambda channel: None
         #: called after each read of the table (the broker moves subscriptions)
         self.on_topology: Callable[[], None] = lambda: None
+        #: whether the broker still has subscriptions to move (the table is read again
+        #: once a second meanwhile)
+        self.unsettled: Callable[[], bool] = lambda: False
         self._refresh_task: asyncio.Task[None] | None = None
         self._refresh_lock = asyncio.Lock()
         self._refreshed_at = 0.0
@@ -273,6 +278,10 @@ class Slots:
             self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_quietly())
 
     async def _refresh_quietly(self) -> None:
+        # at most one read per REFRESH_GAP_S, however many failed publishes ask for one
+        wait = self._refreshed_at + REFRESH_GAP_S - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
         with contextlib.suppress(RedisError, OSError):
             await self.refresh()
 
@@ -358,7 +367,7 @@ class Slots:
                 except (RedisError, OSError) as exc:
                     link.degraded(exc)
             due = time.monotonic() - self._refreshed_at >= REFRESH_S
-            if due or self.health()[0] != "healthy":
+            if due or self.unsettled() or self.health()[0] != "healthy":
                 with contextlib.suppress(RedisError, OSError):
                     await self.refresh()
             await asyncio.sleep(1.0)
@@ -458,6 +467,7 @@ class SlotsBroker:
         slots.load_scripts(_PUBLISH_SHARDED, _POSITION)
         slots.listen(self._on_message, self._on_lost)
         slots.on_topology = self._follow
+        slots.unsettled = lambda: bool(self._lost)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -761,7 +771,7 @@ class SlotsBroker:
                 self._lost.add(name)  # its master is gone: what it sent meanwhile is missed
             if owner is not link or name in self._lost:
                 self._lost.add(name)
-                if name not in self._moving:
+                if owner is not None and name not in self._moving:
                     self._moving.add(name)
                     self._spawn(self._move(name))
 
@@ -769,8 +779,8 @@ class SlotsBroker:
         try:
             await self._subscribe(name)
             self._lost.discard(name)
-        except (RedisError, OSError) as exc:
-            logs.log("warn", "broker_resubscribe_failed", "broker", channel=name, error=repr(exc))
+        except (RedisError, OSError):
+            pass  # still lost: /health says so; tried again after the next read of the table
         finally:
             self._moving.discard(name)
 
