@@ -359,18 +359,26 @@ class Slots:
         answering, opened again when lost, its health said; the table read again while
         anything is unhealthy, and every REFRESH_S anyway."""
         while True:
-            for link in list(self.links.values()):
-                link.drop_stalled()
-                try:
-                    await link.commands()
-                    link.recovered("commands")
-                except (RedisError, OSError) as exc:
-                    link.degraded(exc)
-            due = time.monotonic() - self._refreshed_at >= REFRESH_S
-            if due or self.unsettled() or self.health()[0] != "healthy":
-                with contextlib.suppress(RedisError, OSError):
-                    await self.refresh()
+            try:
+                await self._keep_alive_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug in one round must not end the keep-alive
+                logs.log("error", "broker_keepalive_failed", "broker", error=repr(exc))
             await asyncio.sleep(1.0)
+
+    async def _keep_alive_once(self) -> None:
+        for link in list(self.links.values()):
+            link.drop_stalled()
+            try:
+                await link.commands()
+                link.recovered("commands")
+            except (RedisError, OSError) as exc:
+                link.degraded(exc)
+        due = time.monotonic() - self._refreshed_at >= REFRESH_S
+        if due or self.unsettled() or self.health()[0] != "healthy":
+            with contextlib.suppress(RedisError, OSError):
+                await self.refresh()
 
     # -- health ----------------------------------------------------------------------------
 
@@ -701,8 +709,13 @@ class SlotsBroker:
                 return
             except ResponseError as exc:
                 if _redirect(exc) is None:
+                    self._lost.add(channel)  # members here may rely on it: not healthy
                     raise
                 await self._slots.refresh()
+            except (RedisError, OSError):
+                self._lost.add(channel)
+                raise
+        self._lost.add(channel)
         raise RedisConnectionError("redis cluster: too many redirects")
 
     async def recover(self, channel: str, since: int | None, epoch: str | None) -> Recovery:
