@@ -52,8 +52,9 @@ STALL_S = 5.0
 
 
 #: Errors a cluster node answers a sharded subscription with when the channel's slot is not
-#: (or no longer) its own: the subscription is lost, not the connection.
-_SLOT_ERRORS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "CROSSSLOT")
+#: (or no longer) its own, or the subscription is not allowed (an ACL): the subscription is
+#: lost, not the connection.
+_SLOT_ERRORS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "CROSSSLOT", "NOPERM")
 
 
 class RedisLink:

@@ -373,3 +373,43 @@ def test_bad_cluster_urls_exit_2_with_one_line_and_no_credentials(tmp_path: Path
             line = one_line(out.stderr)
             assert line.startswith("aether-fast: configuration error: BROKER_URL: "), line
             assert fragment in line and "pw-do-not-print" not in line, line
+
+
+def test_health_stays_degraded_until_a_moved_channels_subscription_is_back(
+    make_server: Callable[..., Server], cluster3: ClusterProcs
+) -> None:
+    """Delivery must not stop behind a green /health: the slot moves to a master that
+    refuses the subscription (an ACL), so members here would hear nothing; /health says
+    so until the subscription is made, then the members hear the channel again."""
+    src, dst, _ = cluster3.masters()
+    ch = channel_on(cluster3, src, "rc.acl.")
+    slot = channel_slot(ch)
+    srv = make_server(BROKER_URL=cluster3.url)
+    with (
+        Client(srv.ws_url, token=srv.token("m"), channel=ch) as m,
+        Client(srv.ws_url, token=srv.token("pub"), client_id="pub", channel=ch) as pub,
+    ):
+        joined(m, ch)
+        joined(pub, ch)
+        with dst.client() as r:
+            r.execute_command("ACL SETUSER default -ssubscribe")
+        try:
+            cluster3.migrate_slot(slot, dst)
+            wait_for(partial(degraded_with, srv, "broker_cluster_degraded"), timeout=10.0)
+            pub.publish(ch, "published while nobody listens")
+            assert acks(pub, 1)[0]["offset"] == 1
+            for _ in range(3):  # it stays so: the subscription is tried again and refused
+                time.sleep(0.5)
+                assert degraded_with(srv, "broker_cluster_degraded")
+        finally:
+            with dst.client() as r:
+                r.execute_command("ACL SETUSER default +ssubscribe")
+        wait_for(partial(healthy, srv), timeout=10.0)
+        assert shard_subscribers(dst, ch) == 1
+        pub.publish(ch, "heard again")
+        assert messages(m, 1)[0]["data"]["metadata"]["offset"] == 2  # 1 was missed live
+        replay, recovered = history(srv, ch, since=0)
+        assert recovered and [g["data"]["content"] for g in replay] == [
+            "published while nobody listens",
+            "heard again",
+        ]
