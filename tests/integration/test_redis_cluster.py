@@ -232,14 +232,14 @@ def test_a_slot_migrated_while_publishing_loses_nothing_acked(
         with Client(b.ws_url, token=b.token("ask"), channel=ch) as j:  # a join reads dst too
             assert joined(j, ch)["offset"] == 20
         # a third machine, no member of `ch`: it read the table while src owned the slot
-        c = make_server(NODE_ID="node-c", BROKER_URL=cluster3.url)
-        assert c.create_channel(name=ch) == 201
+        third = make_server(NODE_ID="node-c", BROKER_URL=cluster3.url)
+        assert third.create_channel(name=ch) == 201
 
         # the move is finished: src answers MOVED, the subscriptions follow the slot
         cluster3.finish_migration(slot, src, dst)
         assert cluster3.owner(slot) is dst
         # C has no subscription Redis could drop: its table is stale, src answers MOVED
-        code, view, _ = c.http("GET", f"/ws/channels/{ch}", token=c.admin())
+        code, view, _ = third.http("GET", f"/ws/channels/{ch}", token=third.admin())
         assert code == 200 and view["offset"] == 20, (code, view)
         wait_for(lambda: shard_subscribers(dst, ch) == 2, timeout=15.0)
         assert shard_subscribers(src, ch) == 0
