@@ -12,6 +12,8 @@ this module starts (tests/integration/redis_cluster_fixture.py), and two server 
 - issue 14 item 7: a master SIGKILLed after its replica caught up: its channels' publishes
   are refused (no false ack) and /health is degraded until the replica is promoted; then
   they publish again, members receive again, and `since` recovers every acked message;
+- a slot moved to a master that refuses the subscription: /health stays degraded until the
+  subscription is back (delivery never stops behind a green health check);
 - bad redis+cluster:// forms exit 2 with one line that prints no credentials.
 """
 
@@ -174,11 +176,20 @@ def test_channels_on_every_master_work_across_machines(
                     assert shard_subscribers(node, ch) == 2  # A and B
                 else:
                     assert keys == [], keys
-        # the cluster-wide state: one slot, on one master
+        # the cluster-wide state: one slot, on one master; a config change made on A is
+        # announced (classic PUBLISH, relayed by every master) and applied on B
+        cfg = chans[-1] + ".cfg"
+        assert a.create_channel(name=cfg, require_auth=False, max_connections=1) == 201
+        wait_for(lambda: b.http("GET", f"/ws/channels/{cfg}", token=b.admin())[0] == 200)
+        with Client(b.ws_url, channel=cfg) as anon:  # B applies it: anonymous allowed
+            joined(anon, cfg)
         state = [n for n in masters if n.client().keys("aether:{aether}:*")]
         assert len(state) == 1
         with state[0].client() as r:
             assert r.zcard("aether:{aether}:workers") == 2
+            assert (
+                json.loads(r.hget("aether:{aether}:channels", cfg) or b"{}")["max_connections"] == 1
+            )
     for srv in (a, b):
         assert healthy(srv)
 
