@@ -91,7 +91,9 @@ class Config:
     @property
     def broker_cluster(self) -> bool:
         """BROKER_URL names a Redis Cluster's seed nodes (`redis+cluster://`)."""
-        return bool(self.broker_url and self.broker_url.startswith(CLUSTER_SCHEME))
+        return bool(
+            self.broker_url and self.broker_url.startswith((CLUSTER_SCHEME, CLUSTER_TLS_SCHEME))
+        )
 
     @property
     def broker_urls(self) -> tuple[str, ...]:
@@ -124,6 +126,8 @@ LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 BROKER_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 #: BROKER_URL of a Redis Cluster: `redis+cluster://[user:pass@]host:port,host:port[?...]`.
 CLUSTER_SCHEME: Final = "redis+cluster://"
+#: ... over TLS (every node, with the `ssl_*` options of rediss://).
+CLUSTER_TLS_SCHEME: Final = "rediss+cluster://"
 
 
 def _int(lo: int, hi: int = _INT32_MAX) -> Parser:
@@ -345,17 +349,15 @@ def shard_key(url: str) -> str:
 
 
 def cluster_seed_urls(url: str) -> list[str]:
-    """The redis:// URL of each seed node of a `redis+cluster://` BROKER_URL (its
-    credentials and options each), in the order given. ValueError (never quoting the URL:
-    it may hold a password) when it is not one."""
-    if url.startswith("rediss+cluster://"):
-        raise ValueError(
-            "rediss+cluster:// (TLS to a Redis Cluster) is not supported yet: use "
-            "redis+cluster:// on a trusted network, or one Redis / shards over rediss://"
-        )
-    if not url.startswith(CLUSTER_SCHEME):
-        raise ValueError(f"must start with {CLUSTER_SCHEME}")
-    rest, _, query = url[len(CLUSTER_SCHEME) :].partition("?")
+    """The redis:// (rediss:// with TLS) URL of each seed node of a `redis+cluster://` or
+    `rediss+cluster://` BROKER_URL (its credentials and options each), in the order given.
+    ValueError (never quoting the URL: it may hold a password) when it is not one."""
+    tls = url.startswith(CLUSTER_TLS_SCHEME)
+    if not url.startswith((CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)):
+        raise ValueError(f"must start with {CLUSTER_SCHEME} or {CLUSTER_TLS_SCHEME}")
+    scheme = "rediss" if tls else "redis"
+    allowed = ("username", "password", *(BROKER_TLS_OPTIONS if tls else ()))
+    rest, _, query = url[len(CLUSTER_TLS_SCHEME if tls else CLUSTER_SCHEME) :].partition("?")
     auth, at, hosts = rest.rpartition("@")
     if "," in auth:
         raise ValueError("credentials go before the first seed only (user:password@host:port,...)")
@@ -375,7 +377,7 @@ def cluster_seed_urls(url: str) -> list[str]:
             raise ValueError(f"{where}a Redis Cluster has database 0 only: no /db path")
         if "@" in host:
             raise ValueError(f"{where}credentials go before the first seed only")
-        parts = urlsplit(f"redis://{host}")
+        parts = urlsplit(f"{scheme}://{host}")
         try:
             port = parts.port
         except ValueError as e:
@@ -387,12 +389,12 @@ def cluster_seed_urls(url: str) -> list[str]:
             raise ValueError(f"{where}names {key} again: every seed must be listed once")
         seen.add(key)
         for name, _ in parse_qsl(query, keep_blank_values=True):
-            if name not in ("username", "password"):
+            if name not in allowed:
                 raise ValueError(
-                    f"query parameter {name!r} is not supported with redis+cluster:// "
-                    "(supported: username, password)"
+                    f"query parameter {name!r} is not supported with {scheme}+cluster:// "
+                    f"(supported: {', '.join(allowed)})"
                 )
-        seed = f"redis://{auth}{at}{host}" + (f"?{query}" if query else "")
+        seed = f"{scheme}://{auth}{at}{host}" + (f"?{query}" if query else "")
         try:
             _one_broker_url(seed)
         except ValueError as e:
@@ -666,7 +668,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         None,
         "redis://, rediss:// or unix:// URL of the shared broker, or a comma-separated list "
         "of them (shards: every node must list the same ones), or "
-        "redis+cluster://host:port,host:port (a Redis Cluster's seed nodes); "
+        "redis+cluster:// or rediss+cluster://host:port,host:port (a Redis Cluster's seeds); "
         "unset = in-memory (one worker) or the private redis-server (WORKERS > 1)",
         default_text="",
         secret=True,
@@ -907,13 +909,14 @@ def _mask_url(url: str) -> str:
 
 def _mask_cluster_url(url: str) -> str:
     """A redis+cluster:// URL (one URL naming several hosts) with its credentials hidden."""
-    rest, mark, query = url[len(CLUSTER_SCHEME) :].partition("?")
+    scheme = CLUSTER_TLS_SCHEME if url.startswith(CLUSTER_TLS_SCHEME) else CLUSTER_SCHEME
+    rest, mark, query = url[len(scheme) :].partition("?")
     auth, at, hosts = rest.rpartition("@")
     if auth:
         auth = auth.split(":", 1)[0] + ":***" if ":" in auth else "***"
     if query:
         query = _mask_url(f"redis://h?{query}").partition("?")[2]
-    return f"{CLUSTER_SCHEME}{auth}{at}{hosts}{mark}{query}"
+    return f"{scheme}{auth}{at}{hosts}{mark}{query}"
 
 
 _SECRET_FIELDS: Final = frozenset({"jwt_secret", "jwt_private_key", "admin_token"})
@@ -926,7 +929,11 @@ def masked(config: Config) -> dict[str, object]:
         value = getattr(config, f.name)
         if value and f.name in _SECRET_FIELDS:
             value = "***"
-        elif value and f.name == "broker_url" and str(value).startswith(CLUSTER_SCHEME):
+        elif (
+            value
+            and f.name == "broker_url"
+            and str(value).startswith((CLUSTER_SCHEME, CLUSTER_TLS_SCHEME))
+        ):
             value = _mask_cluster_url(str(value))
         elif value and f.name == "broker_url":
             value = ",".join(_mask_url(url) for url in str(value).split(","))

@@ -1,4 +1,5 @@
-"""Redis Cluster mode: `BROKER_URL=redis+cluster://host:port,host:port` (its seed nodes).
+"""Redis Cluster mode: `BROKER_URL=redis+cluster://host:port,host:port` (its seed nodes;
+`rediss+cluster://` for TLS to every node).
 
 (Not to be confused with `redis_cluster.RedisCluster`, aether's own cluster table of
 workers; this module is about Redis's cluster, hence "slots".)

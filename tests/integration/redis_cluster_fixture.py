@@ -2,10 +2,10 @@
 processes on free ports in a tmp dir, joined by `redis-cli --cluster create`, ended by
 their PIDs.
 
-`ClusterProcs(workdir, masters=3, replicas=0|1)`: `url` (the BROKER_URL naming every master
-as a seed), `nodes` (every process, a `RedisServer` each), `masters()` (node -> slot ranges
-as the cluster says now), `owner(slot)`, `client(node)`, `wait_ok()`, `migrate_slot()`,
-`kill()` by PID.
+`ClusterProcs(workdir, masters=3, replicas=0|1, tls=False)`: `url` (the BROKER_URL naming
+every live node as a seed; `rediss+cluster://` with its CA when `tls`), `nodes` (every
+process, a `Node` each: `client()`, `kill()` by PID), `masters()`, `owner(slot)`,
+`replica_of(master)`, `wait_ok()`, `migrate_slot()`/`finish_migration()`, `stop()`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +38,49 @@ def _cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+@dataclass(frozen=True)
+class Tls:
+    """The files of a cluster that speaks only TLS (clients and the cluster bus)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @staticmethod
+    def make(d: Path) -> Tls:
+        import trustme
+
+        ca = trustme.CA()
+        server = ca.issue_cert("127.0.0.1")
+        tls = Tls(d / "ca.pem", d / "node.pem", d / "node.key")
+        ca.cert_pem.write_to_path(str(tls.ca))
+        server.cert_chain_pems[0].write_to_path(str(tls.cert))
+        server.private_key_pem.write_to_path(str(tls.key))
+        return tls
+
+
 class Node:
     """One `redis-server --cluster-enabled yes` process that the tests own."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tls: Tls | None = None) -> None:
+        self.tls = tls
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH: the cluster tests need a real Redis")
         self.port = _cluster_port()
         self.dir = workdir / str(self.port)
         self.dir.mkdir(parents=True)
+        if tls is None:
+            ports = ["--port", str(self.port)]
+        else:
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cluster", "yes"]
+            ports += ["--tls-replication", "yes", "--tls-auth-clients", "no"]
+            ports += ["--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key)]
+            ports += ["--tls-ca-cert-file", str(tls.ca)]
         self.proc = subprocess.Popen(
             [
                 binary,
-                "--port",
-                str(self.port),
+                *ports,
                 "--bind",
                 "127.0.0.1",
                 "--cluster-enabled",
@@ -84,6 +113,14 @@ class Node:
         return self.proc.poll() is None
 
     def client(self) -> redis.Redis:
+        if self.tls is not None:
+            return redis.Redis(
+                host="127.0.0.1",
+                port=self.port,
+                socket_timeout=5,
+                ssl=True,
+                ssl_ca_certs=str(self.tls.ca),
+            )
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
     def ping(self) -> bool:
@@ -104,10 +141,14 @@ class Node:
 
 
 class ClusterProcs:
-    def __init__(self, workdir: Path, masters: int = 3, replicas: int = 0) -> None:
+    def __init__(
+        self, workdir: Path, masters: int = 3, replicas: int = 0, *, tls: bool = False
+    ) -> None:
         self.nodes: list[Node] = []
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.tls = Tls.make(workdir) if tls else None
         try:
-            self.nodes = [Node(workdir) for _ in range(masters * (1 + replicas))]
+            self.nodes = [Node(workdir, self.tls) for _ in range(masters * (1 + replicas))]
             deadline = time.monotonic() + 10
             for node in self.nodes:
                 while not node.ping():
@@ -117,9 +158,11 @@ class ClusterProcs:
             cli = shutil.which("redis-cli")
             if cli is None:
                 raise RuntimeError("redis-cli is not on PATH: the cluster tests need it")
+            cli_tls = [] if self.tls is None else ["--tls", "--cacert", str(self.tls.ca)]
             subprocess.run(
                 [
                     cli,
+                    *cli_tls,
                     "--cluster",
                     "create",
                     *(n.addr for n in self.nodes),
@@ -138,8 +181,11 @@ class ClusterProcs:
 
     @property
     def url(self) -> str:
-        """BROKER_URL: the masters at start as seeds."""
-        return "redis+cluster://" + ",".join(n.addr for n in self.nodes if n.running)
+        """BROKER_URL: the live nodes as seeds."""
+        seeds = ",".join(n.addr for n in self.nodes if n.running)
+        if self.tls is not None:
+            return f"rediss+cluster://{seeds}?ssl_ca_certs={self.tls.ca}"
+        return "redis+cluster://" + seeds
 
     def by_port(self, port: int) -> Node:
         return next(n for n in self.nodes if n.port == port)

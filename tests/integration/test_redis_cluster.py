@@ -59,6 +59,27 @@ def cluster3(rcluster: ClusterProcs) -> ClusterProcs:
     return rcluster
 
 
+@pytest.fixture
+def tls_cluster(tmp_path: Path) -> Iterator[ClusterProcs]:
+    """Three masters speaking only TLS (asked for before `make_server`: stopped after the
+    servers, which must not see it go)."""
+    procs = ClusterProcs(tmp_path / "tls", masters=3, replicas=0, tls=True)
+    try:
+        yield procs
+    finally:
+        procs.stop()
+
+
+@pytest.fixture
+def ha_cluster(tmp_path: Path) -> Iterator[ClusterProcs]:
+    """Three masters with a replica each (the failover test)."""
+    procs = ClusterProcs(tmp_path / "ha", masters=3, replicas=1)
+    try:
+        yield procs
+    finally:
+        procs.stop()
+
+
 def nodes(make_server: Callable[..., Server], procs: ClusterProcs, **env: str) -> Pair:
     """Machine A lists the seeds in one order, machine B in the other."""
     seeds = [n.addr for n in procs.masters()]
@@ -194,6 +215,41 @@ def test_channels_on_every_master_work_across_machines(
         assert healthy(srv)
 
 
+def test_a_cluster_over_tls(tls_cluster: ClusterProcs, make_server: Callable[..., Server]) -> None:
+    """rediss+cluster://: every connection (seeds, discovered masters, pools) is TLS with
+    the CA of the URL; channels on every master publish and recover across machines."""
+    procs = tls_cluster
+    chans = [channel_on(procs, m, f"rc.tls.{i}.") for i, m in enumerate(procs.masters())]
+    seeds = [n.addr for n in procs.masters()]
+    assert procs.url.startswith("rediss+cluster://")
+    a = make_server(NODE_ID="node-a", BROKER_URL=procs.url)
+    # B names one seed only: it finds the other masters itself
+    assert procs.tls is not None
+    b = make_server(
+        NODE_ID="node-b", BROKER_URL=f"rediss+cluster://{seeds[-1]}?ssl_ca_certs={procs.tls.ca}"
+    )
+    with (
+        Client(a.ws_url, token=a.token("pub"), client_id="pub") as pub,
+        Client(b.ws_url, token=b.token("mb")) as mb,
+    ):
+        joined(pub)
+        joined(mb)
+        for ch in chans:
+            for c in (pub, mb):
+                c.join(ch)
+                joined(c, ch)
+        for ch in chans:
+            pub.publish(ch, f"{ch} over tls")
+        assert sorted(m["offset"] for m in acks(pub, len(chans))) == [1] * len(chans)
+        got = messages(mb, len(chans))
+        assert sorted(m["data"]["content"] for m in got) == sorted(f"{c} over tls" for c in chans)
+        for ch in chans:
+            replay, recovered = history(b, ch, since=0)
+            assert recovered and [g["data"]["content"] for g in replay] == [f"{ch} over tls"]
+    for srv in (a, b):
+        assert healthy(srv)
+
+
 # -- a slot moves to another master ------------------------------------------------------------
 
 
@@ -276,87 +332,84 @@ def test_a_slot_migrated_while_publishing_loses_nothing_acked(
 
 
 def test_a_killed_master_fails_over_and_nothing_acked_is_lost(
-    make_server: Callable[..., Server], tmp_path: Path
+    ha_cluster: ClusterProcs, make_server: Callable[..., Server]
 ) -> None:
-    procs = ClusterProcs(tmp_path / "ha", masters=3, replicas=1)
-    try:
-        victim, other, _ = procs.masters()
-        down = channel_on(procs, victim, "rc.down.")
-        up = channel_on(procs, other, "rc.up.")
-        replica = procs.replica_of(victim)
-        a, b = nodes(make_server, procs)
-        a.allow_errors = b.allow_errors = True  # the lost master is logged at error level
-        with (
-            Client(a.ws_url, token=a.token("pub"), client_id="pub") as pub,
-            Client(a.ws_url, token=a.token("ma")) as ma,
-            Client(b.ws_url, token=b.token("mb")) as mb,
-        ):
-            for c in (pub, ma, mb):
-                joined(c)
-                for ch in (down, up):
-                    c.join(ch)
-                    joined(c, ch)
-            for i in range(10):
-                pub.publish(down, f"d{i}")
-                pub.publish(up, f"u{i}")
-            assert sorted(m["offset"] for m in acks(pub, 20)) == sorted([*range(1, 11)] * 2)
-            for m in (ma, mb):
-                messages(m, 20)
-            acked = {o: f"d{o - 1}" for o in range(1, 11)}  # each channel's offsets in order
+    procs = ha_cluster
+    victim, other, _ = procs.masters()
+    down = channel_on(procs, victim, "rc.down.")
+    up = channel_on(procs, other, "rc.up.")
+    replica = procs.replica_of(victim)
+    a, b = nodes(make_server, procs)
+    a.allow_errors = b.allow_errors = True  # the lost master is logged at error level
+    with (
+        Client(a.ws_url, token=a.token("pub"), client_id="pub") as pub,
+        Client(a.ws_url, token=a.token("ma")) as ma,
+        Client(b.ws_url, token=b.token("mb")) as mb,
+    ):
+        for c in (pub, ma, mb):
+            joined(c)
+            for ch in (down, up):
+                c.join(ch)
+                joined(c, ch)
+        for i in range(10):
+            pub.publish(down, f"d{i}")
+            pub.publish(up, f"u{i}")
+        assert sorted(m["offset"] for m in acks(pub, 20)) == sorted([*range(1, 11)] * 2)
+        for m in (ma, mb):
+            messages(m, 20)
+        acked = {o: f"d{o - 1}" for o in range(1, 11)}  # each channel's offsets in order
 
-            # the replica has every write of its master (WAIT, then the offsets agree)
-            with victim.client() as r:
-                assert r.execute_command("WAIT", 1, 5000) == 1
-                master_offset = r.info("replication")["master_repl_offset"]
-            with replica.client() as r:
-                assert r.info("replication")["slave_repl_offset"] == master_offset
-                # no failover until the outage has been seen (then it is allowed again)
-                r.config_set("cluster-replica-no-failover", "yes")
-            victim.kill()
+        # the replica has every write of its master (WAIT, then the offsets agree)
+        with victim.client() as r:
+            assert r.execute_command("WAIT", 1, 5000) == 1
+            master_offset = r.info("replication")["master_repl_offset"]
+        with replica.client() as r:
+            assert r.info("replication")["slave_repl_offset"] == master_offset
+            # no failover until the outage has been seen (then it is allowed again)
+            r.config_set("cluster-replica-no-failover", "yes")
+        victim.kill()
 
-            # the outage: its channels' publishes are refused, never acked; /health degraded
-            for srv in (a, b):
-                wait_for(partial(degraded_with, srv, "broker_cluster_degraded"), timeout=10.0)
-                assert f":{victim.port}" not in json.dumps(status(srv))
-            seq = pub.publish(down, "refused")
-            err = expect_error(pub, "INTERNAL_ERROR", timeout=10.0)
-            assert err["details"]["component"] == "broker", err
-            assert (err["details"]["channel"], err["details"]["sequence"]) == (down, seq), err
-            pub.publish(up, "u-during")  # the other masters' channels work on
-            assert acks(pub, 1)[0]["offset"] == 11
-            for m in (ma, mb):
-                assert messages(m, 1)[0]["data"]["content"] == "u-during"
-
-            # the replica takes over; both machines are healthy again by themselves
-            with replica.client() as r:
-                r.config_set("cluster-replica-no-failover", "no")
-            wait_for(lambda: procs.owner(channel_slot(down)) is replica, timeout=30.0)
-            procs.wait_ok(timeout=30.0)
-            for srv in (a, b):
-                wait_for(partial(healthy, srv), timeout=20.0, interval=0.1)
-            # healthy means subscribed again: both machines' subscriptions are on the new master
-            assert shard_subscribers(replica, down) == 2
-
-            # publishes work again, in the same epoch (the history survived), and reach the
-            # members of both machines (their subscriptions followed the slot)
-            pub.publish(down, "after", sequence=seq, action="retry")
-            assert acks(pub, 1)[0]["offset"] == 11
-            acked[11] = "after"
-            for m in (ma, mb):
-                got = messages(m, 1)[0]["data"]
-                assert (got["channel"], got["content"]) == (down, "after"), got
-
-            # clients recovering with `since` get every acked message, nothing refused
-            for srv in (a, b):
-                replay, recovered = history(srv, down, since=0)
-                assert recovered
-                assert {g["data"]["metadata"]["offset"]: g["data"]["content"] for g in replay} == (
-                    acked
-                )
+        # the outage: its channels' publishes are refused, never acked; /health degraded
         for srv in (a, b):
-            only_expected_errors(srv, "broker_degraded")
-    finally:
-        procs.stop()
+            wait_for(partial(degraded_with, srv, "broker_cluster_degraded"), timeout=10.0)
+            assert f":{victim.port}" not in json.dumps(status(srv))
+        seq = pub.publish(down, "refused")
+        err = expect_error(pub, "INTERNAL_ERROR", timeout=10.0)
+        assert err["details"]["component"] == "broker", err
+        assert (err["details"]["channel"], err["details"]["sequence"]) == (down, seq), err
+        pub.publish(up, "u-during")  # the other masters' channels work on
+        assert acks(pub, 1)[0]["offset"] == 11
+        for m in (ma, mb):
+            assert messages(m, 1)[0]["data"]["content"] == "u-during"
+
+        # the replica takes over; both machines are healthy again by themselves
+        with replica.client() as r:
+            r.config_set("cluster-replica-no-failover", "no")
+        wait_for(lambda: procs.owner(channel_slot(down)) is replica, timeout=30.0)
+        procs.wait_ok(timeout=30.0)
+        for srv in (a, b):
+            wait_for(partial(healthy, srv), timeout=20.0, interval=0.1)
+        # healthy means subscribed again: both machines' subscriptions are on the new master
+        assert shard_subscribers(replica, down) == 2
+
+        # publishes work again, in the same epoch (the history survived), and reach the
+        # members of both machines (their subscriptions followed the slot)
+        pub.publish(down, "after", sequence=seq, action="retry")
+        assert acks(pub, 1)[0]["offset"] == 11
+        acked[11] = "after"
+        for m in (ma, mb):
+            got = messages(m, 1)[0]["data"]
+            assert (got["channel"], got["content"]) == (down, "after"), got
+
+        # clients recovering with `since` get every acked message, nothing refused
+        for srv in (a, b):
+            replay, recovered = history(srv, down, since=0)
+            assert recovered
+            assert {g["data"]["metadata"]["offset"]: g["data"]["content"] for g in replay} == (
+                acked
+            )
+    for srv in (a, b):
+        only_expected_errors(srv, "broker_degraded")
 
 
 # -- the URL is checked before anything starts ------------------------------------------------
@@ -376,7 +429,8 @@ def test_bad_cluster_urls_exit_2_with_one_line_and_no_credentials(tmp_path: Path
         ("redis+cluster://:pw-do-not-print@a:1,a:1", "names a:1 again"),
         ("redis+cluster://:pw-do-not-print@a", "must be host:port"),
         ("redis+cluster://a:1?password=pw-do-not-print&db=1", "'db' is not supported"),
-        ("rediss+cluster://:pw-do-not-print@a:1", "not supported yet"),
+        ("redis+cluster://a:1?password=pw-do-not-print&ssl_ca_certs=x", "'ssl_ca_certs'"),
+        ("rediss+cluster://:pw-do-not-print@a:1?ssl_ca_certs=/nonexistent", "cannot read"),
     ):
         for command in (["check-config"], ["serve"]):
             out = run(command, cli_env(tmp_path, JWT_SECRET=SECRET, BROKER_URL=bad), tmp_path)

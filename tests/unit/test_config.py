@@ -432,6 +432,13 @@ def test_redis_cluster_url() -> None:
         "redis+cluster://:***@10.0.0.1:7000, 10.0.0.2:7001?username=u"
     )
     assert not load_config({"BROKER_URL": "redis://h:1", **secret}).broker_cluster
+    tls = "rediss+cluster://u:hunter2@h1:7000,h2:7000?ssl_cert_reqs=none"
+    c = load_config({"BROKER_URL": tls, **secret})
+    assert c.broker_cluster and cluster_seed_urls(tls) == [
+        "rediss://u:hunter2@h1:7000?ssl_cert_reqs=none",
+        "rediss://u:hunter2@h2:7000?ssl_cert_reqs=none",
+    ]
+    assert masked(c)["broker_url"] == "rediss+cluster://u:***@h1:7000,h2:7000?ssl_cert_reqs=none"
     for bad, fragment in (
         ("redis+cluster://:hunter2@a:1,redis://b:2", "seed 2 of 2"),
         ("redis://:hunter2@b:2,redis+cluster://a:1", "must be the only URL"),
@@ -439,7 +446,7 @@ def test_redis_cluster_url() -> None:
         ("redis+cluster://:hunter2@a:99999", "bad port"),
         ("redis+cluster://a:1,b:2?password=hunter2&ssl_ca_certs=x", "'ssl_ca_certs'"),
         ("redis+cluster://a:1,x@b:2", "credentials go before the first seed"),
-        ("rediss+cluster://:hunter2@a:1", "not supported yet"),
+        ("rediss+cluster://:hunter2@a:1?ssl_cert_reqs=bogus", "ssl_cert_reqs must be"),
     ):
         text = str(_err({"BROKER_URL": bad, **secret}))
         assert fragment in text and "hunter2" not in text, (bad, text)
