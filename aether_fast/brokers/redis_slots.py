@@ -172,6 +172,8 @@ class Slots:
         self._tasks: list[asyncio.Task[None]] = []
         #: links being opened, by "host:port"
         self._opening: dict[str, asyncio.Task[RedisLink]] = {}
+        #: masters of the table that could not be reached (logged once each)
+        self._unreachable: set[str] = set()
         #: faults of the cluster-wide state (`StateHome`), by part
         self.home_faults: dict[str, str] = {}
 
@@ -290,27 +292,30 @@ class Slots:
         """Read CLUSTER SLOTS, open links to new masters, close those of nodes that serve
         nothing any more, then tell the broker (`on_topology`)."""
         async with self._refresh_lock:
-            table = await self._read_table()
+            table, asked = await self._read_table()
             owners: list[str | None] = [None] * SLOTS
             for entry in table:
                 start, end, master = int(entry[0]), int(entry[1]), entry[2]
                 host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
-                addr = f"{host or '127.0.0.1'}:{int(master[1])}"
+                addr = f"{host or asked}:{int(master[1])}"
                 owners[start : end + 1] = [addr] * (end - start + 1)
             for addr in sorted({a for a in owners if a is not None} - set(self.links)):
                 try:
                     await self._open_link(addr)
+                    self._unreachable.discard(addr)
                 except (RedisError, OSError) as exc:
                     if strict:
                         raise
-                    logs.log(
-                        "error",
-                        "broker_degraded",
-                        "broker",
-                        part="node",
-                        node=addr,
-                        reason=f"redis: {exc.__class__.__name__}: {exc}",
-                    )
+                    if addr not in self._unreachable:  # once, not at each read of the table
+                        self._unreachable.add(addr)
+                        logs.log(
+                            "error",
+                            "broker_degraded",
+                            "broker",
+                            part="node",
+                            node=addr,
+                            reason=f"redis: {exc.__class__.__name__}: {exc}",
+                        )
             self._owner = owners
             self._masters = frozenset(owners)
             self._refreshed_at = time.monotonic()
@@ -322,8 +327,9 @@ class Slots:
         self.on_topology()
         await self._close_links(gone)
 
-    async def _read_table(self) -> list[Any]:
-        """CLUSTER SLOTS from a healthy master, else from any node known, else a seed."""
+    async def _read_table(self) -> tuple[list[Any], str]:
+        """CLUSTER SLOTS from a healthy master, else from any node known, else a seed; and
+        the host asked (a node whose endpoint is "" is at that host, as Redis says)."""
         errors: list[str] = []
         known = sorted(self.links.values(), key=lambda link: link.health()[0] != "healthy")
         for link in known:
@@ -334,7 +340,7 @@ class Slots:
                 async with asyncio.timeout(2.0):
                     table = await conn.call("CLUSTER", "SLOTS")
                 if table:
-                    return list(table)
+                    return list(table), link.node.rpartition(":")[0] if link.node else ""
             except (RedisError, OSError, TimeoutError) as exc:
                 errors.append(repr(exc))
         for url in self.seeds:
@@ -347,7 +353,7 @@ class Slots:
                 async with asyncio.timeout(2.0):
                     table = await conn.call("CLUSTER", "SLOTS")
                 if table:
-                    return list(table)
+                    return list(table), urlsplit(url).hostname or ""
                 errors.append("CLUSTER SLOTS: empty")
             except (RedisError, OSError, TimeoutError) as exc:
                 errors.append(repr(exc))
@@ -779,6 +785,8 @@ class SlotsBroker:
         """The table was read: every subscription whose slot is served by another master
         now (or that was lost) is made again there."""
         links = set(self._slots.links.values())
+        for gone in [k for k, lane in self._lanes.items() if k not in links and not lane.parked]:
+            del self._lanes[gone]
         for name, link in list(self._subs.items()):
             owner = self._slots.link_of(self._slots.slot(name))
             if link not in links:
