@@ -16,7 +16,6 @@ stopped after the workers, and the kernel sends it SIGTERM if the supervisor die
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import shutil
@@ -31,7 +30,7 @@ from urllib.parse import quote
 
 from aether_fast import logs
 from aether_fast.config import ConfigError
-from aether_fast.supervision import Restarter
+from aether_fast.supervision import Restarter, die_with_parent
 
 BINARY: Final = "redis-server"
 SUBDIR: Final = "redis"
@@ -48,7 +47,6 @@ UNANSWERED_LIMIT: Final = 3
 #: reads a large AOF, do not count against it)
 READY_TIMEOUT_S: Final = 30.0
 STOP_TIMEOUT_S: Final = 15.0
-_PR_SET_PDEATHSIG: Final = 1
 
 
 class PrivateRedisError(Exception):
@@ -217,14 +215,6 @@ class PrivateRedis:
 
     def start(self) -> None:
         """Start redis-server (it answers PING a moment later: `wait_ready`, `poll`)."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        parent = os.getpid()
-
-        def die_with_the_supervisor() -> None:  # in the child, before exec
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-            if os.getppid() != parent:  # the supervisor died before prctl
-                os._exit(1)
-
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self._command(),
@@ -235,7 +225,7 @@ class PrivateRedis:
                 # its own session: a Ctrl-C on the terminal reaches the workers, which drain,
                 # and not Redis, which is stopped after them
                 start_new_session=True,
-                preexec_fn=die_with_the_supervisor,
+                preexec_fn=die_with_parent(),
             )
         now = time.monotonic()
         self.restarter.started_at(now)

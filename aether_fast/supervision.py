@@ -3,19 +3,46 @@ workers, workers.py; the private Redis, private_redis.py).
 
 What it owns: `Restarter`, the restart schedule of one child: a death waits the backoff
 before the restart, each restart doubles it (up to BACKOFF_MAX_S), a child up for
-HEALTHY_AFTER_S brings it back to BACKOFF_MIN_S.
+HEALTHY_AFTER_S brings it back to BACKOFF_MIN_S; `die_with_parent`, what makes a child
+go when the supervisor does, however it dies (SIGKILL included): the kernel sends the child
+SIGTERM (Linux's PR_SET_PDEATHSIG).
 Rule: no process, no I/O, no clock of its own: the caller says what it saw and when
 (monotonic seconds), starts the process and logs.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Callable
 from typing import Final
 
 BACKOFF_MIN_S: Final = 0.5
 BACKOFF_MAX_S: Final = 10.0
 #: A child that ran this long resets its backoff.
 HEALTHY_AFTER_S: Final = 30.0
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """The `preexec_fn` of a child that must not outlive this process: in the child, before
+    exec, it asks the kernel for SIGTERM when this process dies (prctl PR_SET_PDEATHSIG,
+    which exec keeps), and exits at once if this process died before that took effect (the
+    child has been handed to another parent: no signal would come). None where there is no
+    such call (not Linux): the child may outlive a supervisor that is killed."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:  # in the child, before exec
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the supervisor died before prctl
+            os._exit(1)
+
+    return preexec
 
 
 class Restarter:

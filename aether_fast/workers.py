@@ -8,7 +8,8 @@ not start at all.
 Without BROKER_URL it first starts the private Redis the workers meet in (private_redis.py:
 BROKER_URL=unix://… in their environment), restarts it when it dies and stops it last, once
 the workers are gone; no worker is (re)started while it does not answer.
-Rule: the supervisor holds no client and no socket; it only watches processes.
+Rule: the supervisor holds no client and no socket; it only watches processes. None of its
+children outlives it: if it is killed, the kernel sends each SIGTERM (supervision.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from aether_fast import logs
 from aether_fast.config import Config
 from aether_fast.private_redis import BINARY, PrivateRedis, PrivateRedisError, find_binary
-from aether_fast.supervision import Restarter
+from aether_fast.supervision import Restarter, die_with_parent
 
 WORKER_ENV = "AETHER_WORKER_INDEX"
 #: A worker that exits within this many seconds of its start with status 2 could not start
@@ -100,6 +101,9 @@ def _run(
         return subprocess.Popen(
             [sys.executable, "-m", "aether_fast", "serve", *argv],
             env={**env, WORKER_ENV: str(index)},
+            # a supervisor killed (SIGKILL, OOM) takes its workers along: each gets SIGTERM
+            # from the kernel and drains, and the port is free for the next supervisor
+            preexec_fn=die_with_parent(),
         )
 
     workers = [_Worker(i, spawn(i)) for i in range(config.workers)]
