@@ -19,6 +19,7 @@ this module starts (tests/integration/redis_cluster_fixture.py), and two server 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,8 @@ from typing import Any
 
 import pytest
 
-from aether_fast.brokers.redis_slots import channel_slot
+from aether_fast.brokers.redis_link import RedisLink
+from aether_fast.brokers.redis_slots import channel_slot, pub_channel
 from tests.conftest import SECRET, Server
 from tests.integration.cluster_helpers import messages, only_expected_errors, status
 from tests.integration.helpers import expect, expect_error, joined, wait_for
@@ -486,3 +488,33 @@ def test_health_stays_degraded_until_a_moved_channels_subscription_is_back(
             "published while nobody listens",
             "heard again",
         ]
+
+
+# -- review: the sharded subscriber's bookkeeping, on a real master ----------------------------
+
+
+def test_a_refused_sunsubscribe_does_not_fail_the_next_subscription(
+    cluster3: ClusterProcs,
+) -> None:
+    """A master answers SUNSUBSCRIBE of a channel whose slot it lost with MOVED (an error
+    that names no channel): that must not be taken for the answer to the SSUBSCRIBE sent
+    after it, which would refuse a join on a healthy master (or mark a channel lost)."""
+    src, dst, _ = cluster3.masters()
+    gone = channel_on(cluster3, dst, "rc.gone.")  # not src's slot: src answers MOVED
+    mine = channel_on(cluster3, src, "rc.mine.")
+
+    async def scenario() -> set[str]:
+        link = RedisLink(f"redis://{src.addr}", node=src.addr)
+        lost: list[str] = []
+        link.on_lost = lost.append
+        await link.start()
+        try:
+            link.unsubscribe([pub_channel(gone)])
+            await link.subscribe(pub_channel(mine))  # failed with "MOVED ..." before
+            await link.commands()
+            assert lost == []
+            return set(link.subscribed)
+        finally:
+            await link.close()
+
+    assert asyncio.run(scenario()) == {pub_channel(mine)}
