@@ -125,9 +125,28 @@ def node_url(seed_url: str, addr: str) -> str:
     and options with that host and port."""
     parts = urlsplit(seed_url)
     auth = parts.netloc.rpartition("@")[0]
+    host, _, port = addr.rpartition(":")
+    if ":" in host:  # IPv6, as Redis writes it ("::1:7000"): a URL brackets it
+        addr = f"[{host}]:{port}"
     return urlunsplit(
         (parts.scheme, f"{auth}@{addr}" if auth else addr, parts.path, parts.query, "")
     )
+
+
+def slot_owners(table: list[Any], asked: str) -> list[str | None]:
+    """The master ("host:port") of each slot from CLUSTER SLOTS, asked of the node at host
+    `asked`: an empty endpoint is that host (as Redis says); "?" (Redis 7's unknown
+    endpoint) or a master without a port is no known master (None: the slot's channels
+    are refused, /health is degraded), never an address to connect to."""
+    owners: list[str | None] = [None] * SLOTS
+    for entry in table:
+        start, end, master = int(entry[0]), int(entry[1]), entry[2]
+        host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+        port = int(master[1]) if len(master) > 1 and master[1] is not None else 0
+        if host == "?" or not 0 < port < 65536 or not 0 <= start <= end < SLOTS:
+            continue
+        owners[start : end + 1] = [f"{host or asked}:{port}"] * (end - start + 1)
+    return owners
 
 
 def _redirect(exc: BaseException) -> tuple[str, str] | None:
@@ -293,12 +312,7 @@ class Slots:
         nothing any more, then tell the broker (`on_topology`)."""
         async with self._refresh_lock:
             table, asked = await self._read_table()
-            owners: list[str | None] = [None] * SLOTS
-            for entry in table:
-                start, end, master = int(entry[0]), int(entry[1]), entry[2]
-                host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
-                addr = f"{host or asked}:{int(master[1])}"
-                owners[start : end + 1] = [addr] * (end - start + 1)
+            owners = slot_owners(table, asked)
             for addr in sorted({a for a in owners if a is not None} - set(self.links)):
                 try:
                     await self._open_link(addr)
