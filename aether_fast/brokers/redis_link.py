@@ -388,7 +388,7 @@ class RedisLink:
         waiter = self._confirm.pop(channel, None)
         if waiter is not None:
             if not waiter.done():
-                waiter.set_exception(ResponseError(f"redis: {text}"))
+                waiter.set_exception(ResponseError(text))  # "MOVED <slot> <host:port>" ...
                 waiter.exception()  # retrieved: no "never retrieved" warning
         else:
             self.on_lost(channel)

@@ -518,3 +518,25 @@ def test_a_refused_sunsubscribe_does_not_fail_the_next_subscription(
             await link.close()
 
     assert asyncio.run(scenario()) == {pub_channel(mine)}
+
+
+def test_a_join_follows_moved_when_the_slot_moved_before_the_table_was_read(
+    make_server: Callable[..., Server], cluster3: ClusterProcs
+) -> None:
+    """A slot moved while no member here listened (so no `sunsubscribe` told the router):
+    the next join's SSUBSCRIBE is answered MOVED by the old master. The join follows it to
+    the new master (as publishes do) instead of failing with broker_unavailable."""
+    src, dst, _ = cluster3.masters()
+    ch = channel_on(cluster3, src, "rc.late.")
+    srv = make_server(BROKER_URL=cluster3.url)
+    assert healthy(srv)
+    cluster3.migrate_slot(channel_slot(ch), dst)  # the router reads the table every 5 s
+    with (
+        Client(srv.ws_url, token=srv.token("m"), channel=ch) as m,
+        Client(srv.ws_url, token=srv.token("pub"), client_id="pub", channel=ch) as pub,
+    ):
+        joined(m, ch)
+        joined(pub, ch)
+        assert shard_subscribers(dst, ch) == 1
+        pub.publish(ch, "on the new master")
+        assert messages(m, 1)[0]["data"]["content"] == "on the new master"
