@@ -299,6 +299,17 @@ class Slots:
         if self._refresh_task is None or self._refresh_task.done():
             self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_quietly())
 
+    async def refreshed(self) -> None:
+        """Wait for a read of the table asked for now: the one read shared by everyone who
+        asks meanwhile (at most one per REFRESH_GAP_S), never one per caller: a join or a
+        script that meets a redirect or a slot without a master waits for it, so many at
+        once (or a cluster answering MOVED forever) cost Redis one CLUSTER SLOTS, not one
+        each. A failed read raises nothing: the caller finds the table unchanged."""
+        self.request_refresh()
+        task = self._refresh_task
+        if task is not None:
+            await asyncio.shield(task)  # a caller cancelled does not cancel the others' read
+
     async def _refresh_quietly(self) -> None:
         # at most one read per REFRESH_GAP_S, however many failed publishes ask for one
         wait = self._refreshed_at + REFRESH_GAP_S - time.monotonic()
@@ -681,7 +692,7 @@ class SlotsBroker:
         asking = False
         for _hop in range(MAX_HOPS + 1):
             if link is None:
-                await self._slots.refresh()
+                await self._slots.refreshed()
                 link = self._slots.link_of(slot)
                 if link is None:
                     raise RedisConnectionError("redis cluster: the slot has no master")
@@ -717,7 +728,7 @@ class SlotsBroker:
         for _ in range(MAX_HOPS):
             link = self._slots.link_of(slot)
             if link is None:
-                await self._slots.refresh()
+                await self._slots.refreshed()
                 link = self._slots.link_of(slot)
                 if link is None:
                     raise RedisConnectionError("redis cluster: the slot has no master")
@@ -732,7 +743,7 @@ class SlotsBroker:
                 if _redirect(exc) is None:
                     self._lost.add(channel)  # members here may rely on it: not healthy
                     raise
-                await self._slots.refresh()
+                await self._slots.refreshed()
             except (RedisError, OSError):
                 self._lost.add(channel)
                 raise

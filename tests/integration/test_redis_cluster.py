@@ -520,6 +520,53 @@ def test_a_refused_sunsubscribe_does_not_fail_the_next_subscription(
     assert asyncio.run(scenario()) == {pub_channel(mine)}
 
 
+def cluster_slots_calls(procs: ClusterProcs) -> int:
+    """How many CLUSTER SLOTS the live masters have answered (INFO commandstats)."""
+    total = 0
+    for node in procs.masters():
+        with node.client() as r:
+            total += int(r.info("commandstats").get("cmdstat_cluster|slots", {}).get("calls", 0))
+    return total
+
+
+def test_joins_in_a_redirect_loop_share_the_reads_of_the_slot_table(
+    make_server: Callable[..., Server], cluster3: ClusterProcs
+) -> None:
+    """A broken cluster answers MOVED forever (src gave a slot to dst, which has not taken
+    it: each sends the subscription to the other). Many joins of its channel at once must
+    not read the slot table once per join and hop (a storm on every master): they share
+    the reads; and each join fails with an error, none hangs."""
+    src, dst, _ = cluster3.masters()
+    ch = channel_on(cluster3, src, "rc.loop.")
+    slot = channel_slot(ch)
+    src_id, dst_id = cluster3.node_id(src), cluster3.node_id(dst)
+    srv = make_server(BROKER_URL=cluster3.url)
+    joins = 16
+    with dst.client() as t, src.client() as s:
+        t.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        s.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+    try:
+        before = cluster_slots_calls(cluster3)
+        clients = [Client(srv.ws_url, token=srv.token(f"j{i}")) for i in range(joins)]
+        try:
+            for c in clients:
+                c.join(ch)
+            for c in clients:
+                error = c.recv_until("error")  # the join refused as a broker fault
+                assert error["details"]["reason"] == "broker_unavailable", error
+        finally:
+            for c in clients:
+                c.close()
+        reads = cluster_slots_calls(cluster3) - before
+        # one read per join and hop would be joins * MAX_HOPS (80); shared: a few per hop
+        assert reads <= 30, reads
+    finally:
+        with dst.client() as t, src.client() as s:
+            t.execute_command("CLUSTER SETSLOT", slot, "NODE", src_id)
+            s.execute_command("CLUSTER SETSLOT", slot, "NODE", src_id)
+        cluster3.wait_ok()
+
+
 def test_a_join_follows_moved_when_the_slot_moved_before_the_table_was_read(
     make_server: Callable[..., Server], cluster3: ClusterProcs
 ) -> None:
