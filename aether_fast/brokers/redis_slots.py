@@ -195,6 +195,9 @@ class Slots:
         self._unreachable: set[str] = set()
         #: faults of the cluster-wide state (`StateHome`), by part
         self.home_faults: dict[str, str] = {}
+        #: `close` was called: no read of the table and no link from then on (a publish
+        #: failed by the closing links asks for a read, which would open them all again)
+        self._closed = False
 
     # -- set-up (before `start`): applied to every link, now and later ---------------------
 
@@ -254,6 +257,7 @@ class Slots:
         self._tasks.append(asyncio.get_running_loop().create_task(self._keep_alive()))
 
     async def close(self) -> None:
+        self._closed = True
         tasks: list[asyncio.Task[Any]] = [*self._tasks, *self._opening.values()]
         if self._refresh_task is not None:
             tasks.append(self._refresh_task)
@@ -270,6 +274,8 @@ class Slots:
 
     async def _open_link(self, addr: str) -> RedisLink:
         """The link of `addr`, opened once however many ask at the same time."""
+        if self._closed:
+            raise RedisConnectionError("redis cluster: the broker is closing")
         opening = self._opening.get(addr)
         if opening is None:
             opening = asyncio.get_running_loop().create_task(self._new_link(addr))
@@ -286,6 +292,8 @@ class Slots:
         link.on_lost = self._on_lost
         try:
             await link.start()
+            if self._closed:
+                raise RedisConnectionError("redis cluster: the broker is closing")
         except BaseException:
             await link.close()
             raise
@@ -296,6 +304,8 @@ class Slots:
 
     def request_refresh(self) -> None:
         """Read the table again soon (once, however many ask meanwhile)."""
+        if self._closed:
+            return
         if self._refresh_task is None or self._refresh_task.done():
             self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_quietly())
 
@@ -322,6 +332,8 @@ class Slots:
         """Read CLUSTER SLOTS, open links to new masters, close those of nodes that serve
         nothing any more, then tell the broker (`on_topology`)."""
         async with self._refresh_lock:
+            if self._closed:
+                raise RedisConnectionError("redis cluster: the broker is closing")
             table, asked = await self._read_table()
             owners = slot_owners(table, asked)
             for addr in sorted({a for a in owners if a is not None} - set(self.links)):

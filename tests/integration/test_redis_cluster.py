@@ -20,6 +20,7 @@ this module starts (tests/integration/redis_cluster_fixture.py), and two server 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -28,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.exceptions import RedisError
 
 from aether_fast.brokers.redis_link import RedisLink
-from aether_fast.brokers.redis_slots import channel_slot, pub_channel
+from aether_fast.brokers.redis_slots import Slots, channel_slot, pub_channel
 from tests.conftest import SECRET, Server
 from tests.integration.cluster_helpers import messages, only_expected_errors, status
 from tests.integration.helpers import expect, expect_error, joined, wait_for
@@ -587,3 +589,25 @@ def test_a_join_follows_moved_when_the_slot_moved_before_the_table_was_read(
         assert shard_subscribers(dst, ch) == 1
         pub.publish(ch, "on the new master")
         assert messages(m, 1)[0]["data"]["content"] == "on the new master"
+
+
+def test_nothing_is_opened_again_after_close(cluster3: ClusterProcs) -> None:
+    """Closing the links fails the publishes in flight, and each failure asks for a read
+    of the slot table: after `close` that read must not open a link to every master again
+    (connections left open by a stopped worker, a task still running at loop end)."""
+    seeds = [f"redis://{n.addr}" for n in cluster3.masters()]
+
+    async def scenario() -> tuple[int, int]:
+        slots = Slots(seeds)
+        await slots.start()
+        opened = len(slots.links)
+        await slots.close()
+        slots.request_refresh()  # what `_published` does for a batch the closing failed
+        await slots.refreshed()
+        with contextlib.suppress(RedisError, OSError):
+            await slots.refresh()
+        left = len(slots.links)
+        await slots.close()  # (leaves nothing open, whatever the outcome)
+        return opened, left
+
+    assert asyncio.run(scenario()) == (3, 0)
