@@ -641,7 +641,7 @@ class SlotsBroker:
         keys = [key for call, _ in batch for key in call[:3]]
         args = [arg for call, _ in batch for arg in call[3:]]
         script = _PUBLISH_SHARDED_SHA if how == "EVALSHA" else _PUBLISH_SHARDED
-        handler = partial(self._published, link, slot, batch, hops, how)
+        handler = partial(self._published, link, slot, batch, hops, asking, how)
         try:
             if asking:
                 conn.request(_ignore, "ASKING")
@@ -655,6 +655,7 @@ class SlotsBroker:
         slot: int,
         batch: list[Pending],
         hops: int,
+        asking: bool,
         how: str,
         reply: Any,
         exc: BaseException | None,
@@ -665,7 +666,8 @@ class SlotsBroker:
             settle(batch, reply)
             return
         if isinstance(exc, NoScriptError) and how == "EVALSHA":
-            self._send(slot, batch, link, hops, how="EVAL")
+            # on the node an ASK named: ASKING again, else it answers MOVED (to the source)
+            self._send(slot, batch, link, hops, asking=asking, how="EVAL")
             return
         redirect = _redirect(exc)
         if redirect is not None and hops < MAX_HOPS:

@@ -611,3 +611,28 @@ def test_nothing_is_opened_again_after_close(cluster3: ClusterProcs) -> None:
         return opened, left
 
     assert asyncio.run(scenario()) == (3, 0)
+
+
+def test_a_publish_asked_to_a_node_without_the_script_is_acked(
+    make_server: Callable[..., Server], cluster3: ClusterProcs
+) -> None:
+    """Mid-migration the channel's keys are on dst, which has lost its scripts (SCRIPT
+    FLUSH, a restart): the publish follows ASK, meets NOSCRIPT, and sends the script
+    itself; that EVAL must go with ASKING too, else dst answers MOVED back to src and the
+    publish is refused after its hops although both masters work."""
+    src, dst, _ = cluster3.masters()
+    ch = channel_on(cluster3, src, "rc.noscript.")
+    slot = channel_slot(ch)
+    srv = make_server(BROKER_URL=cluster3.url)
+    with Client(srv.ws_url, token=srv.token("pub"), client_id="pub", channel=ch) as pub:
+        joined(pub, ch)
+        pub.publish(ch, "one")
+        assert acks(pub, 1)[0]["offset"] == 1
+        cluster3.migrate_slot(slot, dst, finish=False)
+        try:
+            with dst.client() as r:
+                r.script_flush()
+            pub.publish(ch, "two")
+            assert acks(pub, 1)[0]["offset"] == 2
+        finally:
+            cluster3.finish_migration(slot, src, dst)
