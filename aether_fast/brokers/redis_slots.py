@@ -674,7 +674,14 @@ class SlotsBroker:
             kind, addr = redirect
             if kind == "MOVED":
                 self._slots.moved(slot, addr)
-            self._spawn(self._follow_redirect(slot, batch, hops + 1, kind, addr))
+            target = None if kind == "TRYAGAIN" else self._slots.links.get(addr)
+            if target is not None:
+                # sent now, not from a task: a publish of this slot made in this loop pass
+                # goes to `addr` too (the table says so now) and must go after it (a
+                # sender's order); a master with no link yet refuses those meanwhile
+                self._send(slot, batch, target, hops + 1, asking=kind == "ASK")
+            else:
+                self._spawn(self._follow_redirect(slot, batch, hops + 1, kind, addr))
             return
         if not isinstance(exc, ResponseError):
             link.degraded(exc)

@@ -26,13 +26,15 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from redis.exceptions import RedisError
 
+from aether_fast.brokers.base import PublishResult
 from aether_fast.brokers.redis_link import RedisLink
-from aether_fast.brokers.redis_slots import Slots, channel_slot, pub_channel
+from aether_fast.brokers.redis_slots import Slots, SlotsBroker, channel_slot, pub_channel
 from tests.conftest import SECRET, Server
 from tests.integration.cluster_helpers import messages, only_expected_errors, status
 from tests.integration.helpers import expect, expect_error, joined, wait_for
@@ -636,3 +638,42 @@ def test_a_publish_asked_to_a_node_without_the_script_is_acked(
             assert acks(pub, 1)[0]["offset"] == 2
         finally:
             cluster3.finish_migration(slot, src, dst)
+
+
+def test_a_senders_order_holds_across_moved(cluster3: ClusterProcs) -> None:
+    """Publish A meets MOVED (the slot moved, the table is stale); publish B of the same
+    sender is made in the same loop pass, after the MOVED reply was read: the table names
+    the new master now, so B goes there at once; A must still go first (offset A < B).
+    (The router's `moved` is where B is made: the pass of a client's next frame.)"""
+    src, dst, _ = cluster3.masters()
+    ch = channel_on(cluster3, src, "rc.order.")
+    seeds = [f"redis://{n.addr}" for n in cluster3.masters()]
+
+    class Hub:
+        def channel(self, name: str) -> None:
+            return None
+
+    channel = SimpleNamespace(name=ch, config=SimpleNamespace(history_size=10))
+    sender = SimpleNamespace(identity="u", client_id="c", user_id="u")
+
+    async def scenario() -> tuple[int, int]:
+        slots = Slots(seeds)
+        broker = SlotsBroker(Hub(), slots, None, history_ttl_s=60, dedup_ttl_s=60)
+        await broker.start()
+        try:
+            cluster3.migrate_slot(channel_slot(ch), dst)  # the router still names src
+            later: list[asyncio.Future[PublishResult]] = []
+            moved = slots.moved
+
+            def moved_then_publish(slot: int, addr: str) -> None:
+                moved(slot, addr)
+                later.append(broker.publish(channel, sender, 2, "B"))
+
+            slots.moved = moved_then_publish  # type: ignore[method-assign]
+            first = await broker.publish(channel, sender, 1, "A")
+            second = await later[0]
+            return first[0], second[0]
+        finally:
+            await broker.close()
+
+    assert asyncio.run(scenario()) == (1, 2)
