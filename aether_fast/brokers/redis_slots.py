@@ -137,12 +137,16 @@ def slot_owners(table: list[Any], asked: str) -> list[str | None]:
     """The master ("host:port") of each slot from CLUSTER SLOTS, asked of the node at host
     `asked`: an empty endpoint is that host (as Redis says); "?" (Redis 7's unknown
     endpoint) or a master without a port is no known master (None: the slot's channels
-    are refused, /health is degraded), never an address to connect to."""
+    are refused, /health is degraded), never an address to connect to; so is an entry
+    that is not what Redis writes (a broken or hostile node: no exception per read)."""
     owners: list[str | None] = [None] * SLOTS
     for entry in table:
-        start, end, master = int(entry[0]), int(entry[1]), entry[2]
-        host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
-        port = int(master[1]) if len(master) > 1 and master[1] is not None else 0
+        try:
+            start, end, master = int(entry[0]), int(entry[1]), entry[2]
+            host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+            port = int(master[1]) if len(master) > 1 and master[1] is not None else 0
+        except (TypeError, ValueError, IndexError, UnicodeDecodeError):
+            continue
         if host == "?" or not 0 < port < 65536 or not 0 <= start <= end < SLOTS:
             continue
         owners[start : end + 1] = [f"{host or asked}:{port}"] * (end - start + 1)

@@ -91,6 +91,10 @@ def test_slot_table_endpoints() -> None:
     assert owners[300] == owners[16383] == "::1:7003"
     # a broken answer (a port of 0, a range past the last slot) names no master
     assert set(slot_owners([[0, 16383, [b"h", 0]], [5, 99999, [b"h", 1]]], "x")) == {None}
+    # nor does an entry that is not CLUSTER SLOTS at all (no exception: the next read is
+    # the same, and the keep-alive would log it once a second)
+    garbage = [[b"x", 5, [b"h", 1]], [0, 5, b"h"], [0, 5, []], [0, 5, [b"\xff", 1]], [0], 7]
+    assert set(slot_owners([*garbage, [6, 9, [b"h", b"7000"]]], "x")[:10]) == {None, "h:7000"}
 
 
 def test_no_master_known_is_unavailable() -> None:
