@@ -14,7 +14,10 @@ this module starts (tests/integration/redis_cluster_fixture.py), and two server 
   they publish again, members receive again, and `since` recovers every acked message;
 - a slot moved to a master that refuses the subscription: /health stays degraded until the
   subscription is back (delivery never stops behind a green health check);
-- bad redis+cluster:// forms exit 2 with one line that prints no credentials.
+- bad redis+cluster:// forms exit 2 with one line that prints no credentials;
+- review: a refused SUNSUBSCRIBE does not fail the next SSUBSCRIBE; a join follows MOVED;
+  joins in a MOVED loop share the reads of the slot table; EVAL after NOSCRIPT on an ASK
+  target; a sender's order across MOVED; nothing reopened after close.
 """
 
 from __future__ import annotations
