@@ -219,8 +219,22 @@ def test_channels_on_every_master_work_across_machines(
         cfg = chans[-1] + ".cfg"
         assert a.create_channel(name=cfg, require_auth=False, max_connections=1) == 201
         wait_for(lambda: b.http("GET", f"/ws/channels/{cfg}", token=b.admin())[0] == 200)
-        with Client(b.ws_url, channel=cfg) as anon:  # B applies it: anonymous allowed
-            joined(anon, cfg)
+
+        def anonymous_join() -> str:
+            """`joined`, or the code of the error a join with no token gets."""
+            with Client(b.ws_url, channel=cfg) as anon:
+                first = anon.recv()
+            if first.get("type") == "error":
+                return str(first["code"])
+            return "joined" if first["data"].get("channel") == cfg else "not joined"
+
+        # B applies it (anonymous allowed) on each of its workers once it heard the notice
+        # and read the config (the GET above may have been answered by the other worker)
+        wait_for(lambda: anonymous_join() == "joined")
+        for _ in range(6):  # the last one's close may not be seen yet: CHANNEL_FULL
+            assert wait_for(lambda: (code := anonymous_join()) != "CHANNEL_FULL" and code) == (
+                "joined"
+            )
         state = [n for n in masters if n.client().keys("aether:{aether}:*")]
         assert len(state) == 1
         with state[0].client() as r:
