@@ -173,6 +173,10 @@ cdef class Connection(WSListener):
     cdef bytearray frag
     cdef int frag_opcode
     cdef bint frag_overflow
+    cdef bint frag_deflated   # the fragmented message being assembled is compressed (RSV1)
+    # permessage-deflate, set at the upgrade: 0 = not negotiated; else the server window
+    # bits this connection's compressed frames use (8-15; 8: it gets plain frames)
+    cdef public int deflate
     cdef unsigned long frames_seen
     cdef bint ping_outstanding
     cdef object close_timer
@@ -199,6 +203,8 @@ cdef class Connection(WSListener):
         self.frag = None
         self.frag_opcode = 0
         self.frag_overflow = False
+        self.frag_deflated = False
+        self.deflate = 0
         self.frames_seen = 0
         self.ping_outstanding = False
         self.close_timer = None
@@ -284,7 +290,11 @@ cdef class Connection(WSListener):
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType t = frame.msg_type
         self.frames_seen += 1
-        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+        if frame.rsv2 or frame.rsv3 or (frame.rsv1 and (
+                self.deflate == 0 or (t != WSMsgType.TEXT and t != WSMsgType.BINARY))):
+            # RSV1 means "compressed" only on the first frame of a message of a connection
+            # that negotiated permessage-deflate (RFC 7692 §6): never on a continuation or
+            # a control frame
             if not self.closing:
                 self.close(CloseCode.PROTOCOL_ERROR, "reserved bits set without an extension")
             return
@@ -319,7 +329,11 @@ cdef class Connection(WSListener):
             self.frag_opcode = <int>t
             self.frag = bytearray()
             self.frag_overflow = False
+            self.frag_deflated = frame.rsv1
             self.add_fragment(frame)
+            return
+        if frame.rsv1:
+            self.on_deflated(<int>t, frame.payload_ptr, frame.payload_size)
             return
         if frame.payload_size > self.max_message:
             self.too_large(frame.payload_size)
@@ -340,7 +354,9 @@ cdef class Connection(WSListener):
     cdef void add_fragment(self, WSFrame frame):
         if self.frag_overflow:
             return
-        if PyByteArray_GET_SIZE(self.frag) + frame.payload_size > self.max_message:
+        cdef Py_ssize_t limit = (deflated_limit(self.max_message) if self.frag_deflated
+                                 else self.max_message)
+        if PyByteArray_GET_SIZE(self.frag) + frame.payload_size > limit:
             self.frag_overflow = True
             self.frag = bytearray()
             return
@@ -350,12 +366,43 @@ cdef class Connection(WSListener):
         cdef int opcode = self.frag_opcode
         cdef bytes payload = bytes(self.frag)
         cdef bint overflow = self.frag_overflow
+        cdef bint deflated = self.frag_deflated
         self.frag_opcode = 0
         self.frag = None
+        self.frag_deflated = False
+        if deflated:
+            if overflow:
+                self.inflate_refused()
+            else:
+                self.on_deflated(opcode, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+            return
         if overflow:
             self.too_large(-1)
             return
         self.on_message(opcode, payload)
+
+    cdef void on_deflated(self, int opcode, const char* data, Py_ssize_t n):
+        """A whole compressed message: inflated (by the worker's one inflater) into at most
+        MAX_MESSAGE_BYTES, then handled as any message. Over the limit once inflated: 1009
+        (inflating stops there); not valid deflate data: 1007."""
+        cdef bytes payload
+        if n > deflated_limit(self.max_message):
+            self.inflate_refused()
+            return
+        try:
+            payload = inflate_message(data, n, self.max_message)
+        except ValueError:
+            self.close(CloseCode.INVALID_DATA, "invalid compressed data")
+            return
+        if payload is None:
+            self.inflate_refused()
+            return
+        self.on_message(opcode, payload)
+
+    cdef void inflate_refused(self):
+        """A compressed message over MAX_MESSAGE_BYTES once inflated (a zip bomb, or just
+        too big): closed with 1009, whatever the subclass does with plain ones."""
+        self.close(CloseCode.TOO_BIG, "message too big once inflated")
 
     cdef void on_close_frame(self, WSFrame frame):
         cdef int code

@@ -36,7 +36,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-from aether_fast._core import encode_text_frame, publication_halves, utc_timestamp
+from aether_fast._core import Packed, encode_text_frame, publication_halves, utc_timestamp
 from aether_fast.brokers import resp
 from aether_fast.brokers.base import (
     DEDUP_WINDOW,
@@ -222,6 +222,11 @@ class RedisBroker:
         self._lanes = [_Lane(link) for link in shards.links]
         self._single = len(self._lanes) == 1
         self._tasks: list[asyncio.Task[None]] = []
+        # channel -> {offset: Packed}: the compressed variants of the publications this
+        # worker delivered to deflate members, at most history_size per channel, so that a
+        # recovery replays them without compressing (Redis keeps the JSON only: a
+        # publication this worker did not compress is replayed plain, which RFC 7692 allows)
+        self._packed: dict[str, dict[int, Packed]] = {}
         #: the loop `start` ran in: each publish needs it
         self._loop: asyncio.AbstractEventLoop | None = None
         for link in shards.links:
@@ -401,7 +406,11 @@ class RedisBroker:
             return Recovery([], offset, current_epoch, False)
         if since >= offset:
             return Recovery([], offset, current_epoch, since == offset)
-        frames = [encode_text_frame(fields[1]) for _id, fields in entries]
+        packed = self._packed.get(channel, {})
+        frames: list[bytes | Packed] = []
+        for entry_id, fields in entries:
+            item = packed.get(int(entry_id.split(b"-")[0]))
+            frames.append(item if item is not None else encode_text_frame(fields[1]))
         first = int(entries[0][0].split(b"-")[0]) if entries else 0
         complete = len(frames) == offset - since and first == since + 1
         return Recovery(frames if complete else [], offset, current_epoch, complete)
@@ -422,6 +431,7 @@ class RedisBroker:
         return (int(offset), epoch.decode())
 
     async def forget(self, channel: str) -> None:
+        self._packed.pop(channel, None)
         try:
             await self._lane(channel).link.redis.delete(*_keys(channel))
         except (RedisError, OSError) as exc:
@@ -439,6 +449,8 @@ class RedisBroker:
                     idle.append(target)
             if idle:
                 link.unsubscribe(idle)
+                for target in idle:
+                    self._packed.pop(target[len(PUB) :], None)
 
     def _on_message(self, target: bytes, data: bytes) -> None:
         """A publication from a link's subscriber: to this worker's members of its
@@ -451,7 +463,16 @@ class RedisBroker:
         identity, _, client = sender.decode().rpartition("\x1f")
         origin = self._cluster.local_session(identity or None, client)
         exclude = origin if origin is not None and not origin.echo else None
-        self._hub.deliver(ch, encode_text_frame(payload), exclude, int(offset))
+        at = int(offset)
+        packed = self._hub.deliver(ch, encode_text_frame(payload), exclude, at)
+        size = ch.history_size
+        if packed is not None and size > 0:
+            kept = self._packed.get(ch.name)
+            if kept is None:
+                kept = self._packed[ch.name] = {}
+            kept[at] = packed
+            while len(kept) > size:  # oldest first (insertion order is offset order)
+                del kept[next(iter(kept))]
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
