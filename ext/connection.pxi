@@ -354,7 +354,9 @@ cdef class Connection(WSListener):
     cdef void add_fragment(self, WSFrame frame):
         if self.frag_overflow:
             return
-        cdef Py_ssize_t limit = (deflated_limit(self.max_message) if self.frag_deflated
+        # compressed fragments are kept as they come, up to the frame hard limit: past it
+        # the message inflates to more than MAX_MESSAGE_BYTES for sure
+        cdef Py_ssize_t limit = (hard_limit(self.max_message) if self.frag_deflated
                                  else self.max_message)
         if PyByteArray_GET_SIZE(self.frag) + frame.payload_size > limit:
             self.frag_overflow = True
@@ -370,11 +372,8 @@ cdef class Connection(WSListener):
         self.frag_opcode = 0
         self.frag = None
         self.frag_deflated = False
-        if deflated:
-            if overflow:
-                self.inflate_refused()
-            else:
-                self.on_deflated(opcode, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+        if deflated and not overflow:
+            self.on_deflated(opcode, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
             return
         if overflow:
             self.too_large(-1)
@@ -382,27 +381,20 @@ cdef class Connection(WSListener):
         self.on_message(opcode, payload)
 
     cdef void on_deflated(self, int opcode, const char* data, Py_ssize_t n):
-        """A whole compressed message: inflated (by the worker's one inflater) into at most
-        MAX_MESSAGE_BYTES, then handled as any message. Over the limit once inflated: 1009
-        (inflating stops there); not valid deflate data: 1007."""
-        cdef bytes payload
-        if n > deflated_limit(self.max_message):
-            self.inflate_refused()
-            return
-        try:
-            payload = inflate_message(data, n, self.max_message)
-        except ValueError:
+        """A whole compressed message: inflated (by the worker's one inflater), then handled
+        as the plain message it inflates to, whose size is what MAX_MESSAGE_BYTES limits:
+        over it `too_large` (inflating stops soon after: `inflate_message`), over the frame
+        hard limit close 1009 (a zip bomb); not valid deflate data: 1007."""
+        cdef int verdict = INFLATE_BAD
+        cdef bytes payload = inflate_message(data, n, self.max_message, &verdict)
+        if verdict == INFLATED:
+            self.on_message(opcode, payload)
+        elif verdict == INFLATED_OVER:
+            self.too_large(-1)
+        elif verdict == INFLATED_BOMB:
+            self.close(CloseCode.TOO_BIG, "message too big once inflated")
+        else:
             self.close(CloseCode.INVALID_DATA, "invalid compressed data")
-            return
-        if payload is None:
-            self.inflate_refused()
-            return
-        self.on_message(opcode, payload)
-
-    cdef void inflate_refused(self):
-        """A compressed message over MAX_MESSAGE_BYTES once inflated (a zip bomb, or just
-        too big): closed with 1009, whatever the subclass does with plain ones."""
-        self.close(CloseCode.TOO_BIG, "message too big once inflated")
 
     cdef void on_close_frame(self, WSFrame frame):
         cdef int code

@@ -5,8 +5,10 @@
 # Rule: a publication is compressed once per window size its channel's deflate members use
 # (`Packed`, made by `Hub.deliver`), and every such member gets the same bytes; history and
 # recovery keep the `Packed` and never compress again. A client's compressed message is
-# inflated into at most MAX_MESSAGE_BYTES + 1 bytes: one more and it is refused (1009), so a
-# zip bomb costs no more memory or CPU than a message of the limit.
+# inflated into at most MAX_MESSAGE_BYTES + 1 bytes; past them it is only counted, and only
+# up to the frame hard limit (max(4 x MAX_MESSAGE_BYTES, 1 MiB)): it is then refused as the
+# plain message it inflates to would be (MESSAGE_TOO_LARGE; past the hard limit close 1009),
+# so a zip bomb costs MAX_MESSAGE_BYTES of memory and the hard limit of output at most.
 
 cdef extern from "zlib.h" nogil:
     ctypedef struct z_stream:
@@ -159,17 +161,41 @@ cdef bytes deflate_existing(bytes frame, int bits):
 
 cdef const unsigned char* INFLATE_TAIL = b"\x00\x00\xff\xff"
 
+#: what `inflate_message` found
+cdef enum:
+    INFLATED = 0          # the message, at most `limit` bytes
+    INFLATED_OVER = 1     # more than `limit`, at most `hard`: refused as a plain one would be
+    INFLATED_BOMB = 2     # more than `hard` (inflating stopped there)
+    INFLATE_BAD = 3       # not valid deflate data
 
-cdef bytes inflate_message(const char* data, Py_ssize_t n, Py_ssize_t limit):
+#: where output past `limit` goes while it is only counted
+cdef enum:
+    DISCARD_SIZE = 16384
+cdef unsigned char discard[DISCARD_SIZE]
+
+
+cdef inline Py_ssize_t hard_limit(Py_ssize_t limit) noexcept:
+    """The largest message we inflate, only to count it, past MAX_MESSAGE_BYTES: the same
+    as the largest frame picows takes (`_max_frame` in http/upgrade.py), so that a
+    compressed message is refused as the plain one it inflates to would be."""
+    cdef Py_ssize_t hard = limit * 4
+    return hard if hard > (1 << 20) else (1 << 20)
+
+
+cdef bytes inflate_message(const char* data, Py_ssize_t n, Py_ssize_t limit, int* verdict):
     """One compressed message (RFC 7692 §7.2.2: the 00 00 ff ff tail is added here)
-    inflated by the shared inflater, reset first. None when it holds more than `limit`
-    bytes: inflating stops at `limit` + 1, so a zip bomb costs no more than the limit.
-    ValueError when it is not valid deflate data."""
+    inflated by the shared inflater, reset first. At most `limit` bytes are kept: the
+    message (`verdict` INFLATED); past them output is only counted, in a fixed buffer, up to
+    `hard_limit(limit)` (INFLATED_OVER), and inflating stops there (INFLATED_BOMB): a zip
+    bomb costs `limit` + 1 bytes of memory and no more than `hard_limit` of output. Not valid
+    deflate data: INFLATE_BAD. None unless INFLATED."""
     global inflater_ready, z_inflated, z_inflate_refused
     cdef z_stream* z = &inflater
-    cdef Py_ssize_t produced = 0, want
+    cdef Py_ssize_t produced = 0, counted = 0, cap
+    cdef Py_ssize_t hard = hard_limit(limit)
     cdef int rc, phase
-    cdef bint ended = False
+    cdef bint ended = False, counting = False
+    verdict[0] = INFLATE_BAD
     if not inflater_ready:
         memset(z, 0, sizeof(z_stream))
         if inflateInit2(z, -DEFLATE_MAX_BITS) != Z_OK:
@@ -177,10 +203,11 @@ cdef bytes inflate_message(const char* data, Py_ssize_t n, Py_ssize_t limit):
         inflater_ready = True
     else:
         inflateReset(z)
-    want = n * 4 + 64
-    if want > limit + 1:
-        want = limit + 1
-    zbuf_reserve(want)
+    # the output buffer holds at most `limit` + 1 bytes, whatever the scratch's size
+    cap = n * 4 + 64
+    if cap > limit + 1:
+        cap = limit + 1
+    zbuf_reserve(cap)
     for phase in range(2):
         if ended:
             break
@@ -191,24 +218,34 @@ cdef bytes inflate_message(const char* data, Py_ssize_t n, Py_ssize_t limit):
             z.next_in = <unsigned char*>INFLATE_TAIL
             z.avail_in = 4
         while True:
-            if produced == zbuf_cap:
-                if zbuf_cap > limit:
+            if counting:
+                z.next_out = discard
+                z.avail_out = DISCARD_SIZE
+            else:
+                if produced == cap:
+                    if cap > limit:
+                        counting = True  # over the limit: from here on only counted
+                        counted = produced
+                        continue
+                    cap = cap * 2 if cap * 2 <= limit + 1 else limit + 1
+                    zbuf_reserve(cap)
+                z.next_out = zbuf + produced
+                z.avail_out = <unsigned int>(cap - produced)
+            rc = inflate(z, Z_SYNC_FLUSH)
+            if counting:
+                counted += DISCARD_SIZE - <Py_ssize_t>z.avail_out
+                if counted > hard:
                     z_inflate_refused += 1
                     zbuf_trim()
+                    verdict[0] = INFLATED_BOMB
                     return None
-                want = zbuf_cap * 2
-                if want > limit + 1:
-                    want = limit + 1
-                zbuf_reserve(want)
-            z.next_out = zbuf + produced
-            z.avail_out = <unsigned int>(zbuf_cap - produced)
-            rc = inflate(z, Z_SYNC_FLUSH)
-            produced = zbuf_cap - <Py_ssize_t>z.avail_out
+            else:
+                produced = cap - <Py_ssize_t>z.avail_out
             if rc == Z_STREAM_END:
                 # the client ended the stream (BFINAL): nothing may follow in the message
                 if phase == 0 and z.avail_in != 0:
                     zbuf_trim()
-                    raise ValueError("data after the end of the deflate stream")
+                    return None
                 ended = True
                 break
             if rc == Z_BUF_ERROR:
@@ -217,26 +254,22 @@ cdef bytes inflate_message(const char* data, Py_ssize_t n, Py_ssize_t limit):
                 if z.avail_out == 0:
                     continue  # more room needed
                 zbuf_trim()
-                raise ValueError("invalid deflate data")
+                return None
             if rc != Z_OK:
                 zbuf_trim()
-                raise ValueError("invalid deflate data")
+                return None
             if z.avail_in == 0 and z.avail_out > 0:
                 break
-    if produced > limit:
+    if counting or produced > limit:
         z_inflate_refused += 1
         zbuf_trim()
+        verdict[0] = INFLATED_OVER
         return None
     cdef bytes out = PyBytes_FromStringAndSize(<char*>zbuf, produced)
     zbuf_trim()
     z_inflated += 1
+    verdict[0] = INFLATED
     return out
-
-
-cdef inline Py_ssize_t deflated_limit(Py_ssize_t limit) noexcept:
-    """The most compressed bytes a message of `limit` bytes can take (stored blocks cost 5
-    bytes per 64 KiB; generous): past it, the inflated message is surely over `limit`."""
-    return limit + (limit >> 3) + 64
 
 
 cdef class Packed:
@@ -289,9 +322,13 @@ def compress_frame(bytes frame, int bits) -> bytes:
     return deflate_existing(frame, bits)
 
 
-def inflate_payload(bytes data, Py_ssize_t limit) -> object:
-    """`data` inflated as one message, or None when over `limit` (for tests)."""
-    return inflate_message(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), limit)
+def inflate_payload(bytes data, Py_ssize_t limit) -> tuple:
+    """`data` inflated as one message (for tests): (verdict, the message or None); the
+    verdict is "ok", "over" (past `limit`), "bomb" (past 4 x `limit`, at least 1 MiB: no
+    more was inflated) or "bad"."""
+    cdef int verdict = INFLATE_BAD
+    out = inflate_message(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), limit, &verdict)
+    return (("ok", "over", "bomb", "bad")[verdict], out)
 
 
 def compression_stats() -> dict:

@@ -380,7 +380,9 @@ def _peak_rss_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_zip_bomb_is_refused_1009_at_the_limit(make_server: Callable[..., Server]) -> None:
+def test_zip_bomb_is_refused_1009_and_inflates_no_further(
+    make_server: Callable[..., Server],
+) -> None:
     srv = make_server(RATE_LIMIT_MESSAGES="100000")
     assert srv.proc is not None
     bomb = deflate(b"\x00" * (50 * 1024 * 1024), 15)  # 50 MiB of zeros in ~50 KB
@@ -394,18 +396,23 @@ def test_zip_bomb_is_refused_1009_at_the_limit(make_server: Callable[..., Server
         ws.send_frame(bomb, b0=0xC1)
         assert ws.close_code() == 1009
         assert ws.conn.closed_by_server()
-        # the server inflated no more than MAX_MESSAGE_BYTES (64 KiB): its peak memory did
-        # not take the 50 MiB a full inflate would have needed
+        # the server kept no more than MAX_MESSAGE_BYTES (64 KiB) of it, and inflated no
+        # more than the hard limit (1 MiB): its peak memory did not take the 50 MiB
         assert _peak_rss_kib(srv.proc.pid) - peak < 16 * 1024
         # and it still serves the others
         publish(other, "dfl.bomb", "still here", 1)
         assert other.until("message", "ack")[1]["data"]["metadata"]["sequence"] == 1
-        # a compressed message over the limit by a little: 1009 as well
-        again = WS(srv, "permessage-deflate", token=srv.token("carol"))
-        again.until("connection", "connect")
-        again.send_frame(deflate(b"a" * 65537), b0=0xC1)
-        assert again.close_code() == 1009
-        again.close()
+        # a compressed message over the limit by a little is what its plain message would
+        # be: MESSAGE_TOO_LARGE, and the connection stays
+        again = WS(srv, "permessage-deflate", token=srv.token("carol"), channel="dfl.bomb")
+        try:
+            again.until("connection", "connect")
+            again.send_frame(deflate(b"a" * 65537), b0=0xC1)
+            assert again.until("error")[1]["code"] == "MESSAGE_TOO_LARGE"
+            publish(again, "dfl.bomb", "after", 1, compressed=True)
+            assert again.until("message", "ack")[1]["data"]["metadata"]["sequence"] == 1
+        finally:
+            again.close()
     finally:
         ws.close()
         other.close()
@@ -461,3 +468,36 @@ def test_echo_endpoint_compresses_and_inflates(make_server: Callable[..., Server
         assert ws.frame() == (0x81, b"short")
     finally:
         ws.close()
+
+
+def test_redis_recovery_replays_what_this_worker_compressed(
+    make_server: Callable[..., Server], redis_url: str
+) -> None:
+    srv = make_server(BROKER_URL=redis_url, RATE_LIMIT_MESSAGES="100000")
+    opened: list[WS] = []
+
+    def join(user: str, offer: str | None, **query: Any) -> WS:
+        ws = WS(srv, offer, token=srv.token(user), channel="dfl.redis", **query)
+        ws.reply = ws.until("connection", "connect")[1]
+        opened.append(ws)
+        return ws
+
+    try:
+        plain = join("alice", None)
+        sender = join("bob", None)
+        publish(sender, "dfl.redis", f"1 {BIG}", 1)  # no deflate member yet: not compressed
+        assert plain.frame()[0] == 0x81
+        live = join("carol", "permessage-deflate")
+        publish(sender, "dfl.redis", f"2 {BIG}", 2)
+        assert plain.frame()[0] == 0x81
+        second = live.frame()
+        assert second[0] == 0xC1
+        before = messages_figures(srv)["compression"]["compressions"]
+        again = join("dave", "permessage-deflate", since=0, epoch=plain.reply["data"]["epoch"])
+        first = again.frame()
+        assert first[0] == 0x81 and json.loads(first[1])["data"]["content"] == f"1 {BIG}"
+        assert again.frame() == second  # the bytes this worker compressed live
+        assert messages_figures(srv)["compression"]["compressions"] == before
+    finally:
+        for ws in opened:
+            ws.close()
