@@ -50,8 +50,9 @@ def negotiate_deflate(values: list[str]) -> tuple[int, str] | None:
     so no connection keeps zlib state between messages; `server_max_window_bits=N` when
     offered (we compress with 2**N; N = 8 gets plain frames, zlib has no 256-byte raw
     window); `client_max_window_bits` is never answered (our inflater takes any window).
-    Declined (RFC 7692 section 7: the cases a server MUST decline): an unknown parameter, a duplicate one, a
-    value that is not 8..15, a value on a parameter that takes none."""
+    Declined (RFC 7692 section 7: the cases a server MUST decline): an unknown parameter, a
+    duplicate one, a value that is not 8..15, a value on a parameter that takes none,
+    `server_max_window_bits` without one."""
     for offer in _extension_offers(values)[:MAX_EXTENSION_OFFERS]:
         if offer[0] != "permessage-deflate":
             continue
