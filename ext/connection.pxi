@@ -354,9 +354,9 @@ cdef class Connection(WSListener):
     cdef void add_fragment(self, WSFrame frame):
         if self.frag_overflow:
             return
-        # compressed fragments are kept as they come, up to the frame hard limit: past it
-        # the message inflates to more than MAX_MESSAGE_BYTES for sure
-        cdef Py_ssize_t limit = (hard_limit(self.max_message) if self.frag_deflated
+        # compressed fragments are kept as they come, up to what a message of
+        # MAX_MESSAGE_BYTES compresses to at worst: past it, it inflates to more
+        cdef Py_ssize_t limit = (deflated_limit(self.max_message) if self.frag_deflated
                                  else self.max_message)
         if PyByteArray_GET_SIZE(self.frag) + frame.payload_size > limit:
             self.frag_overflow = True

@@ -182,6 +182,13 @@ cdef inline Py_ssize_t hard_limit(Py_ssize_t limit) noexcept:
     return hard if hard > (1 << 20) else (1 << 20)
 
 
+cdef inline Py_ssize_t deflated_limit(Py_ssize_t limit) noexcept:
+    """The most compressed bytes a message of `limit` bytes takes (deflate's worst case is
+    stored blocks, 5 bytes per 64 KiB; generous): a fragmented compressed message is kept
+    up to this (the plain one up to `limit`), past it it is over `limit` once inflated."""
+    return limit + (limit >> 3) + 64
+
+
 cdef bytes inflate_message(const char* data, Py_ssize_t n, Py_ssize_t limit, int* verdict):
     """One compressed message (RFC 7692 §7.2.2: the 00 00 ff ff tail is added here)
     inflated by the shared inflater, reset first. At most `limit` bytes are kept: the

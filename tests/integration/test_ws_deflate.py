@@ -340,6 +340,31 @@ def test_compressed_messages_are_accepted(member: Callable[..., WS]) -> None:
     assert json.loads(payload)["data"]["content"] == "frag " + BIG
 
 
+def test_fragmented_compressed_messages_over_the_limit_are_too_large(
+    make_server: Callable[..., Server],
+) -> None:
+    srv = make_server(RATE_LIMIT_MESSAGES="100000")
+    ws = WS(srv, "permessage-deflate", token=srv.token("alice"), channel="dfl.fragbig")
+    try:
+        ws.until("connection", "connect")
+        # incompressible: past what 64 KiB compresses to at worst, it is not kept
+        noise = deflate(os.urandom(80_000))
+        for i in range(0, len(noise), 16_000):
+            last = i + 16_000 >= len(noise)
+            first = i == 0
+            ws.send_frame(noise[i : i + 16_000], b0=(0x80 if last else 0) | (0x41 if first else 0))
+        assert ws.until("error")[1]["code"] == "MESSAGE_TOO_LARGE"
+        # small once compressed, over the limit once inflated
+        zeros = deflate(b"0" * 100_000)
+        ws.send_frame(zeros[:10], b0=0x41)
+        ws.send_frame(zeros[10:], b0=0x80)
+        assert ws.until("error")[1]["code"] == "MESSAGE_TOO_LARGE"
+        publish(ws, "dfl.fragbig", "still open", 1, compressed=True)
+        assert ws.until("message", "ack")[1]["data"]["metadata"]["sequence"] == 1
+    finally:
+        ws.close()
+
+
 @pytest.mark.parametrize(
     ("offer", "frames"),
     [
