@@ -295,3 +295,62 @@ def _drain_and_close(c: Client) -> None:
         while True:
             c.ws.recv(timeout=0.05)
     c.close()
+
+
+# -- permessage-deflate with Chromium ------------------------------------------------------
+
+_OPEN_WS = """async ([url, channel]) => {
+  const ws = new WebSocket(url);
+  window.got = [];
+  ws.onmessage = (e) => window.got.push(JSON.parse(e.data));
+  await new Promise((ok, fail) => { ws.onopen = ok; ws.onerror = fail; });
+  window.ws = ws;
+  ws.send(JSON.stringify({type: "connection", action: "connect", data: {channel}}));
+  return ws.extensions;
+}"""
+
+
+def test_chromium_negotiates_deflate_both_ways(
+    browser: Any, make_server: Callable[..., Server]
+) -> None:
+    """Chromium offers permessage-deflate: it gets it, reads a compressed publication and
+    sends compressed messages the server inflates (docs/protocol.md §16)."""
+    srv = make_server(RATE_LIMIT_MESSAGES="100000")
+    big = "chromium and aether, compressed once " * 100
+    w = Watched(browser)
+    try:
+        w.page.goto(f"http://127.0.0.1:{srv.port}/health")
+        url = f"ws://127.0.0.1:{srv.port}/ws?token={srv.token('chrome')}"
+        extensions = w.page.evaluate(_OPEN_WS, [url, "browser.deflate"])
+        assert extensions == (
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        )
+        wait_for(
+            lambda: any(m.get("action") == "connect" for m in w.page.evaluate("window.got")),
+            what="the page's join",
+        )
+        before = srv.http("GET", "/metrics/messages")[1]["compression"]["compressions"]
+        with Client(srv.ws_url, token=srv.token("py"), channel="browser.deflate") as c:
+            joined = c.recv()
+            assert joined["action"] == "connect"
+            c.publish("browser.deflate", big)
+
+            def page_got_it() -> bool:
+                got = w.page.evaluate("window.got")
+                return any(m.get("data", {}).get("content") == big for m in got)
+
+            wait_for(page_got_it, what="the compressed publication in the page")
+            after = srv.http("GET", "/metrics/messages")[1]["compression"]
+            assert after["compressions"] > before and after["deliveries"] >= 1
+            # the page publishes a large message: Chromium compresses it, the server inflates it
+            w.page.evaluate(
+                """(content) => window.ws.send(JSON.stringify({type: "message", action: "send",
+                   data: {channel: "browser.deflate", content,
+                          metadata: {sequence: 1}}}))""",
+                big + "from the page",
+            )
+            msg = c.recv()
+            assert msg["type"] == "message" and msg["data"]["content"] == big + "from the page"
+        assert not w.problems, w.problems
+    finally:
+        w.close()
