@@ -65,6 +65,7 @@ class Metrics:
                         total("compress_bytes_out", workers), total("compress_bytes_in", workers)
                     ),
                     "seconds": round(total("compress_seconds", workers), 6),
+                    "inflated": total("messages_inflated", workers),
                 },
                 "rate_limited": total("rate_limited", workers),
                 "messages_per_second": round(total("messages_per_second", workers), 2),
@@ -126,6 +127,12 @@ _FAMILIES: tuple[tuple[str, str, str, str], ...] = (
     ("counter", "aether_compress_bytes_in", "Bytes given to the compressor.", "compress_bytes_in"),
     ("counter", "aether_compress_bytes_out", "Bytes the compressor made.", "compress_bytes_out"),
     ("counter", "aether_compress_seconds", "Time spent compressing.", "compress_seconds"),
+    (
+        "counter",
+        "aether_messages_inflated",
+        "Compressed client messages inflated.",
+        "messages_inflated",
+    ),
     (
         "gauge",
         "aether_compression_ratio",

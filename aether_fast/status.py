@@ -119,7 +119,8 @@ class Status:
     def compression_figures(self) -> dict[str, Any]:
         """permessage-deflate: the fan-out bytes had nothing been compressed, the deliveries
         that got a compressed frame, and the compressions themselves (one per publication
-        and window size in use): their input and output bytes, ratio and time."""
+        and window size in use): their input and output bytes, ratio and time; and the
+        compressed messages clients sent that were inflated."""
         z = compression_stats()
         return {
             "bytes_out_uncompressed": self.hub.bytes_out_plain,
@@ -129,6 +130,7 @@ class Status:
             "compress_bytes_out": z["compress_bytes_out"],
             "compress_seconds": round(z["compress_seconds"], 6),
             "compression_ratio": compression_ratio(z["compress_bytes_out"], z["compress_bytes_in"]),
+            "messages_inflated": z["inflated_messages"],
         }
 
     def local_figures(self) -> dict[str, Any]:

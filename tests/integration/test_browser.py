@@ -319,6 +319,8 @@ def test_chromium_negotiates_deflate_both_ways(
     big = "chromium and aether, compressed once " * 100
     w = Watched(browser)
     try:
+        # a page of the server's origin (its favicon, which the server has not, stubbed)
+        w.page.route("**/favicon.ico", lambda route: route.fulfill(status=204, body=""))
         w.page.goto(f"http://127.0.0.1:{srv.port}/health")
         url = f"ws://127.0.0.1:{srv.port}/ws?token={srv.token('chrome')}"
         extensions = w.page.evaluate(_OPEN_WS, [url, "browser.deflate"])
@@ -349,8 +351,10 @@ def test_chromium_negotiates_deflate_both_ways(
                           metadata: {sequence: 1}}}))""",
                 big + "from the page",
             )
-            msg = c.recv()
-            assert msg["type"] == "message" and msg["data"]["content"] == big + "from the page"
+            msg = c.recv_until("message", "send")  # after its own publication's ack
+            assert msg["data"]["content"] == big + "from the page"
+            figures = srv.http("GET", "/metrics/messages")[1]["compression"]
+            assert figures["inflated"] > after["inflated"]  # it came compressed
         assert not w.problems, w.problems
     finally:
         w.close()

@@ -309,9 +309,10 @@ def test_recovery_replays_the_compressed_frames_without_compressing_again(
 # -- inbound -------------------------------------------------------------------------------
 
 
-def test_compressed_messages_are_accepted(member: Callable[..., WS]) -> None:
+def test_compressed_messages_are_accepted(server: Server, member: Callable[..., WS]) -> None:
     sender = member("dfl.in")
     plain = member("dfl.in", None, user="bob")
+    inflated = messages_figures(server)["compression"]["inflated"]
     publish(sender, "dfl.in", BIG, 1, compressed=True)
     compressed, ack = sender.until("message", "ack")
     assert not compressed and ack["data"]["metadata"]["sequence"] == 1
@@ -338,6 +339,7 @@ def test_compressed_messages_are_accepted(member: Callable[..., WS]) -> None:
     assert ack["data"]["metadata"]["sequence"] == 2
     b0, payload = plain.frame()
     assert json.loads(payload)["data"]["content"] == "frag " + BIG
+    assert messages_figures(server)["compression"]["inflated"] == inflated + 2
 
 
 def test_fragmented_compressed_messages_over_the_limit_are_too_large(
@@ -476,6 +478,7 @@ def test_metrics_count_bytes_before_and_after_compression(
         "aether_compress_seconds_total",
         "aether_bytes_out_uncompressed_total",
         "aether_compression_ratio",
+        "aether_messages_inflated_total",
     ):
         assert f"\n{name}{{" in text, name
 
