@@ -8,7 +8,9 @@ what crossed the wire, which neither end's own account can: e.g. that a client's
 really was a `retry` and how many acks the server sent for it.
 
 Not a WebSocket implementation: it skips the HTTP upgrade, then parses frames (masked or
-not, fragmented or not); compression is never negotiated with the server (picows has none).
+not, fragmented or not, compressed or not: a message with RSV1 is inflated, permessage-deflate
+without context takeover as the server negotiates it, docs/protocol.md §16). `Tapped.compressed`
+counts the messages that crossed compressed, each way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import socket
 import struct
 import threading
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,16 +33,21 @@ class Tapped:
 
     up: list[dict[str, Any]] = field(default_factory=list)
     down: list[dict[str, Any]] = field(default_factory=list)
+    #: messages that crossed compressed: {"up": n, "down": n}
+    compressed: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
 
 
 class _Frames:
     """Incremental parser of one direction: HTTP head first, then WebSocket frames."""
 
-    def __init__(self, out: list[dict[str, Any]]) -> None:
+    def __init__(self, out: list[dict[str, Any]], counts: dict[str, int], way: str) -> None:
         self.out = out
+        self.counts = counts
+        self.way = way
         self.buf = b""
         self.in_head = True
         self.parts: list[bytes] | None = None  # a fragmented text message so far
+        self.rsv1 = False  # it came compressed
 
     def feed(self, data: bytes) -> None:
         self.buf += data
@@ -53,22 +61,27 @@ class _Frames:
             frame = self._frame()
             if frame is None:
                 return
-            fin, opcode, payload = frame
+            fin, rsv1, opcode, payload = frame
             if opcode == Op.TEXT:
                 self.parts = [payload]
+                self.rsv1 = rsv1
             elif opcode == Op.CONT and self.parts is not None:
                 self.parts.append(payload)
             else:
                 continue  # binary, ping, pong, close
             if fin:
-                self.out.append(json.loads(b"".join(self.parts)))
+                data = b"".join(self.parts)
+                if self.rsv1:
+                    data = zlib.decompressobj(-15).decompress(data + b"\x00\x00\xff\xff")
+                    self.counts[self.way] += 1
+                self.out.append(json.loads(data))
                 self.parts = None
 
-    def _frame(self) -> tuple[bool, int, bytes] | None:
+    def _frame(self) -> tuple[bool, bool, int, bytes] | None:
         buf = self.buf
         if len(buf) < 2:
             return None
-        fin, opcode = bool(buf[0] & 0x80), buf[0] & 0x0F
+        fin, rsv1, opcode = bool(buf[0] & 0x80), bool(buf[0] & 0x40), buf[0] & 0x0F
         masked, length = bool(buf[1] & 0x80), buf[1] & 0x7F
         pos = 2
         if length == 126:
@@ -92,7 +105,7 @@ class _Frames:
         if masked:
             payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         self.buf = buf[pos + length :]
-        return fin, opcode, payload
+        return fin, rsv1, opcode, payload
 
 
 class WireTap:
@@ -113,7 +126,7 @@ class WireTap:
     def snapshot(self) -> list[Tapped]:
         """A copy of what was recorded so far."""
         with self._lock:
-            return [Tapped(list(t.up), list(t.down)) for t in self.connections]
+            return [Tapped(list(t.up), list(t.down), dict(t.compressed)) for t in self.connections]
 
     def _accept(self) -> None:
         while True:
@@ -126,11 +139,13 @@ class WireTap:
             with self._lock:
                 self.connections.append(tapped)
                 self._sockets += [client, upstream]
-            for src, dst, out in ((client, upstream, tapped.up), (upstream, client, tapped.down)):
-                threading.Thread(target=self._pump, args=(src, dst, out), daemon=True).start()
+            for src, dst, frames in (
+                (client, upstream, _Frames(tapped.up, tapped.compressed, "up")),
+                (upstream, client, _Frames(tapped.down, tapped.compressed, "down")),
+            ):
+                threading.Thread(target=self._pump, args=(src, dst, frames), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, out: list[dict[str, Any]]) -> None:
-        frames = _Frames(out)
+    def _pump(self, src: socket.socket, dst: socket.socket, frames: _Frames) -> None:
         dst_open = True
         while True:
             try:
