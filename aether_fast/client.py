@@ -32,12 +32,6 @@ Rules it keeps:
   (by `token_refresh` or `set_token`); none after 4009 (replaced by a newer connection).
 - Only this module's own task touches the socket; callbacks run on the loop and must not
   block it.
-
-Compression: with `compression` (default True) it offers permessage-deflate (RFC 7692,
-docs/protocol.md §16). Accepted, it inflates the server's compressed messages (one at a time,
-at most MAX_INFLATED bytes: past them the socket is closed 1009) and sends its own of at
-least COMPRESS_MIN_BYTES compressed, each on its own (the server answers
-`client_no_context_takeover`): no zlib state is kept between messages.
 """
 
 from __future__ import annotations
@@ -53,7 +47,6 @@ import random
 import struct
 import time
 import uuid
-import zlib
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -97,28 +90,6 @@ SEEN_WINDOW: Final = 4096
 #: with `since` at once, so the server replays what is missing; at twice as many (that join
 #: waits too long) the socket is dropped: the reconnect's recovery asks for it then.
 GAP_WINDOW: Final = 1024
-#: The permessage-deflate offer; the client accepts whatever window the server uses.
-DEFLATE_OFFER: Final = "permessage-deflate; client_max_window_bits"
-#: Messages of ours at least this long are sent compressed on a deflate connection.
-COMPRESS_MIN_BYTES: Final = 512
-#: The most a compressed message from the server may inflate to (its frames' limit too).
-MAX_INFLATED: Final = 64 * 1024 * 1024
-_DEFLATE_TAIL: Final = b"\x00\x00\xff\xff"
-
-
-def _deflate_window(response: Any) -> int:
-    """The window bits our compressed messages may use if the upgrade's response accepted
-    permessage-deflate (15 unless it says `client_max_window_bits=N`), else 0."""
-    headers = getattr(response, "headers", None)
-    value = headers.get("Sec-WebSocket-Extensions", "") if headers is not None else ""
-    params = [p.strip().lower() for p in value.split(";")]
-    if params[0] != "permessage-deflate":
-        return 0
-    for param in params[1:]:
-        name, _, arg = param.partition("=")
-        if name.strip() == "client_max_window_bits" and arg.strip().strip('"').isdigit():
-            return max(9, min(15, int(arg.strip().strip('"'))))  # zlib has no raw 8
-    return 15
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,9 +224,6 @@ class _Listener(WSListener):
         self._client = client
         self._generation = generation
         self._parts: list[bytes] = []
-        self._compressed = False  # the message being assembled came with RSV1
-        #: permessage-deflate accepted: the window bits of what we compress (0: not)
-        self.deflate = 0
         self.close_code: int | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -263,31 +231,14 @@ class _Listener(WSListener):
         # before ws_connect() returns: the server's first frame may come with the handshake
         if self._generation == self._client._generation:
             self._client._transport = transport
-            self._client._deflate = self.deflate
 
     def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
         kind = frame.msg_type
-        if frame.rsv1 and (not self.deflate or kind != WSMsgType.TEXT):
-            # RSV1 only on the first frame of a message, and only with the extension
-            self._fail(transport, 1002)
-            return
         if kind == WSMsgType.TEXT or kind == WSMsgType.CONTINUATION:
-            if kind == WSMsgType.TEXT:
-                self._compressed = bool(frame.rsv1)
             self._parts.append(frame.get_payload_as_bytes())
             if frame.fin:
                 payload = b"".join(self._parts)
                 self._parts.clear()
-                if self._compressed:
-                    inflater = zlib.decompressobj(-15)
-                    try:
-                        payload = inflater.decompress(payload + _DEFLATE_TAIL, MAX_INFLATED)
-                    except zlib.error:
-                        self._fail(transport, 1007)
-                        return
-                    if inflater.unconsumed_tail:
-                        self._fail(transport, 1009)
-                        return
                 self._client._on_frame(self._generation, payload)
         elif kind == WSMsgType.CLOSE:
             raw = frame.get_payload_as_bytes()
@@ -296,12 +247,6 @@ class _Listener(WSListener):
                 echo = self.close_code if self.close_code != 1005 else 1000
                 transport.send_close(cast(Any, echo))  # WSCloseCode names only RFC codes
             transport.disconnect()
-
-    def _fail(self, transport: WSTransport, code: int) -> None:
-        self._parts.clear()
-        with contextlib.suppress(Exception):
-            transport.send_close(cast(Any, code))
-        transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if not self.done.done():
@@ -350,7 +295,6 @@ class AetherClient:
         handshake_timeout: float = 5.0,
         ping_idle_s: float = 20.0,
         max_in_flight: int = 8,
-        compression: bool = True,
     ) -> None:
         self.url = url
         self._token = token
@@ -375,9 +319,6 @@ class AetherClient:
         self.max_in_flight = max_in_flight
         self._handshake_timeout = handshake_timeout
         self._ping_idle_s = ping_idle_s
-        #: offer permessage-deflate; `_deflate`: the window bits of this socket's (0: off)
-        self.compression = compression
-        self._deflate = 0
         # Sequences start at the clock (µs) so that a restarted process with the same
         # client_id does not reuse sequences the server still remembers (DEDUP_TTL_S).
         self._sequence = (
@@ -647,13 +588,6 @@ class AetherClient:
             if self.state != "closed":
                 self._stop("client closed", self.last_close_code)
 
-    def _make_listener(self, generation: int, response: Any) -> _Listener:
-        """The listener of a socket whose upgrade `response` came: with permessage-deflate
-        when we offered it and the server accepted."""
-        listener = _Listener(self, generation)
-        listener.deflate = _deflate_window(response) if self.compression else 0
-        return listener
-
     async def _one_socket(self) -> int | None:
         """Open one socket and serve it until it drops; its close code (None: none came)."""
         self._generation += 1
@@ -662,11 +596,8 @@ class AetherClient:
         self._ready = False
         try:
             transport, listener = await ws_connect(
-                lambda _request, response: self._make_listener(generation, response),
+                lambda: _Listener(self, generation),
                 self._build_url(),
-                extra_headers={"Sec-WebSocket-Extensions": DEFLATE_OFFER}
-                if self.compression
-                else None,
                 websocket_handshake_timeout=self._handshake_timeout,
                 enable_auto_ping=self._ping_idle_s > 0,
                 auto_ping_idle_timeout=max(self._ping_idle_s, 1.0),
@@ -1100,13 +1031,7 @@ class AetherClient:
         if transport is None or not self._first_frame:
             return 0
         payload = json.dumps(obj, separators=(",", ":")).encode()
-        if self._deflate and len(payload) >= COMPRESS_MIN_BYTES:
-            # each message on its own: the server's answer says client_no_context_takeover
-            compressor = zlib.compressobj(1, zlib.DEFLATED, -self._deflate)
-            data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
-            transport.send(WSMsgType.TEXT, data[:-4], rsv1=True)  # without 00 00 ff ff
-        else:
-            transport.send(WSMsgType.TEXT, payload)
+        transport.send(WSMsgType.TEXT, payload)
         return len(payload)
 
     def _send_publication(self, item: _Pending) -> bool:

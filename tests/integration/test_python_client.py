@@ -896,37 +896,3 @@ def test_a_gap_on_a_live_socket_is_recovered(
         finally:
             srv.stop()  # before the relay goes
     only_expected_errors(srv, "broker_degraded")
-
-
-def test_compression_is_negotiated_and_used_both_ways(make_server: Callable[..., Server]) -> None:
-    """The client offers permessage-deflate (docs/protocol.md §16): a large publication goes
-    up compressed and its copy comes down compressed (a relay sees both), and reads as the
-    same content; one built with `compression=False` gets the plain frame."""
-    srv = make_server(RATE_LIMIT_MESSAGES="100000")
-    big = "compressed both ways " * 100
-
-    async def main(tap: WireTap) -> None:
-        rb, rp = Recorder(), Recorder()
-        async with (
-            AetherClient(
-                tap.url(), token=srv.token("bob"), channels=["pc.dfl"], **FAST, **rb.kwargs()
-            ),
-            client(srv, "carol", rp, channels=["pc.dfl"], compression=False),
-            AetherClient(tap.url(), token=srv.token("alice"), channels=["pc.dfl"], **FAST) as alice,
-        ):
-            await alice.publish("pc.dfl", big)
-            await alice.publish("pc.dfl", "short")
-            await rb.wait_count(2)
-            await rp.wait_count(2)
-            assert rb.contents() == rp.contents() == [big, "short"]
-
-    before = srv.http("GET", "/metrics/messages")[1]["compression"]
-    with WireTap(("127.0.0.1", srv.port)) as tap:
-        run(main(tap))
-        conns = tap.snapshot()
-    assert sum(t.compressed["up"] for t in conns) == 1  # alice's large one, not "short"
-    assert sum(t.compressed["down"] for t in conns) == 1  # bob's copy of it
-    after = srv.http("GET", "/metrics/messages")[1]["compression"]
-    assert after["inflated"] == before["inflated"] + 1
-    assert after["compressions"] == before["compressions"] + 1
-    assert after["deliveries"] == before["deliveries"] + 1  # bob's; carol's was plain

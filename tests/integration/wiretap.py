@@ -8,9 +8,7 @@ what crossed the wire, which neither end's own account can: e.g. that a client's
 really was a `retry` and how many acks the server sent for it.
 
 Not a WebSocket implementation: it skips the HTTP upgrade, then parses frames (masked or
-not, fragmented or not, compressed or not: a message with RSV1 is inflated, permessage-deflate
-without context takeover as the server negotiates it, docs/protocol.md §16). `Tapped.compressed`
-counts the messages that crossed compressed, each way.
+not, fragmented or not); compression is never negotiated with the server (picows has none).
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import json
 import socket
 import struct
 import threading
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,21 +30,16 @@ class Tapped:
 
     up: list[dict[str, Any]] = field(default_factory=list)
     down: list[dict[str, Any]] = field(default_factory=list)
-    #: messages that crossed compressed: {"up": n, "down": n}
-    compressed: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
 
 
 class _Frames:
     """Incremental parser of one direction: HTTP head first, then WebSocket frames."""
 
-    def __init__(self, out: list[dict[str, Any]], counts: dict[str, int], way: str) -> None:
+    def __init__(self, out: list[dict[str, Any]]) -> None:
         self.out = out
-        self.counts = counts
-        self.way = way
         self.buf = b""
         self.in_head = True
         self.parts: list[bytes] | None = None  # a fragmented text message so far
-        self.rsv1 = False  # it came compressed
 
     def feed(self, data: bytes) -> None:
         self.buf += data
@@ -61,27 +53,22 @@ class _Frames:
             frame = self._frame()
             if frame is None:
                 return
-            fin, rsv1, opcode, payload = frame
+            fin, opcode, payload = frame
             if opcode == Op.TEXT:
                 self.parts = [payload]
-                self.rsv1 = rsv1
             elif opcode == Op.CONT and self.parts is not None:
                 self.parts.append(payload)
             else:
                 continue  # binary, ping, pong, close
             if fin:
-                data = b"".join(self.parts)
-                if self.rsv1:
-                    data = zlib.decompressobj(-15).decompress(data + b"\x00\x00\xff\xff")
-                    self.counts[self.way] += 1
-                self.out.append(json.loads(data))
+                self.out.append(json.loads(b"".join(self.parts)))
                 self.parts = None
 
-    def _frame(self) -> tuple[bool, bool, int, bytes] | None:
+    def _frame(self) -> tuple[bool, int, bytes] | None:
         buf = self.buf
         if len(buf) < 2:
             return None
-        fin, rsv1, opcode = bool(buf[0] & 0x80), bool(buf[0] & 0x40), buf[0] & 0x0F
+        fin, opcode = bool(buf[0] & 0x80), buf[0] & 0x0F
         masked, length = bool(buf[1] & 0x80), buf[1] & 0x7F
         pos = 2
         if length == 126:
@@ -105,7 +92,7 @@ class _Frames:
         if masked:
             payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         self.buf = buf[pos + length :]
-        return fin, rsv1, opcode, payload
+        return fin, opcode, payload
 
 
 class WireTap:
@@ -126,7 +113,7 @@ class WireTap:
     def snapshot(self) -> list[Tapped]:
         """A copy of what was recorded so far."""
         with self._lock:
-            return [Tapped(list(t.up), list(t.down), dict(t.compressed)) for t in self.connections]
+            return [Tapped(list(t.up), list(t.down)) for t in self.connections]
 
     def _accept(self) -> None:
         while True:
@@ -139,13 +126,11 @@ class WireTap:
             with self._lock:
                 self.connections.append(tapped)
                 self._sockets += [client, upstream]
-            for src, dst, frames in (
-                (client, upstream, _Frames(tapped.up, tapped.compressed, "up")),
-                (upstream, client, _Frames(tapped.down, tapped.compressed, "down")),
-            ):
-                threading.Thread(target=self._pump, args=(src, dst, frames), daemon=True).start()
+            for src, dst, out in ((client, upstream, tapped.up), (upstream, client, tapped.down)):
+                threading.Thread(target=self._pump, args=(src, dst, out), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, frames: _Frames) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, out: list[dict[str, Any]]) -> None:
+        frames = _Frames(out)
         dst_open = True
         while True:
             try:
