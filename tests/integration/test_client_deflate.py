@@ -158,6 +158,36 @@ def test_client_against_a_server_without_compression(make_server: Callable[..., 
     run(main())
 
 
+def test_a_publication_over_the_servers_limit_is_refused_not_looped(
+    make_server: Callable[..., Server],
+) -> None:
+    """A compressed publication over the server's MAX_MESSAGE_BYTES once inflated: whether
+    the server answers MESSAGE_TOO_LARGE or closes the socket (1009) over it, the client
+    ends up with the refusal (it sends frames that large plain after such a close), and
+    later, smaller publications still go compressed and are acked."""
+    srv = make_server(WORKERS="1", MAX_MESSAGE_BYTES="3000")
+
+    async def main() -> None:
+        with WireTap(("127.0.0.1", srv.port)) as tap:
+            async with AetherClient(
+                tap.url(), token=srv.token("alice"), channels=["dz.limit"], **FAST
+            ) as alice:
+                with pytest.raises(AetherError) as refused:
+                    await alice.publish("dz.limit", "y" * 5000)
+                assert refused.value.code == "MESSAGE_TOO_LARGE"
+                ack = await alice.publish("dz.limit", "z" * 2000)
+                assert ack.offset == 1
+            sent = [
+                (len(m["data"]["content"]), z)
+                for t in tap.snapshot()
+                for m, z in zip(t.up, t.up_compressed, strict=True)
+                if m.get("type") == "message"
+            ]
+            assert sent[-1] == (2000, True), sent
+
+    run(main())
+
+
 # -- a fake server for what a real one never sends -----------------------------------------
 
 
