@@ -247,7 +247,7 @@ cdef class Packed:
     cdef readonly bytes plain
     cdef list variants        # window bits - 9 -> the RSV1 frame, or None
 
-    def __cinit__(self, bytes plain):
+    def __init__(self, bytes plain):
         self.plain = plain
         self.variants = [None] * (DEFLATE_MAX_BITS - DEFLATE_MIN_BITS + 1)
 

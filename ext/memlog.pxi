@@ -140,8 +140,8 @@ cdef class DedupeWindow:
 
 cdef class ChannelLog:
     """One channel's offset, epoch and history: (offset, monotonic time, frame or its
-    `Packed`), oldest first. A log made anew has an epoch of its own, so offsets it hands out again are never
-    mistaken for old ones."""
+    `Packed`), oldest first. A log made anew has an epoch of its own, so offsets it hands
+    out again are never mistaken for old ones."""
     cdef public str epoch
     cdef public long long offset
     cdef public object history

@@ -46,11 +46,11 @@ def negotiate_deflate(values: list[str]) -> tuple[int, str] | None:
     we can accept, or None (no offer, or every offer declined: the connection is plain).
 
     Accepted: any valid offer. The response always says `server_no_context_takeover` and
-    `client_no_context_takeover` (§7.1.1.1, §7.1.1.2: the server may add the latter unasked),
+    `client_no_context_takeover` (RFC 7692 section 7.1.1: the server may add the latter unasked),
     so no connection keeps zlib state between messages; `server_max_window_bits=N` when
     offered (we compress with 2**N; N = 8 gets plain frames, zlib has no 256-byte raw
     window); `client_max_window_bits` is never answered (our inflater takes any window).
-    Declined (§7, the cases a server MUST decline): an unknown parameter, a duplicate one, a
+    Declined (RFC 7692 section 7: the cases a server MUST decline): an unknown parameter, a duplicate one, a
     value that is not 8..15, a value on a parameter that takes none."""
     for offer in _extension_offers(values)[:MAX_EXTENSION_OFFERS]:
         if offer[0] != "permessage-deflate":
