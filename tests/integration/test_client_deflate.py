@@ -23,37 +23,21 @@ import json
 import resource
 import struct
 import zlib
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from aether_fast.client import AetherClient, AetherError, Deflate, Message
 from tests.conftest import Server
 from tests.integration.helpers import Op, build_frame
+from tests.integration.test_python_client import FAST, run, until
 from tests.integration.wiretap import WireTap
 
-T = TypeVar("T")
-FAST: dict[str, Any] = {"backoff_initial": 0.05, "backoff_max": 0.5}
 #: ~4 KB of JSON-ish text, far over COMPRESSION_MIN_BYTES (512) and very compressible
 BIG = json.dumps(
     [{"id": i, "user": f"user-{i:04d}", "status": "online", "tags": ["x", "y"]} for i in range(70)]
 )
-
-
-def run(coro: Awaitable[T], timeout: float = 30) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
-async def until(cond: Callable[[], object], timeout: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def metrics(srv: Server) -> dict[str, Any]:
@@ -201,6 +185,7 @@ class FakeServer:
         self.frames = frames
         self.offers: list[str | None] = []
         self.closes: list[int] = []
+        self.pongs: list[bytes] = []
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
 
@@ -252,6 +237,8 @@ class FakeServer:
                 data = bytes(b ^ key[i % 4] for i, b in enumerate(await reader.readexactly(n)))
                 if b0 & 0x0F == Op.CLOSE and len(data) >= 2:
                     self.closes.append(struct.unpack("!H", data[:2])[0])
+                elif b0 & 0x0F == Op.PONG:
+                    self.pongs.append(data)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -275,7 +262,7 @@ async def errors_from(fake: FakeServer, **kw: Any) -> tuple[list[AetherError], A
     errors: list[AetherError] = []
     client = AetherClient(fake.url, token="t", on_error=errors.append, backoff_initial=30, **kw)
     task = asyncio.ensure_future(client.connect())
-    await until(lambda: errors)
+    await until(lambda: bool(errors))
     await client.close()
     with pytest.raises(AetherError):
         await task
@@ -394,6 +381,7 @@ def test_inflating_keeps_the_window_when_the_server_does() -> None:
     notices = [{"type": "system", "action": "broadcast", "data": {"text": BIG}}] * 2
     frames = [server_frame(deflated(json.dumps(n), z), rsv1=True) for n in notices]
     assert len(frames[1]) < 100 < len(frames[0])
+    frames.append(build_frame(Op.PING, b"still there?", mask=False))
 
     async def main() -> None:
         async with FakeServer("permessage-deflate", frames) as fake:
@@ -403,6 +391,7 @@ def test_inflating_keeps_the_window_when_the_server_does() -> None:
             await until(lambda: len(got) == 2)
             assert got == notices
             assert client.deflate == Deflate(False, False, 15, 15)
+            await until(lambda: fake.pongs == [b"still there?"])  # the client answers pings
             await client.close()
             with pytest.raises(AetherError):
                 await task
