@@ -81,10 +81,12 @@ from aether_fast.brokers.redis import (
     BATCH_MAX,
     PUB,
     PUB_B,
+    PackedCache,
     Pending,
     _keys,
     _Lane,
     channel_ttls_ms,
+    deliver,
     recovery,
     sender_key,
     settle,
@@ -518,6 +520,8 @@ class SlotsBroker:
         #: channels whose subscription was lost (slot moved, master gone): not yet back
         self._lost: set[str] = set()
         self._moving: set[str] = set()
+        #: the compressed variants this worker made, by channel (`redis.deliver`)
+        self._packed: dict[str, PackedCache] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         slots.load_scripts(_PUBLISH_SHARDED, _POSITION)
@@ -788,7 +792,7 @@ class SlotsBroker:
             2,
             [*_keys(channel), since_arg, new_epoch(), self._state_ttl_ms, size],
         )
-        return recovery(since, epoch, answer)
+        return recovery(since, epoch, answer, self._packed.get(channel))
 
     async def position(self, channel: str) -> tuple[int, str]:
         try:
@@ -804,6 +808,7 @@ class SlotsBroker:
         return (int(offset), epoch.decode())
 
     async def forget(self, channel: str) -> None:
+        self._packed.pop(channel, None)
         link = self._slots.link_of(self._slots.slot(channel))
         try:
             if link is None:
@@ -821,6 +826,7 @@ class SlotsBroker:
             if ch is None or ch.member_count == 0:
                 del self._subs[name]
                 self._lost.discard(name)
+                self._packed.pop(name, None)
                 link.unsubscribe([pub_channel(name)])
 
     def _on_lost(self, target: str) -> None:
@@ -862,12 +868,7 @@ class SlotsBroker:
         ch = self._hub.channel(target[len(PUB_B) + 1 : -1].decode())
         if ch is None:
             return
-        sender, _, rest = data.partition(b"\n")
-        offset, _, payload = rest.partition(b"\n")
-        identity, _, client = sender.decode().rpartition("\x1f")
-        origin = self._cluster.local_session(identity or None, client)
-        exclude = origin if origin is not None and not origin.echo else None
-        self._hub.deliver(ch, encode_text_frame(payload), exclude, int(offset))
+        deliver(self._hub, self._cluster, ch, data, self._packed)
 
 
 def _ignore(reply: Any, exc: BaseException | None) -> None:
