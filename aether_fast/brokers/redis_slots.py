@@ -63,7 +63,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from aether_fast import logs
-from aether_fast._core import encode_text_frame, publication_halves, utc_timestamp
+from aether_fast._core import publication_halves, utc_timestamp
 from aether_fast.brokers import resp
 from aether_fast.brokers.base import (
     BROKER_CLUSTER_DEGRADED,

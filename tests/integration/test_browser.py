@@ -360,6 +360,9 @@ def test_chromium_negotiates_deflate_both_ways(
             figures = srv.http("GET", "/metrics/messages")[1]["compression"]
             assert figures["inflated"] > after["inflated"]  # it came compressed
         assert not w.problems, w.problems
+    finally:
+        w.close()
+
 
 # -- permessage-deflate ----------------------------------------------------------------------
 
