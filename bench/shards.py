@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from redis_cpu import proc_cpu_s  # noqa: E402
+from redis_cpu import proc_cpu_s, script_calls  # noqa: E402
 from workers import SECRET, loadgen, serve_pinned, urls, wait_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -205,7 +205,8 @@ def measure(*, rounds: int = 3, duration: float = 3.0, conns: int = 50) -> dict[
         }
         for _ in range(rounds):
             for name, (proc, port) in servers.items():
-                pids = redis[name].pids
+                pids, rports = redis[name].pids, redis[name].ports
+                calls = sum(script_calls(p) for p in rports)
                 before = [proc_cpu_s(pid) for pid in pids]
                 out = loadgen(
                     "rtt",
@@ -217,6 +218,7 @@ def measure(*, rounds: int = 3, duration: float = 3.0, conns: int = 50) -> dict[
                     duration=duration,
                 )
                 spent = [proc_cpu_s(pid) - b for pid, b in zip(pids, before, strict=True)]
+                calls = sum(script_calls(p) for p in rports) - calls
                 phase = out["phases"][0]
                 published = int(phase["round_trips"]) + int(phase["lost"])
                 total = sum(spent)
@@ -224,6 +226,7 @@ def measure(*, rounds: int = 3, duration: float = 3.0, conns: int = 50) -> dict[
                     {
                         "published": published,
                         "lost": int(phase["lost"]),
+                        "publishes_per_script_call": round(published / calls, 1) if calls else 0,
                         "publishes_per_s": float(phase["round_trips_per_s"]),
                         "server_cpu_util": float(phase.get("server_cpu_util", 0.0)),
                         "redis_cpu_s": [round(s, 3) for s in spent],
@@ -263,6 +266,7 @@ def measure(*, rounds: int = 3, duration: float = 3.0, conns: int = 50) -> dict[
             "publishes_per_s": med("publishes_per_s"),
             "server_cpu_util": med("server_cpu_util"),
             "redis_us_per_publish": med("redis_us_per_publish"),
+            "publishes_per_script_call": med("publishes_per_script_call"),
             "publishes_per_redis_cpu_s": med("publishes_per_redis_cpu_s"),
             "projected_publishes_per_s": med("projected_publishes_per_s"),
             "redis_cpu_s_per_process": per_proc,
@@ -290,21 +294,23 @@ def markdown(result: dict[str, Any]) -> list[str]:
         f"`HISTORY_SIZE={result['history_size']}`, median of {result['rounds']} rounds "
         f"of {result['duration_s']} s",
         "",
-        "| layout | publishes/s (2-core bound) | Redis µs/publish (total) "
+        "| layout | publishes/s (2-core bound) | publishes per script call "
+        "| Redis µs/publish (total) "
         "| publishes per Redis CPU-s (total) | Redis CPU-s per process "
         "| publishes per Redis CPU-s, per process | projected publishes/s (busiest Redis "
         "on its own core) | keys per process |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["layouts"].items():
         if not row["measured"]:
-            out.append(f"| {name} | {row['reason']} | | | | | | |")
+            out.append(f"| {name} | {row['reason']} | | | | | | | |")
             continue
         per = ", ".join(f"{c:.2f}" for c in row["redis_cpu_s_per_process"])
         rates = row["publishes_per_redis_cpu_s_per_process"]
         per_rate = ", ".join(f"{r / 1000:.0f}k" for r in rates)
         out.append(
-            f"| {name} | {row['publishes_per_s'] / 1000:.1f}k | {row['redis_us_per_publish']} "
+            f"| {name} | {row['publishes_per_s'] / 1000:.1f}k | {row['publishes_per_script_call']} "
+            f"| {row['redis_us_per_publish']} "
             f"| {row['publishes_per_redis_cpu_s'] / 1000:.0f}k | {per} | {per_rate} "
             f"| {row['projected_publishes_per_s'] / 1000:.0f}k "
             f"| {', '.join(map(str, row['keys_per_process']))} |"

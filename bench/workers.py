@@ -375,6 +375,9 @@ def render(result: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| µs of Redis CPU per publish | {cost['redis_us_per_publish_history']} "
         f"| {cost['redis_us_per_publish_no_history']} |",
+        f"| publishes per script call (the batch sharing a call's cost) "
+        f"| {cost['publishes_per_script_call_history']} "
+        f"| {cost['publishes_per_script_call_no_history']} |",
         f"| publishes/s one Redis core carries (1e6 ÷ µs) "
         f"| {1e6 / cost['redis_us_per_publish_history'] / 1000:.0f}k "
         f"| {1e6 / cost['redis_us_per_publish_no_history'] / 1000:.0f}k |",
