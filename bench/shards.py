@@ -20,7 +20,7 @@ A server that does not know `redis+cluster://` (check-config refuses it) gets th
 `not measured: server lacks redis+cluster`; the cluster is started and checked
 (`cluster_state:ok`) all the same. Every process started here is stopped by its PID.
 
-Usage: python bench/shards.py [--rounds 3] [--duration 3] [--conns 50]
+Usage: python bench/shards.py [--rounds 3] [--duration 3] [--conns 50] [--tree DIR]
 (also run by `make bench-workers`, bench/workers.py).
 """
 
@@ -156,15 +156,17 @@ class RedisProcs:
                 proc.wait(10)
 
 
-def config_refusal(broker_url: str) -> str | None:
-    """None when `aether-fast check-config` accepts this BROKER_URL, else its last line."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JWT_SECRET": SECRET, "BROKER_URL": broker_url}
+def config_refusal(broker_url: str, tree: Path = ROOT) -> str | None:
+    """None when `aether-fast check-config` (of the source tree `tree`) accepts this
+    BROKER_URL, else its last line."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "JWT_SECRET": SECRET, "BROKER_URL": broker_url}
     done = subprocess.run(
         [sys.executable, "-m", "aether_fast", "check-config"],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
+        cwd=tree,
     )
     if done.returncode == 0:
         return None
@@ -180,8 +182,11 @@ LAYOUTS: dict[str, tuple[int, bool]] = {
 }
 
 
-def measure(*, rounds: int = 3, duration: float = 3.0, conns: int = 50) -> dict[str, Any]:
-    """Every layout of LAYOUTS, `rounds` times in turn: medians, and every sample."""
+def measure(
+    *, rounds: int = 3, duration: float = 3.0, conns: int = 50, tree: Path = ROOT
+) -> dict[str, Any]:
+    """Every layout of LAYOUTS, `rounds` times in turn: medians, and every sample.
+    `tree`: the source tree whose servers run (another branch's, built)."""
     tmp = Path(tempfile.mkdtemp(prefix="aether-shards-"))
     redis: dict[str, RedisProcs] = {}
     servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
@@ -192,12 +197,12 @@ def measure(*, rounds: int = 3, duration: float = 3.0, conns: int = 50) -> dict[
         for name, (count, cluster) in LAYOUTS.items():
             redis[name] = RedisProcs(tmp / name.replace(" ", "-"), count, cluster=cluster)
         for name, procs in redis.items():
-            refusal = config_refusal(procs.broker_url())
+            refusal = config_refusal(procs.broker_url(), tree)
             if refusal is not None:
                 skipped[name] = f"{NOT_MEASURED} ({refusal})" if procs.cluster else refusal
                 continue
             env = {"BROKER_URL": procs.broker_url(), "HISTORY_SIZE": str(HISTORY_SIZE)}
-            servers[name] = serve_pinned(tmp, env)
+            servers[name] = serve_pinned(tmp, env, tree)
         time.sleep(1.0)
         lines = {
             name: urls(tmp, name.replace(" ", "").replace("-", ""), conns, channel=None, echo=True)
@@ -323,12 +328,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--conns", type=int, default=50)
+    p.add_argument("--tree", type=Path, default=ROOT, help="the source tree to run (built)")
     args = p.parse_args()
     for tool in ("redis-server", "redis-cli", "taskset"):
         if shutil.which(tool) is None:
             print(f"bench/shards.py: {tool} is missing", file=sys.stderr)
             return 2
-    result = measure(rounds=args.rounds, duration=args.duration, conns=args.conns)
+    result = measure(rounds=args.rounds, duration=args.duration, conns=args.conns, tree=args.tree)
+    result["tree"] = str(args.tree)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     (RESULTS / f"shards-{stamp}.json").write_text(json.dumps(result, indent=1))
