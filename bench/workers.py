@@ -314,9 +314,19 @@ def render(result: dict[str, Any]) -> str:
 
     one, two, nodes = result["one_worker"], result["two_workers"], result["two_nodes"]
 
-    def cell(row: dict[str, Any], key: str, scale: float = 1.0, unit: str = "") -> str:
+    def num(value: float) -> str:
+        return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}k"
+
+    def cell(row: dict[str, Any], key: str) -> str:
         value = row.get(key)
-        return "—" if value is None else f"{value / scale:.1f}{unit}"
+        return "—" if value is None else num(value)
+
+    def spread(row: dict[str, Any], key: str) -> str:
+        """The median and, over more than one round, the rounds' min-max."""
+        values = [float(r[key]) for r in row["rounds"] if r.get(key) is not None]
+        if len(values) < 2:
+            return cell(row, key)
+        return f"{cell(row, key)} ({num(min(values))}-{num(max(values))})"
 
     def ratio(row: dict[str, Any], key: str) -> str:
         a, b = one.get(key), row.get(key)
@@ -328,7 +338,8 @@ def render(result: dict[str, Any]) -> str:
         "",
         "## Efficiency: work per server CPU-second (utime + stime of every server process)",
         "",
-        f"Goal: WORKERS=2 ÷ WORKERS=1 >= {EFFICIENCY_GOAL}x.",
+        f"Goal: WORKERS=2 ÷ WORKERS=1 >= {EFFICIENCY_GOAL}x. Median of the rounds (their "
+        "min-max); the ratio is of the medians.",
         "",
         "| figure | 1 worker | 2 workers | ratio | 2 nodes | ratio |",
         "|---|---|---|---|---|---|",
@@ -339,8 +350,8 @@ def render(result: dict[str, Any]) -> str:
         ("round trips per server CPU-s (50 connections)", "round_trips_per_server_cpu_s"),
     ):
         lines.append(
-            f"| {label} | {cell(one, key, 1000, 'k')} | {cell(two, key, 1000, 'k')} "
-            f"| {ratio(two, key)} | {cell(nodes, key, 1000, 'k')} | {ratio(nodes, key)} |"
+            f"| {label} | {spread(one, key)} | {spread(two, key)} "
+            f"| {ratio(two, key)} | {spread(nodes, key)} | {ratio(nodes, key)} |"
         )
     lines += [
         "",
@@ -359,7 +370,7 @@ def render(result: dict[str, Any]) -> str:
         cells = []
         for row in (one, two, nodes):
             cpu = f"({row.get(util + '_server_cpu_util')}, {row.get(util + '_redis_cpu_util')})"
-            cells.append(f"{cell(row, key, 1000, 'k')} {cpu}")
+            cells.append(f"{cell(row, key)} {cpu}")
         lines.append(
             f"| {label} | {cells[0]} | {cells[1]} | {ratio(two, key)} | {cells[2]} "
             f"| {ratio(nodes, key)} |"
