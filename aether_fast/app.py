@@ -25,7 +25,8 @@ from aether_fast.brokers.memory import MemoryBroker
 from aether_fast.brokers.redis import RedisBroker
 from aether_fast.brokers.redis_cluster import RedisCluster
 from aether_fast.brokers.redis_shards import Shards
-from aether_fast.config import Config
+from aether_fast.brokers.redis_slots import STATE_PREFIX, Slots, SlotsBroker, StateHome
+from aether_fast.config import Config, cluster_seed_urls
 from aether_fast.http import front
 from aether_fast.http.front import PendingSockets, Port, front_factory
 from aether_fast.http.routes import Router
@@ -169,16 +170,23 @@ async def start(config: Config) -> Worker:
         # cluster's state on the first, the home); neither knows the other's state: the
         # broker asks the cluster whether a sender is here, the store asks the cluster for
         # the configs
-        shards = Shards(config.broker_urls)
-        redis_cluster = RedisCluster(shards.home, node_id=config.node_id)
-        broker = RedisBroker(
-            hub,
-            shards,
-            redis_cluster,
-            history_ttl_s=config.history_ttl_s,
-            dedup_ttl_s=config.dedup_ttl_s,
-            channel_state_ttl_s=config.channel_state_ttl_s,
-        )
+        # (Redis Cluster mode: the router by hash slot and its broker, redis_slots.py)
+        ttls = {
+            "history_ttl_s": config.history_ttl_s,
+            "dedup_ttl_s": config.dedup_ttl_s,
+            "channel_state_ttl_s": config.channel_state_ttl_s,
+        }
+        if config.broker_cluster:
+            assert config.broker_url is not None
+            slots = Slots(cluster_seed_urls(config.broker_url))
+            redis_cluster = RedisCluster(
+                StateHome(slots), node_id=config.node_id, prefix=STATE_PREFIX
+            )
+            broker = SlotsBroker(hub, slots, redis_cluster, **ttls)
+        else:
+            shards = Shards(config.broker_urls)
+            redis_cluster = RedisCluster(shards.home, node_id=config.node_id)
+            broker = RedisBroker(hub, shards, redis_cluster, **ttls)
         await broker.start()  # opens the links
         await redis_cluster.start()
         cluster, store = redis_cluster, RedisChannelStore(redis_cluster)

@@ -194,7 +194,8 @@ def _health(config: Config, args: argparse.Namespace) -> int:
 def _not_sqlite(config: Config) -> str | None:
     """Why backup/restore do not apply to this config (the channel configs live in Redis)."""
     if config.broker_url:
-        where = "with BROKER_URL set the channel configs live in Redis (hash aether:channels)"
+        key = "aether:{aether}:channels" if config.broker_cluster else "aether:channels"
+        where = f"with BROKER_URL set the channel configs live in Redis (hash {key})"
     elif config.workers > 1:
         where = (
             "with WORKERS > 1 and no BROKER_URL the channel configs live in the private Redis "

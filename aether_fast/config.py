@@ -89,6 +89,13 @@ class Config:
     echo_path: str | None
 
     @property
+    def broker_cluster(self) -> bool:
+        """BROKER_URL names a Redis Cluster's seed nodes (`redis+cluster://`)."""
+        return bool(
+            self.broker_url and self.broker_url.startswith((CLUSTER_SCHEME, CLUSTER_TLS_SCHEME))
+        )
+
+    @property
     def broker_urls(self) -> tuple[str, ...]:
         """BROKER_URL's Redis servers (shards) in canonical order, the home first; () when
         unset. One URL: a tuple of it alone."""
@@ -117,6 +124,10 @@ ASYMMETRIC_ALGORITHMS: Final = (
 ALGORITHMS: Final = HMAC_ALGORITHMS + ASYMMETRIC_ALGORITHMS
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 BROKER_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+#: BROKER_URL of a Redis Cluster: `redis+cluster://[user:pass@]host:port,host:port[?...]`.
+CLUSTER_SCHEME: Final = "redis+cluster://"
+#: ... over TLS (every node, with the `ssl_*` options of rediss://).
+CLUSTER_TLS_SCHEME: Final = "rediss+cluster://"
 
 
 def _int(lo: int, hi: int = _INT32_MAX) -> Parser:
@@ -337,10 +348,70 @@ def shard_key(url: str) -> str:
     return f"{host}:{port} db {int(db)}"
 
 
+def cluster_seed_urls(url: str) -> list[str]:
+    """The redis:// (rediss:// with TLS) URL of each seed node of a `redis+cluster://` or
+    `rediss+cluster://` BROKER_URL (its credentials and options each), in the order given.
+    ValueError (never quoting the URL: it may hold a password) when it is not one."""
+    tls = url.startswith(CLUSTER_TLS_SCHEME)
+    if not url.startswith((CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)):
+        raise ValueError(f"must start with {CLUSTER_SCHEME} or {CLUSTER_TLS_SCHEME}")
+    scheme = "rediss" if tls else "redis"
+    allowed = ("username", "password", *(BROKER_TLS_OPTIONS if tls else ()))
+    rest, _, query = url[len(CLUSTER_TLS_SCHEME if tls else CLUSTER_SCHEME) :].partition("?")
+    auth, at, hosts = rest.rpartition("@")
+    if "," in auth:
+        raise ValueError("credentials go before the first seed only (user:password@host:port,...)")
+    entries = [h.strip() for h in hosts.split(",")]
+    seen: set[str] = set()
+    seeds = []
+    for i, host in enumerate(entries, 1):
+        where = f"seed {i} of {len(entries)}: " if len(entries) > 1 else ""
+        if "://" in host:
+            raise ValueError(
+                f"{where}a redis+cluster:// list names seed nodes as host:port only "
+                "(not mixed with other URLs; a cluster is one broker, not shards)"
+            )
+        if not host:
+            raise ValueError(f"{where}empty: seed nodes are host:port separated by single commas")
+        if "/" in host:
+            raise ValueError(f"{where}a Redis Cluster has database 0 only: no /db path")
+        if "@" in host:
+            raise ValueError(f"{where}credentials go before the first seed only")
+        parts = urlsplit(f"{scheme}://{host}")
+        try:
+            port = parts.port
+        except ValueError as e:
+            raise ValueError(f"{where}bad port ({e})") from None
+        if port is None or not parts.hostname:
+            raise ValueError(f"{where}must be host:port")
+        key = f"{parts.hostname.lower()}:{port}"
+        if key in seen:
+            raise ValueError(f"{where}names {key} again: every seed must be listed once")
+        seen.add(key)
+        for name, _ in parse_qsl(query, keep_blank_values=True):
+            if name not in allowed:
+                raise ValueError(
+                    f"query parameter {name!r} is not supported with {scheme}+cluster:// "
+                    f"(supported: {', '.join(allowed)})"
+                )
+        seed = f"{scheme}://{auth}{at}{host}" + (f"?{query}" if query else "")
+        try:
+            _one_broker_url(seed)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
+        seeds.append(seed)
+    return seeds
+
+
 def _broker_url(raw: object) -> str:
     """One Redis URL, or a comma-separated list of them (shards), returned in canonical order
     (`shard_key`: the first is the home of the cluster-wide state) joined by commas; a single
-    URL is returned as given. The entries are never echoed (they may hold a password)."""
+    URL is returned as given; a `redis+cluster://` URL (seed nodes) as given. The entries are
+    never echoed (they may hold a password)."""
+    text = _text(raw).strip()
+    if text.startswith(("redis+cluster://", "rediss+cluster://")):
+        cluster_seed_urls(text)
+        return text
     entries = [part.strip() for part in _text(raw).split(",")]
     expect = f"must be a URL starting with {', '.join(BROKER_SCHEMES)}"
     keys: dict[str, str] = {}
@@ -348,6 +419,11 @@ def _broker_url(raw: object) -> str:
         where = f"entry {i} of {len(entries)}: " if len(entries) > 1 else ""
         if not url:
             raise ValueError(f"{where}empty: a list is URLs separated by single commas")
+        if url.startswith(("redis+cluster://", "rediss+cluster://")):
+            raise ValueError(
+                f"{where}redis+cluster:// must be the only URL: "
+                "redis+cluster://host:port,host:port names a cluster's seed nodes"
+            )
         if not url.startswith(BROKER_SCHEMES) or url.endswith("://"):
             raise ValueError(f"{where}{expect}")
         try:
@@ -591,8 +667,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _broker_url,
         None,
         "redis://, rediss:// or unix:// URL of the shared broker, or a comma-separated list "
-        "of them (shards: every node must list the same ones); unset = in-memory (one "
-        "worker) or the private redis-server (WORKERS > 1)",
+        "of them (shards: every node must list the same ones), or "
+        "redis+cluster:// or rediss+cluster://host:port,host:port (a Redis Cluster's seeds); "
+        "unset = in-memory (one worker) or the private redis-server (WORKERS > 1)",
         default_text="",
         secret=True,
     ),
@@ -830,6 +907,18 @@ def _mask_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def _mask_cluster_url(url: str) -> str:
+    """A redis+cluster:// URL (one URL naming several hosts) with its credentials hidden."""
+    scheme = CLUSTER_TLS_SCHEME if url.startswith(CLUSTER_TLS_SCHEME) else CLUSTER_SCHEME
+    rest, mark, query = url[len(scheme) :].partition("?")
+    auth, at, hosts = rest.rpartition("@")
+    if auth:
+        auth = auth.split(":", 1)[0] + ":***" if ":" in auth else "***"
+    if query:
+        query = _mask_url(f"redis://h?{query}").partition("?")[2]
+    return f"{scheme}{auth}{at}{hosts}{mark}{query}"
+
+
 _SECRET_FIELDS: Final = frozenset({"jwt_secret", "jwt_private_key", "admin_token"})
 
 
@@ -840,6 +929,12 @@ def masked(config: Config) -> dict[str, object]:
         value = getattr(config, f.name)
         if value and f.name in _SECRET_FIELDS:
             value = "***"
+        elif (
+            value
+            and f.name == "broker_url"
+            and str(value).startswith((CLUSTER_SCHEME, CLUSTER_TLS_SCHEME))
+        ):
+            value = _mask_cluster_url(str(value))
         elif value and f.name == "broker_url":
             value = ",".join(_mask_url(url) for url in str(value).split(","))
         result[f.name] = value

@@ -38,6 +38,10 @@ BROKER_UNAVAILABLE = "broker_unavailable"
 #: The reason code of a sharded Redis broker some of whose shards (not all) cannot be
 #: reached: their channels are refused, the others work (which shard is logged, not shown).
 BROKER_SHARD_UNAVAILABLE = "broker_shard_unavailable"
+#: The reason code of a Redis Cluster broker (`redis+cluster://`) with a slot whose master
+#: cannot be reached, or a channel with members here whose subscription is not (yet) back
+#: on its slot's master after the slot moved: some channels are refused or not delivered.
+BROKER_CLUSTER_DEGRADED = "broker_cluster_degraded"
 
 
 class BrokerUnavailable(RuntimeError):
@@ -104,7 +108,7 @@ class Broker(Protocol):
     def health(self) -> tuple[str, str]:
         """("healthy" | "degraded" | "down", reason code): the code is public (/health,
         /ws/status), so it is one of a fixed set (BROKER_UNAVAILABLE,
-        BROKER_SHARD_UNAVAILABLE ...) and never the
+        BROKER_SHARD_UNAVAILABLE, BROKER_CLUSTER_DEGRADED) and never the
         text of an exception, which names hosts and ports: that goes to the log."""
         ...
 

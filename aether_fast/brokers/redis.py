@@ -176,6 +176,58 @@ def sender_key(identity: str | None, client_id: str) -> str:
     return f"{identity or ''}\x1f{client_id}"
 
 
+def channel_ttls_ms(
+    history_ttl_s: float, dedup_ttl_s: float, channel_state_ttl_s: float
+) -> tuple[int, int, int]:
+    """The TTLs (ms) of a channel's history, dedupe windows and meta key. Every key of a
+    channel expires (nothing a join or publish leaves is kept forever). The meta key
+    (offset, epoch) lives longest: once it is gone, the next join or publish starts a new
+    epoch, which clients see as "history lost" — so it must not go before the history it
+    numbers, nor before a dedupe record that names one of its offsets. History with
+    HISTORY_TTL_S=0 ("no expiry") lives as long as the meta key."""
+    dedup_ms = max(1000, int(dedup_ttl_s * 1000))
+    state_ms = max(int(channel_state_ttl_s * 1000), int(history_ttl_s * 1000), dedup_ms)
+    return (int(history_ttl_s * 1000) or state_ms, dedup_ms, state_ms)
+
+
+def settle(batch: list[Pending], reply: Any) -> None:
+    """The publish script's answer to `batch`: each future gets (offset, timestamp,
+    duplicate)."""
+    for (call, done), got in zip(batch, reply, strict=True):
+        if done.done():
+            continue
+        if type(got) is int:  # published now, at the timestamp it was sent with
+            done.set_result((got, call[_TS], False))
+        else:  # a duplicate: the original's "offset|timestamp"
+            offset, _, stamp = got.decode().partition("|")
+            done.set_result((int(offset), stamp, True))
+
+
+def unpublished(batch: list[Pending], exc: BaseException) -> None:
+    """Redis did not confirm `batch`: each future gets BrokerUnavailable (never a false
+    ack)."""
+    for _, done in batch:
+        if not done.done():
+            failure = BrokerUnavailable("broker unavailable: the message was not published")
+            failure.__cause__ = exc
+            done.set_exception(failure)
+
+
+def recovery(since: int | None, epoch: str | None, position: Any) -> Recovery:
+    """A join's `Recovery` from the position script's answer (offset, epoch, entries)."""
+    offset, current, entries = position
+    current_epoch = current.decode()
+    offset = int(offset)
+    if since is None or (epoch is not None and epoch != current_epoch):
+        return Recovery([], offset, current_epoch, False)
+    if since >= offset:
+        return Recovery([], offset, current_epoch, since == offset)
+    frames = [encode_text_frame(fields[1]) for _id, fields in entries]
+    first = int(entries[0][0].split(b"-")[0]) if entries else 0
+    complete = len(frames) == offset - since and first == since + 1
+    return Recovery(frames if complete else [], offset, current_epoch, complete)
+
+
 class _Lane:
     """One shard's publishes: those of this loop pass (`batch`, sent together by
     `_send_batch`), and how many batches wait for its command connection (`parked`): while
@@ -206,16 +258,9 @@ class RedisBroker:
         self._hub = hub
         self._shards = shards
         self._cluster = cluster
-        self._dedup_ttl_ms = max(1000, int(dedup_ttl_s * 1000))
-        # Every key of a channel expires (nothing a join or publish leaves is kept forever).
-        # The meta key (offset, epoch) lives longest: once it is gone, the next join or
-        # publish starts a new epoch, which clients see as "history lost" — so it must not
-        # go before the history it numbers, nor before a dedupe record that names one of its
-        # offsets. History with HISTORY_TTL_S=0 ("no expiry") lives as long as the meta key.
-        self._state_ttl_ms = max(
-            int(channel_state_ttl_s * 1000), int(history_ttl_s * 1000), self._dedup_ttl_ms
+        self._history_ttl_ms, self._dedup_ttl_ms, self._state_ttl_ms = channel_ttls_ms(
+            history_ttl_s, dedup_ttl_s, channel_state_ttl_s
         )
-        self._history_ttl_ms = int(history_ttl_s * 1000) or self._state_ttl_ms
         #: the publish script's first arguments, once per call (its new epoch is set per call)
         self._ttls = (self._history_ttl_ms, self._dedup_ttl_ms, self._state_ttl_ms)
         #: one lane per shard, in the order of `shards.links`
@@ -328,14 +373,7 @@ class RedisBroker:
         """The publish script's answer: each future gets (offset, timestamp, duplicate), or
         BrokerUnavailable when Redis did not confirm it (never a false ack)."""
         if exc is None:
-            for (call, done), got in zip(batch, reply, strict=True):
-                if done.done():
-                    continue
-                if type(got) is int:  # published now, at the timestamp it was sent with
-                    done.set_result((got, call[_TS], False))
-                else:  # a duplicate: the original's "offset|timestamp"
-                    offset, _, stamp = got.decode().partition("|")
-                    done.set_result((int(offset), stamp, True))
+            settle(batch, reply)
             return
         conn = lane.link.command_connection
         if isinstance(exc, NoScriptError) and how == "EVALSHA" and conn is not None:
@@ -343,11 +381,7 @@ class RedisBroker:
             self._run_batch(lane, conn, batch, "EVAL")
             return
         lane.link.degraded(exc)
-        for _, done in batch:
-            if not done.done():
-                failure = BrokerUnavailable("broker unavailable: the message was not published")
-                failure.__cause__ = exc
-                done.set_exception(failure)
+        unpublished(batch, exc)
 
     async def _script(
         self, lane: _Lane, script: str, sha: str, numkeys: int, args: list[Any]
@@ -385,7 +419,7 @@ class RedisBroker:
         ch = self._hub.channel(channel)
         size = -1 if ch is None else ch.config.history_size
         try:
-            offset, current, entries = await self._script(
+            answer = await self._script(
                 lane,
                 _POSITION,
                 _POSITION_SHA,
@@ -395,16 +429,7 @@ class RedisBroker:
         except (RedisError, OSError) as exc:
             lane.link.degraded(exc)
             raise
-        current_epoch = current.decode()
-        offset = int(offset)
-        if since is None or (epoch is not None and epoch != current_epoch):
-            return Recovery([], offset, current_epoch, False)
-        if since >= offset:
-            return Recovery([], offset, current_epoch, since == offset)
-        frames = [encode_text_frame(fields[1]) for _id, fields in entries]
-        first = int(entries[0][0].split(b"-")[0]) if entries else 0
-        complete = len(frames) == offset - since and first == since + 1
-        return Recovery(frames if complete else [], offset, current_epoch, complete)
+        return recovery(since, epoch, answer)
 
     async def position(self, channel: str) -> tuple[int, str]:
         lane = self._lane(channel)

@@ -18,7 +18,8 @@ All of it has one home: with shards (a BROKER_URL list, `redis_shards.py`) the l
 given is the first shard's in canonical order, and this state lives on no other shard
 (every node must list the same shards). While the home is down the configs cannot change
 (writes raise BrokerUnavailable) and the other workers' figures stay as last read; the
-other shards' channels work on.
+other shards' channels work on. With a Redis Cluster (`redis_slots.py`) its keys carry one
+hash tag (`aether:{aether}:...`, the `prefix`), and its link is `redis_slots.StateHome`.
 
 The Redis broker asks it whether the sender of a publication is here (`local_session`);
 the bound worker (`bind`, by `app.wire`) answers that and the rest of `ClusterEvents`.
@@ -35,7 +36,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from redis.exceptions import RedisError
@@ -60,9 +61,36 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+class Home(Protocol):
+    """What the cluster uses of its link: a `RedisLink` (one Redis, or the home shard), or
+    `redis_slots.StateHome` in Redis Cluster mode."""
+
+    @property
+    def redis(self) -> Any: ...
+
+    def watch(
+        self, channel: str, on_message: Callable[[bytes], None], on_resubscribed: Callable[[], None]
+    ) -> None: ...
+
+    def drop_stalled(self) -> None: ...
+
+    async def commands(self) -> Any: ...
+
+    def degraded(self, exc: BaseException, part: str = "commands") -> None: ...
+
+    def recovered(self, part: str) -> None: ...
+
+
 class RedisCluster:
-    def __init__(self, link: RedisLink, *, node_id: str | None = None) -> None:
-        self._link = link
+    def __init__(
+        self, link: Home | RedisLink, *, node_id: str | None = None, prefix: str = PREFIX
+    ) -> None:
+        self._link: Home = link
+        #: the keys of the cluster-wide state: `aether:...`, or `aether:{aether}:...` in Redis
+        #: Cluster mode (one hash slot, so its MULTI and multi-key reads stay valid)
+        self._channels_hash = CHANNELS_HASH if prefix == PREFIX else prefix + "channels"
+        self._workers_zset = WORKERS_ZSET if prefix == PREFIX else prefix + "workers"
+        self._prefix = prefix
         self.node_id = node_id or socket.gethostname()
         self.worker_id = f"{self.node_id}:{os.getpid()}:{secrets.token_hex(3)}"
         self._tasks: list[asyncio.Task[None]] = []
@@ -95,7 +123,7 @@ class RedisCluster:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(RedisError, OSError):
-            await self._link.redis.zrem(WORKERS_ZSET, self.worker_id)
+            await self._link.redis.zrem(self._workers_zset, self.worker_id)
             await self._link.redis.delete(*self._worker_keys())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -106,7 +134,7 @@ class RedisCluster:
     # -- the cluster table -----------------------------------------------------------------
 
     def _worker_keys(self) -> list[str]:
-        base = f"{PREFIX}worker:{self.worker_id}"
+        base = f"{self._prefix}worker:{self.worker_id}"
         return [base, base + CONNS_SUFFIX, base + ":members"]
 
     async def _heartbeat_forever(self) -> None:
@@ -144,16 +172,16 @@ class RedisCluster:
                 pipe.hset(members, mapping=figures["members"])
             for key in (stats, conns, members):
                 pipe.expire(key, WORKER_TTL_S)
-            pipe.zadd(WORKERS_ZSET, {self.worker_id: now})
-            pipe.zremrangebyscore(WORKERS_ZSET, 0, now - WORKER_TTL_S)
-            pipe.zrange(WORKERS_ZSET, 0, -1)
+            pipe.zadd(self._workers_zset, {self.worker_id: now})
+            pipe.zremrangebyscore(self._workers_zset, 0, now - WORKER_TTL_S)
+            pipe.zrange(self._workers_zset, 0, -1)
             results = await pipe.execute()
         others = [w.decode() for w in results[-1]]
         others = [w for w in others if w != self.worker_id]
         remote: dict[str, dict[str, Any]] = {}
         async with redis.pipeline(transaction=False) as pipe:
             for wid in others:
-                base = f"{PREFIX}worker:{wid}"
+                base = f"{self._prefix}worker:{wid}"
                 pipe.hget(base, "stats")
                 pipe.hgetall(base + CONNS_SUFFIX)
                 pipe.hgetall(base + ":members")
@@ -194,7 +222,8 @@ class RedisCluster:
         Redis did not confirm it."""
         redis = self._link.redis
         try:
-            created = bool(await redis.hset(CHANNELS_HASH, cfg.name, orjson.dumps(cfg.to_json())))
+            raw = orjson.dumps(cfg.to_json())
+            created = bool(await redis.hset(self._channels_hash, cfg.name, raw))
             self._configs[cfg.name] = cfg
             await redis.publish(CONFIG_CHANNEL, cfg.name)
         except (RedisError, OSError) as exc:
@@ -206,7 +235,7 @@ class RedisCluster:
         BrokerUnavailable when Redis did not confirm it."""
         redis = self._link.redis
         try:
-            existed = bool(await redis.hdel(CHANNELS_HASH, name))
+            existed = bool(await redis.hdel(self._channels_hash, name))
             self._configs.pop(name, None)
             await redis.publish(CONFIG_CHANNEL, name)
         except (RedisError, OSError) as exc:
@@ -222,7 +251,7 @@ class RedisCluster:
         self._spawn(self._refresh_configs())
 
     async def _load_configs(self) -> None:
-        raw = await self._link.redis.hgetall(CHANNELS_HASH)
+        raw = await self._link.redis.hgetall(self._channels_hash)
         self._configs = {_text(k): ChannelConfig(**orjson.loads(v)) for k, v in raw.items()}
 
     async def _refresh_configs(self) -> None:
@@ -240,7 +269,7 @@ class RedisCluster:
                 self.on_config(name, self._configs.get(name))
 
     async def _reload_config(self, name: str) -> None:
-        raw = await self._link.redis.hget(CHANNELS_HASH, name)
+        raw = await self._link.redis.hget(self._channels_hash, name)
         cfg = ChannelConfig(**orjson.loads(raw)) if raw is not None else None
         if cfg is None:
             self._configs.pop(name, None)

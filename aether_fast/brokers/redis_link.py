@@ -17,8 +17,11 @@ reads the other's state.
 
 A link is one Redis server: with shards (a BROKER_URL list) each has its own link, named by
 its place in the canonical order (`shard`, in its log lines), and `redis_shards.Shards`
-says which link holds a channel. The broker opens the links (`start`, with its own start)
-and closes them (`close`); the cluster uses the home's in between.
+says which link holds a channel. A Redis Cluster master's link (`node`, made by
+`redis_slots.Slots`) subscribes sharded (SSUBSCRIBE, one channel per command) and reports a
+subscription Redis dropped or refused because its slot moved (`on_lost`). The broker opens
+the links (`start`, with its own start) and closes them (`close`); the cluster uses the
+home's in between.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Set
 from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from aether_fast import logs
 from aether_fast.brokers import resp
@@ -47,8 +51,14 @@ POOL_SIZE = 32
 STALL_S = 5.0
 
 
+#: Errors a cluster node answers a sharded subscription with when the channel's slot is not
+#: (or no longer) its own, or the subscription is not allowed (an ACL): the subscription is
+#: lost, not the connection.
+_SLOT_ERRORS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "CROSSSLOT", "NOPERM")
+
+
 class RedisLink:
-    def __init__(self, url: str, shard: int | None = None) -> None:
+    def __init__(self, url: str, shard: int | None = None, *, node: str | None = None) -> None:
         self.url = url
         #: this Redis's place among the shards (None: the only one); in its log lines, with
         #: the server it names (no credentials)
@@ -56,6 +66,19 @@ class RedisLink:
         self._where: dict[str, object] = (
             {} if shard is None else {"shard": shard, "redis": shard_key(url)}
         )
+        #: a Redis Cluster master (`redis_slots.Slots`, its "host:port"): the channels of
+        #: `subscribe` are sharded (SSUBSCRIBE, one channel per command: each is in its own
+        #: slot), and a slot that moves away drops their subscription (`on_lost`)
+        self.node = node
+        self._sharded = node is not None
+        if node is not None:
+            self._where = {"node": node}
+        self._sub_cmd = "SSUBSCRIBE" if node is not None else "SUBSCRIBE"
+        #: sharded: the channels sent with SSUBSCRIBE and not yet answered, in order (an
+        #: error reply names no channel: it answers the oldest)
+        self._sent: deque[str] = deque()
+        #: sharded: where a subscription goes that Redis dropped or refused (its slot moved)
+        self.on_lost: Callable[[str], None] = lambda channel: None
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=POOL_SIZE, timeout=5, socket_timeout=5
         )
@@ -220,7 +243,9 @@ class RedisLink:
                 if sub is None:
                     raise RedisConnectionError("redis: the subscriber is reconnecting")
                 waiter = self._confirm[channel] = asyncio.get_running_loop().create_future()
-                sub.send("SUBSCRIBE", channel)
+                sub.send(self._sub_cmd, channel)
+                if self._sharded:
+                    self._sent.append(channel)
             await asyncio.wait_for(asyncio.shield(waiter), 5)
         except (RedisError, OSError, TimeoutError) as exc:
             if waiter is not None and self._confirm.get(channel) is waiter:
@@ -236,7 +261,11 @@ class RedisLink:
         self._subscribed.difference_update(channels)
         if self._sub is not None:
             with contextlib.suppress(RedisError):
-                self._sub.send("UNSUBSCRIBE", *channels)
+                if self._sharded:
+                    for channel in channels:  # one slot per command
+                        self._sub.send("SUNSUBSCRIBE", channel)
+                else:
+                    self._sub.send("UNSUBSCRIBE", *channels)
 
     async def _open_subscriber(self) -> resp.RespConnection:
         """Connect the subscriber and subscribe again to everything wanted, the watched
@@ -246,7 +275,17 @@ class RedisLink:
         sub = await resp.connect(self.url, self._on_push)
         wanted = [*(c.decode() for c in self._watched), *(self._subscribed | set(self._confirm))]
         self._subscribed.clear()
-        if wanted:
+        if self._sharded:
+            self._sent.clear()
+            watched = [c.decode() for c in self._watched]
+            if watched:
+                sub.send("SUBSCRIBE", *watched)
+            for channel in wanted[len(watched) :]:
+                sub.send("SSUBSCRIBE", channel)
+                self._sent.append(channel)
+            if not wanted:
+                sub.send("PING")
+        elif wanted:
             sub.send("SUBSCRIBE", *wanted)
         else:
             sub.send("PING")
@@ -278,6 +317,9 @@ class RedisLink:
     def _on_push(self, reply: Any) -> None:
         """Everything Redis sends the subscriber, in the order it sends it."""
         if isinstance(reply, hiredis.ReplyError):  # e.g. max clients: this connection is no use
+            if self._sharded and str(reply).startswith(_SLOT_ERRORS):
+                self._refused(str(reply))
+                return
             self.degraded(RedisConnectionError(f"redis: {reply}"), "pubsub")
             if self._sub is not None:
                 self._sub.abort()
@@ -287,13 +329,29 @@ class RedisLink:
                 self.recovered("pubsub")
                 return
             kind = reply[0]
-            if kind == b"message":
+            if kind == b"message" or kind == b"smessage":
                 target: bytes = reply[1]
                 watcher = self._watched.get(target)
                 if watcher is not None:
                     watcher[0](reply[2])
                 else:
                     self._on_message(target, reply[2])
+            elif kind == b"ssubscribe":
+                self.recovered("pubsub")
+                channel = reply[1].decode()
+                if self._sent and self._sent[0] == channel:
+                    self._sent.popleft()
+                elif channel in self._sent:
+                    self._sent.remove(channel)
+                self._subscribed.add(channel)
+                waiter = self._confirm.pop(channel, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            elif kind == b"sunsubscribe":
+                channel = reply[1].decode()
+                if channel in self._subscribed:  # not asked for: its slot moved away
+                    self._subscribed.discard(channel)
+                    self.on_lost(channel)
             elif kind == b"subscribe":
                 # the first confirmation on a new connection is that of a watched channel
                 # (subscribed first): from then on the subscriber works
@@ -316,3 +374,18 @@ class RedisLink:
                         heard.set_result(None)  # `start` waits for it
         except Exception as exc:  # a bad message must not stop the subscriber
             logs.log("error", "pubsub_message_failed", "broker", error=repr(exc))
+
+    def _refused(self, text: str) -> None:
+        """A cluster node refused the oldest SSUBSCRIBE not yet answered (its slot is not
+        the node's): whoever waits for it fails; a subscription asked for again after a
+        loss is lost (`on_lost`: it is made on the slot's owner)."""
+        if not self._sent:
+            return
+        channel = self._sent.popleft()
+        waiter = self._confirm.pop(channel, None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_exception(ResponseError(f"redis: {text}"))
+                waiter.exception()  # retrieved: no "never retrieved" warning
+        else:
+            self.on_lost(channel)

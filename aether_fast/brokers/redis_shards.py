@@ -16,9 +16,9 @@ Cluster-wide state (the cluster table and its heartbeat, the per-user connection
 channel configs and their change channel) has one home: the first shard in canonical order
 (`home`), the only link `redis_cluster.RedisCluster` uses.
 
-`Shards` is the router (channel -> link): a later Redis Cluster mode (channel -> node by hash
-slot) is another router with the same `link(channel)`. With one URL there is one link and
-`index` answers 0 at once: no other connection, no other behaviour.
+`Shards` is the router (channel -> link). Redis Cluster mode (`redis+cluster://`, channel ->
+master by hash slot) is another router with its own broker: `redis_slots.py`. With one URL
+there is one link and `index` answers 0 at once: no other connection, no other behaviour.
 
 The cluster's heartbeat keeps the home's command connection alive (drops it when Redis
 hangs, opens it again, says when it works); `start` runs the same, once a second, for each

@@ -13,6 +13,7 @@ from aether_fast.config import (
     SETTINGS,
     Config,
     ConfigError,
+    cluster_seed_urls,
     describe,
     load_config,
     masked,
@@ -414,3 +415,38 @@ def test_bad_broker_url_lists_are_refused(value: str, fragment: str) -> None:
     e = _err({"BROKER_URL": value, "JWT_SECRET": "k" * 32})
     assert e.variable == "BROKER_URL" and fragment in e.message, e.message
     assert "secret" not in str(e)  # never the URL itself: it may hold a password
+
+
+def test_redis_cluster_url() -> None:
+    """redis+cluster:// names seed nodes: each becomes a redis:// URL with the credentials
+    and options; bad or mixed forms are refused without echoing a password."""
+    secret = {"JWT_SECRET": "s" * 32}
+    url = "redis+cluster://:hunter2@10.0.0.1:7000, 10.0.0.2:7001?username=u"
+    c = load_config({"BROKER_URL": url, **secret})
+    assert c.broker_cluster and c.broker_url == url.strip()
+    assert cluster_seed_urls(c.broker_url) == [
+        "redis://:hunter2@10.0.0.1:7000?username=u",
+        "redis://:hunter2@10.0.0.2:7001?username=u",
+    ]
+    assert masked(c)["broker_url"] == (
+        "redis+cluster://:***@10.0.0.1:7000, 10.0.0.2:7001?username=u"
+    )
+    assert not load_config({"BROKER_URL": "redis://h:1", **secret}).broker_cluster
+    tls = "rediss+cluster://u:hunter2@h1:7000,h2:7000?ssl_cert_reqs=none"
+    c = load_config({"BROKER_URL": tls, **secret})
+    assert c.broker_cluster and cluster_seed_urls(tls) == [
+        "rediss://u:hunter2@h1:7000?ssl_cert_reqs=none",
+        "rediss://u:hunter2@h2:7000?ssl_cert_reqs=none",
+    ]
+    assert masked(c)["broker_url"] == "rediss+cluster://u:***@h1:7000,h2:7000?ssl_cert_reqs=none"
+    for bad, fragment in (
+        ("redis+cluster://:hunter2@a:1,redis://b:2", "seed 2 of 2"),
+        ("redis://:hunter2@b:2,redis+cluster://a:1", "must be the only URL"),
+        ("redis+cluster://:hunter2@a:1/1", "database 0 only"),
+        ("redis+cluster://:hunter2@a:99999", "bad port"),
+        ("redis+cluster://a:1,b:2?password=hunter2&ssl_ca_certs=x", "'ssl_ca_certs'"),
+        ("redis+cluster://a:1,x@b:2", "credentials go before the first seed"),
+        ("rediss+cluster://:hunter2@a:1?ssl_cert_reqs=bogus", "ssl_cert_reqs must be"),
+    ):
+        text = str(_err({"BROKER_URL": bad, **secret}))
+        assert fragment in text and "hunter2" not in text, (bad, text)
