@@ -188,7 +188,12 @@ def run(layout: str, redis_url: str, redis_pid: int, tmp: Path, size: Size) -> d
     pids = [s.pid for s in servers]
     result: dict[str, Any] = {"layout": layout}
 
+    from redis_cpu import script_calls
+
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+
     def measure(name: str, mode: str, url_file: Path, **opts: Any) -> dict[str, Any]:
+        calls = script_calls(redis_port)
         before = cpu_seconds(pids), cpu_seconds([redis_pid]), time.monotonic()
         out = loadgen(mode, ports[0], url_file, pids[0], **opts, **extra)
         spent = time.monotonic() - before[2]
@@ -196,6 +201,7 @@ def run(layout: str, redis_url: str, redis_pid: int, tmp: Path, size: Size) -> d
         result[name + "_server_cpu_s"] = round(server_cpu, 3)
         result[name + "_server_cpu_util"] = round(server_cpu / spent, 2)
         result[name + "_redis_cpu_util"] = round((cpu_seconds([redis_pid]) - before[1]) / spent, 2)
+        result[name + "_script_calls"] = script_calls(redis_port) - calls
         return out
 
     try:
@@ -250,6 +256,12 @@ def run(layout: str, redis_url: str, redis_pid: int, tmp: Path, size: Size) -> d
             "connections_per_server_cpu_s": per_cpu_s(connect.get("connected", 0), "connect"),
             "deliveries_per_server_cpu_s": per_cpu_s(fan_phase.get("deliveries", 0), "fanout"),
             "round_trips_per_server_cpu_s": per_cpu_s(rtt_phase.get("round_trips", 0), "rtt"),
+            # the publishes each worker's script call carried: what a call's cost is shared by
+            "rtt_publishes_per_script_call": (
+                round(rtt_phase.get("round_trips", 0) / result["rtt_script_calls"], 1)
+                if result["rtt_script_calls"]
+                else None
+            ),
             "connections_per_s": connect.get("connections_per_s"),
             "connections_failed": connect.get("failed"),
             "round_trips_per_s_50_conns": rtt_phase.get("round_trips_per_s"),
@@ -295,6 +307,7 @@ FIGURES = (
     "rtt_redis_cpu_util",
     "fanout_server_cpu_util",
     "fanout_redis_cpu_util",
+    "rtt_publishes_per_script_call",
 )
 #: efficiency (work per server CPU-second), WORKERS=2 against 1: the goal
 EFFICIENCY_GOAL = 0.9
@@ -357,6 +370,12 @@ def render(result: dict[str, Any]) -> str:
             f"| {label} | {spread(one, key)} | {spread(two, key)} "
             f"| {ratio(two, key)} | {spread(nodes, key)} | {ratio(nodes, key)} |"
         )
+    calls = [row.get("rtt_publishes_per_script_call") for row in (one, two, nodes)]
+    lines += [
+        "",
+        "Round trips: publishes per script call (each worker's calls to Redis; a call's fixed "
+        f"cost is shared by them): 1 worker {calls[0]}, 2 workers {calls[1]}, 2 nodes {calls[2]}.",
+    ]
     lines += [
         "",
         "## Throughput (bounded by this 2-core machine: servers, Redis and the load generator"
