@@ -329,6 +329,9 @@ class Node:
         if not channel_allowed(claims, name):
             return self._refuse_join(s, name, ErrorCode.FORBIDDEN, "token does not allow it")
         ch = self.hub.channel(name)
+        # a member's re-join without `since` asks for the position only: its delivery goes
+        # on untouched (no hold, no replay), so nothing on its way to it is dropped
+        only_position = since is None and s.is_member(name)
         if not s.is_member(name):
             refused = self._over_channel_limit(s, name, ch is None, opening)
             if refused is not None:
@@ -345,15 +348,16 @@ class Node:
                 presence(self.hub, ch, s, "connect")
         recovery = self.broker.recover(name, since, epoch)
         if isinstance(recovery, Recovery):
-            self._joined(s, name, since, recovery)
+            self._joined(s, name, since, recovery, only_position)
         else:
             # an asynchronous broker: live frames are held until the replay is sent, and
             # what the client sends until the reply (at open: the reply is its first frame;
             # later: a publication sent right after the join comes after it, not lost
             # below the position the join reads), docs/protocol.md §2
-            s.hold(name)
+            if not only_position:
+                s.hold(name)
             s.hold_messages(opening)
-            self._spawn(self._join_later(s, name, since, recovery, opening))
+            self._spawn(self._join_later(s, name, since, recovery, opening, only_position))
         return None
 
     def _over_channel_limit(
@@ -391,9 +395,10 @@ class Node:
         since: int | None,
         pending: Awaitable[Recovery],
         opening: bool = False,
+        only_position: bool = False,
     ) -> None:
         try:
-            await self._answer_join(s, name, since, pending, opening)
+            await self._answer_join(s, name, since, pending, opening, only_position)
         finally:
             # the join's reply, or its error, is out: now what came meanwhile (once no
             # other join holds it)
@@ -406,12 +411,14 @@ class Node:
         since: int | None,
         pending: Awaitable[Recovery],
         opening: bool,
+        only_position: bool,
     ) -> None:
         try:
             recovery = await pending
         except Exception as exc:
-            s.release(name, -1)
-            self.hub.leave(s, name)
+            if not only_position:  # a member asking for the position stays one
+                s.release(name, -1)
+                self.hub.leave(s, name)
             # the exception's text names the broker's host: the broker logged it (once per
             # change, as broker_degraded); the client gets the reason code
             logs.log("debug", "join_failed", "broker", channel=name, error=repr(exc))
@@ -426,8 +433,8 @@ class Node:
             )
             return
         if s.is_member(name):
-            self._joined(s, name, since, recovery)  # the replay ends the holding
-        else:
+            self._joined(s, name, since, recovery, only_position)  # the replay ends the holding
+        elif not only_position:
             s.drop_held(name)
 
     def _release_messages(self, s: Session) -> None:
@@ -440,9 +447,24 @@ class Node:
             logs.log("error", "held_messages_failed", "node", error=repr(exc))
             s.close(CloseCode.INTERNAL, "internal error")
 
-    def _joined(self, s: Session, name: str, since: int | None, recovery: Recovery) -> None:
+    def _joined(
+        self,
+        s: Session,
+        name: str,
+        since: int | None,
+        recovery: Recovery,
+        only_position: bool = False,
+    ) -> None:
         """The reply to a join, then the replay of missed publications (written as the
-        socket drains; live publications of the channel wait for it, `Session.replay`)."""
+        socket drains; live publications of the channel wait for it, `Session.replay`).
+        `only_position` (a member's re-join without `since`): the reply alone."""
+        if only_position:
+            s.send_json(
+                protocol.connected(
+                    s.client_id, s.user_id, name, recovery.offset, recovery.epoch, None
+                )
+            )
+            return
         frames, recovered = recovery.frames, recovery.recovered
         if frames and not s.replay_fits(name, frames):
             # the connection's replays already waiting, and this one, pass the cap: answered

@@ -5,7 +5,8 @@ log, a lock) and its socket (`DATA_DIR/redis/redis.sock`, or a fresh directory u
 temporary directory when that path passes the 107 bytes a unix socket path may have);
 starting it as the supervisor's child (no TCP port, a 0700 unix socket, AOF on, memory
 bounded); watching it (PING over the socket each second; three unanswered in a row or an exit
-and it is restarted with a growing backoff); stopping it (SIGTERM, then wait).
+and it is restarted with a growing backoff: supervision.py's Restarter, the workers'
+schedule); stopping it (SIGTERM, then wait).
 Rule: like the supervisor it holds no client; the workers reach it at `BROKER_URL=unix://…`
 and reconnect by themselves when it comes back. It never outlives the supervisor: it is
 stopped after the workers, and the kernel sends it SIGTERM if the supervisor dies
@@ -15,7 +16,6 @@ stopped after the workers, and the kernel sends it SIGTERM if the supervisor die
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import shutil
@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 from aether_fast import logs
 from aether_fast.config import ConfigError
+from aether_fast.supervision import Restarter, die_with_parent
 
 BINARY: Final = "redis-server"
 SUBDIR: Final = "redis"
@@ -46,7 +47,6 @@ UNANSWERED_LIMIT: Final = 3
 #: reads a large AOF, do not count against it)
 READY_TIMEOUT_S: Final = 30.0
 STOP_TIMEOUT_S: Final = 15.0
-_PR_SET_PDEATHSIG: Final = 1
 
 
 class PrivateRedisError(Exception):
@@ -98,21 +98,16 @@ class PrivateRedis:
         binary: str,
         *,
         maxmemory_mb: int,
-        backoff_min_s: float,
-        backoff_max_s: float,
-        healthy_after_s: float,
+        restarter: Restarter,
     ) -> None:
         self.dir = os.path.join(os.path.abspath(data_dir), SUBDIR)
         self.binary = binary
         self.maxmemory_mb = maxmemory_mb
         self.log_path = os.path.join(self.dir, LOG_NAME)
         self.socket_path = os.path.join(self.dir, SOCKET_NAME)
-        self._backoff_min, self._backoff_max = backoff_min_s, backoff_max_s
-        self._healthy_after = healthy_after_s
-        self.backoff = backoff_min_s
+        #: when to start it again after a death (the workers' schedule)
+        self.restarter = restarter
         self.proc: subprocess.Popen[bytes] | None = None
-        self.started = 0.0
-        self.restart_at = 0.0
         #: the last time it was seen dead or unresponsive (monotonic); 0 = never
         self.last_trouble = 0.0
         self.answered = False
@@ -220,14 +215,6 @@ class PrivateRedis:
 
     def start(self) -> None:
         """Start redis-server (it answers PING a moment later: `wait_ready`, `poll`)."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        parent = os.getpid()
-
-        def die_with_the_supervisor() -> None:  # in the child, before exec
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-            if os.getppid() != parent:  # the supervisor died before prctl
-                os._exit(1)
-
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self._command(),
@@ -238,10 +225,11 @@ class PrivateRedis:
                 # its own session: a Ctrl-C on the terminal reaches the workers, which drain,
                 # and not Redis, which is stopped after them
                 start_new_session=True,
-                preexec_fn=die_with_the_supervisor,
+                preexec_fn=die_with_parent(),
             )
         now = time.monotonic()
-        self.started, self.restart_at, self.answered = now, 0.0, False
+        self.restarter.started_at(now)
+        self.answered = False
         self._unanswered, self._next_ping = 0, now
         logs.log(
             "info",
@@ -288,30 +276,29 @@ class PrivateRedis:
             return
         code = proc.poll()
         if code is not None:
-            if self.restart_at == 0.0:
+            wait = self.restarter.died(now)
+            if wait is not None:
                 self.answered, self.last_trouble = False, now
-                self.restart_at = now + self.backoff
                 logs.log(
                     "error",
                     "private_redis_died",
                     "workers",
                     pid=proc.pid,
                     status=code,
-                    restart_in_s=self.backoff,
+                    restart_in_s=wait,
                     log_tail=self.log_tail(3),
                 )
-            elif now >= self.restart_at:
-                self.backoff = min(self.backoff * 2, self._backoff_max)
+            elif self.restarter.due(now):
+                self.restarter.restarting()
                 try:
                     self.start()
                 except OSError as e:  # the binary gone, DATA_DIR unwritable: try again later
-                    self.restart_at = now + self.backoff
                     logs.log(
                         "error",
                         "private_redis_cannot_start",
                         "workers",
                         reason=str(e),
-                        restart_in_s=self.backoff,
+                        restart_in_s=self.restarter.died(now),
                     )
             return
         if now < self._next_ping:
@@ -322,8 +309,7 @@ class PrivateRedis:
             if not self.answered:
                 self._ready()
             self._unanswered = 0
-            if now - self.started > self._healthy_after:
-                self.backoff = self._backoff_min
+            self.restarter.up(now)
             return
         if answer == "LOADING":
             return

@@ -2,12 +2,14 @@
 
 What it owns: starting the workers (each is `aether-fast serve` run again with
 AETHER_WORKER_INDEX set; they bind the port with SO_REUSEPORT and meet in Redis), restarting
-one that dies with a growing backoff, forwarding SIGTERM/SIGINT for a graceful drain, and
-the exit status: 0 when every worker drained, 2 when a worker could not start at all.
+one that dies with a growing backoff (supervision.py's Restarter), forwarding SIGTERM/SIGINT
+for a graceful drain, and the exit status: 0 when every worker drained, 2 when a worker could
+not start at all.
 Without BROKER_URL it first starts the private Redis the workers meet in (private_redis.py:
 BROKER_URL=unix://… in their environment), restarts it when it dies and stops it last, once
 the workers are gone; no worker is (re)started while it does not answer.
-Rule: the supervisor holds no client and no socket; it only watches processes.
+Rule: the supervisor holds no client and no socket; it only watches processes. None of its
+children outlives it: if it is killed, the kernel sends each SIGTERM (supervision.py).
 """
 
 from __future__ import annotations
@@ -18,30 +20,25 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aether_fast import logs
 from aether_fast.config import Config
 from aether_fast.private_redis import BINARY, PrivateRedis, PrivateRedisError, find_binary
+from aether_fast.supervision import Restarter, die_with_parent
 
 WORKER_ENV = "AETHER_WORKER_INDEX"
 #: A worker that exits within this many seconds of its start with status 2 could not start
 #: (bad config, port in use, Redis unreachable): the supervisor gives up instead of looping
 #: (unless the private Redis was down meanwhile).
 START_GRACE_S = 3.0
-BACKOFF_MIN_S = 0.5
-BACKOFF_MAX_S = 10.0
-#: A worker that ran this long resets its backoff.
-HEALTHY_AFTER_S = 30.0
 
 
 @dataclass(slots=True)
 class _Worker:
     index: int
     proc: subprocess.Popen[bytes]
-    started: float
-    backoff: float = BACKOFF_MIN_S
-    restart_at: float = 0.0
+    restarter: Restarter = field(default_factory=Restarter)
 
 
 def is_worker() -> bool:
@@ -66,9 +63,7 @@ def supervise(config: Config, argv: Sequence[str]) -> int:
             config.data_dir,
             find_binary(),
             maxmemory_mb=config.private_redis_maxmemory_mb,
-            backoff_min_s=BACKOFF_MIN_S,
-            backoff_max_s=BACKOFF_MAX_S,
-            healthy_after_s=HEALTHY_AFTER_S,
+            restarter=Restarter(),
         )
         try:
             redis.open()
@@ -106,10 +101,15 @@ def _run(
         return subprocess.Popen(
             [sys.executable, "-m", "aether_fast", "serve", *argv],
             env={**env, WORKER_ENV: str(index)},
+            # a supervisor killed (SIGKILL, OOM) takes its workers along: each gets SIGTERM
+            # from the kernel and drains, and the port is free for the next supervisor
+            preexec_fn=die_with_parent(),
         )
 
+    workers = [_Worker(i, spawn(i)) for i in range(config.workers)]
     now = time.monotonic()
-    workers = [_Worker(i, spawn(i), now) for i in range(config.workers)]
+    for w in workers:
+        w.restarter.started_at(now)
     logs.log("info", "supervisor_started", "workers", workers=[w.proc.pid for w in workers])
     status = 0
     while not stopping():
@@ -119,18 +119,18 @@ def _run(
             redis.poll(now)
         for w in workers:
             code = w.proc.poll()
+            restarter = w.restarter
             if code is None:
-                if now - w.started > HEALTHY_AFTER_S:
-                    w.backoff = BACKOFF_MIN_S
+                restarter.up(now)
                 continue
             # a worker that could not reach the private Redis while it was down (or dying)
             # was not misconfigured: it is restarted once Redis answers again
-            redis_trouble = redis is not None and redis.last_trouble >= w.started - 1.0
-            if code == 2 and now - w.started < START_GRACE_S and not redis_trouble:
+            redis_trouble = redis is not None and redis.last_trouble >= restarter.started - 1.0
+            if code == 2 and now - restarter.started < START_GRACE_S and not redis_trouble:
                 logs.log("error", "worker_cannot_start", "workers", index=w.index, status=code)
                 return _drain(config, workers, 2)
-            if w.restart_at == 0.0:
-                w.restart_at = now + w.backoff
+            wait = restarter.died(now)
+            if wait is not None:
                 logs.log(
                     "error",
                     "worker_died",
@@ -138,11 +138,12 @@ def _run(
                     index=w.index,
                     pid=w.proc.pid,
                     status=code,
-                    restart_in_s=w.backoff,
+                    restart_in_s=wait,
                 )
-            elif now >= w.restart_at and (redis is None or redis.healthy):
-                w.proc, w.started, w.restart_at = spawn(w.index), now, 0.0
-                w.backoff = min(w.backoff * 2, BACKOFF_MAX_S)
+            elif restarter.due(now) and (redis is None or redis.healthy):
+                w.proc = spawn(w.index)
+                restarter.restarting()
+                restarter.started_at(now)
                 logs.log("info", "worker_restarted", "workers", index=w.index, pid=w.proc.pid)
     return _drain(config, workers, status)
 

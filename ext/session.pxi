@@ -80,15 +80,20 @@ def channel_name_ok(object name) -> bool:
     return valid_channel_name(name)
 
 
-cdef bint is_join(int opcode, bytes payload) except -1:
-    """Whether a message is a `connection/connect` (a join; valid or not, its budget token
-    taken or not): what may start while other joins wait for the broker."""
+cdef object decode(int opcode, bytes payload):
+    """The JSON value of a text message; None when binary or not JSON (neither is a dict, so
+    `is_join` and `refuse_message` take them as JSON null)."""
     if opcode != WSMsgType.TEXT:
-        return False
+        return None
     try:
-        msg = _loads(payload)
+        return _loads(payload)
     except JSONDecodeError:
-        return False
+        return None
+
+
+cdef inline bint is_join(object msg):
+    """Whether a decoded message is a `connection/connect` (a join; valid or not, its budget
+    token taken or not): what may start while other joins wait for the broker."""
     return (type(msg) is dict and (<dict>msg).get("type") == "connection"
             and (<dict>msg).get("action") == "connect")
 
@@ -276,28 +281,23 @@ cdef class Session(Connection):
                                      "%d refused frames" % self.refusals)
         self.close(CloseCode.POLICY, "rate limit exceeded")
 
-    cdef void refuse_message(self, double wait, int opcode, bytes payload):
+    cdef void refuse_message(self, double wait, object msg):
         """`refuse`, naming the message's channel (a join, a leave, a publication...) and a
         publication's sequence, so that a client knows what to send again after
-        `retry_after_ms`."""
+        `retry_after_ms`. `msg`: the message decoded (`decode`)."""
         channel = None
         seq = None
-        if opcode == WSMsgType.TEXT:
-            try:
-                msg = _loads(payload)
-            except JSONDecodeError:
-                msg = None
-            data = (<dict>msg).get("data") if type(msg) is dict else None
-            if type(data) is dict:
-                channel = (<dict>data).get("channel")
-                if not valid_channel_name(channel):
-                    channel = None
-                if (<dict>msg).get("type") == "message":
-                    meta = (<dict>data).get("metadata")
-                    if type(meta) is dict:
-                        seq = (<dict>meta).get("sequence")
-                        if type(seq) is not int:
-                            seq = None
+        data = (<dict>msg).get("data") if type(msg) is dict else None
+        if type(data) is dict:
+            channel = (<dict>data).get("channel")
+            if not valid_channel_name(channel):
+                channel = None
+            if (<dict>msg).get("type") == "message":
+                meta = (<dict>data).get("metadata")
+                if type(meta) is dict:
+                    seq = (<dict>meta).get("sequence")
+                    if type(seq) is not int:
+                        seq = None
         self.refuse(wait, channel, seq)
 
     # -- messages ---------------------------------------------------------------------------
@@ -305,15 +305,19 @@ cdef class Session(Connection):
     cdef void on_message(self, int opcode, bytes payload):
         self.hub.messages_in += 1
         cdef double wait = self.take()
-        if self.inbound is not None and not self.starts_now(opcode, payload):
-            self.hold_message(opcode, payload, wait)
+        if self.inbound is None:
+            self.handle_message(opcode, payload, wait)
             return
-        self.handle_message(opcode, payload, wait)
+        msg = self.join_now(opcode, payload)
+        if msg is None:
+            self.hold_message(opcode, payload, wait)
+        else:
+            self.handle_join(<dict>msg, wait)
 
     cdef void handle_message(self, int opcode, bytes payload, double wait) except *:
         """A whole message whose budget token was taken (`wait` > 0: refused)."""
         if wait > 0.0:
-            self.refuse_message(wait, opcode, payload)
+            self.refuse_message(wait, decode(opcode, payload))
             return
         if opcode == WSMsgType.BINARY:
             self.send_error(ErrorCode.INVALID_MESSAGE, "binary frames are not accepted",
@@ -331,6 +335,18 @@ cdef class Session(Connection):
             self.send_error(ErrorCode.INVALID_JSON, "message is not valid JSON", "protocol",
                             "could not parse JSON", None)
             return
+        self.handle_decoded(msg)
+
+    cdef void handle_join(self, dict msg, double wait) except *:
+        """A join already decoded (`join_now`, `release_messages`): `handle_message` without
+        decoding it again."""
+        if wait > 0.0:
+            self.refuse_message(wait, msg)
+            return
+        self.handle_decoded(msg)
+
+    cdef void handle_decoded(self, object msg) except *:
+        """A message decoded from a text frame whose budget token was taken."""
         if type(msg) is not dict:
             self.invalid("message", "message must be a JSON object", None, None)
             return
@@ -460,13 +476,14 @@ cdef class Session(Connection):
             self.inbound = []
             self.inbound_bytes = 0
 
-    cdef bint starts_now(self, int opcode, bytes payload) except -1:
-        """Whether a message that comes while joins wait is handled at once: a join, when
-        nothing is held before it and the initial join is answered (it starts beside the
-        others; what comes after it waits for all of them)."""
+    cdef object join_now(self, int opcode, bytes payload):
+        """A message that comes while joins wait, decoded, when it is handled at once: a
+        join, when nothing is held before it and the initial join is answered (it starts
+        beside the others; what comes after it waits for all of them). Else None: held."""
         if self.welcoming or PyList_GET_SIZE(self.inbound) > 0:
-            return False
-        return is_join(opcode, payload)
+            return None
+        msg = decode(opcode, payload)
+        return msg if is_join(msg) else None
 
     cdef void hold_message(self, int kind, bytes payload, double wait) except *:
         cdef Py_ssize_t size = PyBytes_GET_SIZE(payload) if payload is not None else 0
@@ -510,8 +527,11 @@ cdef class Session(Connection):
                 return
             entry = <tuple>held[i]
             kind = entry[0]
-            if self.inbound is not None and not (
-                    kind >= 0 and is_join(kind, <bytes>entry[1])):
+            if self.inbound is not None:
+                msg = decode(kind, <bytes>entry[1]) if kind >= 0 else None
+                if is_join(msg):  # starts beside the held join that waits for the broker
+                    self.handle_join(<dict>msg, <double>entry[2])
+                    continue
                 # a held join waits for the broker: the rest waits for it (and those with it)
                 self.inbound = held[i:]
                 size = 0

@@ -3,9 +3,10 @@
 The supervisor starts `redis-server` as its child on a unix socket in DATA_DIR (AOF on, no
 TCP port) and hands the workers BROKER_URL=unix://…: clients spread over the workers hear
 each other; history and channel configs survive a restart of the whole server; SIGTERM
-drains the workers and then stops Redis, leaving no process; a Redis killed with SIGKILL is
-restarted and the workers resume; no `redis-server` on PATH is exit 2 with a line that says
-what to do; a socket path too long for sun_path moves to the temporary directory.
+drains the workers and then stops Redis, leaving no process, and so does a SIGKILL to the
+supervisor (the kernel's SIGTERM to each child); a Redis killed with SIGKILL is restarted
+and the workers resume; no `redis-server` on PATH is exit 2 with a line that says what to
+do; a socket path too long for sun_path moves to the temporary directory.
 Every process is started, found (/proc) and killed by its PID.
 """
 
@@ -30,7 +31,15 @@ from tests.integration.cluster_helpers import (
 )
 from tests.integration.helpers import closing_all, drain, expect, joined, wait_for
 from tests.integration.test_cli import cli_env, run
-from tests.integration.test_workers import parent_of, run_serve, spread
+from tests.integration.test_workers import (
+    alive,
+    comm,
+    kill_leftovers,
+    parent_of,
+    port_free,
+    run_serve,
+    spread,
+)
 from tests.integration.wsclient import Client
 
 NODE = "pnode"
@@ -44,22 +53,6 @@ def start(make_server: Callable[..., Server], **env: str) -> Server:
     srv = make_server(WORKERS="2", BROKER_URL="", NODE_ID=NODE, **env)
     wait_node(srv, lambda b: len(b["workers"]) == 2 and b["status"] == "healthy", timeout=20.0)
     return srv
-
-
-def comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie not yet reaped counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def redis_child(srv: Server) -> int | None:
@@ -117,10 +110,7 @@ def cleanup() -> Iterator[list[int]]:
     still runs the program it ran when the test was over (not a PID reused since)."""
     pids: list[int] = []
     yield pids
-    for pid, name in [(pid, comm(pid)) for pid in pids]:
-        if name and alive(pid) and comm(pid) == name:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    kill_leftovers(pids)
 
 
 # -- the workers meet in it -------------------------------------------------------------------
@@ -238,19 +228,23 @@ def test_sigterm_drains_the_workers_then_stops_redis_leaving_no_process(
     assert not (data / "redis" / "redis.sock").exists()  # redis-server removed it
 
 
-def test_a_killed_supervisor_does_not_leave_its_redis_behind(
+def test_a_killed_supervisor_leaves_neither_its_redis_nor_its_workers_behind(
     make_server: Callable[..., Server], cleanup: list[int]
 ) -> None:
     srv = start(make_server)
-    srv.allow_errors = True  # its workers, orphaned, lose Redis: broker_degraded
+    srv.allow_errors = True  # its workers may lose Redis while they drain: broker_degraded
     assert srv.proc is not None
     rpid = redis_child(srv)
     assert rpid is not None
-    cleanup += srv.children()  # the orphaned workers (and Redis, should it stay)
+    children = srv.children()
+    assert len(children) == 3, children  # two workers and Redis
+    cleanup += children  # should any stay
     os.kill(srv.proc.pid, signal.SIGKILL)
     srv.proc.wait()
-    # the kernel tells it (PR_SET_PDEATHSIG): it writes its AOF and exits
-    wait_for(lambda: not alive(rpid), timeout=15.0, interval=0.1)
+    # the kernel tells each (PR_SET_PDEATHSIG): Redis writes its AOF and exits, the workers
+    # drain and exit
+    wait_for(lambda: not any(alive(pid) for pid in children), timeout=15.0, interval=0.1)
+    assert port_free(srv.port) and port_free(srv.metrics_port)
 
 
 # -- it dies ----------------------------------------------------------------------------------

@@ -843,6 +843,42 @@ def test_echo_off_position_passes_own_messages(race: Race) -> None:
         run(main(tap))
 
 
+async def open_a_gap(
+    relay: SlowPubSubRelay, a: AetherClient, ra: Recorder, b: AetherClient, ch: str
+) -> list[str]:
+    """`b` publishes on `ch` three messages that `a` gets (recorded by `ra`), then five (offsets
+    4 to 8) while the server's Redis subscriber is cut, which never reach `a`, then more until
+    one reaches `a` above that gap: `a`'s position stays 3. Returns what `b` sent."""
+    sent = [f"m{i}" for i in range(8)]
+    for text in sent[:3]:
+        await b.publish(ch, text)
+    await ra.wait_count(3)
+    relay.cut_subscribers()
+    missed = [await b.publish(ch, text) for text in sent[3:8]]
+    assert [ack.offset for ack in missed] == [4, 5, 6, 7, 8]
+    relay.refusing = False
+    # the server subscribes again: what it publishes now comes, above the gap
+    while not ra.messages[3:]:
+        sent.append(f"m{len(sent)}")
+        await b.publish(ch, sent[-1])
+        await asyncio.sleep(0.05)
+    assert a.position(ch)[0] == 3
+    return sent
+
+
+def gap_server(
+    make_server: Callable[..., Server], relay: SlowPubSubRelay, redis_url: str
+) -> Server:
+    """A server on the Redis behind `relay`, whose history holds a gap test's messages."""
+    srv = make_server(
+        BROKER_URL=relay.url(db_of(redis_url)),
+        RATE_LIMIT_MESSAGES="100000",
+        HISTORY_SIZE="5000",
+    )
+    srv.allow_errors = True  # the cut subscriber: broker_degraded (checked after)
+    return srv
+
+
 def test_a_gap_on_a_live_socket_is_recovered(
     make_server: Callable[..., Server], redis_server: RedisServer, redis_url: str
 ) -> None:
@@ -851,12 +887,7 @@ def test_a_gap_on_a_live_socket_is_recovered(
     GAP_WINDOW of them are kept, the client joins again with `since` and the server
     replays what is missing: every message once, in the end, without a reconnect."""
     with SlowPubSubRelay(("127.0.0.1", redis_server.port), delay=0.02) as relay:
-        srv = make_server(
-            BROKER_URL=relay.url(db_of(redis_url)),
-            RATE_LIMIT_MESSAGES="100000",
-            HISTORY_SIZE="5000",
-        )
-        srv.allow_errors = True  # the cut subscriber: broker_degraded (checked below)
+        srv = gap_server(make_server, relay, redis_url)
 
         async def main() -> None:
             ra = Recorder()
@@ -864,20 +895,7 @@ def test_a_gap_on_a_live_socket_is_recovered(
                 client(srv, "gap-a", ra, client_id="gap-a", channels=["pc.gap"]) as a,
                 client(srv, "gap-b", client_id="gap-b", channels=["pc.gap"]) as b,
             ):
-                sent = [f"m{i}" for i in range(8)]
-                for text in sent[:3]:
-                    await b.publish("pc.gap", text)
-                await ra.wait_count(3)
-                relay.cut_subscribers()
-                missed = [await b.publish("pc.gap", text) for text in sent[3:8]]
-                assert [ack.offset for ack in missed] == [4, 5, 6, 7, 8]
-                relay.refusing = False
-                # the server subscribes again: what it publishes now comes, above the gap
-                while not ra.messages[3:]:
-                    sent.append(f"m{len(sent)}")
-                    await b.publish("pc.gap", sent[-1])
-                    await asyncio.sleep(0.05)
-                assert a.position("pc.gap")[0] == 3
+                sent = await open_a_gap(relay, a, ra, b, "pc.gap")
                 more = [f"m{i}" for i in range(len(sent), len(sent) + GAP_WINDOW + 20)]
                 sent += more  # more than GAP_WINDOW come above the gap
                 await asyncio.gather(*(b.publish_nowait("pc.gap", t) for t in more))
@@ -893,6 +911,60 @@ def test_a_gap_on_a_live_socket_is_recovered(
 
         try:
             run(main())
+        finally:
+            srv.stop()  # before the relay goes
+    only_expected_errors(srv, "broker_degraded")
+
+
+def test_a_gap_whose_rejoin_goes_unanswered_is_recovered_by_a_reconnect(
+    make_server: Callable[..., Server], redis_server: RedisServer, redis_url: str
+) -> None:
+    """The same gap, but the join with `since` that GAP_WINDOW offsets above it send is
+    lost on the way (a relay between client and server passes nothing more of that
+    socket: tests/integration/wiretap.py). At twice GAP_WINDOW the client drops the
+    socket; the reconnect's join recovers from the position: every message once."""
+    with SlowPubSubRelay(("127.0.0.1", redis_server.port), delay=0.02) as relay:
+        srv = gap_server(make_server, relay, redis_url)
+
+        async def main(tap: WireTap) -> None:
+            ra = Recorder()
+            async with (
+                AetherClient(
+                    tap.url(),
+                    token=srv.token("gap-a"),
+                    client_id="gap-a",
+                    channels=["pc.gap2"],
+                    **FAST,
+                    **ra.kwargs(),
+                ) as a,
+                client(srv, "gap-b", client_id="gap-b", channels=["pc.gap2"]) as b,
+            ):
+                sent = await open_a_gap(relay, a, ra, b, "pc.gap2")
+                tap.stall_up(0)  # from now on the server hears nothing of a's first socket
+                more = [f"m{i}" for i in range(len(sent), len(sent) + 2 * GAP_WINDOW + 20)]
+                sent += more  # more than twice GAP_WINDOW come above the gap
+                await asyncio.gather(*(b.publish_nowait("pc.gap2", t) for t in more))
+                await ra.wait_count(len(sent), timeout=30)
+                await asyncio.sleep(0.3)  # a double would show
+                assert_once_in_order(
+                    [m.content for m in sorted(ra.messages, key=lambda m: m.offset)], sent
+                )
+                assert a.position("pc.gap2")[0] == len(sent)
+                assert ra.states.count("open") == 2  # one reconnect
+                assert [j.recovered for j in ra.joins] == [None, True], ra.joins
+                assert {m.content for m in ra.messages if m.replayed} >= set(sent[3:8])
+            first, second = tap.snapshot()[:2]
+            since = [
+                m["data"].get("since")
+                for m in first.up + second.up
+                if (m["type"], m["action"]) == ("connection", "connect")
+            ]
+            # the first join, the rejoin that was lost, the reconnect's join
+            assert since == [None, 3, 3], since
+
+        try:
+            with WireTap(("127.0.0.1", srv.port)) as tap:
+                run(main(tap))
         finally:
             srv.stop()  # before the relay goes
     only_expected_errors(srv, "broker_degraded")

@@ -4,15 +4,18 @@ over Redis.
 The workers share the port (SO_REUSEPORT) and meet in Redis: status and Prometheus report
 the whole node; clients spread over the workers still get each other's messages; a worker
 killed with SIGKILL is restarted, its clients can come back, and its per-user connection
-counts are released; SIGTERM to the supervisor drains every worker and exits 0; settings
+counts are released; SIGTERM to the supervisor drains every worker and exits 0, and a
+SIGKILL to it has the kernel send each worker SIGTERM (they drain and free the port); settings
 that cannot work stop start-up with exit status 2 and a line naming the variable. (Without
 BROKER_URL the supervisor starts a Redis of its own: test_private_redis.py.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +54,43 @@ def start_workers(make_server: Callable[..., Server], redis_url: str, **env: str
 def parent_of(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie not yet reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    """SIGKILL each of `pids` (children of a supervisor a test killed) still running, if it
+    still runs the program it runs now (not a PID reused since)."""
+    for pid, name in [(pid, comm(pid)) for pid in pids]:
+        if name and alive(pid) and comm(pid) == name:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:`port`: a socket of ours can bind it (SO_REUSEADDR
+    passes the TIME_WAIT of closed connections, never a listener)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def spread(srv: Server, n: int) -> dict[int, int]:
@@ -297,6 +337,30 @@ def test_sigterm_to_the_supervisor_drains_every_worker(
         events = [line.get("event") for line in srv.log_lines()]
         assert events.count("server_stopped") == 2, events
         assert "supervisor_stopped" in events
+
+
+def test_a_killed_supervisor_takes_its_workers_along(
+    make_server: Callable[..., Server], redis_url: str
+) -> None:
+    """SIGKILL to the supervisor (no drain of its own): the kernel sends each worker SIGTERM
+    (PR_SET_PDEATHSIG), so they drain and exit, and the port is free for the next one."""
+    srv = start_workers(make_server, redis_url)
+    assert srv.proc is not None
+    pids = worker_pids(status(srv))
+    assert sorted(pids) == sorted(srv.children()), (pids, srv.children())
+    try:
+        with Client(srv.ws_url, token=srv.token("orphan"), channel="w.orphan") as c:
+            joined(c, "w.orphan")
+            os.kill(srv.proc.pid, signal.SIGKILL)
+            srv.proc.wait()
+            got, code = drain(c)
+            assert code == 1001, (got, code)  # its worker drained it
+        wait_for(lambda: not any(alive(pid) for pid in pids), timeout=15.0, interval=0.1)
+        assert port_free(srv.port) and port_free(srv.metrics_port)
+        events = [line.get("event") for line in srv.log_lines()]
+        assert events.count("server_stopped") == 2, events
+    finally:
+        kill_leftovers(pids)
 
 
 # -- start-up errors --------------------------------------------------------------------------

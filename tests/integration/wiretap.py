@@ -2,8 +2,11 @@
 
 A client connects to `WireTap.url` instead of the server; every byte is relayed unchanged
 both ways, and each connection's text messages are decoded as JSON into `Tapped.up`
-(client to server, as the server read them) and `Tapped.down` (server to client, as the
-server wrote them, including what it wrote after the client dropped its side). It shows
+(client to server, as the server read them, or as the client sent them once stalled) and
+`Tapped.down` (server to client, as the server wrote them, including what it wrote after
+the client dropped its side). `stall_up(i)` makes the network lose what the client of
+connection `i` sends from then on (recorded, never passed on): a request that is never
+answered. It shows
 what crossed the wire, which neither end's own account can: e.g. that a client's resend
 really was a `retry` and how many acks the server sent for it.
 
@@ -105,6 +108,7 @@ class WireTap:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = [self._listener]
+        self._stalled: set[int] = set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def url(self, path: str = "/ws") -> str:
@@ -124,12 +128,25 @@ class WireTap:
             upstream = socket.create_connection(self.target)
             tapped = Tapped()
             with self._lock:
+                index = len(self.connections)
                 self.connections.append(tapped)
                 self._sockets += [client, upstream]
-            for src, dst, out in ((client, upstream, tapped.up), (upstream, client, tapped.down)):
-                threading.Thread(target=self._pump, args=(src, dst, out), daemon=True).start()
+            for src, dst, out, up in (
+                (client, upstream, tapped.up, index),
+                (upstream, client, tapped.down, -1),
+            ):
+                threading.Thread(target=self._pump, args=(src, dst, out, up), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, out: list[dict[str, Any]]) -> None:
+    def stall_up(self, index: int) -> None:
+        """From now on, what the client of connection `index` (in order of connection) sends
+        is recorded and not passed on to the server."""
+        with self._lock:
+            self._stalled.add(index)
+
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, out: list[dict[str, Any]], up: int
+    ) -> None:
+        """Relay `src` to `dst`; `up`: the connection's index when `src` is its client."""
         frames = _Frames(out)
         dst_open = True
         while True:
@@ -141,6 +158,8 @@ class WireTap:
                 break
             with self._lock:
                 frames.feed(data)
+                if up in self._stalled:
+                    continue
             if dst_open:
                 try:
                     dst.sendall(data)

@@ -318,19 +318,22 @@ describe('a small budget (RATE_LIMIT_MESSAGES 5 per 2 s: 10 strikes, refilled at
 /** Relay 127.0.0.1:<port> to the server; each connection's JSON text messages are kept in
  * `up` (client to server) and `down` (server to client, also what the server wrote after the
  * client had gone). It skips the HTTP upgrade, then parses frames (the server negotiates no
- * compression). */
+ * compression). Setting a connection's `stalled` makes the network lose what its client
+ * sends from then on (recorded in `up`, never passed on). Same as
+ * tests/integration/wiretap.py. */
 async function wireTap(targetPort) {
   const connections = [];
   const sockets = new Set();
   const listener = net.createServer((client) => {
     const upstream = net.connect(targetPort, '127.0.0.1');
-    const tapped = { up: [], down: [] };
+    const tapped = { up: [], down: [], stalled: false };
     connections.push(tapped);
     for (const [src, dst, out] of [[client, upstream, tapped.up], [upstream, client, tapped.down]]) {
       sockets.add(src);
       const parse = frameParser(out);
       src.on('data', (data) => {
         parse(data);
+        if (out === tapped.up && tapped.stalled) return;
         if (!dst.destroyed) dst.write(data);
       });
       src.on('end', () => dst.end());
@@ -593,6 +596,43 @@ describe('with Redis: acks before copies (docs/protocol.md §7)', () => {
     });
   });
 
+  /** b publishes on `ch` three messages that a gets, then five (offsets 4 to 8) while the
+   * server's Redis subscriber is cut, which never reach a, then more until one reaches a above
+   * that gap: a's position stays 3. Returns what b sent. */
+  async function openAGap(relay, a, b, ch) {
+    const sent = Array.from({ length: 8 }, (_, i) => `m${i}`);
+    for (const t of sent.slice(0, 3)) await b.publish(ch, t);
+    await until(() => a.rec.messages.length === 3);
+    relay.cutSubscribers();
+    const missed = [];
+    for (const t of sent.slice(3, 8)) missed.push((await b.publish(ch, t)).offset);
+    assert.deepEqual(missed, [4, 5, 6, 7, 8]);
+    relay.refusing = false;
+    // the server subscribes again: what it publishes now comes, above the gap
+    while (a.rec.messages.length === 3) {
+      sent.push(`m${sent.length}`);
+      await b.publish(ch, sent.at(-1));
+      await sleep(50);
+    }
+    assert.equal(a.position(ch).offset, 3);
+    return sent;
+  }
+
+  /** b publishes `n` more messages on `ch`; a gets every message of `sent` once, in order,
+   * its position is the last, the gap's five were replayed. */
+  async function allComeOnce(a, b, ch, sent, n) {
+    const more = Array.from({ length: n }, (_, i) => `m${sent.length + i}`);
+    sent.push(...more);
+    await Promise.all(more.map((t) => b.publish(ch, t)));
+    await until(() => a.rec.messages.length >= sent.length, 30000, 'every message');
+    await sleep(300); // a double would show
+    onceInOrder([...a.rec.messages].sort((x, y) => x.offset - y.offset).map((m) => m.content), sent);
+    assert.equal(a.position(ch).offset, sent.length);
+    assert.deepEqual(a.rec.joins.map((j) => j.recovered), [null, true]);
+    const replayed = new Set(a.rec.messages.filter((m) => m.replayed).map((m) => m.content));
+    for (const t of sent.slice(3, 8)) assert.ok(replayed.has(t), `${t} replayed`);
+  }
+
   test('a gap on a live socket (the server’s subscriber cut) is asked for again', { timeout: 60000 }, async () => {
     await withRelay(
       20,
@@ -601,33 +641,39 @@ describe('with Redis: acks before copies (docs/protocol.md §7)', () => {
         const a = makeClient(server, 'gap-a', { clientId: 'js-gap-a', channels: ['js.gap'] });
         const b = makeClient(server, 'gap-b', { clientId: 'js-gap-b', channels: ['js.gap'] });
         await Promise.all([a.connect(), b.connect()]);
-        const sent = Array.from({ length: 8 }, (_, i) => `m${i}`);
-        for (const t of sent.slice(0, 3)) await b.publish('js.gap', t);
-        await until(() => a.rec.messages.length === 3);
-        relay.cutSubscribers();
-        const missed = [];
-        for (const t of sent.slice(3, 8)) missed.push((await b.publish('js.gap', t)).offset);
-        assert.deepEqual(missed, [4, 5, 6, 7, 8]);
-        relay.refusing = false;
-        // the server subscribes again: what it publishes now comes, above the gap
-        while (a.rec.messages.length === 3) {
-          sent.push(`m${sent.length}`);
-          await b.publish('js.gap', sent.at(-1));
-          await sleep(50);
-        }
-        assert.equal(a.position('js.gap').offset, 3);
-        const more = Array.from({ length: 1024 + 20 }, (_, i) => `m${sent.length + i}`); // GAP_WINDOW + 20 above the gap
-        sent.push(...more);
-        await Promise.all(more.map((t) => b.publish('js.gap', t)));
-        await until(() => a.rec.messages.length >= sent.length, 30000, 'every message');
-        await sleep(300); // a double would show
-        onceInOrder([...a.rec.messages].sort((x, y) => x.offset - y.offset).map((m) => m.content), sent);
-        assert.equal(a.position('js.gap').offset, sent.length);
+        const sent = await openAGap(relay, a, b, 'js.gap');
+        await allComeOnce(a, b, 'js.gap', sent, 1024 + 20); // GAP_WINDOW + 20 above the gap
         assert.equal(a.rec.states.filter((s) => s === 'open').length, 1); // no reconnect
-        assert.deepEqual(a.rec.joins.map((j) => j.recovered), [null, true]);
-        const replayed = new Set(a.rec.messages.filter((m) => m.replayed).map((m) => m.content));
-        for (const t of sent.slice(3, 8)) assert.ok(replayed.has(t), `${t} replayed`);
         await Promise.all([a.close(), b.close()]);
+      },
+      ['broker_degraded'],
+    );
+  });
+
+  test('a gap whose join with since goes unanswered is recovered by a reconnect', { timeout: 60000 }, async () => {
+    await withRelay(
+      20,
+      { HISTORY_SIZE: '5000' },
+      async (server, relay) => {
+        const tap = await wireTap(server.port);
+        try {
+          const a = makeClient({ url: tap.url }, 'gap-a', { clientId: 'js-gap2-a', channels: ['js.gap2'] });
+          const b = makeClient(server, 'gap-b', { clientId: 'js-gap2-b', channels: ['js.gap2'] });
+          await Promise.all([a.connect(), b.connect()]);
+          const sent = await openAGap(relay, a, b, 'js.gap2');
+          tap.connections[0].stalled = true; // the server hears nothing more of a's first socket
+          await allComeOnce(a, b, 'js.gap2', sent, 2 * 1024 + 20); // twice GAP_WINDOW + 20
+          assert.equal(a.rec.states.filter((s) => s === 'open').length, 2); // one reconnect
+          // the first join, the join with since that was lost, the reconnect's join
+          const since = tap.connections
+            .slice(0, 2)
+            .flatMap((c) => c.up.filter((m) => m.type === 'connection' && m.action === 'connect'))
+            .map((m) => m.data.since ?? null);
+          assert.deepEqual(since, [null, 3, 3]);
+          await Promise.all([a.close(), b.close()]);
+        } finally {
+          tap.close();
+        }
       },
       ['broker_degraded'],
     );
