@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 URL ?= 127.0.0.1:8000
 
 .PHONY: system-deps install run dev test test-unit test-integration lint build clean fuzz
+.PHONY: conformance-deflate
 .PHONY: dev-watch dev-debug load
 
 $(BIN)/python:
@@ -56,6 +57,9 @@ lint:  ## ruff, mypy --strict on aether_fast/, tools/, tests/ and bench/, stubte
 
 clean:
 	rm -rf build aether_fast/*.so ext/*.c *.egg-info
+
+conformance-deflate:  ## every kosoku compression case (12.*, 13.*: 216, ~7 min); CI runs a subset
+	AETHER_KOSOKU_FULL=1 $(BIN)/python -m pytest -q tests/conformance/test_autobahn.py -k compression
 
 fuzz:  ## a longer fuzzing campaign of the message decoder and the HTTP front
 	AETHER_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/fuzz

@@ -71,6 +71,7 @@ extensions = [
         ["ext/core.pyx"],
         define_macros=macros,
         extra_compile_args=cflags,
+        libraries=["z"],  # zlib: permessage-deflate (ext/deflate.pxi)
     )
 ]
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from aether_fast import logs
-from aether_fast._core import Hub
+from aether_fast._core import Hub, set_compression_level
 from aether_fast.auth import Authenticator
 from aether_fast.brokers.base import Broker
 from aether_fast.brokers.cluster import Cluster, SingleWorker
@@ -162,6 +162,9 @@ async def start(config: Config) -> Worker:
         refresh_notice=float(config.token_refresh_notice_s),
         busy_poll_s=config.busy_poll_us / 1e6,
     )
+    hub.compression = config.compression
+    hub.compression_min_bytes = config.compression_min_bytes
+    set_compression_level(config.compression_level)
     broker: Broker
     cluster: Cluster
     store: Store

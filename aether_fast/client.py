@@ -32,6 +32,18 @@ Rules it keeps:
   (by `token_refresh` or `set_token`); none after 4009 (replaced by a newer connection).
 - Only this module's own task touches the socket; callbacks run on the loop and must not
   block it.
+
+Compression (permessage-deflate, RFC 7692; `compression=True` by default): the handshake
+offers `permessage-deflate; client_max_window_bits`; the server's answer is checked
+(`parse_deflate_answer`: an extension not offered, an unknown, duplicate or out-of-range
+parameter fails the handshake with ExtensionRefused, reported to `on_error`, and the client
+tries again with backoff). Inbound RSV1 messages are inflated (raw inflate of the payload +
+00 00 ff ff; a fresh inflater per message when the server said `server_no_context_takeover`)
+into at most `max_message_bytes` (more: the socket is closed 1009); outbound frames of
+`compress_min_bytes` or more, up to the server's message limit (SERVER_MAX_MESSAGE_BYTES or
+what the server said), are compressed, each with a fresh compressor (as if
+`client_no_context_takeover`). RSV bits the negotiation does not allow close the socket
+with 1002, data that does not inflate with 1007.
 """
 
 from __future__ import annotations
@@ -47,19 +59,22 @@ import random
 import struct
 import time
 import uuid
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 from urllib.parse import urlencode
 
-from picows import WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSListener, WSMsgType, WSTransport, WSUpgradeResponse, ws_connect
 
 __all__ = [
     "Ack",
     "AetherClient",
     "AetherError",
     "ClientClosed",
+    "Deflate",
+    "ExtensionRefused",
     "JoinResult",
     "Message",
     "State",
@@ -90,6 +105,29 @@ SEEN_WINDOW: Final = 4096
 #: with `since` at once, so the server replays what is missing; at twice as many (that join
 #: waits too long) the socket is dropped: the reconnect's recovery asks for it then.
 GAP_WINDOW: Final = 1024
+#: The handshake's offer when `compression` is on (RFC 7692 §7.1: `client_max_window_bits`
+#: without a value lets the server choose a smaller window for our compressor).
+DEFLATE_OFFER: Final = "permessage-deflate; client_max_window_bits"
+#: The 4 bytes a sender strips from the end of each compressed message (RFC 7692 §7.2.1).
+DEFLATE_TAIL: Final = b"\x00\x00\xff\xff"
+#: Default `max_message_bytes`: the largest message the client takes from the server, plain
+#: or once inflated (a frame, or a fragmented message, over it closes the socket with 1009).
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+#: The server's MAX_MESSAGE_BYTES until it tells another (docs/protocol.md §14): only frames
+#: up to it are sent compressed. A server may close the socket (1009) over a compressed
+#: message it finds too large once inflated, where it would answer a plain one with
+#: MESSAGE_TOO_LARGE; the client keeps its larger frames plain so that they get that answer.
+SERVER_MAX_MESSAGE_BYTES: Final = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Deflate:
+    """permessage-deflate as the server's handshake answer settled it (RFC 7692 §7.1)."""
+
+    server_no_context_takeover: bool = False
+    client_no_context_takeover: bool = False
+    server_max_window_bits: int = 15
+    client_max_window_bits: int = 15
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +186,77 @@ class ClientClosed(AetherError):
     def __init__(self, message: str, close_code: int | None = None) -> None:
         super().__init__("CLOSED", message, {"close_code": close_code})
         self.close_code = close_code
+
+
+class ExtensionRefused(AetherError):
+    """The server's `Sec-WebSocket-Extensions` answer is one the client cannot accept (an
+    extension it did not offer, an unknown or invalid parameter): the handshake fails."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("EXTENSION_REFUSED", message)
+
+
+def parse_deflate_answer(values: list[str], offered: bool) -> Deflate | None:
+    """The server's `Sec-WebSocket-Extensions` answer (its header values) to our offer
+    (`offered`: permessage-deflate was offered): the settled Deflate, or None when the
+    server declined (no header). Raises ExtensionRefused for an answer a client must not
+    accept (RFC 6455 §9.1, RFC 7692 §5, §7.1): an extension not offered, permessage-deflate
+    twice, an unknown or repeated parameter, a value where none belongs or none where one
+    must be, a window size outside 8..15."""
+    elements = [e for text in values for e in _split_quoted(text, ",") if e.strip()]
+    if not elements:
+        return None
+    if len(elements) > 1:
+        raise ExtensionRefused(f"server answered more than one extension: {values!r}")
+    parts = _split_quoted(elements[0], ";")
+    name = parts[0].strip().lower()
+    if name != "permessage-deflate" or not offered:
+        raise ExtensionRefused(f"server answered an extension the client did not offer: {name!r}")
+    seen: set[str] = set()
+    flags = {"server_no_context_takeover": False, "client_no_context_takeover": False}
+    bits = {"server_max_window_bits": 15, "client_max_window_bits": 15}
+    for part in parts[1:]:
+        key, eq, raw = part.partition("=")
+        key = key.strip().lower()
+        value = raw.strip() if eq else None
+        if value is not None and len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        if key in seen:
+            raise ExtensionRefused(f"permessage-deflate parameter {key!r} given twice")
+        seen.add(key)
+        if key in flags:
+            if value is not None:
+                raise ExtensionRefused(f"permessage-deflate parameter {key!r} takes no value")
+            flags[key] = True
+        elif key in bits:
+            if value is None or not (value.isascii() and value.isdigit()) or len(value) > 2:
+                raise ExtensionRefused(f"permessage-deflate {key} must be 8..15, got {value!r}")
+            if not 8 <= int(value) <= 15:
+                raise ExtensionRefused(f"permessage-deflate {key} must be 8..15, got {value!r}")
+            bits[key] = int(value)
+        else:
+            raise ExtensionRefused(f"unknown permessage-deflate parameter {key!r}")
+    return Deflate(
+        flags["server_no_context_takeover"],
+        flags["client_no_context_takeover"],
+        bits["server_max_window_bits"],
+        bits["client_max_window_bits"],
+    )
+
+
+def _split_quoted(text: str, sep: str) -> list[str]:
+    """`text` split at `sep` outside double quotes."""
+    parts: list[str] = []
+    quoted = False
+    start = 0
+    for i, c in enumerate(text):
+        if c == '"':
+            quoted = not quoted
+        elif c == sep and not quoted:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
 
 
 @dataclass(slots=True)
@@ -217,13 +326,28 @@ class _Channel:
 
 class _Listener(WSListener):
     """picows callbacks for one socket, handed to the client with the socket's number so a
-    late callback of an old socket is ignored."""
+    late callback of an old socket is ignored. It assembles messages (fragments, RSV1:
+    inflated) into at most `max_message` bytes and fails the socket on frames the
+    negotiation does not allow."""
 
-    def __init__(self, client: AetherClient, generation: int) -> None:
+    def __init__(
+        self,
+        client: AetherClient,
+        generation: int,
+        deflate: Deflate | None = None,
+        max_message: int = MAX_MESSAGE_BYTES,
+    ) -> None:
         super().__init__()
         self._client = client
         self._generation = generation
+        self.deflate = deflate
+        self._max_message = max_message
         self._parts: list[bytes] = []
+        self._size = 0  # bytes in _parts
+        self._compressed = False  # the message being assembled came with RSV1
+        # with context takeover, the one inflater of the socket (its window spans messages)
+        self._inflater: Any = None
+        self._failed = False  # this side closed the socket over a bad frame
         self.close_code: int | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -231,15 +355,51 @@ class _Listener(WSListener):
         # before ws_connect() returns: the server's first frame may come with the handshake
         if self._generation == self._client._generation:
             self._client._transport = transport
+            self._client._listener = self
 
     def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+        if self._failed:
+            return
         kind = frame.msg_type
+        if (
+            frame.rsv2
+            or frame.rsv3
+            or (
+                frame.rsv1
+                and (self.deflate is None or kind not in (WSMsgType.TEXT, WSMsgType.BINARY))
+            )
+        ):
+            # RSV1 means "compressed" only on the first frame of a data message, and only
+            # once permessage-deflate was negotiated (RFC 7692 §6)
+            self._fail(transport, 1002, "PROTOCOL_ERROR", "reserved bits set without an extension")
+            return
         if kind == WSMsgType.TEXT or kind == WSMsgType.CONTINUATION:
+            if kind == WSMsgType.TEXT:
+                self._parts.clear()
+                self._size = 0
+                self._compressed = bool(frame.rsv1)
+            self._size += frame.payload_size
+            if self._size > self._max_message:
+                self._fail(
+                    transport,
+                    1009,
+                    "INBOUND_TOO_LARGE",
+                    f"a message from the server is over max_message_bytes ({self._max_message})",
+                )
+                return
             self._parts.append(frame.get_payload_as_bytes())
             if frame.fin:
                 payload = b"".join(self._parts)
                 self._parts.clear()
+                self._size = 0
+                if self._compressed:
+                    inflated = self._inflate(transport, payload)
+                    if inflated is None:
+                        return
+                    payload = inflated
                 self._client._on_frame(self._generation, payload)
+        elif kind == WSMsgType.PING:  # answered here, after the RSV check (no auto pong)
+            transport.send_pong(frame.get_payload_as_bytes())
         elif kind == WSMsgType.CLOSE:
             raw = frame.get_payload_as_bytes()
             self.close_code = struct.unpack("!H", raw[:2])[0] if len(raw) >= 2 else 1005
@@ -247,6 +407,48 @@ class _Listener(WSListener):
                 echo = self.close_code if self.close_code != 1005 else 1000
                 transport.send_close(cast(Any, echo))  # WSCloseCode names only RFC codes
             transport.disconnect()
+
+    def _inflate(self, transport: WSTransport, data: bytes) -> bytes | None:
+        """A whole compressed message inflated into at most `max_message` bytes (inflating
+        stops there); None when it could not be (the socket is failed)."""
+        assert self.deflate is not None
+        inflater = self._inflater
+        if inflater is None:
+            inflater = zlib.decompressobj(-15)  # takes any window the server used
+            if not self.deflate.server_no_context_takeover:
+                self._inflater = inflater
+        try:
+            out: bytes = inflater.decompress(data + DEFLATE_TAIL, self._max_message + 1)
+        except zlib.error:
+            self._fail(transport, 1007, "PROTOCOL_ERROR", "invalid compressed data")
+            return None
+        if len(out) > self._max_message:
+            self._fail(
+                transport,
+                1009,
+                "INBOUND_TOO_LARGE",
+                f"a message from the server is over max_message_bytes ({self._max_message})"
+                " once inflated",
+            )
+            return None
+        if inflater.eof:
+            self._inflater = None  # the server ended its stream (BFINAL): a new one follows
+        return out
+
+    def _fail(self, transport: WSTransport, code: int, error: str, reason: str) -> None:
+        """Close this socket with `code` (the client reconnects with backoff) and report
+        it: a warning in the log, an AetherError to `on_error`."""
+        self._failed = True
+        self._parts.clear()
+        self.close_code = code
+        log.warning("closing the socket with %d: %s", code, reason)
+        with contextlib.suppress(Exception):
+            transport.send_close(cast(Any, code), reason.encode()[:120])
+        transport.disconnect()
+        if self._generation == self._client._generation:
+            self._client._emit(
+                self._client._on_error, AetherError(error, reason, {"close_code": code})
+            )
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if not self.done.done():
@@ -295,6 +497,9 @@ class AetherClient:
         handshake_timeout: float = 5.0,
         ping_idle_s: float = 20.0,
         max_in_flight: int = 8,
+        compression: bool = True,
+        compress_min_bytes: int = 512,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.url = url
         self._token = token
@@ -318,6 +523,18 @@ class AetherClient:
         #: joins and publications sent and not answered yet, at most (see the module doc)
         self.max_in_flight = max_in_flight
         self._handshake_timeout = handshake_timeout
+        if max_message_bytes < 1:
+            raise ValueError("max_message_bytes must be at least 1")
+        #: offer permessage-deflate at each connect (RFC 7692)
+        self.compression = compression
+        #: outbound frames this big or bigger are compressed (when the server accepted)
+        self.compress_min_bytes = compress_min_bytes
+        #: the largest message taken from the server, plain or once inflated
+        self.max_message_bytes = max_message_bytes
+        # frames larger than this go plain (SERVER_MAX_MESSAGE_BYTES); lowered by the `limit`
+        # of MESSAGE_TOO_LARGE, and after a close 1009 that followed compressed frames
+        self._compress_max = SERVER_MAX_MESSAGE_BYTES
+        self._compressed_min = 0  # the smallest frame sent compressed on this socket
         self._ping_idle_s = ping_idle_s
         # Sequences start at the clock (µs) so that a restarted process with the same
         # client_id does not reuse sequences the server still remembers (DEDUP_TTL_S).
@@ -374,6 +591,12 @@ class AetherClient:
     @property
     def channels(self) -> list[str]:
         return list(self._channels)
+
+    @property
+    def deflate(self) -> Deflate | None:
+        """permessage-deflate as settled for the current socket; None: it is plain."""
+        listener = self._listener
+        return listener.deflate if listener is not None else None
 
     @property
     def pending(self) -> int:
@@ -594,17 +817,32 @@ class AetherClient:
         generation = self._generation
         self._first_frame = False
         self._ready = False
+        offered = self.compression
+
+        def listener_for(_request: object, response: WSUpgradeResponse) -> _Listener:
+            # called by picows with the 101 response, before any frame: an answer we cannot
+            # accept raises ExtensionRefused, which fails the handshake (ws_connect raises it)
+            answer = response.headers.getall("Sec-WebSocket-Extensions", [])
+            deflate = parse_deflate_answer(answer, offered)
+            return _Listener(self, generation, deflate, self.max_message_bytes)
+
         try:
             transport, listener = await ws_connect(
-                lambda: _Listener(self, generation),
+                listener_for,
                 self._build_url(),
                 websocket_handshake_timeout=self._handshake_timeout,
                 enable_auto_ping=self._ping_idle_s > 0,
                 auto_ping_idle_timeout=max(self._ping_idle_s, 1.0),
                 auto_ping_reply_timeout=10.0,
-                max_frame_size=64 * 1024 * 1024,
+                enable_auto_pong=False,  # _Listener answers pings (it checks their RSV bits)
+                max_frame_size=self.max_message_bytes,
+                extra_headers={"Sec-WebSocket-Extensions": DEFLATE_OFFER} if offered else None,
                 use_aiofastnet=False,
             )
+        except ExtensionRefused as exc:
+            log.warning("handshake failed: %s", exc.message)
+            self._emit(self._on_error, exc)
+            return None
         except (TimeoutError, OSError, EOFError, RuntimeError) as exc:
             log.debug("connect failed: %r", exc)
             return None
@@ -614,9 +852,14 @@ class AetherClient:
         listener = cast(_Listener, listener)
         self._transport = transport
         self._listener = listener
+        self._compressed_min = 0
         try:
             await listener.done
         finally:
+            if listener.close_code == 1009 and not listener._failed and self._compressed_min:
+                # the server found a compressed frame too large once inflated: send frames
+                # that large plain from now on (a plain one over its limit is answered)
+                self._compress_max = min(self._compress_max, self._compressed_min - 1)
             self._transport = None
             self._listener = None
             self._first_frame = False
@@ -957,6 +1200,7 @@ class AetherClient:
         channel = details.get("channel")
         limit = details.get("limit")
         if code == "MESSAGE_TOO_LARGE" and isinstance(limit, int):
+            self._compress_max = min(self._compress_max, limit)
             # the error names no publication: it answers the oldest one out over the limit
             out = [p for p in self._pending.values() if p.socket == self._generation]
             item = min((p for p in out if p.size > limit), key=lambda p: p.sequence, default=None)
@@ -1031,6 +1275,14 @@ class AetherClient:
         if transport is None or not self._first_frame:
             return 0
         payload = json.dumps(obj, separators=(",", ":")).encode()
+        deflate = self._listener.deflate if self._listener is not None else None
+        if deflate is not None and self.compress_min_bytes <= len(payload) <= self._compress_max:
+            packed = _compress(payload, deflate.client_max_window_bits)
+            if packed is not None and len(packed) < len(payload):
+                transport.send(WSMsgType.TEXT, packed, rsv1=True)
+                if not self._compressed_min or len(payload) < self._compressed_min:
+                    self._compressed_min = len(payload)
+                return len(payload)  # what the server's limits count
         transport.send(WSMsgType.TEXT, payload)
         return len(payload)
 
@@ -1213,6 +1465,17 @@ class AetherClient:
                 task.add_done_callback(self._tasks.discard)
         except Exception:
             log.exception("callback %r failed", callback)
+
+
+def _compress(payload: bytes, window_bits: int) -> bytes | None:
+    """`payload` as one permessage-deflate message: raw deflate with a fresh compressor (no
+    context kept between messages), flushed, its 00 00 ff ff tail removed. None for a
+    window of 8 bits: zlib's raw deflate uses 9 for it, more than the server allowed."""
+    if window_bits < 9:
+        return None
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -window_bits)
+    out = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return out[:-4] if out.endswith(DEFLATE_TAIL) else None
 
 
 def _refresh_frame(token: str) -> dict[str, Any]:

@@ -77,6 +77,9 @@ class Config:
     ping_interval_s: float
     send_buffer_limit_bytes: int
     busy_poll_us: int
+    compression: bool
+    compression_min_bytes: int
+    compression_level: int
     shutdown_timeout_s: float
     workers: int
     broker_url: str | None
@@ -654,6 +657,19 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         0,
         "after sending, keep polling without sleeping this long, microseconds; 0 = off",
     ),
+    Setting(
+        "compression",
+        _bool,
+        True,
+        "accept permessage-deflate (RFC 7692); publications are compressed once per window size",
+    ),
+    Setting(
+        "compression_min_bytes",
+        _int(0, 1 << 30),
+        512,
+        "smallest publication (JSON bytes) compressed for deflate members",
+    ),
+    Setting("compression_level", _int(0, 9), 1, "zlib level of that compression, 0-9"),
     Setting("shutdown_timeout_s", _float(0), 10.0, "time allowed for a graceful shutdown, seconds"),
     Setting(
         "workers",

@@ -24,7 +24,7 @@ from aether_fast._core import Hub
 from aether_fast.config import Config
 from aether_fast.http.front import Request, Response
 from aether_fast.protocol import ErrorCode
-from aether_fast.status import Status, total
+from aether_fast.status import Status, compression_ratio, total
 
 
 class Metrics:
@@ -55,6 +55,18 @@ class Metrics:
                 "published": total("messages_published", workers),
                 "delivered": total("deliveries", workers),
                 "bytes_out": total("bytes_out", workers),
+                "bytes_out_uncompressed": total("bytes_out_uncompressed", workers),
+                "compression": {
+                    "compressions": total("compressions", workers),
+                    "deliveries": total("deliveries_compressed", workers),
+                    "bytes_in": total("compress_bytes_in", workers),
+                    "bytes_out": total("compress_bytes_out", workers),
+                    "ratio": compression_ratio(
+                        total("compress_bytes_out", workers), total("compress_bytes_in", workers)
+                    ),
+                    "seconds": round(total("compress_seconds", workers), 6),
+                    "inflated": total("messages_inflated", workers),
+                },
                 "rate_limited": total("rate_limited", workers),
                 "messages_per_second": round(total("messages_per_second", workers), 2),
                 **about,
@@ -94,6 +106,39 @@ _FAMILIES: tuple[tuple[str, str, str, str], ...] = (
     ("counter", "aether_messages_published", "Messages accepted.", "messages_published"),
     ("counter", "aether_deliveries", "Frames queued to members by fan-out.", "deliveries"),
     ("counter", "aether_bytes_out", "Bytes of fan-out frames queued.", "bytes_out"),
+    (
+        "counter",
+        "aether_bytes_out_uncompressed",
+        "Bytes of fan-out frames had none been compressed (permessage-deflate).",
+        "bytes_out_uncompressed",
+    ),
+    (
+        "counter",
+        "aether_deliveries_compressed",
+        "Fan-out frames queued compressed.",
+        "deliveries_compressed",
+    ),
+    (
+        "counter",
+        "aether_compressions",
+        "Publications compressed (once per window size in use).",
+        "compressions",
+    ),
+    ("counter", "aether_compress_bytes_in", "Bytes given to the compressor.", "compress_bytes_in"),
+    ("counter", "aether_compress_bytes_out", "Bytes the compressor made.", "compress_bytes_out"),
+    ("counter", "aether_compress_seconds", "Time spent compressing.", "compress_seconds"),
+    (
+        "counter",
+        "aether_messages_inflated",
+        "Compressed client messages inflated.",
+        "messages_inflated",
+    ),
+    (
+        "gauge",
+        "aether_compression_ratio",
+        "Compressed bytes per input byte of the compressions (0 before any).",
+        "compression_ratio",
+    ),
     ("counter", "aether_rate_limited", "Messages refused by a rate limit.", "rate_limited"),
     (
         "counter",

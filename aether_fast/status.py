@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aether_fast._core import Hub
+from aether_fast._core import Hub, compression_stats
 from aether_fast.brokers.base import Broker
 from aether_fast.brokers.cluster import Cluster
 from aether_fast.operations import Operations
@@ -34,6 +34,11 @@ class Rates:
     published_prev: int = 0
     stamp: float = field(default_factory=time.monotonic)
     per_second: float = 0.0
+
+
+def compression_ratio(compressed: float, plain: float) -> float:
+    """Compressed bytes per input byte of the compressions (0.0 before any)."""
+    return round(compressed / plain, 4) if plain else 0.0
 
 
 def total(figure: str, rows: Iterable[dict[str, Any]]) -> Any:
@@ -101,6 +106,7 @@ class Status:
             "messages_published": self.hub.messages_published,
             "deliveries": self.hub.deliveries,
             "bytes_out": self.hub.bytes_out,
+            **self.compression_figures(),
             "rate_limited": self.hub.rate_limited,
             "slow_reader_closes": self.hub.slow_reader_closes,
             "errors": self.hub.errors_total,
@@ -108,6 +114,23 @@ class Status:
             "channels": len(self.hub.channel_names()),
             "uptime_s": round(time.time() - self.started_at, 3),
             "healthy": self.health()[0] == "healthy",
+        }
+
+    def compression_figures(self) -> dict[str, Any]:
+        """permessage-deflate: the fan-out bytes had nothing been compressed, the deliveries
+        that got a compressed frame, and the compressions themselves (one per publication
+        and window size in use): their input and output bytes, ratio and time; and the
+        compressed messages clients sent that were inflated."""
+        z = compression_stats()
+        return {
+            "bytes_out_uncompressed": self.hub.bytes_out_plain,
+            "deliveries_compressed": self.hub.deliveries_compressed,
+            "compressions": z["compressions"],
+            "compress_bytes_in": z["compress_bytes_in"],
+            "compress_bytes_out": z["compress_bytes_out"],
+            "compress_seconds": round(z["compress_seconds"], 6),
+            "compression_ratio": compression_ratio(z["compress_bytes_out"], z["compress_bytes_in"]),
+            "messages_inflated": z["inflated_messages"],
         }
 
     def local_figures(self) -> dict[str, Any]:

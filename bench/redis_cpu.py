@@ -53,6 +53,20 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def script_calls(port: int) -> int:
+    """EVAL + EVALSHA calls a redis-server has run (`INFO commandstats`): every publish
+    call of a worker is one, so published ÷ calls = publishes per call, the batch whose
+    per-call cost (about 10-70 µs) each publish shares."""
+    argv = ["redis-cli", "-h", "127.0.0.1", "-p", str(port), "info", "commandstats"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+    total = 0
+    for line in out.splitlines():
+        name, _, stats = line.strip().partition(":")
+        if name in ("cmdstat_eval", "cmdstat_evalsha"):
+            total += int(stats.split(",", 1)[0].removeprefix("calls="))
+    return total
+
+
 class Redis:
     """A redis-server of our own, on a free port or on a Unix socket in `tmp`."""
 
@@ -104,16 +118,19 @@ def measure(
         for _ in range(rounds):
             for name in LAYOUTS:
                 proc, port = servers[name]
+                calls = script_calls(redis.port)
                 before = proc_cpu_s(redis.pid)
                 out = loadgen(
                     "rtt", port, lines[name], proc.pid, cpu="1", conns=conns, duration=duration
                 )
                 spent = proc_cpu_s(redis.pid) - before
+                calls = script_calls(redis.port) - calls
                 phase = out["phases"][0]
                 published = int(phase["round_trips"]) + int(phase["lost"])
                 samples[name].append(
                     {
                         "published": published,
+                        "publishes_per_script_call": round(published / calls, 1) if calls else 0.0,
                         "round_trips_per_s": float(phase["round_trips_per_s"]),
                         "redis_cpu_s": round(spent, 3),
                         "redis_us_per_publish": round(spent * 1e6 / max(1, published), 2),
@@ -139,6 +156,10 @@ def measure(
         "redis_url_kind": "unix" if unix else "tcp",
         "redis_us_per_publish_history": median("redis_history", "redis_us_per_publish"),
         "redis_us_per_publish_no_history": median("redis_no_history", "redis_us_per_publish"),
+        "publishes_per_script_call_history": median("redis_history", "publishes_per_script_call"),
+        "publishes_per_script_call_no_history": median(
+            "redis_no_history", "publishes_per_script_call"
+        ),
         "round_trips_per_s_memory": memory_rtt,
         "round_trips_per_s_redis_history": median("redis_history", "round_trips_per_s"),
         "round_trips_per_s_redis_no_history": median("redis_no_history", "round_trips_per_s"),

@@ -1,18 +1,26 @@
 """WORKERS=2 against WORKERS=1 through Redis, on this machine, under the same load generator.
 
-Both configurations run with the Redis broker (so the comparison is about workers, not
-about brokers): a `redis-server` of our own on a free port, aether-fast with BROKER_URL, and
-the C load generator. Nothing is pinned: the two workers need both cores, so the load
-generator and Redis share them (the CPU of the servers, of Redis and of the load generator
-is reported). Layouts: one worker, WORKERS=2, and two nodes (two servers of one worker each,
-on two ports, sharing the Redis: odd connections go to the second). Scenarios: connections
-set up per second (each with its own JWT, joining its own channel), round trips with 50
-connections (echo=1, each on its own channel), and fan-out 1 -> 1000 with 64 in flight.
-Then bench/redis_cpu.py: Redis CPU per published message with and without history, and
-round trips through Redis against the memory broker, in the same run.
+All layouts run with the Redis broker (so the comparison is about workers, not about
+brokers): a `redis-server` of our own on a free port, aether-fast with BROKER_URL, and the C
+load generator. Nothing is pinned: the two workers need both cores, so the load generator and
+Redis share them (the CPU of the servers, of Redis and of the load generator is reported).
+Layouts: one worker, WORKERS=2, and two nodes (two servers of one worker each, on two ports,
+sharing the Redis: odd connections go to the second). Scenarios: connections set up (each
+with its own JWT, joining its own channel), round trips with 50 connections (echo=1, each on
+its own channel), and fan-out 1 -> 1000 with 64 in flight. The layouts take turns, round
+after round (`Size.rounds`), and the median of the rounds is reported.
 
-Writes bench/results/workers-<time>.json and prints one JSON line with the ratios.
-Usage: python bench/workers.py [--quick]
+Two kinds of figure: throughput (connections/s, round trips/s, deliveries/s), which on a
+2-core machine is bounded by the machine, not by the workers; and efficiency, the work done
+per server CPU-second (utime + stime of every server process: the supervisor and its
+workers, from /proc), which is what WORKERS=2 must keep (goal: >= 0.9x of one worker).
+
+Then bench/redis_cpu.py (Redis CPU per published message with and without history, round
+trips through Redis against the memory broker) and bench/shards.py (publishes through 1
+shard, 2 shards and a 3-node Redis Cluster), in the same run.
+
+Writes bench/results/workers-<time>.json and workers-latest.md (the tables) and prints them.
+Usage: python bench/workers.py [--quick | --smoke] [--rounds N]   (--smoke writes nothing)
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +172,7 @@ def serve_pinned(
     return proc, port
 
 
-def run(layout: str, redis_url: str, redis_pid: int, tmp: Path, quick: bool) -> dict[str, Any]:
+def run(layout: str, redis_url: str, redis_pid: int, tmp: Path, size: Size) -> dict[str, Any]:
     """`layout`: "1 worker", "2 workers" (WORKERS=2, one port) or "2 nodes" (two servers of
     one worker each on two ports, sharing the Redis; odd connections go to the second)."""
     tag = layout.replace(" ", "")
@@ -178,19 +188,27 @@ def run(layout: str, redis_url: str, redis_pid: int, tmp: Path, quick: bool) -> 
     pids = [s.pid for s in servers]
     result: dict[str, Any] = {"layout": layout}
 
+    from redis_cpu import script_calls
+
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+
     def measure(name: str, mode: str, url_file: Path, **opts: Any) -> dict[str, Any]:
+        calls = script_calls(redis_port)
         before = cpu_seconds(pids), cpu_seconds([redis_pid]), time.monotonic()
         out = loadgen(mode, ports[0], url_file, pids[0], **opts, **extra)
         spent = time.monotonic() - before[2]
-        result[name + "_server_cpu_util"] = round((cpu_seconds(pids) - before[0]) / spent, 2)
+        server_cpu = cpu_seconds(pids) - before[0]
+        result[name + "_server_cpu_s"] = round(server_cpu, 3)
+        result[name + "_server_cpu_util"] = round(server_cpu / spent, 2)
         result[name + "_redis_cpu_util"] = round((cpu_seconds([redis_pid]) - before[1]) / spent, 2)
+        result[name + "_script_calls"] = script_calls(redis_port) - calls
         return out
 
     try:
         for port in ports:
             wait_port(port)
         time.sleep(1.5)  # every worker listening
-        conns = 1000 if quick else 3000
+        conns = size.conns
         connect = measure(
             "connect",
             "connect",
@@ -204,16 +222,19 @@ def run(layout: str, redis_url: str, redis_pid: int, tmp: Path, quick: bool) -> 
             "rtt",
             urls(tmp, f"rtt{tag}", 50, channel=None, echo=True),
             conns=50,
-            duration=2 if quick else 5,
+            duration=size.rtt_s,
         )
-        subs = 1000
+        subs = size.subs
         fan = measure(
             "fanout",
             "fanout",
             urls(tmp, f"fan{tag}", subs + 1, channel=f"f{tag}", echo=False),
             subs=subs,
             windows=64,
-            messages=2000 if quick else 10000,
+            messages=size.messages,
+            # every message is sent however slow the machine is (the load generator's default
+            # stops sending after 5 s): the 1001 joins are then the same share of every round
+            duration=90,
         )
     finally:
         for server in servers:
@@ -222,70 +243,260 @@ def run(layout: str, redis_url: str, redis_pid: int, tmp: Path, quick: bool) -> 
             server.wait(30)
     rtt_phase = rtt["phases"][0]
     fan_phase = fan["phases"][0]
+
+    def per_cpu_s(count: float, name: str) -> float | None:
+        cpu = result[name + "_server_cpu_s"]
+        return round(count / cpu) if cpu > 0 else None
+
     result.update(
         {
+            "connections": connect.get("connected"),
+            "deliveries": fan_phase.get("deliveries"),
+            "round_trips": rtt_phase.get("round_trips"),
+            "connections_per_server_cpu_s": per_cpu_s(connect.get("connected", 0), "connect"),
+            "deliveries_per_server_cpu_s": per_cpu_s(fan_phase.get("deliveries", 0), "fanout"),
+            "round_trips_per_server_cpu_s": per_cpu_s(rtt_phase.get("round_trips", 0), "rtt"),
+            # the publishes each worker's script call carried: what a call's cost is shared by
+            "rtt_publishes_per_script_call": (
+                round(rtt_phase.get("round_trips", 0) / result["rtt_script_calls"], 1)
+                if result["rtt_script_calls"]
+                else None
+            ),
             "connections_per_s": connect.get("connections_per_s"),
             "connections_failed": connect.get("failed"),
             "round_trips_per_s_50_conns": rtt_phase.get("round_trips_per_s"),
             "fanout_1000_w64_deliveries_per_s": fan_phase.get("deliveries_per_s"),
             "fanout_lost": fan_phase.get("lost"),
+            "fanout_messages": fan_phase.get("messages"),
             "loadgen_cpu_s": [rtt_phase.get("loadgen_cpu_s"), fan_phase.get("loadgen_cpu_s")],
         }
     )
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class Size:
+    """How much each part of a run does: `full` (make bench-workers), `quick`, `smoke`."""
+
+    rounds: int  # the layouts take turns this many times; the median of the rounds is kept
+    conns: int  # connections set up in the connect scenario
+    rtt_s: float  # seconds of round trips, 50 connections
+    subs: int  # fan-out members
+    messages: int  # fan-out messages
+    cost_rounds: int  # bench/redis_cpu.py and bench/shards.py: rounds
+    cost_s: float  # and seconds of each
+
+
+SIZES = {
+    "full": Size(3, 3000, 3.0, 1000, 20000, 3, 3.0),
+    "quick": Size(1, 1000, 2.0, 1000, 2000, 2, 1.5),
+    "smoke": Size(1, 100, 0.5, 50, 200, 1, 0.5),
+}
+LAYOUTS = ("1 worker", "2 workers", "2 nodes")
+#: the figures whose medians and ratios are reported: (key, higher is better)
+FIGURES = (
+    "connections_per_s",
+    "round_trips_per_s_50_conns",
+    "fanout_1000_w64_deliveries_per_s",
+    "connections_per_server_cpu_s",
+    "deliveries_per_server_cpu_s",
+    "round_trips_per_server_cpu_s",
+    "connect_server_cpu_util",
+    "connect_redis_cpu_util",
+    "rtt_server_cpu_util",
+    "rtt_redis_cpu_util",
+    "fanout_server_cpu_util",
+    "fanout_redis_cpu_util",
+    "rtt_publishes_per_script_call",
+)
+#: efficiency (work per server CPU-second), WORKERS=2 against 1: the goal
+EFFICIENCY_GOAL = 0.9
+
+
+def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each figure over the rounds of one layout, and every round."""
+    out: dict[str, Any] = {"layout": rounds[0]["layout"]}
+    for key in FIGURES:
+        values = [float(r[key]) for r in rounds if r.get(key) is not None]
+        out[key] = round(statistics.median(values), 2) if values else None
+    out["lost"] = sum(int(r.get("fanout_lost") or 0) for r in rounds)
+    out["connections_failed"] = sum(int(r.get("connections_failed") or 0) for r in rounds)
+    out["rounds"] = rounds
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    """The markdown of a run (bench/results/workers-latest.md)."""
+    from shards import markdown as shards_markdown
+
+    one, two, nodes = result["one_worker"], result["two_workers"], result["two_nodes"]
+
+    def num(value: float) -> str:
+        return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}k"
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        value = row.get(key)
+        return "—" if value is None else num(value)
+
+    def spread(row: dict[str, Any], key: str) -> str:
+        """The median and, over more than one round, the rounds' min-max."""
+        values = [float(r[key]) for r in row["rounds"] if r.get(key) is not None]
+        if len(values) < 2:
+            return cell(row, key)
+        return f"{cell(row, key)} ({num(min(values))}-{num(max(values))})"
+
+    def ratio(row: dict[str, Any], key: str) -> str:
+        a, b = one.get(key), row.get(key)
+        return f"{b / a:.2f}x" if a and b else "—"
+
+    lines = [
+        f"# make bench-workers, {result['when']} ({result['size']}, median of "
+        f"{result['rounds']} rounds)",
+        "",
+        "## Efficiency: work per server CPU-second (utime + stime of every server process)",
+        "",
+        f"Goal: WORKERS=2 ÷ WORKERS=1 >= {EFFICIENCY_GOAL}x. Median of the rounds (their "
+        "min-max); the ratio is of the medians.",
+        "",
+        "| figure | 1 worker | 2 workers | ratio | 2 nodes | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, key in (
+        ("deliveries per server CPU-s (fan-out 1 → 1000)", "deliveries_per_server_cpu_s"),
+        ("connection set-ups per server CPU-s", "connections_per_server_cpu_s"),
+        ("round trips per server CPU-s (50 connections)", "round_trips_per_server_cpu_s"),
+    ):
+        lines.append(
+            f"| {label} | {spread(one, key)} | {spread(two, key)} "
+            f"| {ratio(two, key)} | {spread(nodes, key)} | {ratio(nodes, key)} |"
+        )
+    calls = [row.get("rtt_publishes_per_script_call") for row in (one, two, nodes)]
+    lines += [
+        "",
+        "Round trips: publishes per script call (each worker's calls to Redis; a call's fixed "
+        f"cost is shared by them): 1 worker {calls[0]}, 2 workers {calls[1]}, 2 nodes {calls[2]}.",
+    ]
+    lines += [
+        "",
+        "## Throughput (bounded by this 2-core machine: servers, Redis and the load generator"
+        " share it)",
+        "",
+        "| figure (server / Redis CPU, share of a core) | 1 worker | 2 workers | ratio "
+        "| 2 nodes | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, key, util in (
+        ("connections/s", "connections_per_s", "connect"),
+        ("round trips/s, 50 connections", "round_trips_per_s_50_conns", "rtt"),
+        ("fan-out deliveries/s, 1 → 1000, W=64", "fanout_1000_w64_deliveries_per_s", "fanout"),
+    ):
+        cells = []
+        for row in (one, two, nodes):
+            cpu = f"({row.get(util + '_server_cpu_util')}, {row.get(util + '_redis_cpu_util')})"
+            cells.append(f"{cell(row, key)} {cpu}")
+        lines.append(
+            f"| {label} | {cells[0]} | {cells[1]} | {ratio(two, key)} | {cells[2]} "
+            f"| {ratio(nodes, key)} |"
+        )
+    lost = sum(r["lost"] for r in (one, two, nodes))
+    failed = sum(r["connections_failed"] for r in (one, two, nodes))
+    lines += ["", f"Fan-out messages lost: {lost}; connections failed: {failed}.", ""]
+    cost = result["redis_cpu"]
+    lines += [
+        "## Redis CPU per publish (bench/redis_cpu.py)",
+        "",
+        "| | with history (100) | without history |",
+        "|---|---|---|",
+        f"| µs of Redis CPU per publish | {cost['redis_us_per_publish_history']} "
+        f"| {cost['redis_us_per_publish_no_history']} |",
+        f"| publishes per script call (the batch sharing a call's cost) "
+        f"| {cost['publishes_per_script_call_history']} "
+        f"| {cost['publishes_per_script_call_no_history']} |",
+        f"| publishes/s one Redis core carries (1e6 ÷ µs) "
+        f"| {1e6 / cost['redis_us_per_publish_history'] / 1000:.0f}k "
+        f"| {1e6 / cost['redis_us_per_publish_no_history'] / 1000:.0f}k |",
+        "",
+        "## 1 shard, 2 shards, a 3-node Redis Cluster (bench/shards.py)",
+        "",
+        *shards_markdown(result["shards"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--quick", action="store_true")
+    size_arg = p.add_mutually_exclusive_group()
+    size_arg.add_argument("--quick", action="store_true", help="1 round, shorter")
+    size_arg.add_argument("--smoke", action="store_true", help="tiny: it must work, no figures")
+    p.add_argument("--rounds", type=int, default=None, help="override the rounds")
     args = p.parse_args()
-    if shutil.which("redis-server") is None:
-        print("bench/workers.py: redis-server is missing", file=sys.stderr)
-        return 2
+    name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    size = SIZES[name]
+    rounds = args.rounds if args.rounds is not None else size.rounds
+    for tool in ("redis-server", "redis-cli", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"bench/workers.py: {tool} is missing", file=sys.stderr)
+            return 2
     tmp = Path(tempfile.mkdtemp(prefix="aether-workers-"))
     rport = free_port()
     redis = subprocess.Popen(
         ["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )
+    runs: dict[str, list[dict[str, Any]]] = {layout: [] for layout in LAYOUTS}
     try:
         wait_port(rport)
         url = f"redis://127.0.0.1:{rport}/0"
-        one = run("1 worker", url, redis.pid, tmp, args.quick)
-        two = run("2 workers", url, redis.pid, tmp, args.quick)
-        nodes = run("2 nodes", url, redis.pid, tmp, args.quick)
+        for i in range(rounds):
+            for layout in LAYOUTS:
+                runs[layout].append(run(layout, url, redis.pid, tmp, size))
+                print(f"round {i + 1} {layout}: {json.dumps(runs[layout][-1])}", flush=True)
     finally:
         redis.terminate()
         redis.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
+    one, two, nodes = (medians(runs[layout]) for layout in LAYOUTS)
 
-    def ratio(other: dict[str, Any], key: str) -> float | None:
-        a, b = one.get(key), other.get(key)
-        return round(b / a, 2) if a and b else None
+    def ratios(other: dict[str, Any]) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for key in FIGURES:
+            a, b = one.get(key), other.get(key)
+            out[key] = round(b / a, 2) if a and b else None
+        return out
 
-    keys = {
-        "connections": "connections_per_s",
-        "round_trips": "round_trips_per_s_50_conns",
-        "fanout": "fanout_1000_w64_deliveries_per_s",
-    }
-    # Redis CPU per publish (history / none) and round trips memory vs Redis, in one run
+    # Redis CPU per publish (history / none) and round trips memory vs Redis, in one run;
+    # then publishes through 1 shard, 2 shards and a 3-node cluster
     from redis_cpu import measure
+    from report import git_commit
+    from shards import measure as measure_shards
 
-    cost = measure(rounds=2 if args.quick else 5, duration=1.5 if args.quick else 3.0)
+    cost = measure(rounds=size.cost_rounds, duration=size.cost_s)
+    shards = measure_shards(rounds=size.cost_rounds, duration=size.cost_s)
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "size": name,
+        "rounds": rounds,
+        "commit": git_commit(),
         "one_worker": one,
         "two_workers": two,
         "two_nodes": nodes,
-        "ratio_two_workers": {k: ratio(two, v) for k, v in keys.items()},
-        "ratio_two_nodes": {k: ratio(nodes, v) for k, v in keys.items()},
+        "ratio_two_workers": ratios(two),
+        "ratio_two_nodes": ratios(nodes),
+        "efficiency_goal": EFFICIENCY_GOAL,
         "redis_cpu": cost,
+        "shards": shards,
     }
+    text = render(result)
+    print(text)
+    lost = one["lost"] + two["lost"] + nodes["lost"]
+    if args.smoke:
+        print(f"bench-workers smoke: {rounds} round(s), {lost} lost")
+        return 1 if lost else 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"workers-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json").write_text(
-        json.dumps(result, indent=1)
-    )
-    print(json.dumps(result))
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    (RESULTS / f"workers-{stamp}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / "workers-latest.md").write_text(text)
     return 0
 
 

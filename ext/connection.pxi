@@ -173,6 +173,10 @@ cdef class Connection(WSListener):
     cdef bytearray frag
     cdef int frag_opcode
     cdef bint frag_overflow
+    cdef bint frag_deflated   # the fragmented message being assembled is compressed (RSV1)
+    # permessage-deflate, set at the upgrade: 0 = not negotiated; else the server window
+    # bits this connection's compressed frames use (8-15; 8: it gets plain frames)
+    cdef public int deflate
     cdef unsigned long frames_seen
     cdef bint ping_outstanding
     cdef object close_timer
@@ -199,6 +203,8 @@ cdef class Connection(WSListener):
         self.frag = None
         self.frag_opcode = 0
         self.frag_overflow = False
+        self.frag_deflated = False
+        self.deflate = 0
         self.frames_seen = 0
         self.ping_outstanding = False
         self.close_timer = None
@@ -284,7 +290,11 @@ cdef class Connection(WSListener):
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType t = frame.msg_type
         self.frames_seen += 1
-        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+        if frame.rsv2 or frame.rsv3 or (frame.rsv1 and (
+                self.deflate == 0 or (t != WSMsgType.TEXT and t != WSMsgType.BINARY))):
+            # RSV1 means "compressed" only on the first frame of a message of a connection
+            # that negotiated permessage-deflate (RFC 7692 §6): never on a continuation or
+            # a control frame
             if not self.closing:
                 self.close(CloseCode.PROTOCOL_ERROR, "reserved bits set without an extension")
             return
@@ -319,7 +329,11 @@ cdef class Connection(WSListener):
             self.frag_opcode = <int>t
             self.frag = bytearray()
             self.frag_overflow = False
+            self.frag_deflated = frame.rsv1
             self.add_fragment(frame)
+            return
+        if frame.rsv1:
+            self.on_deflated(<int>t, frame.payload_ptr, frame.payload_size)
             return
         if frame.payload_size > self.max_message:
             self.too_large(frame.payload_size)
@@ -340,7 +354,11 @@ cdef class Connection(WSListener):
     cdef void add_fragment(self, WSFrame frame):
         if self.frag_overflow:
             return
-        if PyByteArray_GET_SIZE(self.frag) + frame.payload_size > self.max_message:
+        # compressed fragments are kept as they come, up to what a message of
+        # MAX_MESSAGE_BYTES compresses to at worst: past it, it inflates to more
+        cdef Py_ssize_t limit = (deflated_limit(self.max_message) if self.frag_deflated
+                                 else self.max_message)
+        if PyByteArray_GET_SIZE(self.frag) + frame.payload_size > limit:
             self.frag_overflow = True
             self.frag = bytearray()
             return
@@ -350,12 +368,33 @@ cdef class Connection(WSListener):
         cdef int opcode = self.frag_opcode
         cdef bytes payload = bytes(self.frag)
         cdef bint overflow = self.frag_overflow
+        cdef bint deflated = self.frag_deflated
         self.frag_opcode = 0
         self.frag = None
+        self.frag_deflated = False
+        if deflated and not overflow:
+            self.on_deflated(opcode, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+            return
         if overflow:
             self.too_large(-1)
             return
         self.on_message(opcode, payload)
+
+    cdef void on_deflated(self, int opcode, const char* data, Py_ssize_t n):
+        """A whole compressed message: inflated (by the worker's one inflater), then handled
+        as the plain message it inflates to, whose size is what MAX_MESSAGE_BYTES limits:
+        over it `too_large` (inflating stops soon after: `inflate_message`), over the frame
+        hard limit close 1009 (a zip bomb); not valid deflate data: 1007."""
+        cdef int verdict = INFLATE_BAD
+        cdef bytes payload = inflate_message(data, n, self.max_message, &verdict)
+        if verdict == INFLATED:
+            self.on_message(opcode, payload)
+        elif verdict == INFLATED_OVER:
+            self.too_large(-1)
+        elif verdict == INFLATED_BOMB:
+            self.close(CloseCode.TOO_BIG, "message too big once inflated")
+        else:
+            self.close(CloseCode.INVALID_DATA, "invalid compressed data")
 
     cdef void on_close_frame(self, WSFrame frame):
         cdef int code

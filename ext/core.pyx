@@ -60,6 +60,7 @@ cdef extern from "<errno.h>" nogil:
     int EWOULDBLOCK
 
 include "codec.pxi"
+include "deflate.pxi"
 include "ratelimit.pxi"
 include "hub.pxi"
 include "connection.pxi"

@@ -19,6 +19,12 @@ cdef class EchoSession(Connection):
             except UnicodeDecodeError:
                 self.close(CloseCode.INVALID_DATA, "text message is not valid UTF-8")
                 return
-        cdef bytes frame = frame_bytes(<uint8_t>opcode, PyBytes_AS_STRING(payload),
-                                       PyBytes_GET_SIZE(payload))
+        cdef bytes frame
+        if (self.deflate >= DEFLATE_MIN_BITS and self.hub.compression
+                and PyBytes_GET_SIZE(payload) >= self.hub.compression_min_bytes):
+            frame = deflate_frame(<uint8_t>opcode, PyBytes_AS_STRING(payload),
+                                  PyBytes_GET_SIZE(payload), self.deflate)
+        else:
+            frame = frame_bytes(<uint8_t>opcode, PyBytes_AS_STRING(payload),
+                                PyBytes_GET_SIZE(payload))
         self.enqueue_frame(frame)

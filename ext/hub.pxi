@@ -39,12 +39,19 @@ cdef class Channel:
     cdef readonly Py_ssize_t history_size
     cdef readonly unsigned long long published
     cdef readonly unsigned long long delivered
+    # members that negotiated permessage-deflate, by the server window bits they use (9-15;
+    # one that asked for 8 counts as plain), and in all: what `Hub.deliver` compresses for
+    cdef int by_bits[16]
+    cdef readonly int deflate_members
+    cdef public bint compression    # the channel config's `compression` switch
 
     def __init__(self, str name, object config):
         self.name = name
         self.members = []
         self.published = 0
         self.delivered = 0
+        memset(self.by_bits, 0, sizeof(self.by_bits))
+        self.deflate_members = 0
         self.configure(config)
 
     cpdef configure(self, object config):
@@ -53,6 +60,7 @@ cdef class Channel:
         self.presence = bool(config.presence)
         self.max_connections = int(config.max_connections)
         self.history_size = int(config.history_size)
+        self.compression = bool(getattr(config, "compression", True))
         cdef double rate = float(config.message_rate_limit)
         # a burst of at least one message, refilled at `rate` per second (a rate below 1
         # still lets one message through every 1/rate seconds)
@@ -100,6 +108,11 @@ cdef class Hub:
     cdef readonly unsigned long long messages_published
     cdef readonly unsigned long long deliveries
     cdef readonly unsigned long long bytes_out
+    cdef readonly unsigned long long bytes_out_plain  # bytes_out had nothing been compressed
+    cdef readonly unsigned long long deliveries_compressed
+    # permessage-deflate: COMPRESSION, COMPRESSION_MIN_BYTES (the frame's payload)
+    cdef public bint compression
+    cdef public Py_ssize_t compression_min_bytes
     cdef readonly unsigned long long slow_reader_closes
     cdef readonly unsigned long long rate_limited
     cdef readonly unsigned long long errors_total
@@ -127,6 +140,8 @@ cdef class Hub:
         self.refresh_notice = refresh_notice
         self.close_timeout = close_timeout
         self.error_counts = {}
+        self.compression = True
+        self.compression_min_bytes = 512
         bucket_init(&self.global_bucket, global_rate, 1.0, aether_monotonic())
 
     # -- channels ---------------------------------------------------------------------------
@@ -159,6 +174,8 @@ cdef class Hub:
             return []
         members = ch.members
         ch.members = []
+        memset(ch.by_bits, 0, sizeof(ch.by_bits))
+        ch.deflate_members = 0
         for s in members:
             (<Session>s).channels.pop(name, None)
         return members
@@ -169,6 +186,9 @@ cdef class Hub:
             return False
         ch.members.append(s)
         s.channels[ch.name] = ch
+        if s.deflate >= DEFLATE_MIN_BITS:
+            ch.by_bits[s.deflate] += 1
+            ch.deflate_members += 1
         return True
 
     cpdef bint leave(self, Session s, str name):
@@ -177,6 +197,9 @@ cdef class Hub:
         if ch is None:
             return False
         ch.members.remove(s)
+        if s.deflate >= DEFLATE_MIN_BITS:
+            ch.by_bits[s.deflate] -= 1
+            ch.deflate_members -= 1
         return True
 
     def drop_empty(self) -> int:
@@ -209,30 +232,59 @@ cdef class Hub:
 
     # -- fan-out ----------------------------------------------------------------------------
 
-    cpdef void deliver(self, Channel ch, bytes frame, Session exclude, long long offset=-1):
+    cpdef object deliver(self, Channel ch, bytes frame, Session exclude, long long offset=-1):
         """Append `frame` to every member's outbox but `exclude` (may be None). `offset` is
         the publication's offset (-1 for other frames): a member still recovering this
-        channel holds the frame until its replay is sent (`Session.release`)."""
+        channel holds the frame until its replay is sent (`Session.release`).
+        A publication of at least COMPRESSION_MIN_BYTES whose channel has deflate members is
+        compressed here once per window size they use, and each of them gets those bytes:
+        the `Packed` is returned (for history and recovery), else None."""
         cdef list members = ch.members
-        cdef Py_ssize_t i, n = PyList_GET_SIZE(members), sent = 0
-        cdef const char* p = PyBytes_AS_STRING(frame)
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(members), sent = 0, out = 0
         cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
         cdef Session s
-        self.keep.append(frame)
+        cdef Packed packed = None
+        cdef bytes variant
+        cdef int b
+        # the frame each member gets, by its server window bits (0: no deflate)
+        cdef const char* ptr[16]
+        cdef Py_ssize_t sz[16]
+        for b in range(16):
+            ptr[b] = PyBytes_AS_STRING(frame)
+            sz[b] = size
+        if (ch.deflate_members > 0 and offset >= 0 and self.compression and ch.compression
+                and size - frame_header_size(<const uint8_t*>PyBytes_AS_STRING(frame))
+                >= self.compression_min_bytes):
+            packed = Packed(frame)
+            for b in range(DEFLATE_MIN_BITS, DEFLATE_MAX_BITS + 1):
+                if ch.by_bits[b] > 0:
+                    variant = packed.make(b)
+                    ptr[b] = PyBytes_AS_STRING(variant)
+                    sz[b] = PyBytes_GET_SIZE(variant)
+            self.keep.append(packed)
+        else:
+            self.keep.append(frame)
         for i in range(n):
             s = <Session>PyList_GET_ITEM(members, i)
             if s is exclude:
                 continue
-            if s.holding is not None and s.hold_frame(ch.name, offset, frame):
+            b = s.deflate
+            if s.holding is not None and s.hold_frame(
+                    ch.name, offset, frame if packed is None else packed.pick(b)):
                 continue
-            s.enqueue(p, size)
+            s.enqueue(ptr[b], sz[b])
             sent += 1
+            out += sz[b]
+            if sz[b] != size:
+                self.deliveries_compressed += 1
         if offset >= 0:  # a publication, not a presence notice or a broadcast
             ch.published += 1
             self.messages_published += 1
         ch.delivered += sent
         self.deliveries += sent
-        self.bytes_out += sent * size
+        self.bytes_out += out
+        self.bytes_out_plain += sent * size
+        return packed
 
     def deliver_all(self, bytes frame) -> int:
         """Append `frame` to every session's outbox (system broadcasts)."""
@@ -245,6 +297,7 @@ cdef class Hub:
             n += 1
         self.deliveries += n
         self.bytes_out += n * size
+        self.bytes_out_plain += n * size
         return n
 
     cdef inline void mark_dirty(self, Connection s):

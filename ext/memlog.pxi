@@ -139,9 +139,9 @@ cdef class DedupeWindow:
 
 
 cdef class ChannelLog:
-    """One channel's offset, epoch and history: (offset, monotonic time, frame), oldest
-    first. A log made anew has an epoch of its own, so offsets it hands out again are never
-    mistaken for old ones."""
+    """One channel's offset, epoch and history: (offset, monotonic time, frame or its
+    `Packed`), oldest first. A log made anew has an epoch of its own, so offsets it hands
+    out again are never mistaken for old ones."""
     cdef public str epoch
     cdef public long long offset
     cdef public object history
@@ -191,11 +191,12 @@ cdef class MemoryLogs:
         cdef str ts = iso_now()
         cdef bytes frame = publication_frame(name, content, seq, ts, log.offset,
                                              sender.client_id, sender.user_id)
+        window.put(seq, log.offset, iso_ms)
+        packed = self.hub.deliver(channel, frame, None if sender.echo else sender, log.offset)
         if channel.history_size > 0:
+            # the frame, or its compressed variants with it: a replay never compresses
             history = log.history
-            history.append((log.offset, now, frame))
+            history.append((log.offset, now, frame if packed is None else packed))
             while len(history) > channel.history_size:
                 history.popleft()
-        window.put(seq, log.offset, iso_ms)
-        self.hub.deliver(channel, frame, None if sender.echo else sender, log.offset)
         return (log.offset, ts, False)

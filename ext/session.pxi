@@ -620,15 +620,14 @@ cdef class Session(Connection):
         these) stay within REPLAY_LIMITS x SEND_BUFFER_LIMIT_BYTES, or it has none waiting
         (one replay, whatever its size, is always written: HISTORY_SIZE bounds it)."""
         cdef Py_ssize_t waiting = 0, size = 0
-        cdef bytes frame
         if self.replays is not None:
             for r in self.replays:
                 if (<Replay>r).channel != channel:  # one of `channel` would be replaced
                     waiting += (<Replay>r).left
         if waiting == 0:
             return True
-        for frame in frames:
-            size += PyBytes_GET_SIZE(frame)
+        for item in frames:
+            size += PyBytes_GET_SIZE(frame_of(item, self.deflate))
         return waiting + size <= REPLAY_LIMITS * self.hub.send_buffer_limit
 
     def replay(self, str channel, list frames, long long up_to):
@@ -640,6 +639,9 @@ cdef class Session(Connection):
         self.cancel_replay(channel)
         if not frames and (self.holding is None or channel not in self.holding):
             return
+        # history keeps a publication's compressed variants beside it (`Packed`): each
+        # member gets the one of its window size, as compressed when it was published
+        frames = [frame_of(item, self.deflate) for item in frames]
         if self.holding is None:
             self.holding = {}
         if channel not in self.holding:

@@ -10,6 +10,7 @@
 #   make                          make             every developer command
 #   $PYTHON with venv + ensurepip python3-venv     `make install` (.venv)
 #   Python.h of $PYTHON           python3-dev      building the Cython extension
+#   zlib.h                        zlib1g-dev       building the Cython extension (permessage-deflate)
 #   redis-server                  redis-server     the Redis integration tests
 #   promtool                      prometheus       tests/unit/test_deploy.py (deploy/ rules)
 #   node, npm                     nodejs, npm      the JS client's tests
@@ -49,6 +50,8 @@ else
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     >/dev/null 2>&1 || missing python3-dev "Python.h of $PYTHON (to build the extension)"
 fi
+gcc -E -include zlib.h -x c /dev/null >/dev/null 2>&1 \
+  || missing zlib1g-dev "zlib.h (to build the extension: permessage-deflate)"
 command -v redis-server >/dev/null 2>&1 || missing redis-server "redis-server (Redis tests)"
 command -v promtool >/dev/null 2>&1 || missing prometheus "promtool (checks deploy/ in the tests)"
 command -v curl >/dev/null 2>&1 || missing curl "curl (the README's Try it and its test)"

@@ -25,7 +25,10 @@ import itertools
 import secrets
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+if TYPE_CHECKING:  # _core imports this module: no import of it at run time
+    from aether_fast._core import Packed
 
 #: The dedupe window: the number of accepted sequences each broker remembers per (user,
 #: client_id, channel), the last ones whatever their pattern (docs/protocol.md §6). The memory
@@ -69,7 +72,9 @@ PublishResult = tuple[int, str, bool]
 class Recovery:
     """What a join with `since`/`epoch` gets back."""
 
-    frames: list[bytes]  # encoded publication frames after `since`, in offset order
+    # encoded publication frames after `since`, in offset order; a publication compressed
+    # for deflate members comes as its `Packed` (each member gets its own variant)
+    frames: list[bytes | Packed]
     offset: int  # the channel's current offset
     epoch: str  # the channel's current epoch
     recovered: bool  # True when every missed publication is in `frames`

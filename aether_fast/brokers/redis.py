@@ -36,7 +36,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-from aether_fast._core import encode_text_frame, publication_halves, utc_timestamp
+from aether_fast._core import Packed, encode_text_frame, publication_halves, utc_timestamp
 from aether_fast.brokers import resp
 from aether_fast.brokers.base import (
     DEDUP_WINDOW,
@@ -213,8 +213,12 @@ def unpublished(batch: list[Pending], exc: BaseException) -> None:
             done.set_exception(failure)
 
 
-def recovery(since: int | None, epoch: str | None, position: Any) -> Recovery:
-    """A join's `Recovery` from the position script's answer (offset, epoch, entries)."""
+def recovery(
+    since: int | None, epoch: str | None, position: Any, packed: PackedCache | None = None
+) -> Recovery:
+    """A join's `Recovery` from the position script's answer (offset, epoch, entries); a
+    publication this worker compressed for deflate members is replayed as its `Packed`
+    from `packed` (never compressed again), the others as their plain frames."""
     offset, current, entries = position
     current_epoch = current.decode()
     offset = int(offset)
@@ -222,10 +226,43 @@ def recovery(since: int | None, epoch: str | None, position: Any) -> Recovery:
         return Recovery([], offset, current_epoch, False)
     if since >= offset:
         return Recovery([], offset, current_epoch, since == offset)
-    frames = [encode_text_frame(fields[1]) for _id, fields in entries]
+    frames: list[bytes | Packed] = []
+    for entry_id, fields in entries:
+        item = packed.get(int(entry_id.split(b"-")[0])) if packed else None
+        frames.append(item if item is not None else encode_text_frame(fields[1]))
     first = int(entries[0][0].split(b"-")[0]) if entries else 0
     complete = len(frames) == offset - since and first == since + 1
     return Recovery(frames if complete else [], offset, current_epoch, complete)
+
+
+#: offset -> the `Packed` of a publication of one channel this worker compressed
+PackedCache = dict[int, Packed]
+
+
+def deliver(
+    hub: Any, cluster: RedisCluster, ch: Any, data: bytes, kept: dict[str, PackedCache]
+) -> None:
+    """A publication from Redis's pub/sub (`sender\noffset\npayload`) to this worker's
+    members of `ch` (not to its sender when that is here and does not want its echo). The
+    compressed variants made for deflate members are kept for the last `history_size`
+    offsets of the channel in `kept` (Redis keeps the JSON only), so a recovery replays
+    them without compressing again; a publication this worker did not compress is replayed
+    plain, which RFC 7692 allows."""
+    sender, _, rest = data.partition(b"\n")
+    offset, _, payload = rest.partition(b"\n")
+    identity, _, client = sender.decode().rpartition("\x1f")
+    origin = cluster.local_session(identity or None, client)
+    exclude = origin if origin is not None and not origin.echo else None
+    at = int(offset)
+    packed = hub.deliver(ch, encode_text_frame(payload), exclude, at)
+    size = ch.history_size
+    if packed is not None and size > 0:
+        cache = kept.get(ch.name)
+        if cache is None:
+            cache = kept[ch.name] = {}
+        cache[at] = packed
+        while len(cache) > size:  # oldest first (insertion order is offset order)
+            del cache[next(iter(cache))]
 
 
 class _Lane:
@@ -267,6 +304,11 @@ class RedisBroker:
         self._lanes = [_Lane(link) for link in shards.links]
         self._single = len(self._lanes) == 1
         self._tasks: list[asyncio.Task[None]] = []
+        # channel -> {offset: Packed}: the compressed variants of the publications this
+        # worker delivered to deflate members, at most history_size per channel, so that a
+        # recovery replays them without compressing (Redis keeps the JSON only: a
+        # publication this worker did not compress is replayed plain, which RFC 7692 allows)
+        self._packed: dict[str, PackedCache] = {}
         #: the loop `start` ran in: each publish needs it
         self._loop: asyncio.AbstractEventLoop | None = None
         for link in shards.links:
@@ -429,7 +471,7 @@ class RedisBroker:
         except (RedisError, OSError) as exc:
             lane.link.degraded(exc)
             raise
-        return recovery(since, epoch, answer)
+        return recovery(since, epoch, answer, self._packed.get(channel))
 
     async def position(self, channel: str) -> tuple[int, str]:
         lane = self._lane(channel)
@@ -447,6 +489,7 @@ class RedisBroker:
         return (int(offset), epoch.decode())
 
     async def forget(self, channel: str) -> None:
+        self._packed.pop(channel, None)
         try:
             await self._lane(channel).link.redis.delete(*_keys(channel))
         except (RedisError, OSError) as exc:
@@ -464,6 +507,8 @@ class RedisBroker:
                     idle.append(target)
             if idle:
                 link.unsubscribe(idle)
+                for target in idle:
+                    self._packed.pop(target[len(PUB) :], None)
 
     def _on_message(self, target: bytes, data: bytes) -> None:
         """A publication from a link's subscriber: to this worker's members of its
@@ -471,12 +516,7 @@ class RedisBroker:
         ch = self._hub.channel(target[len(PUB_B) :].decode())
         if ch is None:
             return
-        sender, _, rest = data.partition(b"\n")
-        offset, _, payload = rest.partition(b"\n")
-        identity, _, client = sender.decode().rpartition("\x1f")
-        origin = self._cluster.local_session(identity or None, client)
-        exclude = origin if origin is not None and not origin.echo else None
-        self._hub.deliver(ch, encode_text_frame(payload), exclude, int(offset))
+        deliver(self._hub, self._cluster, ch, data, self._packed)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

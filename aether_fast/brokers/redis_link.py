@@ -74,9 +74,10 @@ class RedisLink:
         if node is not None:
             self._where = {"node": node}
         self._sub_cmd = "SSUBSCRIBE" if node is not None else "SUBSCRIBE"
-        #: sharded: the channels sent with SSUBSCRIBE and not yet answered, in order (an
-        #: error reply names no channel: it answers the oldest)
-        self._sent: deque[str] = deque()
+        #: sharded: the channels sent with SSUBSCRIBE (True) or SUNSUBSCRIBE (False) and not
+        #: yet answered, in order (an error reply names no channel: it answers the oldest;
+        #: a node answers SUNSUBSCRIBE of a slot it lost with MOVED, too)
+        self._sent: deque[tuple[bool, str]] = deque()
         #: sharded: where a subscription goes that Redis dropped or refused (its slot moved)
         self.on_lost: Callable[[str], None] = lambda channel: None
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -245,7 +246,7 @@ class RedisLink:
                 waiter = self._confirm[channel] = asyncio.get_running_loop().create_future()
                 sub.send(self._sub_cmd, channel)
                 if self._sharded:
-                    self._sent.append(channel)
+                    self._sent.append((True, channel))
             await asyncio.wait_for(asyncio.shield(waiter), 5)
         except (RedisError, OSError, TimeoutError) as exc:
             if waiter is not None and self._confirm.get(channel) is waiter:
@@ -264,6 +265,7 @@ class RedisLink:
                 if self._sharded:
                     for channel in channels:  # one slot per command
                         self._sub.send("SUNSUBSCRIBE", channel)
+                        self._sent.append((False, channel))
                 else:
                     self._sub.send("UNSUBSCRIBE", *channels)
 
@@ -282,7 +284,7 @@ class RedisLink:
                 sub.send("SUBSCRIBE", *watched)
             for channel in wanted[len(watched) :]:
                 sub.send("SSUBSCRIBE", channel)
-                self._sent.append(channel)
+                self._sent.append((True, channel))
             if not wanted:
                 sub.send("PING")
         elif wanted:
@@ -339,10 +341,7 @@ class RedisLink:
             elif kind == b"ssubscribe":
                 self.recovered("pubsub")
                 channel = reply[1].decode()
-                if self._sent and self._sent[0] == channel:
-                    self._sent.popleft()
-                elif channel in self._sent:
-                    self._sent.remove(channel)
+                self._answered((True, channel))
                 self._subscribed.add(channel)
                 waiter = self._confirm.pop(channel, None)
                 if waiter is not None and not waiter.done():
@@ -352,6 +351,8 @@ class RedisLink:
                 if channel in self._subscribed:  # not asked for: its slot moved away
                     self._subscribed.discard(channel)
                     self.on_lost(channel)
+                else:
+                    self._answered((False, channel))
             elif kind == b"subscribe":
                 # the first confirmation on a new connection is that of a watched channel
                 # (subscribed first): from then on the subscriber works
@@ -381,11 +382,21 @@ class RedisLink:
         loss is lost (`on_lost`: it is made on the slot's owner)."""
         if not self._sent:
             return
-        channel = self._sent.popleft()
+        asked, channel = self._sent.popleft()
+        if not asked:  # a SUNSUBSCRIBE of a slot the node lost: nothing was subscribed
+            return
         waiter = self._confirm.pop(channel, None)
         if waiter is not None:
             if not waiter.done():
-                waiter.set_exception(ResponseError(f"redis: {text}"))
+                waiter.set_exception(ResponseError(text))  # "MOVED <slot> <host:port>" ...
                 waiter.exception()  # retrieved: no "never retrieved" warning
         else:
             self.on_lost(channel)
+
+    def _answered(self, sent: tuple[bool, str]) -> None:
+        """Redis answered `sent` (the oldest not yet answered, but for a reply lost in a
+        reconnection)."""
+        if self._sent and self._sent[0] == sent:
+            self._sent.popleft()
+        elif sent in self._sent:
+            self._sent.remove(sent)

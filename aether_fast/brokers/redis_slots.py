@@ -63,7 +63,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from aether_fast import logs
-from aether_fast._core import encode_text_frame, publication_halves, utc_timestamp
+from aether_fast._core import publication_halves, utc_timestamp
 from aether_fast.brokers import resp
 from aether_fast.brokers.base import (
     BROKER_CLUSTER_DEGRADED,
@@ -81,10 +81,12 @@ from aether_fast.brokers.redis import (
     BATCH_MAX,
     PUB,
     PUB_B,
+    PackedCache,
     Pending,
     _keys,
     _Lane,
     channel_ttls_ms,
+    deliver,
     recovery,
     sender_key,
     settle,
@@ -125,9 +127,32 @@ def node_url(seed_url: str, addr: str) -> str:
     and options with that host and port."""
     parts = urlsplit(seed_url)
     auth = parts.netloc.rpartition("@")[0]
+    host, _, port = addr.rpartition(":")
+    if ":" in host:  # IPv6, as Redis writes it ("::1:7000"): a URL brackets it
+        addr = f"[{host}]:{port}"
     return urlunsplit(
         (parts.scheme, f"{auth}@{addr}" if auth else addr, parts.path, parts.query, "")
     )
+
+
+def slot_owners(table: list[Any], asked: str) -> list[str | None]:
+    """The master ("host:port") of each slot from CLUSTER SLOTS, asked of the node at host
+    `asked`: an empty endpoint is that host (as Redis says); "?" (Redis 7's unknown
+    endpoint) or a master without a port is no known master (None: the slot's channels
+    are refused, /health is degraded), never an address to connect to; so is an entry
+    that is not what Redis writes (a broken or hostile node: no exception per read)."""
+    owners: list[str | None] = [None] * SLOTS
+    for entry in table:
+        try:
+            start, end, master = int(entry[0]), int(entry[1]), entry[2]
+            host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+            port = int(master[1]) if len(master) > 1 and master[1] is not None else 0
+        except (TypeError, ValueError, IndexError, UnicodeDecodeError):
+            continue
+        if host == "?" or not 0 < port < 65536 or not 0 <= start <= end < SLOTS:
+            continue
+        owners[start : end + 1] = [f"{host or asked}:{port}"] * (end - start + 1)
+    return owners
 
 
 def _redirect(exc: BaseException) -> tuple[str, str] | None:
@@ -176,6 +201,9 @@ class Slots:
         self._unreachable: set[str] = set()
         #: faults of the cluster-wide state (`StateHome`), by part
         self.home_faults: dict[str, str] = {}
+        #: `close` was called: no read of the table and no link from then on (a publish
+        #: failed by the closing links asks for a read, which would open them all again)
+        self._closed = False
 
     # -- set-up (before `start`): applied to every link, now and later ---------------------
 
@@ -235,6 +263,7 @@ class Slots:
         self._tasks.append(asyncio.get_running_loop().create_task(self._keep_alive()))
 
     async def close(self) -> None:
+        self._closed = True
         tasks: list[asyncio.Task[Any]] = [*self._tasks, *self._opening.values()]
         if self._refresh_task is not None:
             tasks.append(self._refresh_task)
@@ -251,6 +280,8 @@ class Slots:
 
     async def _open_link(self, addr: str) -> RedisLink:
         """The link of `addr`, opened once however many ask at the same time."""
+        if self._closed:
+            raise RedisConnectionError("redis cluster: the broker is closing")
         opening = self._opening.get(addr)
         if opening is None:
             opening = asyncio.get_running_loop().create_task(self._new_link(addr))
@@ -267,6 +298,8 @@ class Slots:
         link.on_lost = self._on_lost
         try:
             await link.start()
+            if self._closed:
+                raise RedisConnectionError("redis cluster: the broker is closing")
         except BaseException:
             await link.close()
             raise
@@ -277,8 +310,21 @@ class Slots:
 
     def request_refresh(self) -> None:
         """Read the table again soon (once, however many ask meanwhile)."""
+        if self._closed:
+            return
         if self._refresh_task is None or self._refresh_task.done():
             self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_quietly())
+
+    async def refreshed(self) -> None:
+        """Wait for a read of the table asked for now: the one read shared by everyone who
+        asks meanwhile (at most one per REFRESH_GAP_S), never one per caller: a join or a
+        script that meets a redirect or a slot without a master waits for it, so many at
+        once (or a cluster answering MOVED forever) cost Redis one CLUSTER SLOTS, not one
+        each. A failed read raises nothing: the caller finds the table unchanged."""
+        self.request_refresh()
+        task = self._refresh_task
+        if task is not None:
+            await asyncio.shield(task)  # a caller cancelled does not cancel the others' read
 
     async def _refresh_quietly(self) -> None:
         # at most one read per REFRESH_GAP_S, however many failed publishes ask for one
@@ -292,13 +338,10 @@ class Slots:
         """Read CLUSTER SLOTS, open links to new masters, close those of nodes that serve
         nothing any more, then tell the broker (`on_topology`)."""
         async with self._refresh_lock:
+            if self._closed:
+                raise RedisConnectionError("redis cluster: the broker is closing")
             table, asked = await self._read_table()
-            owners: list[str | None] = [None] * SLOTS
-            for entry in table:
-                start, end, master = int(entry[0]), int(entry[1]), entry[2]
-                host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
-                addr = f"{host or asked}:{int(master[1])}"
-                owners[start : end + 1] = [addr] * (end - start + 1)
+            owners = slot_owners(table, asked)
             for addr in sorted({a for a in owners if a is not None} - set(self.links)):
                 try:
                     await self._open_link(addr)
@@ -477,6 +520,8 @@ class SlotsBroker:
         #: channels whose subscription was lost (slot moved, master gone): not yet back
         self._lost: set[str] = set()
         self._moving: set[str] = set()
+        #: the compressed variants this worker made, by channel (`redis.deliver`)
+        self._packed: dict[str, PackedCache] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         slots.load_scripts(_PUBLISH_SHARDED, _POSITION)
@@ -604,7 +649,7 @@ class SlotsBroker:
         keys = [key for call, _ in batch for key in call[:3]]
         args = [arg for call, _ in batch for arg in call[3:]]
         script = _PUBLISH_SHARDED_SHA if how == "EVALSHA" else _PUBLISH_SHARDED
-        handler = partial(self._published, link, slot, batch, hops, how)
+        handler = partial(self._published, link, slot, batch, hops, asking, how)
         try:
             if asking:
                 conn.request(_ignore, "ASKING")
@@ -618,6 +663,7 @@ class SlotsBroker:
         slot: int,
         batch: list[Pending],
         hops: int,
+        asking: bool,
         how: str,
         reply: Any,
         exc: BaseException | None,
@@ -628,14 +674,22 @@ class SlotsBroker:
             settle(batch, reply)
             return
         if isinstance(exc, NoScriptError) and how == "EVALSHA":
-            self._send(slot, batch, link, hops, how="EVAL")
+            # on the node an ASK named: ASKING again, else it answers MOVED (to the source)
+            self._send(slot, batch, link, hops, asking=asking, how="EVAL")
             return
         redirect = _redirect(exc)
         if redirect is not None and hops < MAX_HOPS:
             kind, addr = redirect
             if kind == "MOVED":
                 self._slots.moved(slot, addr)
-            self._spawn(self._follow_redirect(slot, batch, hops + 1, kind, addr))
+            target = None if kind == "TRYAGAIN" else self._slots.links.get(addr)
+            if target is not None:
+                # sent now, not from a task: a publish of this slot made in this loop pass
+                # goes to `addr` too (the table says so now) and must go after it (a
+                # sender's order); a master with no link yet refuses those meanwhile
+                self._send(slot, batch, target, hops + 1, asking=kind == "ASK")
+            else:
+                self._spawn(self._follow_redirect(slot, batch, hops + 1, kind, addr))
             return
         if not isinstance(exc, ResponseError):
             link.degraded(exc)
@@ -667,7 +721,7 @@ class SlotsBroker:
         asking = False
         for _hop in range(MAX_HOPS + 1):
             if link is None:
-                await self._slots.refresh()
+                await self._slots.refreshed()
                 link = self._slots.link_of(slot)
                 if link is None:
                     raise RedisConnectionError("redis cluster: the slot has no master")
@@ -703,7 +757,7 @@ class SlotsBroker:
         for _ in range(MAX_HOPS):
             link = self._slots.link_of(slot)
             if link is None:
-                await self._slots.refresh()
+                await self._slots.refreshed()
                 link = self._slots.link_of(slot)
                 if link is None:
                     raise RedisConnectionError("redis cluster: the slot has no master")
@@ -718,7 +772,7 @@ class SlotsBroker:
                 if _redirect(exc) is None:
                     self._lost.add(channel)  # members here may rely on it: not healthy
                     raise
-                await self._slots.refresh()
+                await self._slots.refreshed()
             except (RedisError, OSError):
                 self._lost.add(channel)
                 raise
@@ -738,7 +792,7 @@ class SlotsBroker:
             2,
             [*_keys(channel), since_arg, new_epoch(), self._state_ttl_ms, size],
         )
-        return recovery(since, epoch, answer)
+        return recovery(since, epoch, answer, self._packed.get(channel))
 
     async def position(self, channel: str) -> tuple[int, str]:
         try:
@@ -754,6 +808,7 @@ class SlotsBroker:
         return (int(offset), epoch.decode())
 
     async def forget(self, channel: str) -> None:
+        self._packed.pop(channel, None)
         link = self._slots.link_of(self._slots.slot(channel))
         try:
             if link is None:
@@ -771,6 +826,7 @@ class SlotsBroker:
             if ch is None or ch.member_count == 0:
                 del self._subs[name]
                 self._lost.discard(name)
+                self._packed.pop(name, None)
                 link.unsubscribe([pub_channel(name)])
 
     def _on_lost(self, target: str) -> None:
@@ -812,12 +868,7 @@ class SlotsBroker:
         ch = self._hub.channel(target[len(PUB_B) + 1 : -1].decode())
         if ch is None:
             return
-        sender, _, rest = data.partition(b"\n")
-        offset, _, payload = rest.partition(b"\n")
-        identity, _, client = sender.decode().rpartition("\x1f")
-        origin = self._cluster.local_session(identity or None, client)
-        exclude = origin if origin is not None and not origin.echo else None
-        self._hub.deliver(ch, encode_text_frame(payload), exclude, int(offset))
+        deliver(self._hub, self._cluster, ch, data, self._packed)
 
 
 def _ignore(reply: Any, exc: BaseException | None) -> None:

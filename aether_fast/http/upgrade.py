@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 # WSProtocol is internal to picows (pinned): docs/architecture.md, "picows internals we rely on"
-from picows import WSAutoPingStrategy
+from picows import WSAutoPingStrategy, WSUpgradeResponse, WSUpgradeResponseWithListener
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
 from aether_fast import logs
@@ -34,6 +34,102 @@ READ_BUFFER_INIT = 1024
 PICOWS_MAX_HEAD = 16 * 1024
 #: Largest `since` in the upgrade's query: sequences are 64-bit.
 MAX_SINCE = 2**63 - 1
+#: Offers of an extension header read at most (each element of the header is one).
+MAX_EXTENSION_OFFERS = 16
+#: The window sizes RFC 7692 §7.1.2 allows (server_max_window_bits, client_max_window_bits).
+WINDOW_BITS = range(8, 16)
+
+
+def negotiate_deflate(values: list[str]) -> tuple[int, str] | None:
+    """permessage-deflate (RFC 7692) from the `Sec-WebSocket-Extensions` header values of
+    an upgrade request: (server window bits, the response header's value) for the first offer
+    we can accept, or None (no offer, or every offer declined: the connection is plain).
+
+    Accepted: any valid offer. The response always says `server_no_context_takeover` and
+    `client_no_context_takeover` (RFC 7692 section 7.1.1: the server may add the latter unasked),
+    so no connection keeps zlib state between messages; `server_max_window_bits=N` when
+    offered (we compress with 2**N; N = 8 gets plain frames, zlib has no 256-byte raw
+    window); `client_max_window_bits` is never answered (our inflater takes any window).
+    Declined (RFC 7692 section 7: the cases a server MUST decline): an unknown parameter, a
+    duplicate one, a value that is not 8..15, a value on a parameter that takes none,
+    `server_max_window_bits` without one."""
+    for offer in _extension_offers(values)[:MAX_EXTENSION_OFFERS]:
+        if offer[0] != "permessage-deflate":
+            continue
+        bits = _deflate_offer(offer[1:])
+        if bits is None:
+            continue
+        response = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        if bits > 0:
+            response += f"; server_max_window_bits={bits}"
+        return (bits or 15, response)
+    return None
+
+
+def _deflate_offer(params: list[tuple[str, str | None]]) -> int | None:
+    """The server window bits an offer asks for (0: any), or None to decline it."""
+    seen: set[str] = set()
+    bits = 0
+    for name, value in params:
+        if name in seen:
+            return None
+        seen.add(name)
+        if name in ("server_no_context_takeover", "client_no_context_takeover"):
+            if value is not None:
+                return None
+        elif name in ("server_max_window_bits", "client_max_window_bits"):
+            if value is None:
+                if name == "server_max_window_bits":
+                    return None  # it needs a value; client_max_window_bits may go without
+                continue
+            if not (value.isascii() and value.isdigit()) or len(value) > 2:
+                return None
+            if int(value) not in WINDOW_BITS:
+                return None
+            if name == "server_max_window_bits":
+                bits = int(value)
+        else:
+            return None
+    return bits
+
+
+def _extension_offers(values: list[str]) -> list[list[Any]]:
+    """Each element of the extension headers: [name, (param, value or None), ...], names
+    lowered, quoted values unquoted (RFC 6455 §9.1). An element that does not parse is left
+    out; so is everything past MAX_EXTENSION_OFFERS elements."""
+    offers: list[list[Any]] = []
+    for text in values:
+        for element in _split_outside_quotes(text, ","):
+            parts = _split_outside_quotes(element, ";")
+            name = parts[0].strip().lower()
+            if not name:
+                continue
+            offer: list[Any] = [name]
+            for part in parts[1:]:
+                key, eq, raw = part.partition("=")
+                key = key.strip().lower()
+                value: str | None = raw.strip() if eq else None
+                if value is not None and len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                offer.append((key, value))
+            offers.append(offer)
+            if len(offers) >= MAX_EXTENSION_OFFERS:
+                return offers
+    return offers
+
+
+def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    parts: list[str] = []
+    quoted = False
+    start = 0
+    for i, c in enumerate(text):
+        if c == '"':
+            quoted = not quoted
+        elif c == sep and not quoted:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
 
 
 class _PicowsLog:
@@ -102,9 +198,10 @@ class WebSocketUpgrader:
                 "request head too large",
                 f"upgrade request over {PICOWS_MAX_HEAD - 1} bytes",
             )
+        deflate = self._deflate(request)
         if request.path == self._config.echo_path:
             echo = EchoSession(self._hub, request.peer, self._config.max_message_bytes)
-            self._hand_off(echo, head, transport, rest)
+            self._hand_off(echo, head, transport, rest, deflate)
             return None
         query = parse_qs(request.query, keep_blank_values=True)
 
@@ -148,20 +245,46 @@ class WebSocketUpgrader:
         if channel is not None:
             session.initial = {"channel": channel, "since": since, "epoch": epoch}
 
-        self._hand_off(session, head, transport, rest)
+        self._hand_off(session, head, transport, rest, deflate)
         return None
 
+    def _deflate(self, request: Request) -> tuple[int, str] | None:
+        """permessage-deflate for this upgrade (`negotiate_deflate`), unless COMPRESSION is
+        off (then the header is ignored: the connection is plain)."""
+        if not self._config.compression:
+            return None
+        values = [
+            v.decode("latin-1")
+            for k, v in request.raw_headers
+            if k.lower() == b"sec-websocket-extensions"
+        ]
+        return negotiate_deflate(values) if values else None
+
     def _hand_off(
-        self, listener: Connection, head: bytes, transport: asyncio.Transport, rest: bytes
+        self,
+        listener: Connection,
+        head: bytes,
+        transport: asyncio.Transport,
+        rest: bytes,
+        deflate: tuple[int, str] | None = None,
     ) -> None:
-        """Give the socket to picows with `listener` as its WSListener."""
+        """Give the socket to picows with `listener` as its WSListener; with `deflate`,
+        its 101 response carries the `Sec-WebSocket-Extensions` answer."""
+        factory: Any = lambda _request: listener  # noqa: E731
+        if deflate is not None:
+            listener.deflate = deflate[0]
+            response = WSUpgradeResponse.create_101_response(
+                extra_headers=(("Sec-WebSocket-Extensions", deflate[1]),)
+            )
+            accepted = WSUpgradeResponseWithListener(response, listener)
+            factory = lambda _request: accepted  # noqa: E731
         # by keyword: WSProtocol's constructor is internal to picows (docs/architecture.md,
         # "picows internals we rely on")
         protocol = WSProtocol(
             host_port=None,
             ws_path=None,
             is_client_side=False,
-            ws_listener_factory=lambda _request: listener,
+            ws_listener_factory=factory,
             logger=self._log,
             disconnect_on_exception=True,
             websocket_handshake_timeout=self._config.handshake_timeout_s,

@@ -35,6 +35,9 @@ class ChannelConfig:
     require_auth: bool
     history_size: int
     presence: bool
+    # permessage-deflate for this channel's publications (COMPRESSION must be on too); a
+    # default, so configs stored before it existed read as on
+    compression: bool = True
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -44,6 +47,7 @@ class ChannelConfig:
             "require_auth": self.require_auth,
             "history_size": self.history_size,
             "presence": self.presence,
+            "compression": self.compression,
         }
 
 
@@ -110,7 +114,15 @@ def _bool_field(body: dict[str, object], field: str, fallback: bool) -> bool:
 
 
 _FIELDS: Final = frozenset(
-    {"name", "max_connections", "message_rate_limit", "require_auth", "history_size", "presence"}
+    {
+        "name",
+        "max_connections",
+        "message_rate_limit",
+        "require_auth",
+        "history_size",
+        "presence",
+        "compression",
+    }
 )
 
 
@@ -144,6 +156,7 @@ def parse_channel_config(
         require_auth=_bool_field(body, "require_auth", base.require_auth),
         history_size=_int_field(body, "history_size", base.history_size, _MAX_HISTORY),
         presence=_bool_field(body, "presence", base.presence),
+        compression=_bool_field(body, "compression", base.compression),
     )
 
 

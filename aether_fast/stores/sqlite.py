@@ -23,7 +23,7 @@ from aether_fast.stores.base import ChannelConfig, StoreError, StoreLocked
 
 DB_FILE: Final = "channels.sqlite3"
 LOCK_FILE: Final = "channels.lock"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 _COLUMNS: Final = (
     "name",
@@ -32,7 +32,10 @@ _COLUMNS: Final = (
     "require_auth",
     "history_size",
     "presence",
+    "compression",
 )
+#: schema 1 (before `compression`): opened, the column is added (on by default)
+_COLUMNS_V1: Final = _COLUMNS[:-1]
 
 _CREATE: Final = """
 CREATE TABLE IF NOT EXISTS channels (
@@ -41,7 +44,8 @@ CREATE TABLE IF NOT EXISTS channels (
     message_rate_limit REAL NOT NULL,
     require_auth INTEGER NOT NULL,
     history_size INTEGER NOT NULL,
-    presence INTEGER NOT NULL
+    presence INTEGER NOT NULL,
+    compression INTEGER NOT NULL DEFAULT 1
 ) WITHOUT ROWID
 """
 
@@ -49,7 +53,7 @@ _SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM channels"
 
 
 def _row(row: tuple[Any, ...]) -> ChannelConfig:
-    name, max_conn, rate, require_auth, history, presence = row
+    name, max_conn, rate, require_auth, history, presence, compression = row
     return ChannelConfig(
         name=str(name),
         max_connections=int(max_conn),
@@ -57,6 +61,7 @@ def _row(row: tuple[Any, ...]) -> ChannelConfig:
         require_auth=bool(require_auth),
         history_size=int(history),
         presence=bool(presence),
+        compression=bool(compression),
     )
 
 
@@ -232,6 +237,11 @@ class ChannelStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute(_CREATE)
+            columns = [str(r[1]) for r in conn.execute("PRAGMA table_info(channels)")]
+            if tuple(columns) == _COLUMNS_V1:
+                conn.execute(
+                    "ALTER TABLE channels ADD COLUMN compression INTEGER NOT NULL DEFAULT 1"
+                )
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -301,12 +311,13 @@ class ChannelStore:
             int(cfg.require_auth),
             cfg.history_size,
             int(cfg.presence),
+            int(cfg.compression),
         )
         with self._write() as conn:
             created = (
                 conn.execute(
                     f"INSERT OR IGNORE INTO channels ({', '.join(_COLUMNS)}) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     values,
                 ).rowcount
                 == 1
@@ -314,7 +325,8 @@ class ChannelStore:
             if not created:
                 conn.execute(
                     "UPDATE channels SET max_connections = ?, message_rate_limit = ?, "
-                    "require_auth = ?, history_size = ?, presence = ? WHERE name = ?",
+                    "require_auth = ?, history_size = ?, presence = ?, compression = ? "
+                    "WHERE name = ?",
                     (*values[1:], cfg.name),
                 )
         self._known[cfg.name] = cfg
@@ -420,5 +432,5 @@ def _check_schema(path: str, conn: sqlite3.Connection, *, required: bool = False
     columns = [str(r[1]) for r in conn.execute("PRAGMA table_info(channels)").fetchall()]
     if not columns and not required:
         return
-    if tuple(columns) != _COLUMNS:
+    if tuple(columns) not in (_COLUMNS, _COLUMNS_V1):
         raise StoreError(f"{path}: unexpected schema of table channels: {columns}")

@@ -205,6 +205,40 @@ def test_fanout_1000_deliver(benchmark: Any, fanout_hub: tuple[Hub, Channel, byt
     assert ch.member_count == MEMBERS
 
 
+#: a publication worth compressing: 2 KiB of chat-like text (over COMPRESSION_MIN_BYTES)
+DEFLATE_CONTENT = " ".join(f"word{i % 97} of message {i}" for i in range(100))[:2048]
+
+
+@pytest.fixture(scope="module")
+def deflate_hub(real_loop: asyncio.AbstractEventLoop) -> tuple[Hub, Channel, bytes]:
+    """1000 members that negotiated permessage-deflate (window 15) and a 2 KiB publication."""
+    hub = make_hub()
+    ch = channel(hub, "bench.deflate")
+    for i in range(MEMBERS):
+        session, _ = connect(hub, real_loop, f"user-{i}")
+        session.deflate = 15
+        hub.join(session, ch)
+    frame = encode_publication(
+        "bench.deflate", DEFLATE_CONTENT, 1, utc_timestamp(), 1, "c-0", "user-0"
+    )
+    return hub, ch, frame
+
+
+def test_fanout_1000_deliver_deflate(
+    benchmark: Any, deflate_hub: tuple[Hub, Channel, bytes]
+) -> None:
+    """Hub.deliver of a 2 KiB publication to 1000 deflate members: compressed once (zlib
+    level 1, window 15), the one compressed frame appended to every outbox."""
+    benchmark.extra_info["what"] = f"Hub.deliver, compressed once, to {MEMBERS} deflate members"
+    hub, ch, frame = deflate_hub
+    packed = hub.deliver(ch, frame, None, 1)
+    assert packed is not None and packed.compressed == [15]
+    benchmark.pedantic(
+        hub.deliver, args=(ch, frame, None, 1), setup=hub.flush, rounds=3000, warmup_rounds=50
+    )
+    assert ch.deflate_members == MEMBERS
+
+
 @pytest.fixture(scope="module")
 def socket_hub(
     real_loop: asyncio.AbstractEventLoop,

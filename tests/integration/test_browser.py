@@ -5,6 +5,9 @@
   every message of the other exactly once.
 - /dashboard: shows the numbers /ws/status reports, and says when the server is gone;
   channel names only once an admin token is entered.
+- permessage-deflate: a page on /client.js receives a ~2 KB JSON publication intact, and it
+  crossed the wire compressed: the browser's handshake answer (DevTools protocol) names
+  permessage-deflate, and the server's counters show that delivery sent compressed.
 
 Screenshots go to a temporary directory, or to docs/demo.png and docs/dashboard.png with
 UPDATE_SCREENSHOTS=1. These tests fail (not skip) when chromium or playwright is missing:
@@ -14,6 +17,7 @@ UPDATE_SCREENSHOTS=1. These tests fail (not skip) when chromium or playwright is
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -295,3 +299,126 @@ def _drain_and_close(c: Client) -> None:
         while True:
             c.ws.recv(timeout=0.05)
     c.close()
+
+
+# -- permessage-deflate with Chromium ------------------------------------------------------
+
+_OPEN_WS = """async ([url, channel]) => {
+  const ws = new WebSocket(url);
+  window.got = [];
+  ws.onmessage = (e) => window.got.push(JSON.parse(e.data));
+  await new Promise((ok, fail) => { ws.onopen = ok; ws.onerror = fail; });
+  window.ws = ws;
+  ws.send(JSON.stringify({type: "connection", action: "connect", data: {channel}}));
+  return ws.extensions;
+}"""
+
+
+def test_chromium_negotiates_deflate_both_ways(
+    browser: Any, make_server: Callable[..., Server]
+) -> None:
+    """Chromium offers permessage-deflate: it gets it, reads a compressed publication and
+    sends compressed messages the server inflates (docs/protocol.md §16)."""
+    srv = make_server(RATE_LIMIT_MESSAGES="100000")
+    big = "chromium and aether, compressed once " * 100
+    w = Watched(browser)
+    try:
+        # a page of the server's origin (its favicon, which the server has not, stubbed)
+        w.page.route("**/favicon.ico", lambda route: route.fulfill(status=204, body=""))
+        w.page.goto(f"http://127.0.0.1:{srv.port}/health")
+        url = f"ws://127.0.0.1:{srv.port}/ws?token={srv.token('chrome')}"
+        extensions = w.page.evaluate(_OPEN_WS, [url, "browser.deflate"])
+        assert extensions == (
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        )
+        wait_for(
+            lambda: any(m.get("action") == "connect" for m in w.page.evaluate("window.got")),
+            what="the page's join",
+        )
+        before = srv.http("GET", "/metrics/messages")[1]["compression"]["compressions"]
+        with Client(srv.ws_url, token=srv.token("py"), channel="browser.deflate") as c:
+            joined = c.recv()
+            assert joined["action"] == "connect"
+            c.publish("browser.deflate", big)
+
+            def page_got_it() -> bool:
+                got = w.page.evaluate("window.got")
+                return any(m.get("data", {}).get("content") == big for m in got)
+
+            wait_for(page_got_it, what="the compressed publication in the page")
+            after = srv.http("GET", "/metrics/messages")[1]["compression"]
+            assert after["compressions"] > before and after["deliveries"] >= 1
+            # the page publishes a large message: Chromium compresses it, the server inflates it
+            w.page.evaluate(
+                """(content) => window.ws.send(JSON.stringify({type: "message", action: "send",
+                   data: {channel: "browser.deflate", content,
+                          metadata: {sequence: 1}}}))""",
+                big + "from the page",
+            )
+            msg = c.recv_until("message", "send")  # after its own publication's ack
+            assert msg["data"]["content"] == big + "from the page"
+            figures = srv.http("GET", "/metrics/messages")[1]["compression"]
+            assert figures["inflated"] > after["inflated"]  # it came compressed
+        assert not w.problems, w.problems
+    finally:
+        w.close()
+
+
+# -- permessage-deflate ----------------------------------------------------------------------
+
+PAGE_CLIENT = """async ({url, token}) => {
+  const { AetherClient } = await import('/client.js');
+  window.got = [];
+  const client = new AetherClient(url, {token, clientId: 'deflate-page', channels: ['dz.page']});
+  client.on('message', (m) => window.got.push(m.content));
+  await client.connect();
+  window.client = client;
+  return client.state;
+}"""
+
+
+def test_browser_receives_a_publication_compressed(
+    browser: Any, make_server: Callable[..., Server]
+) -> None:
+    """The browser negotiates permessage-deflate by itself (the JS client does nothing for
+    it): shown by the handshake's response headers as DevTools reports them, and by the
+    server's counters (bytes sent below the plain bytes, one compressed delivery)."""
+    srv = make_server(WORKERS="1")
+    w = Watched(browser)
+    handshakes: list[dict[str, Any]] = []
+    try:
+        cdp = w.context.new_cdp_session(w.page)
+        cdp.on("Network.webSocketHandshakeResponseReceived", lambda e: handshakes.append(e))
+        cdp.send("Network.enable")
+        w.page.goto(f"http://127.0.0.1:{srv.port}/demo")  # a page of the server: its origin
+        state = w.page.evaluate(PAGE_CLIENT, {"url": srv.ws_url, "token": srv.token("pat")})
+        assert state == "open"
+        answer = [
+            value
+            for event in handshakes
+            for name, value in event["response"]["headers"].items()
+            if name.lower() == "sec-websocket-extensions"
+        ]
+        assert len(answer) == 1 and answer[0].startswith("permessage-deflate"), handshakes
+
+        content = json.dumps(
+            {"rows": [{"id": i, "name": f"row {i}", "state": "ok"} for i in range(45)]}
+        )
+        assert 1800 < len(content) < 2500
+        _, before, _ = srv.http("GET", "/metrics/messages")
+        with Client(srv.ws_url, token=srv.token("sam"), channel="dz.page") as sam:
+            sam.recv()  # connected, joined
+            sam.publish("dz.page", content)
+            assert sam.recv_until("message", "ack")["data"]["metadata"]["offset"] == 1
+            wait_for(lambda: w.page.evaluate("() => window.got.length") == 1, what="delivery")
+        assert w.page.evaluate("() => window.got") == [content]
+        _, after, _ = srv.http("GET", "/metrics/messages")
+        assert after["delivered"] - before["delivered"] == 1  # the page's copy only
+        assert after["compression"]["deliveries"] - before["compression"]["deliveries"] == 1
+        sent = after["bytes_out"] - before["bytes_out"]
+        plain = after["bytes_out_uncompressed"] - before["bytes_out_uncompressed"]
+        assert sent < plain / 2 and plain > len(content), (sent, plain)
+        w.page.evaluate("() => window.client.close()")
+        assert w.problems == [], w.problems
+    finally:
+        w.close()

@@ -14,21 +14,30 @@ this module starts (tests/integration/redis_cluster_fixture.py), and two server 
   they publish again, members receive again, and `since` recovers every acked message;
 - a slot moved to a master that refuses the subscription: /health stays degraded until the
   subscription is back (delivery never stops behind a green health check);
-- bad redis+cluster:// forms exit 2 with one line that prints no credentials.
+- bad redis+cluster:// forms exit 2 with one line that prints no credentials;
+- review: a refused SUNSUBSCRIBE does not fail the next SSUBSCRIBE; a join follows MOVED;
+  joins in a MOVED loop share the reads of the slot table; EVAL after NOSCRIPT on an ASK
+  target; a sender's order across MOVED; nothing reopened after close.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from redis.exceptions import RedisError
 
-from aether_fast.brokers.redis_slots import channel_slot
+from aether_fast.brokers.base import PublishResult
+from aether_fast.brokers.redis_link import RedisLink
+from aether_fast.brokers.redis_slots import Slots, SlotsBroker, channel_slot, pub_channel
 from tests.conftest import SECRET, Server
 from tests.integration.cluster_helpers import messages, only_expected_errors, status
 from tests.integration.helpers import expect, expect_error, joined, wait_for
@@ -210,8 +219,22 @@ def test_channels_on_every_master_work_across_machines(
         cfg = chans[-1] + ".cfg"
         assert a.create_channel(name=cfg, require_auth=False, max_connections=1) == 201
         wait_for(lambda: b.http("GET", f"/ws/channels/{cfg}", token=b.admin())[0] == 200)
-        with Client(b.ws_url, channel=cfg) as anon:  # B applies it: anonymous allowed
-            joined(anon, cfg)
+
+        def anonymous_join() -> str:
+            """`joined`, or the code of the error a join with no token gets."""
+            with Client(b.ws_url, channel=cfg) as anon:
+                first = anon.recv()
+            if first.get("type") == "error":
+                return str(first["code"])
+            return "joined" if first["data"].get("channel") == cfg else "not joined"
+
+        # B applies it (anonymous allowed) on each of its workers once it heard the notice
+        # and read the config (the GET above may have been answered by the other worker)
+        wait_for(lambda: anonymous_join() == "joined")
+        for _ in range(6):  # the last one's close may not be seen yet: CHANNEL_FULL
+            assert wait_for(lambda: (code := anonymous_join()) != "CHANNEL_FULL" and code) == (
+                "joined"
+            )
         state = [n for n in masters if n.client().keys("aether:{aether}:*")]
         assert len(state) == 1
         with state[0].client() as r:
@@ -486,3 +509,188 @@ def test_health_stays_degraded_until_a_moved_channels_subscription_is_back(
             "published while nobody listens",
             "heard again",
         ]
+
+
+# -- review: the sharded subscriber's bookkeeping, on a real master ----------------------------
+
+
+def test_a_refused_sunsubscribe_does_not_fail_the_next_subscription(
+    cluster3: ClusterProcs,
+) -> None:
+    """A master answers SUNSUBSCRIBE of a channel whose slot it lost with MOVED (an error
+    that names no channel): that must not be taken for the answer to the SSUBSCRIBE sent
+    after it, which would refuse a join on a healthy master (or mark a channel lost)."""
+    src, dst, _ = cluster3.masters()
+    gone = channel_on(cluster3, dst, "rc.gone.")  # not src's slot: src answers MOVED
+    mine = channel_on(cluster3, src, "rc.mine.")
+
+    async def scenario() -> set[str]:
+        link = RedisLink(f"redis://{src.addr}", node=src.addr)
+        lost: list[str] = []
+        link.on_lost = lost.append
+        await link.start()
+        try:
+            link.unsubscribe([pub_channel(gone)])
+            await link.subscribe(pub_channel(mine))  # failed with "MOVED ..." before
+            await link.commands()
+            assert lost == []
+            return set(link.subscribed)
+        finally:
+            await link.close()
+
+    assert asyncio.run(scenario()) == {pub_channel(mine)}
+
+
+def cluster_slots_calls(procs: ClusterProcs) -> int:
+    """How many CLUSTER SLOTS the live masters have answered (INFO commandstats)."""
+    total = 0
+    for node in procs.masters():
+        with node.client() as r:
+            total += int(r.info("commandstats").get("cmdstat_cluster|slots", {}).get("calls", 0))
+    return total
+
+
+def test_joins_in_a_redirect_loop_share_the_reads_of_the_slot_table(
+    make_server: Callable[..., Server], cluster3: ClusterProcs
+) -> None:
+    """A broken cluster answers MOVED forever (src gave a slot to dst, which has not taken
+    it: each sends the subscription to the other). Many joins of its channel at once must
+    not read the slot table once per join and hop (a storm on every master): they share
+    the reads; and each join fails with an error, none hangs."""
+    src, dst, _ = cluster3.masters()
+    ch = channel_on(cluster3, src, "rc.loop.")
+    slot = channel_slot(ch)
+    src_id, dst_id = cluster3.node_id(src), cluster3.node_id(dst)
+    srv = make_server(BROKER_URL=cluster3.url)
+    joins = 16
+    with dst.client() as t, src.client() as s:
+        t.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        s.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+    try:
+        before = cluster_slots_calls(cluster3)
+        clients = [Client(srv.ws_url, token=srv.token(f"j{i}")) for i in range(joins)]
+        try:
+            for c in clients:
+                c.join(ch)
+            for c in clients:
+                error = c.recv_until("error")  # the join refused as a broker fault
+                assert error["details"]["reason"] == "broker_unavailable", error
+        finally:
+            for c in clients:
+                c.close()
+        reads = cluster_slots_calls(cluster3) - before
+        # one read per join and hop would be joins * MAX_HOPS (80); shared: a few per hop
+        assert reads <= 30, reads
+    finally:
+        with dst.client() as t, src.client() as s:
+            t.execute_command("CLUSTER SETSLOT", slot, "NODE", src_id)
+            s.execute_command("CLUSTER SETSLOT", slot, "NODE", src_id)
+        cluster3.wait_ok()
+
+
+def test_a_join_follows_moved_when_the_slot_moved_before_the_table_was_read(
+    make_server: Callable[..., Server], cluster3: ClusterProcs
+) -> None:
+    """A slot moved while no member here listened (so no `sunsubscribe` told the router):
+    the next join's SSUBSCRIBE is answered MOVED by the old master. The join follows it to
+    the new master (as publishes do) instead of failing with broker_unavailable."""
+    src, dst, _ = cluster3.masters()
+    ch = channel_on(cluster3, src, "rc.late.")
+    srv = make_server(BROKER_URL=cluster3.url)
+    assert healthy(srv)
+    cluster3.migrate_slot(channel_slot(ch), dst)  # the router reads the table every 5 s
+    with (
+        Client(srv.ws_url, token=srv.token("m"), channel=ch) as m,
+        Client(srv.ws_url, token=srv.token("pub"), client_id="pub", channel=ch) as pub,
+    ):
+        joined(m, ch)
+        joined(pub, ch)
+        assert shard_subscribers(dst, ch) == 1
+        pub.publish(ch, "on the new master")
+        assert messages(m, 1)[0]["data"]["content"] == "on the new master"
+
+
+def test_nothing_is_opened_again_after_close(cluster3: ClusterProcs) -> None:
+    """Closing the links fails the publishes in flight, and each failure asks for a read
+    of the slot table: after `close` that read must not open a link to every master again
+    (connections left open by a stopped worker, a task still running at loop end)."""
+    seeds = [f"redis://{n.addr}" for n in cluster3.masters()]
+
+    async def scenario() -> tuple[int, int]:
+        slots = Slots(seeds)
+        await slots.start()
+        opened = len(slots.links)
+        await slots.close()
+        slots.request_refresh()  # what `_published` does for a batch the closing failed
+        await slots.refreshed()
+        with contextlib.suppress(RedisError, OSError):
+            await slots.refresh()
+        left = len(slots.links)
+        await slots.close()  # (leaves nothing open, whatever the outcome)
+        return opened, left
+
+    assert asyncio.run(scenario()) == (3, 0)
+
+
+def test_a_publish_asked_to_a_node_without_the_script_is_acked(
+    make_server: Callable[..., Server], cluster3: ClusterProcs
+) -> None:
+    """Mid-migration the channel's keys are on dst, which has lost its scripts (SCRIPT
+    FLUSH, a restart): the publish follows ASK, meets NOSCRIPT, and sends the script
+    itself; that EVAL must go with ASKING too, else dst answers MOVED back to src and the
+    publish is refused after its hops although both masters work."""
+    src, dst, _ = cluster3.masters()
+    ch = channel_on(cluster3, src, "rc.noscript.")
+    slot = channel_slot(ch)
+    srv = make_server(BROKER_URL=cluster3.url)
+    with Client(srv.ws_url, token=srv.token("pub"), client_id="pub", channel=ch) as pub:
+        joined(pub, ch)
+        pub.publish(ch, "one")
+        assert acks(pub, 1)[0]["offset"] == 1
+        cluster3.migrate_slot(slot, dst, finish=False)
+        try:
+            with dst.client() as r:
+                r.script_flush()
+            pub.publish(ch, "two")
+            assert acks(pub, 1)[0]["offset"] == 2
+        finally:
+            cluster3.finish_migration(slot, src, dst)
+
+
+def test_a_senders_order_holds_across_moved(cluster3: ClusterProcs) -> None:
+    """Publish A meets MOVED (the slot moved, the table is stale); publish B of the same
+    sender is made in the same loop pass, after the MOVED reply was read: the table names
+    the new master now, so B goes there at once; A must still go first (offset A < B).
+    (The router's `moved` is where B is made: the pass of a client's next frame.)"""
+    src, dst, _ = cluster3.masters()
+    ch = channel_on(cluster3, src, "rc.order.")
+    seeds = [f"redis://{n.addr}" for n in cluster3.masters()]
+
+    class Hub:
+        def channel(self, name: str) -> None:
+            return None
+
+    channel = SimpleNamespace(name=ch, config=SimpleNamespace(history_size=10))
+    sender = SimpleNamespace(identity="u", client_id="c", user_id="u")
+
+    async def scenario() -> tuple[int, int]:
+        slots = Slots(seeds)
+        broker = SlotsBroker(Hub(), slots, None, history_ttl_s=60, dedup_ttl_s=60)
+        await broker.start()
+        try:
+            cluster3.migrate_slot(channel_slot(ch), dst)  # the router still names src
+            later: list[asyncio.Future[PublishResult]] = []
+            moved = slots.moved
+
+            def moved_then_publish(slot: int, addr: str) -> None:
+                moved(slot, addr)
+                later.append(broker.publish(channel, sender, 2, "B"))
+
+            slots.moved = moved_then_publish  # type: ignore[method-assign]
+            first = await broker.publish(channel, sender, 1, "A")
+            second = await later[0]
+            return first[0], second[0]
+        finally:
+            await broker.close()
+
+    assert asyncio.run(scenario()) == (1, 2)

@@ -102,6 +102,7 @@ FULL_CONFIG = {
     "require_auth": False,
     "history_size": 20,
     "presence": True,
+    "compression": False,
 }
 
 
@@ -138,6 +139,7 @@ def test_channel_create_with_only_the_required_fields(server: Server) -> None:
     assert body["require_auth"] is True
     assert body["history_size"] == 100  # HISTORY_SIZE default
     assert body["presence"] is False
+    assert body["compression"] is True
 
 
 def test_channel_list(server: Server) -> None:
@@ -619,6 +621,7 @@ def test_channel_configs_survive_a_restart(make_server: Callable[..., Server]) -
         "require_auth": False,
         "history_size": 5,
         "presence": False,
+        "compression": False,
     }
     slow = {
         "name": "keep.slow",
@@ -627,6 +630,7 @@ def test_channel_configs_survive_a_restart(make_server: Callable[..., Server]) -
         "require_auth": True,
         "history_size": 10,
         "presence": True,
+        "compression": True,
     }
     for cfg in (small, slow):
         code, body, _ = srv.http("POST", "/ws/channels", cfg, token=admin)

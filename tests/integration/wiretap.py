@@ -11,7 +11,10 @@ what crossed the wire, which neither end's own account can: e.g. that a client's
 really was a `retry` and how many acks the server sent for it.
 
 Not a WebSocket implementation: it skips the HTTP upgrade, then parses frames (masked or
-not, fragmented or not); compression is never negotiated with the server (picows has none).
+not, fragmented or not). A message that crossed compressed (permessage-deflate, RSV1) is
+inflated as one whose sender kept no context (aether-fast's server always answers both
+`*_no_context_takeover`; its Python client compresses each message afresh) and flagged in
+`Tapped.up_compressed` / `Tapped.down_compressed`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import socket
 import struct
 import threading
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,16 +37,21 @@ class Tapped:
 
     up: list[dict[str, Any]] = field(default_factory=list)
     down: list[dict[str, Any]] = field(default_factory=list)
+    #: per message of `up` / `down`: it crossed compressed (RSV1)
+    up_compressed: list[bool] = field(default_factory=list)
+    down_compressed: list[bool] = field(default_factory=list)
 
 
 class _Frames:
     """Incremental parser of one direction: HTTP head first, then WebSocket frames."""
 
-    def __init__(self, out: list[dict[str, Any]]) -> None:
+    def __init__(self, out: list[dict[str, Any]], compressed: list[bool]) -> None:
         self.out = out
+        self.compressed = compressed
         self.buf = b""
         self.in_head = True
         self.parts: list[bytes] | None = None  # a fragmented text message so far
+        self.rsv1 = False  # the message in `parts` came compressed
 
     def feed(self, data: bytes) -> None:
         self.buf += data
@@ -56,22 +65,26 @@ class _Frames:
             frame = self._frame()
             if frame is None:
                 return
-            fin, opcode, payload = frame
+            fin, rsv1, opcode, payload = frame
             if opcode == Op.TEXT:
-                self.parts = [payload]
+                self.parts, self.rsv1 = [payload], rsv1
             elif opcode == Op.CONT and self.parts is not None:
                 self.parts.append(payload)
             else:
                 continue  # binary, ping, pong, close
             if fin:
-                self.out.append(json.loads(b"".join(self.parts)))
+                message = b"".join(self.parts)
+                if self.rsv1:
+                    message = zlib.decompressobj(-15).decompress(message + b"\x00\x00\xff\xff")
+                self.out.append(json.loads(message))
+                self.compressed.append(self.rsv1)
                 self.parts = None
 
-    def _frame(self) -> tuple[bool, int, bytes] | None:
+    def _frame(self) -> tuple[bool, bool, int, bytes] | None:
         buf = self.buf
         if len(buf) < 2:
             return None
-        fin, opcode = bool(buf[0] & 0x80), buf[0] & 0x0F
+        fin, rsv1, opcode = bool(buf[0] & 0x80), bool(buf[0] & 0x40), buf[0] & 0x0F
         masked, length = bool(buf[1] & 0x80), buf[1] & 0x7F
         pos = 2
         if length == 126:
@@ -95,7 +108,7 @@ class _Frames:
         if masked:
             payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         self.buf = buf[pos + length :]
-        return fin, opcode, payload
+        return fin, rsv1, opcode, payload
 
 
 class WireTap:
@@ -117,7 +130,10 @@ class WireTap:
     def snapshot(self) -> list[Tapped]:
         """A copy of what was recorded so far."""
         with self._lock:
-            return [Tapped(list(t.up), list(t.down)) for t in self.connections]
+            return [
+                Tapped(list(t.up), list(t.down), list(t.up_compressed), list(t.down_compressed))
+                for t in self.connections
+            ]
 
     def _accept(self) -> None:
         while True:
@@ -131,11 +147,13 @@ class WireTap:
                 index = len(self.connections)
                 self.connections.append(tapped)
                 self._sockets += [client, upstream]
-            for src, dst, out, up in (
-                (client, upstream, tapped.up, index),
-                (upstream, client, tapped.down, -1),
+            for src, dst, frames, up in (
+                (client, upstream, _Frames(tapped.up, tapped.up_compressed), index),
+                (upstream, client, _Frames(tapped.down, tapped.down_compressed), -1),
             ):
-                threading.Thread(target=self._pump, args=(src, dst, out, up), daemon=True).start()
+                threading.Thread(
+                    target=self._pump, args=(src, dst, frames, up), daemon=True
+                ).start()
 
     def stall_up(self, index: int) -> None:
         """From now on, what the client of connection `index` (in order of connection) sends
@@ -143,11 +161,8 @@ class WireTap:
         with self._lock:
             self._stalled.add(index)
 
-    def _pump(
-        self, src: socket.socket, dst: socket.socket, out: list[dict[str, Any]], up: int
-    ) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, frames: _Frames, up: int) -> None:
         """Relay `src` to `dst`; `up`: the connection's index when `src` is its client."""
-        frames = _Frames(out)
         dst_open = True
         while True:
             try:

@@ -6,8 +6,20 @@ import asyncio
 import base64
 import json
 import time
+import zlib
 
-from aether_fast.client import GAP_WINDOW, AetherClient, _Channel, token_expiry
+import pytest
+
+from aether_fast.client import (
+    GAP_WINDOW,
+    AetherClient,
+    Deflate,
+    ExtensionRefused,
+    _Channel,
+    _compress,
+    parse_deflate_answer,
+    token_expiry,
+)
 
 
 def _client(**kw: object) -> AetherClient:
@@ -92,3 +104,38 @@ def test_sender_sequence_window() -> None:
         ch.take_key(("v", "c", i))
     assert len(ch.seen) == 4096
     assert ch.take_key(("u", "c1", 1))  # forgotten past the window
+
+
+def test_deflate_answers_the_client_accepts() -> None:
+    assert parse_deflate_answer([], offered=True) is None  # declined: plain
+    assert parse_deflate_answer(["permessage-deflate"], offered=True) == Deflate()
+    both = "Permessage-Deflate; Server_No_Context_Takeover ;client_no_context_takeover"
+    assert parse_deflate_answer([both], offered=True) == Deflate(True, True)
+    windows = 'permessage-deflate; server_max_window_bits="10"; client_max_window_bits=9'
+    assert parse_deflate_answer([windows], offered=True) == Deflate(False, False, 10, 9)
+
+
+def test_deflate_answers_the_client_refuses() -> None:
+    for answer, offered in [
+        (["permessage-deflate"], False),  # nothing was offered
+        (["x-webkit-deflate-frame"], True),
+        (["permessage-deflate", "permessage-deflate"], True),
+        (["permessage-deflate; server_max_window_bits=16"], True),
+        (["permessage-deflate; client_max_window_bits"], True),  # the answer needs a value
+        (["permessage-deflate; client_max_window_bits=015"], True),
+        (["permessage-deflate; server_no_context_takeover=yes"], True),
+        (["permessage-deflate; mystery"], True),
+    ]:
+        with pytest.raises(ExtensionRefused) as refused:
+            parse_deflate_answer(answer, offered=offered)
+        assert refused.value.code == "EXTENSION_REFUSED", answer
+
+
+def test_outbound_compression_round_trips() -> None:
+    payload = json.dumps({"data": ["same words again"] * 100}).encode()
+    for bits in (9, 12, 15):
+        packed = _compress(payload, bits)
+        assert packed is not None and len(packed) < len(payload) // 4
+        inflater = zlib.decompressobj(-bits)  # the server's window is as small as it allowed
+        assert inflater.decompress(packed + b"\x00\x00\xff\xff") == payload
+    assert _compress(payload, 8) is None  # zlib cannot keep to a 256-byte window

@@ -240,7 +240,10 @@ def test_recovery_replays_missed_in_order(broker: tuple[MemoryBroker, Hub, Chann
     _offset, epoch = b.position("chat")
     rec = b.recover("chat", 2, epoch)
     assert rec.recovered and rec.offset == 4 and rec.epoch == epoch
-    assert [json.loads(parse_frame(f)[2])["data"]["content"] for f in rec.frames] == ["m3", "m4"]
+    assert [
+        json.loads(parse_frame(f if isinstance(f, bytes) else f.plain)[2])["data"]["content"]
+        for f in rec.frames
+    ] == ["m3", "m4"]
     assert b.recover("chat", 4, epoch).recovered is True
     assert b.recover("chat", 4, epoch).frames == []
 

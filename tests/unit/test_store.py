@@ -3,6 +3,7 @@ under tmp_path)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -58,6 +59,7 @@ def test_to_json() -> None:
         "require_auth": True,
         "history_size": 50,
         "presence": False,
+        "compression": True,
     }
 
 
@@ -281,6 +283,30 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         conn.execute("PRAGMA user_version=99")
     with pytest.raises(StoreError, match="newer"):
         ChannelStore(str(tmp_path)).open()
+
+
+def test_schema_1_gets_the_compression_column(tmp_path: Path) -> None:
+    """A DATA_DIR written before channel configs had `compression` opens; its channels
+    read as compression on, and a change of the switch is stored."""
+    with connect(tmp_path / DB_FILE) as conn:
+        conn.execute(
+            "CREATE TABLE channels (name TEXT PRIMARY KEY NOT NULL, max_connections INTEGER "
+            "NOT NULL, message_rate_limit REAL NOT NULL, require_auth INTEGER NOT NULL, "
+            "history_size INTEGER NOT NULL, presence INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        conn.execute("INSERT INTO channels VALUES ('old', 3, 1.5, 1, 7, 0)")
+        conn.execute("PRAGMA user_version=1")
+    store = ChannelStore(str(tmp_path))
+    store.open()
+    old = store.get("old")
+    assert old is not None and old.compression is True and old.history_size == 7
+    store.put(dataclasses.replace(old, compression=False))
+    store.close()
+    store = ChannelStore(str(tmp_path))
+    store.open()
+    again = store.get("old")
+    assert again is not None and again.compression is False
+    store.close()
 
 
 def test_foreign_table_is_refused(tmp_path: Path) -> None:
