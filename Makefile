@@ -92,6 +92,7 @@ bench-compare: bench-deps  ## before/after in one run: REV=<commit> against the 
 
 bench-smoke: bench-deps  ## every scenario tiny, for CI: it must work (no speed assertions)
 	$(BIN)/python bench/run.py --smoke
+	$(BIN)/python bench/workers.py --smoke
 
 bench-micro: $(BIN)/python  ## pytest-benchmark micro benchmarks of the compiled hot path
 	$(BIN)/python -m pytest bench/micro
