@@ -241,6 +241,7 @@ cdef class Hub:
         the `Packed` is returned (for history and recovery), else None."""
         cdef list members = ch.members
         cdef Py_ssize_t i, n = PyList_GET_SIZE(members), sent = 0, out = 0
+        cdef const char* p = PyBytes_AS_STRING(frame)
         cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
         cdef Session s
         cdef Packed packed = None
@@ -249,34 +250,44 @@ cdef class Hub:
         # the frame each member gets, by its server window bits (0: no deflate)
         cdef const char* ptr[16]
         cdef Py_ssize_t sz[16]
-        for b in range(16):
-            ptr[b] = PyBytes_AS_STRING(frame)
-            sz[b] = size
         if (ch.deflate_members > 0 and offset >= 0 and self.compression and ch.compression
-                and size - frame_header_size(<const uint8_t*>PyBytes_AS_STRING(frame))
-                >= self.compression_min_bytes):
+                and size - frame_header_size(<const uint8_t*>p) >= self.compression_min_bytes):
             packed = Packed(frame)
+            self.keep.append(packed)
+        else:
+            # every member gets the plain frame: the loop as it was before deflate (no
+            # per-member choice of frame: bench-compare, docs/performance.md)
+            self.keep.append(frame)
+            for i in range(n):
+                s = <Session>PyList_GET_ITEM(members, i)
+                if s is exclude:
+                    continue
+                if s.holding is not None and s.hold_frame(ch.name, offset, frame):
+                    continue
+                s.enqueue(p, size)
+                sent += 1
+            out = sent * size
+        if packed is not None:
+            for b in range(16):
+                ptr[b] = p
+                sz[b] = size
             for b in range(DEFLATE_MIN_BITS, DEFLATE_MAX_BITS + 1):
                 if ch.by_bits[b] > 0:
                     variant = packed.make(b)
                     ptr[b] = PyBytes_AS_STRING(variant)
                     sz[b] = PyBytes_GET_SIZE(variant)
-            self.keep.append(packed)
-        else:
-            self.keep.append(frame)
-        for i in range(n):
-            s = <Session>PyList_GET_ITEM(members, i)
-            if s is exclude:
-                continue
-            b = s.deflate
-            if s.holding is not None and s.hold_frame(
-                    ch.name, offset, frame if packed is None else packed.pick(b)):
-                continue
-            s.enqueue(ptr[b], sz[b])
-            sent += 1
-            out += sz[b]
-            if sz[b] != size:
-                self.deliveries_compressed += 1
+            for i in range(n):
+                s = <Session>PyList_GET_ITEM(members, i)
+                if s is exclude:
+                    continue
+                b = s.deflate
+                if s.holding is not None and s.hold_frame(ch.name, offset, packed.pick(b)):
+                    continue
+                s.enqueue(ptr[b], sz[b])
+                sent += 1
+                out += sz[b]
+                if sz[b] != size:
+                    self.deliveries_compressed += 1
         if offset >= 0:  # a publication, not a presence notice or a broadcast
             ch.published += 1
             self.messages_published += 1
