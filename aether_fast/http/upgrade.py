@@ -82,7 +82,8 @@ def _deflate_offer(params: list[tuple[str, str | None]]) -> int | None:
                 if name == "server_max_window_bits":
                     return None  # it needs a value; client_max_window_bits may go without
                 continue
-            if not (value.isascii() and value.isdigit()) or len(value) > 2:
+            # a decimal integer without leading zeroes (RFC 7692 section 7.1.2.1)
+            if not (value.isascii() and value.isdigit()) or len(value) > 2 or value[0] == "0":
                 return None
             if int(value) not in WINDOW_BITS:
                 return None
