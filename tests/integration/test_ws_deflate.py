@@ -270,6 +270,35 @@ def test_each_window_size_gets_its_own_compression(
     assert messages_figures(server)["compression"]["compressions"] == before + 2
 
 
+def test_a_publication_is_compressed_at_most_seven_times_whatever_the_members_ask(
+    server: Server, member: Callable[..., WS]
+) -> None:
+    """A hostile crowd asking for every window size (9..15), twice over, costs one
+    compression per size (7), never one per member; history keeps those 7 and a replay
+    compresses nothing."""
+    members = [
+        member("dfl.many", f"permessage-deflate; server_max_window_bits={bits}", user=f"u{i}")
+        for i, bits in enumerate([*range(9, 16), *range(9, 16), 8])
+    ]
+    sender = member("dfl.many", None, user="sender")
+    before = messages_figures(server)["compression"]["compressions"]
+    publish(sender, "dfl.many", BIG, 1)
+    for ws in members:
+        b0, payload = ws.frame()
+        assert b0 == (0x81 if ws is members[-1] else 0xC1)
+    assert messages_figures(server)["compression"]["compressions"] == before + 7
+    late = member(
+        "dfl.many",
+        "permessage-deflate; server_max_window_bits=9",
+        user="late",
+        since=0,
+        epoch=members[0].reply["data"]["epoch"],
+    )
+    b0, payload = late.frame()
+    assert b0 == 0xC1 and json.loads(inflate(payload, 9))["data"]["content"] == BIG
+    assert messages_figures(server)["compression"]["compressions"] == before + 7
+
+
 def test_channel_config_can_turn_compression_off(server: Server, member: Callable[..., WS]) -> None:
     server.create_channel(name="dfl.cfg", require_auth=True, compression=False)
     d = member("dfl.cfg")

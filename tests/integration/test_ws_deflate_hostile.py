@@ -108,9 +108,7 @@ def test_inflate_edge_cases(make_server: Callable[..., Server]) -> None:
         ("\xff\xfe", None),
     ],
 )
-def test_hostile_extension_headers(
-    server: Server, header: str, answer: str | None
-) -> None:
+def test_hostile_extension_headers(server: Server, header: str, answer: str | None) -> None:
     ws = WS(server, header, token=server.token("alice"))
     try:
         assert ws.extensions == answer
@@ -124,8 +122,12 @@ def test_publish_after_compressed_and_plain_messages_interleave(server: Server) 
     """The worker's one scratch buffer: an inflated message's publication compressed for
     members while the next compressed message is inflated."""
     ws = WS(server, "permessage-deflate", token=server.token("alice"), channel="dfl.zbuf")
-    other = WS(server, "permessage-deflate; server_max_window_bits=9", token=server.token("bob"),
-               channel="dfl.zbuf")
+    other = WS(
+        server,
+        "permessage-deflate; server_max_window_bits=9",
+        token=server.token("bob"),
+        channel="dfl.zbuf",
+    )
     try:
         ws.until("connection", "connect")
         other.until("connection", "connect")
