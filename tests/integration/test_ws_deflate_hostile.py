@@ -88,6 +88,11 @@ def test_inflate_edge_cases(make_server: Callable[..., Server]) -> None:
         ("permessage-deflate" + "; client_max_window_bits" * 600, None),
         ("foo, " * 3000 + "permessage-deflate", None),  # past the 16 offers read
         ("permessage-deflate; " + "x" * 15000, None),
+        # read up to 2048 characters: an offer past them (or cut by them) is not read
+        ("x" * 2100 + ", permessage-deflate", None),
+        (["x" * 2030, "permessage-deflate"], None),
+        (["x" * 2000, "permessage-deflate"], ANSWER),
+        ("permessage-deflate; server_max_window_bits=10; " + " " * 2100 + "mystery", None),
         ('permessage-deflate; server_max_window_bits="1' + "5" * 10000 + '"', None),
         # quotes
         ('permessage-deflate; client_max_window_bits="10"', ANSWER),
