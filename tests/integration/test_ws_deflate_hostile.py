@@ -145,3 +145,32 @@ def test_publish_after_compressed_and_plain_messages_interleave(server: Server) 
     finally:
         ws.close()
         other.close()
+
+
+def test_a_flood_of_small_compressed_messages_that_inflate_big_is_closed(
+    make_server: Callable[..., Server],
+) -> None:
+    """Each is inflated (past MAX_MESSAGE_BYTES, up to the frame hard limit: about a
+    millisecond) before the budget is charged; the budget and its strikes close the flood,
+    so the CPU it costs is bounded by RATE_LIMIT_MESSAGES, not by how fast it is sent."""
+    srv = make_server(RATE_LIMIT_MESSAGES="5")
+    ws = WS(srv, "permessage-deflate", token=srv.token("alice"), channel="dfl.flood")
+    try:
+        ws.until("connection", "connect")
+        over = deflate(b"x" * (900 * 1024))  # 900 KiB once inflated, about 1 KB sent
+        assert len(over) < 2048
+        for _ in range(200):
+            ws.send_frame(over, b0=0xC1)
+        errors = 0
+        for _ in range(300):
+            b0, payload = ws.frame()
+            if b0 & 0x0F == 8:
+                assert int.from_bytes(payload[:2], "big") == 1008
+                break
+            errors += 1
+        else:
+            raise AssertionError("no close")
+        assert errors <= 5 + 10 + 1  # the budget, the strikes, one notice
+    finally:
+        ws.close()
+    clean_log(srv)
