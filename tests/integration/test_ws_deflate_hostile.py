@@ -105,7 +105,7 @@ def test_inflate_edge_cases(make_server: Callable[..., Server]) -> None:
         # RFC 7692 §7.1.2.1: a decimal integer without leading zeroes
         ("permessage-deflate; server_max_window_bits=09", None),
         ("permessage-deflate; client_max_window_bits=010", None),
-        ("permessage-deflate; server_max_window_bits=１０", None),
+        ("permessage-deflate; server_max_window_bits=\uff11\uff10", None),  # fullwidth
         ("permessage-deflate;;", None),
         ("permessage-deflate; =10", None),
         (", , ;, permessage-deflate", ANSWER),
@@ -136,7 +136,7 @@ def test_publish_after_compressed_and_plain_messages_interleave(server: Server) 
     try:
         ws.until("connection", "connect")
         other.until("connection", "connect")
-        texts = [f"{i} " + ("abc%d " % i) * 400 for i in range(5)]
+        texts = [f"{i} " + f"abc{i} " * 400 for i in range(5)]
         for i, text in enumerate(texts):
             publish(ws, "dfl.zbuf", text, i + 1, compressed=bool(i % 2))
         for text in texts:
