@@ -516,8 +516,12 @@ class RedisBroker:
                     idle.append(target)
             if idle:
                 link.unsubscribe(idle)
-                for target in idle:
-                    self._packed.pop(target[len(PUB) :], None)
+        # the compressed frames kept for channels with no member here (whether or not their
+        # subscription is still listed: one lost with a moved slot is not)
+        for name in list(self._packed):
+            ch = self._hub.channel(name)
+            if ch is None or ch.member_count == 0:
+                del self._packed[name]
 
     def _on_message(self, target: bytes, data: bytes) -> None:
         """A publication from a link's subscriber: to this worker's members of its
