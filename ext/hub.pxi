@@ -184,6 +184,9 @@ cdef class Hub:
         """Add `s` to `ch`; False when it was already a member."""
         if ch.name in s.channels:
             return False
+        if s.deflate < 0 or s.deflate > DEFLATE_MAX_BITS:
+            # `deliver` indexes its per-window arrays by it (set once, at the upgrade)
+            raise ValueError("deflate window bits must be 0 or 8..15")
         ch.members.append(s)
         s.channels[ch.name] = ch
         if s.deflate >= DEFLATE_MIN_BITS:

@@ -228,8 +228,11 @@ def recovery(
         return Recovery([], offset, current_epoch, since == offset)
     frames: list[bytes | Packed] = []
     for entry_id, fields in entries:
+        frame = encode_text_frame(fields[1])
         item = packed.get(int(entry_id.split(b"-")[0])) if packed else None
-        frames.append(item if item is not None else encode_text_frame(fields[1]))
+        # only the very publication Redis holds: offsets start again at 1 in a new epoch
+        # (the keys expired, or another worker's `forget`), and the cache knows no epoch
+        frames.append(item if item is not None and item.plain == frame else frame)
     first = int(entries[0][0].split(b"-")[0]) if entries else 0
     complete = len(frames) == offset - since and first == since + 1
     return Recovery(frames if complete else [], offset, current_epoch, complete)
@@ -255,14 +258,20 @@ def deliver(
     exclude = origin if origin is not None and not origin.echo else None
     at = int(offset)
     packed = hub.deliver(ch, encode_text_frame(payload), exclude, at)
-    size = ch.history_size
+    size = max(0, ch.history_size)
+    cache = kept.get(ch.name)
     if packed is not None and size > 0:
-        cache = kept.get(ch.name)
         if cache is None:
             cache = kept[ch.name] = {}
+        cache.pop(at, None)  # an offset of an older epoch goes, so insertion order stays age
         cache[at] = packed
-        while len(cache) > size:  # oldest first (insertion order is offset order)
+    elif cache is not None:
+        cache.pop(at, None)  # kept for this offset in an older epoch: not this publication
+    if cache is not None:
+        while len(cache) > size:  # oldest first (history_size may have shrunk)
             del cache[next(iter(cache))]
+        if not cache:
+            del kept[ch.name]
 
 
 class _Lane:
@@ -507,8 +516,12 @@ class RedisBroker:
                     idle.append(target)
             if idle:
                 link.unsubscribe(idle)
-                for target in idle:
-                    self._packed.pop(target[len(PUB) :], None)
+        # the compressed frames kept for channels with no member here (whether or not their
+        # subscription is still listed: one lost with a moved slot is not)
+        for name in list(self._packed):
+            ch = self._hub.channel(name)
+            if ch is None or ch.member_count == 0:
+                del self._packed[name]
 
     def _on_message(self, target: bytes, data: bytes) -> None:
         """A publication from a link's subscriber: to this worker's members of its

@@ -36,6 +36,10 @@ PICOWS_MAX_HEAD = 16 * 1024
 MAX_SINCE = 2**63 - 1
 #: Offers of an extension header read at most (each element of the header is one).
 MAX_EXTENSION_OFFERS = 16
+#: Characters of the extension headers read at most (all of them, joined by commas): a
+#: browser's offer takes under 100; past this an offer is not read (parsing is a Python
+#: loop per character: a 16 KiB header would cost milliseconds per upgrade).
+MAX_EXTENSION_CHARS = 2048
 #: The window sizes RFC 7692 §7.1.2 allows (server_max_window_bits, client_max_window_bits).
 WINDOW_BITS = range(8, 16)
 
@@ -82,7 +86,8 @@ def _deflate_offer(params: list[tuple[str, str | None]]) -> int | None:
                 if name == "server_max_window_bits":
                     return None  # it needs a value; client_max_window_bits may go without
                 continue
-            if not (value.isascii() and value.isdigit()) or len(value) > 2:
+            # a decimal integer without leading zeroes (RFC 7692 section 7.1.2.1)
+            if not (value.isascii() and value.isdigit()) or len(value) > 2 or value[0] == "0":
                 return None
             if int(value) not in WINDOW_BITS:
                 return None
@@ -96,25 +101,29 @@ def _deflate_offer(params: list[tuple[str, str | None]]) -> int | None:
 def _extension_offers(values: list[str]) -> list[list[Any]]:
     """Each element of the extension headers: [name, (param, value or None), ...], names
     lowered, quoted values unquoted (RFC 6455 §9.1). An element that does not parse is left
-    out; so is everything past MAX_EXTENSION_OFFERS elements."""
+    out; so is everything past MAX_EXTENSION_OFFERS elements, and an element that does not
+    end within MAX_EXTENSION_CHARS (the headers are one list: RFC 7230 section 3.2.2)."""
     offers: list[list[Any]] = []
-    for text in values:
-        for element in _split_outside_quotes(text, ","):
-            parts = _split_outside_quotes(element, ";")
-            name = parts[0].strip().lower()
-            if not name:
-                continue
-            offer: list[Any] = [name]
-            for part in parts[1:]:
-                key, eq, raw = part.partition("=")
-                key = key.strip().lower()
-                value: str | None = raw.strip() if eq else None
-                if value is not None and len(value) >= 2 and value[0] == value[-1] == '"':
-                    value = value[1:-1]
-                offer.append((key, value))
-            offers.append(offer)
-            if len(offers) >= MAX_EXTENSION_OFFERS:
-                return offers
+    text = ", ".join(values)
+    elements = _split_outside_quotes(text[:MAX_EXTENSION_CHARS], ",")
+    if len(text) > MAX_EXTENSION_CHARS:
+        elements.pop()  # cut short: not read
+    for element in elements:
+        parts = _split_outside_quotes(element, ";")
+        name = parts[0].strip().lower()
+        if not name:
+            continue
+        offer: list[Any] = [name]
+        for part in parts[1:]:
+            key, eq, raw = part.partition("=")
+            key = key.strip().lower()
+            value: str | None = raw.strip() if eq else None
+            if value is not None and len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            offer.append((key, value))
+        offers.append(offer)
+        if len(offers) >= MAX_EXTENSION_OFFERS:
+            return offers
     return offers
 
 

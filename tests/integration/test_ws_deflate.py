@@ -13,7 +13,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+import redis
 
+from aether_fast.brokers.redis import _keys
 from tests.conftest import Server
 from tests.integration.rawhttp import RawConn, upgrade_bytes
 
@@ -266,6 +268,35 @@ def test_each_window_size_gets_its_own_compression(
     assert inflate(p15) == p8
     assert p10 != p15
     assert messages_figures(server)["compression"]["compressions"] == before + 2
+
+
+def test_a_publication_is_compressed_at_most_seven_times_whatever_the_members_ask(
+    server: Server, member: Callable[..., WS]
+) -> None:
+    """A hostile crowd asking for every window size (9..15), twice over, costs one
+    compression per size (7), never one per member; history keeps those 7 and a replay
+    compresses nothing."""
+    members = [
+        member("dfl.many", f"permessage-deflate; server_max_window_bits={bits}", user=f"u{i}")
+        for i, bits in enumerate([*range(9, 16), *range(9, 16), 8])
+    ]
+    sender = member("dfl.many", None, user="sender")
+    before = messages_figures(server)["compression"]["compressions"]
+    publish(sender, "dfl.many", BIG, 1)
+    for ws in members:
+        b0, payload = ws.frame()
+        assert b0 == (0x81 if ws is members[-1] else 0xC1)
+    assert messages_figures(server)["compression"]["compressions"] == before + 7
+    late = member(
+        "dfl.many",
+        "permessage-deflate; server_max_window_bits=9",
+        user="late",
+        since=0,
+        epoch=members[0].reply["data"]["epoch"],
+    )
+    b0, payload = late.frame()
+    assert b0 == 0xC1 and json.loads(inflate(payload, 9))["data"]["content"] == BIG
+    assert messages_figures(server)["compression"]["compressions"] == before + 7
 
 
 def test_channel_config_can_turn_compression_off(server: Server, member: Callable[..., WS]) -> None:
@@ -526,6 +557,46 @@ def test_redis_recovery_replays_what_this_worker_compressed(
         assert first[0] == 0x81 and json.loads(first[1])["data"]["content"] == f"1 {BIG}"
         assert again.frame() == second  # the bytes this worker compressed live
         assert messages_figures(srv)["compression"]["compressions"] == before
+    finally:
+        for ws in opened:
+            ws.close()
+
+
+def test_redis_recovery_never_replays_a_compressed_frame_of_an_older_epoch(
+    make_server: Callable[..., Server], redis_url: str
+) -> None:
+    """The channel's Redis keys go (another worker's `forget`, or they expired) while this
+    worker keeps members, so offsets start again at 1: a recovery must replay what Redis
+    holds at an offset, never the compressed frame this worker kept for that offset before."""
+    srv = make_server(BROKER_URL=redis_url, RATE_LIMIT_MESSAGES="100000")
+    opened: list[WS] = []
+
+    def join(user: str, offer: str | None, **query: Any) -> WS:
+        ws = WS(srv, offer, token=srv.token(user), channel="dfl.epoch", **query)
+        ws.reply = ws.until("connection", "connect")[1]
+        opened.append(ws)
+        return ws
+
+    try:
+        sender = join("bob", None)
+        live = join("carol", "permessage-deflate")
+        publish(sender, "dfl.epoch", f"old {BIG}", 1)
+        assert live.frame()[0] == 0xC1  # compressed, and kept for a recovery at offset 1
+        client = redis.Redis.from_url(redis_url)
+        try:
+            assert client.delete(*_keys("dfl.epoch")) == 2
+        finally:
+            client.close()
+        publish(sender, "dfl.epoch", "new", 2)  # offset 1 again, small: not compressed
+        compressed, msg = live.until("message", "send")
+        assert not compressed and msg["data"]["metadata"]["offset"] == 1
+        again = join("dave", "permessage-deflate")
+        epoch = again.reply["data"]["epoch"]
+        opened.remove(again)
+        again.close()
+        late = join("erin", "permessage-deflate", since=0, epoch=epoch)
+        _, replayed = late.until("message", "send")
+        assert replayed["data"]["content"] == "new"
     finally:
         for ws in opened:
             ws.close()

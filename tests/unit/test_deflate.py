@@ -1,14 +1,20 @@
 """ext/deflate.pxi on its own: a compressed frame inflates to the plain one for every window
 size, and the inflater's verdicts: the message, over MAX_MESSAGE_BYTES, past the hard limit
-(a zip bomb: inflating stops), invalid data."""
+(a zip bomb: inflating stops), invalid data; a session whose window bits are out of range
+cannot join a channel."""
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 import pytest
 
-from aether_fast._core import compress_frame, encode_text_frame, inflate_payload
+from aether_fast._core import Session, compress_frame, encode_text_frame, inflate_payload
+from aether_fast.auth import Claims
+from aether_fast.config import load_config
+from aether_fast.stores.base import default_channel_config
+from tests.unit.support import make_hub
 
 
 def deflate(data: bytes) -> bytes:
@@ -43,3 +49,23 @@ def test_verdicts() -> None:
     assert inflate_payload(ended, 100) == ("ok", b"hello")
     assert inflate_payload(ended + b"xx", 100) == ("bad", None)
     assert inflate_payload(deflate(b""), 100) == ("ok", b"")
+
+
+def test_a_session_with_window_bits_out_of_range_cannot_join() -> None:
+    """`Hub.deliver` picks each member's frame from arrays indexed by its window bits."""
+    loop = asyncio.new_event_loop()
+    try:
+        hub = make_hub(loop)
+        ch = hub.add_channel(
+            "c", default_channel_config("c", load_config({"JWT_SECRET": "x" * 40}))
+        )
+        member = Session(hub, "m1", Claims("u", 2e9, False, None), "127.0.0.1")
+        for bits in (16, -1, 1000):
+            member.deflate = bits
+            with pytest.raises(ValueError, match="window bits"):
+                hub.join(member, ch)
+        member.deflate = 8
+        assert hub.join(member, ch)
+        assert ch.member_count == 1
+    finally:
+        loop.close()
