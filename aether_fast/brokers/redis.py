@@ -238,6 +238,29 @@ def recovery(
     return Recovery(frames if complete else [], offset, current_epoch, complete)
 
 
+def publish_args(channel: Any, sender: Any, sequence: int, content: str, target: str) -> list[Any]:
+    """The keys and arguments of one message of the publish script (see `_PUBLISH`), its
+    publication PUBLISHed (SPUBLISHed in a Redis Cluster) to `target`."""
+    name: str = channel.name
+    ts = utc_timestamp()
+    head, tail = publication_halves(name, content, sequence, ts, sender.client_id, sender.user_id)
+    meta_key, hist_key = _keys(name)
+    who = sender_key(sender.identity, sender.client_id)
+    return [
+        meta_key,
+        hist_key,
+        f"{PREFIX}dedupe:{{{name}}}:{who}",
+        sequence,
+        sequence % DEDUP_WINDOW,
+        channel.config.history_size,
+        target,
+        who,
+        head,
+        tail,
+        ts,
+    ]
+
+
 #: offset -> the `Packed` of a publication of one channel this worker compressed
 PackedCache = dict[int, Packed]
 
@@ -351,25 +374,7 @@ class RedisBroker:
         self, channel: Any, sender: Any, sequence: int, content: str
     ) -> asyncio.Future[PublishResult]:
         name: str = channel.name
-        ts = utc_timestamp()
-        head, tail = publication_halves(
-            name, content, sequence, ts, sender.client_id, sender.user_id
-        )
-        meta_key, hist_key = _keys(name)
-        who = sender_key(sender.identity, sender.client_id)
-        call = [
-            meta_key,
-            hist_key,
-            f"{PREFIX}dedupe:{{{name}}}:{who}",
-            sequence,
-            sequence % DEDUP_WINDOW,
-            channel.config.history_size,
-            PUB + name,
-            who,
-            head,
-            tail,
-            ts,
-        ]
+        call = publish_args(channel, sender, sequence, content, PUB + name)
         loop = self._loop or asyncio.get_running_loop()  # (3.11 asks the OS for its pid)
         done: asyncio.Future[PublishResult] = loop.create_future()
         lane = self._lanes[0] if self._single else self._lanes[self._shards.index(name)]

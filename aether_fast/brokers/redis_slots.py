@@ -63,12 +63,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from aether_fast import logs
-from aether_fast._core import publication_halves, utc_timestamp
 from aether_fast.brokers import resp
 from aether_fast.brokers.base import (
     BROKER_CLUSTER_DEGRADED,
     BROKER_UNAVAILABLE,
-    DEDUP_WINDOW,
     BrokerUnavailable,
     PublishResult,
     Recovery,
@@ -87,8 +85,8 @@ from aether_fast.brokers.redis import (
     _Lane,
     channel_ttls_ms,
     deliver,
+    publish_args,
     recovery,
-    sender_key,
     settle,
     unpublished,
 )
@@ -558,25 +556,7 @@ class SlotsBroker:
         self, channel: Any, sender: Any, sequence: int, content: str
     ) -> asyncio.Future[PublishResult]:
         name: str = channel.name
-        ts = utc_timestamp()
-        head, tail = publication_halves(
-            name, content, sequence, ts, sender.client_id, sender.user_id
-        )
-        meta_key, hist_key = _keys(name)
-        who = sender_key(sender.identity, sender.client_id)
-        call = [
-            meta_key,
-            hist_key,
-            f"{PREFIX}dedupe:{{{name}}}:{who}",
-            sequence,
-            sequence % DEDUP_WINDOW,
-            channel.config.history_size,
-            pub_channel(name),
-            who,
-            head,
-            tail,
-            ts,
-        ]
+        call = publish_args(channel, sender, sequence, content, pub_channel(name))
         loop = self._loop or asyncio.get_running_loop()
         done: asyncio.Future[PublishResult] = loop.create_future()
         slot = self._slots.slot(name)
