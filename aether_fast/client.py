@@ -68,6 +68,8 @@ from urllib.parse import urlencode
 
 from picows import WSListener, WSMsgType, WSTransport, WSUpgradeResponse, ws_connect
 
+from aether_fast.protocol import split_quoted
+
 __all__ = [
     "Ack",
     "AetherClient",
@@ -203,12 +205,12 @@ def parse_deflate_answer(values: list[str], offered: bool) -> Deflate | None:
     accept (RFC 6455 §9.1, RFC 7692 §5, §7.1): an extension not offered, permessage-deflate
     twice, an unknown or repeated parameter, a value where none belongs or none where one
     must be, a window size outside 8..15."""
-    elements = [e for text in values for e in _split_quoted(text, ",") if e.strip()]
+    elements = [e for text in values for e in split_quoted(text, ",") if e.strip()]
     if not elements:
         return None
     if len(elements) > 1:
         raise ExtensionRefused(f"server answered more than one extension: {values!r}")
-    parts = _split_quoted(elements[0], ";")
+    parts = split_quoted(elements[0], ";")
     name = parts[0].strip().lower()
     if name != "permessage-deflate" or not offered:
         raise ExtensionRefused(f"server answered an extension the client did not offer: {name!r}")
@@ -242,21 +244,6 @@ def parse_deflate_answer(values: list[str], offered: bool) -> Deflate | None:
         bits["server_max_window_bits"],
         bits["client_max_window_bits"],
     )
-
-
-def _split_quoted(text: str, sep: str) -> list[str]:
-    """`text` split at `sep` outside double quotes."""
-    parts: list[str] = []
-    quoted = False
-    start = 0
-    for i, c in enumerate(text):
-        if c == '"':
-            quoted = not quoted
-        elif c == sep and not quoted:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return parts
 
 
 @dataclass(slots=True)

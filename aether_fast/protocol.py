@@ -249,3 +249,20 @@ def error_body(
         "message": message,
         "details": {"component": component, "reason": reason, **details},
     }
+
+
+def split_quoted(text: str, sep: str) -> list[str]:
+    """`text` split at `sep` outside double quotes: the elements and parameters of a
+    `Sec-WebSocket-Extensions` header (RFC 6455 §9.1), read by the server's negotiation
+    (`http/upgrade.py`) and the Python client's check of the answer (`client.py`)."""
+    parts: list[str] = []
+    quoted = False
+    start = 0
+    for i, c in enumerate(text):
+        if c == '"':
+            quoted = not quoted
+        elif c == sep and not quoted:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts

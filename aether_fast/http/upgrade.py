@@ -25,7 +25,7 @@ from aether_fast._core import Connection, EchoSession, Hub, Session, hand_over
 from aether_fast.auth import Authenticator, AuthError
 from aether_fast.config import Config
 from aether_fast.http.front import Request, Response
-from aether_fast.protocol import ErrorCode, name_error, valid_channel
+from aether_fast.protocol import ErrorCode, name_error, split_quoted, valid_channel
 
 #: Initial per-connection read buffer; picows grows it on demand for larger frames.
 READ_BUFFER_INIT = 1024
@@ -105,11 +105,11 @@ def _extension_offers(values: list[str]) -> list[list[Any]]:
     end within MAX_EXTENSION_CHARS (the headers are one list: RFC 7230 section 3.2.2)."""
     offers: list[list[Any]] = []
     text = ", ".join(values)
-    elements = _split_outside_quotes(text[:MAX_EXTENSION_CHARS], ",")
+    elements = split_quoted(text[:MAX_EXTENSION_CHARS], ",")
     if len(text) > MAX_EXTENSION_CHARS:
         elements.pop()  # cut short: not read
     for element in elements:
-        parts = _split_outside_quotes(element, ";")
+        parts = split_quoted(element, ";")
         name = parts[0].strip().lower()
         if not name:
             continue
@@ -125,20 +125,6 @@ def _extension_offers(values: list[str]) -> list[list[Any]]:
         if len(offers) >= MAX_EXTENSION_OFFERS:
             return offers
     return offers
-
-
-def _split_outside_quotes(text: str, sep: str) -> list[str]:
-    parts: list[str] = []
-    quoted = False
-    start = 0
-    for i, c in enumerate(text):
-        if c == '"':
-            quoted = not quoted
-        elif c == sep and not quoted:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return parts
 
 
 class _PicowsLog:
