@@ -36,7 +36,7 @@ dev-debug:  ## debug build of ext/ (bounds checks, line tracing) + asyncio debug
 	PYTHONASYNCIODEBUG=1 PYTHONDEVMODE=1 LOG_LEVEL=debug $(BIN)/aether-fast serve
 
 test: system-deps  ## system-deps, then every test: unit and integration
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 test-unit:
 	$(BIN)/python -m pytest -q tests/unit
