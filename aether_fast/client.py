@@ -40,10 +40,10 @@ parameter fails the handshake with ExtensionRefused, reported to `on_error`, and
 tries again with backoff). Inbound RSV1 messages are inflated (raw inflate of the payload +
 00 00 ff ff; a fresh inflater per message when the server said `server_no_context_takeover`)
 into at most `max_message_bytes` (more: the socket is closed 1009); outbound frames of
-`compress_min_bytes` or more, up to the server's message limit (SERVER_MAX_MESSAGE_BYTES or
-what the server said), are compressed, each with a fresh compressor (as if
-`client_no_context_takeover`). RSV bits the negotiation does not allow close the socket
-with 1002, data that does not inflate with 1007.
+`compress_min_bytes` or more are compressed, each with a fresh compressor (as if
+`client_no_context_takeover`); one over the server's MAX_MESSAGE_BYTES once inflated is
+answered MESSAGE_TOO_LARGE, as when sent plain (docs/protocol.md §16). RSV bits the
+negotiation does not allow close the socket with 1002, data that does not inflate with 1007.
 """
 
 from __future__ import annotations
@@ -115,11 +115,6 @@ DEFLATE_TAIL: Final = b"\x00\x00\xff\xff"
 #: Default `max_message_bytes`: the largest message the client takes from the server, plain
 #: or once inflated (a frame, or a fragmented message, over it closes the socket with 1009).
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
-#: The server's MAX_MESSAGE_BYTES until it tells another (docs/protocol.md §14): only frames
-#: up to it are sent compressed. A server may close the socket (1009) over a compressed
-#: message it finds too large once inflated, where it would answer a plain one with
-#: MESSAGE_TOO_LARGE; the client keeps its larger frames plain so that they get that answer.
-SERVER_MAX_MESSAGE_BYTES: Final = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,10 +513,6 @@ class AetherClient:
         self.compress_min_bytes = compress_min_bytes
         #: the largest message taken from the server, plain or once inflated
         self.max_message_bytes = max_message_bytes
-        # frames larger than this go plain (SERVER_MAX_MESSAGE_BYTES); lowered by the `limit`
-        # of MESSAGE_TOO_LARGE, and after a close 1009 that followed compressed frames
-        self._compress_max = SERVER_MAX_MESSAGE_BYTES
-        self._compressed_min = 0  # the smallest frame sent compressed on this socket
         self._ping_idle_s = ping_idle_s
         # Sequences start at the clock (µs) so that a restarted process with the same
         # client_id does not reuse sequences the server still remembers (DEDUP_TTL_S).
@@ -839,14 +830,9 @@ class AetherClient:
         listener = cast(_Listener, listener)
         self._transport = transport
         self._listener = listener
-        self._compressed_min = 0
         try:
             await listener.done
         finally:
-            if listener.close_code == 1009 and not listener._failed and self._compressed_min:
-                # the server found a compressed frame too large once inflated: send frames
-                # that large plain from now on (a plain one over its limit is answered)
-                self._compress_max = min(self._compress_max, self._compressed_min - 1)
             self._transport = None
             self._listener = None
             self._first_frame = False
@@ -1187,7 +1173,6 @@ class AetherClient:
         channel = details.get("channel")
         limit = details.get("limit")
         if code == "MESSAGE_TOO_LARGE" and isinstance(limit, int):
-            self._compress_max = min(self._compress_max, limit)
             # the error names no publication: it answers the oldest one out over the limit
             out = [p for p in self._pending.values() if p.socket == self._generation]
             item = min((p for p in out if p.size > limit), key=lambda p: p.sequence, default=None)
@@ -1263,12 +1248,10 @@ class AetherClient:
             return 0
         payload = json.dumps(obj, separators=(",", ":")).encode()
         deflate = self._listener.deflate if self._listener is not None else None
-        if deflate is not None and self.compress_min_bytes <= len(payload) <= self._compress_max:
+        if deflate is not None and len(payload) >= self.compress_min_bytes:
             packed = _compress(payload, deflate.client_max_window_bits)
             if packed is not None and len(packed) < len(payload):
                 transport.send(WSMsgType.TEXT, packed, rsv1=True)
-                if not self._compressed_min or len(payload) < self._compressed_min:
-                    self._compressed_min = len(payload)
                 return len(payload)  # what the server's limits count
         transport.send(WSMsgType.TEXT, payload)
         return len(payload)

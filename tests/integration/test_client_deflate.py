@@ -145,10 +145,9 @@ def test_client_against_a_server_without_compression(make_server: Callable[..., 
 def test_a_publication_over_the_servers_limit_is_refused_not_looped(
     make_server: Callable[..., Server],
 ) -> None:
-    """A compressed publication over the server's MAX_MESSAGE_BYTES once inflated: whether
-    the server answers MESSAGE_TOO_LARGE or closes the socket (1009) over it, the client
-    ends up with the refusal (it sends frames that large plain after such a close), and
-    later, smaller publications still go compressed and are acked."""
+    """A compressed publication over the server's MAX_MESSAGE_BYTES once inflated is
+    answered MESSAGE_TOO_LARGE (the socket stays, as for a plain one: no reconnect and
+    resend loop), and later, smaller publications still go compressed and are acked."""
     srv = make_server(WORKERS="1", MAX_MESSAGE_BYTES="3000")
 
     async def main() -> None:
