@@ -325,7 +325,11 @@ cdef inline bytes frame_of(object item, int bits):
 
 
 def compress_frame(bytes frame, int bits) -> bytes:
-    """`frame` (a plain final frame of ours) compressed with window 2**bits (for tests)."""
+    """`frame` (a plain final frame of ours) compressed with window 2**bits (for tests).
+    ValueError when `frame` is shorter than its own header says."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
+    if n < 2 or n < frame_header_size(<const uint8_t*>PyBytes_AS_STRING(frame)):
+        raise ValueError("not a whole frame")
     return deflate_existing(frame, bits)
 
 

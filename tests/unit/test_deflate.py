@@ -69,3 +69,9 @@ def test_a_session_with_window_bits_out_of_range_cannot_join() -> None:
         assert ch.member_count == 1
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("frame", [b"", b"\x81", b"\x81\x7e\x00", b"\x81\x7f" + b"\x00" * 7])
+def test_compress_frame_refuses_what_is_not_a_whole_frame(frame: bytes) -> None:
+    with pytest.raises(ValueError):
+        compress_frame(frame, 15)
