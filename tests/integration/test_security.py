@@ -4,6 +4,7 @@ message in 10k fragments, slow handshakes, idle sockets)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
@@ -11,12 +12,13 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jwt
 import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from websockets.sync.client import connect
+from websockets.asyncio.client import connect as asyncio_connect
 
 from tests.conftest import Server
 from tests.integration.helpers import Op, RawWS, wait_for
@@ -38,9 +40,26 @@ def test_tls_serves_https_and_wss_on_one_port(make_server: MakeServer, tmp_path:
     with urllib.request.urlopen(f"https://127.0.0.1:{srv.port}/health", context=ctx) as r:
         assert json.loads(r.read()) == {"status": "healthy"}
     url = f"wss://127.0.0.1:{srv.port}/ws?token={srv.token('alice')}&channel=tls&echo=1"
-    with connect(url, ssl=ctx, open_timeout=5) as ws:
-        assert json.loads(ws.recv(timeout=5))["data"]["channel"] == "tls"
-        ws.send(
+    # websockets' asyncio client: one thread, so TLS 1.3 is safe (its sync client races its
+    # reader thread against the upgrade request; see test_workers_tls.TlsClient)
+    got = asyncio.run(_wss_round_trip(url, ctx))
+    assert got[0]["data"]["channel"] == "tls", got
+    assert {m["action"] for m in got[1:3]} == {"send", "ack"}, got
+    assert got[-1]["tls"] == "TLSv1.3", got
+    # plain text to the TLS port is refused by the handshake, and the server goes on
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as plain:
+        plain.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"healthy" not in plain.recv(4096)
+    with urllib.request.urlopen(f"https://127.0.0.1:{srv.port}/health", context=ctx) as r:
+        assert r.status == 200
+
+
+async def _wss_round_trip(url: str, ctx: ssl.SSLContext) -> list[dict[str, Any]]:
+    """Over wss://: the welcome, then the echo and the ack of one publication; last, the
+    TLS version the connection negotiated."""
+    async with asyncio_connect(url, ssl=ctx, open_timeout=5) as ws:
+        got = [json.loads(await asyncio.wait_for(ws.recv(), 5))]
+        await ws.send(
             json.dumps(
                 {
                     "type": "message",
@@ -49,14 +68,9 @@ def test_tls_serves_https_and_wss_on_one_port(make_server: MakeServer, tmp_path:
                 }
             )
         )
-        got = [json.loads(ws.recv(timeout=5)) for _ in range(2)]
-        assert {m["action"] for m in got} == {"send", "ack"}
-    # plain text to the TLS port is refused by the handshake, and the server goes on
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as plain:
-        plain.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert b"healthy" not in plain.recv(4096)
-    with urllib.request.urlopen(f"https://127.0.0.1:{srv.port}/health", context=ctx) as r:
-        assert r.status == 200
+        got += [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(2)]
+        got.append({"tls": ws.transport.get_extra_info("ssl_object").version()})
+    return got
 
 
 def _rsa_keys(tmp_path: Path) -> tuple[bytes, Path]:
