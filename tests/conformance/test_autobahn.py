@@ -21,6 +21,11 @@ from pathlib import Path
 from tests.conftest import Server
 
 KNOWN_PICOWS_FAILURES = {"7.1.2"}
+#: The echo server sends no pings of its own: an Autobahn case ends itself (close, and the
+#: 12.* ones count as FAILED) on any ping it did not ask for (`Case.onPing` runs
+#: `finishWhenDone`), and the server pings a connection that has sent no whole frame since
+#: the last ping round: one that opened just before the 20 s round (seen once: 12.3.10)
+NO_PINGS = {"PING_INTERVAL_S": "0"}
 #: 12.*/13.* in CI: the five data sets of 12.* at one size each (fragmented, binary, text),
 #: every client offer / server answer of 13.* (13.1 - 13.7: window bits 9 and 15, no context
 #: takeover), and sizes from 16 bytes to 128 KiB
@@ -50,6 +55,7 @@ def test_autobahn_cases_pass(make_server: Callable[..., Server], tmp_path: Path)
         ECHO_PATH="/",
         MAX_MESSAGE_BYTES=str(20 * 1024 * 1024),
         SEND_BUFFER_LIMIT_BYTES=str(100 * 1024 * 1024),
+        **NO_PINGS,
     )
     kosoku = str(Path(sys.executable).with_name("kosoku"))  # the dev extra installs it
     run = subprocess.run(
@@ -95,6 +101,7 @@ def test_autobahn_compression_cases_pass(
         MAX_MESSAGE_BYTES=str(20 * 1024 * 1024),
         SEND_BUFFER_LIMIT_BYTES=str(100 * 1024 * 1024),
         COMPRESSION_MIN_BYTES="0",
+        **NO_PINGS,
     )
     full = os.environ.get("AETHER_KOSOKU_FULL", "") not in ("", "0")
     cases = ["12.*", "13.*"] if full else COMPRESSION_SUBSET
