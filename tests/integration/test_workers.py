@@ -382,7 +382,8 @@ def test_workers_without_a_jwt_secret_is_a_start_up_error(tmp_path: Path, redis_
 def test_unreachable_redis_is_a_start_up_error(tmp_path: Path) -> None:
     closed = f"redis://127.0.0.1:{free_port()}/0"
     for workers in ("1", "2"):
-        start = time.monotonic()
+        # it must not hang: run_serve's own timeout (30 s) fails the test if it does (no
+        # tighter wall-clock bound: speed is the bench's, and a busy machine once took 15 s)
         code, out = run_serve(
             tmp_path, {"WORKERS": workers, "BROKER_URL": closed, "JWT_SECRET": SECRET}
         )
@@ -390,4 +391,3 @@ def test_unreachable_redis_is_a_start_up_error(tmp_path: Path) -> None:
         lines = [x for x in out.splitlines() if x.startswith("aether-fast:")]
         assert lines and all("BROKER_URL" in x and "Redis" in x for x in lines), out
         assert "Traceback" not in out
-        assert time.monotonic() - start < 15
