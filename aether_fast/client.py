@@ -68,7 +68,7 @@ from urllib.parse import urlencode
 
 from picows import WSListener, WSMsgType, WSTransport, WSUpgradeResponse, ws_connect
 
-from aether_fast.protocol import split_quoted
+from aether_fast.protocol import extension_element, split_quoted, window_bits
 
 __all__ = [
     "Ack",
@@ -205,19 +205,13 @@ def parse_deflate_answer(values: list[str], offered: bool) -> Deflate | None:
         return None
     if len(elements) > 1:
         raise ExtensionRefused(f"server answered more than one extension: {values!r}")
-    parts = split_quoted(elements[0], ";")
-    name = parts[0].strip().lower()
+    name, params = extension_element(elements[0])
     if name != "permessage-deflate" or not offered:
         raise ExtensionRefused(f"server answered an extension the client did not offer: {name!r}")
     seen: set[str] = set()
     flags = {"server_no_context_takeover": False, "client_no_context_takeover": False}
     bits = {"server_max_window_bits": 15, "client_max_window_bits": 15}
-    for part in parts[1:]:
-        key, eq, raw = part.partition("=")
-        key = key.strip().lower()
-        value = raw.strip() if eq else None
-        if value is not None and len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
+    for key, value in params:
         if key in seen:
             raise ExtensionRefused(f"permessage-deflate parameter {key!r} given twice")
         seen.add(key)
@@ -226,11 +220,10 @@ def parse_deflate_answer(values: list[str], offered: bool) -> Deflate | None:
                 raise ExtensionRefused(f"permessage-deflate parameter {key!r} takes no value")
             flags[key] = True
         elif key in bits:
-            if value is None or not (value.isascii() and value.isdigit()) or len(value) > 2:
+            given = None if value is None else window_bits(value)
+            if given is None:
                 raise ExtensionRefused(f"permessage-deflate {key} must be 8..15, got {value!r}")
-            if not 8 <= int(value) <= 15:
-                raise ExtensionRefused(f"permessage-deflate {key} must be 8..15, got {value!r}")
-            bits[key] = int(value)
+            bits[key] = given
         else:
             raise ExtensionRefused(f"unknown permessage-deflate parameter {key!r}")
     return Deflate(

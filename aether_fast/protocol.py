@@ -266,3 +266,26 @@ def split_quoted(text: str, sep: str) -> list[str]:
             start = i + 1
     parts.append(text[start:])
     return parts
+
+
+def extension_element(element: str) -> tuple[str, list[tuple[str, str | None]]]:
+    """One element of a `Sec-WebSocket-Extensions` list: its name and its parameters as
+    (name, value or None), names lowered, quoted values unquoted (RFC 6455 §9.1)."""
+    parts = split_quoted(element, ";")
+    params: list[tuple[str, str | None]] = []
+    for part in parts[1:]:
+        key, eq, raw = part.partition("=")
+        value = raw.strip() if eq else None
+        if value is not None and len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        params.append((key.strip().lower(), value))
+    return parts[0].strip().lower(), params
+
+
+def window_bits(value: str) -> int | None:
+    """A permessage-deflate `*_max_window_bits` value: 8..15 written as a decimal integer
+    without leading zeroes (RFC 7692 §7.1.2.1), else None."""
+    if not (value.isascii() and value.isdigit()) or len(value) > 2 or value[0] == "0":
+        return None
+    bits = int(value)
+    return bits if 8 <= bits <= 15 else None

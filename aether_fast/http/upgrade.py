@@ -25,7 +25,14 @@ from aether_fast._core import Connection, EchoSession, Hub, Session, hand_over
 from aether_fast.auth import Authenticator, AuthError
 from aether_fast.config import Config
 from aether_fast.http.front import Request, Response
-from aether_fast.protocol import ErrorCode, name_error, split_quoted, valid_channel
+from aether_fast.protocol import (
+    ErrorCode,
+    extension_element,
+    name_error,
+    split_quoted,
+    valid_channel,
+    window_bits,
+)
 
 #: Initial per-connection read buffer; picows grows it on demand for larger frames.
 READ_BUFFER_INIT = 1024
@@ -40,8 +47,6 @@ MAX_EXTENSION_OFFERS = 16
 #: browser's offer takes under 100; past this an offer is not read (parsing is a Python
 #: loop per character: a 16 KiB header would cost milliseconds per upgrade).
 MAX_EXTENSION_CHARS = 2048
-#: The window sizes RFC 7692 §7.1.2 allows (server_max_window_bits, client_max_window_bits).
-WINDOW_BITS = range(8, 16)
 
 
 def negotiate_deflate(values: list[str]) -> tuple[int, str] | None:
@@ -57,7 +62,7 @@ def negotiate_deflate(values: list[str]) -> tuple[int, str] | None:
     Declined (RFC 7692 section 7: the cases a server MUST decline): an unknown parameter, a
     duplicate one, a value that is not 8..15, a value on a parameter that takes none,
     `server_max_window_bits` without one."""
-    for offer in _extension_offers(values)[:MAX_EXTENSION_OFFERS]:
+    for offer in _extension_offers(values):
         if offer[0] != "permessage-deflate":
             continue
         bits = _deflate_offer(offer[1:])
@@ -86,13 +91,11 @@ def _deflate_offer(params: list[tuple[str, str | None]]) -> int | None:
                 if name == "server_max_window_bits":
                     return None  # it needs a value; client_max_window_bits may go without
                 continue
-            # a decimal integer without leading zeroes (RFC 7692 section 7.1.2.1)
-            if not (value.isascii() and value.isdigit()) or len(value) > 2 or value[0] == "0":
-                return None
-            if int(value) not in WINDOW_BITS:
+            given = window_bits(value)
+            if given is None:
                 return None
             if name == "server_max_window_bits":
-                bits = int(value)
+                bits = given
         else:
             return None
     return bits
@@ -109,19 +112,10 @@ def _extension_offers(values: list[str]) -> list[list[Any]]:
     if len(text) > MAX_EXTENSION_CHARS:
         elements.pop()  # cut short: not read
     for element in elements:
-        parts = split_quoted(element, ";")
-        name = parts[0].strip().lower()
+        name, params = extension_element(element)
         if not name:
             continue
-        offer: list[Any] = [name]
-        for part in parts[1:]:
-            key, eq, raw = part.partition("=")
-            key = key.strip().lower()
-            value: str | None = raw.strip() if eq else None
-            if value is not None and len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            offer.append((key, value))
-        offers.append(offer)
+        offers.append([name, *params])
         if len(offers) >= MAX_EXTENSION_OFFERS:
             return offers
     return offers
