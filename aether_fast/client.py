@@ -320,6 +320,7 @@ class _Listener(WSListener):
         self._parts: list[bytes] = []
         self._size = 0  # bytes in _parts
         self._compressed = False  # the message being assembled came with RSV1
+        self._text = False  # a text message is being assembled (the protocol has no other)
         # with context takeover, the one inflater of the socket (its window spans messages)
         self._inflater: Any = None
         self._failed = False  # this side closed the socket over a bad frame
@@ -348,11 +349,19 @@ class _Listener(WSListener):
             # once permessage-deflate was negotiated (RFC 7692 §6)
             self._fail(transport, 1002, "PROTOCOL_ERROR", "reserved bits set without an extension")
             return
-        if kind == WSMsgType.TEXT or kind == WSMsgType.CONTINUATION:
+        if kind == WSMsgType.BINARY:
+            # not part of the protocol: ignored, and so are its continuation frames
+            self._text = False
+            self._parts.clear()
+            self._size = 0
+        elif kind == WSMsgType.TEXT or (kind == WSMsgType.CONTINUATION and self._text):
             if kind == WSMsgType.TEXT:
                 self._parts.clear()
                 self._size = 0
                 self._compressed = bool(frame.rsv1)
+                self._text = not frame.fin
+            elif frame.fin:
+                self._text = False
             self._size += frame.payload_size
             if self._size > self._max_message:
                 self._fail(

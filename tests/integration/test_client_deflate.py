@@ -396,3 +396,33 @@ def test_inflating_keeps_the_window_when_the_server_does() -> None:
                 await task
 
     run(main())
+
+
+def test_a_fragmented_binary_message_is_ignored_whole() -> None:
+    """Binary is not part of the protocol: the client ignores such a message, continuation
+    frames and all (a plain one whose last frame is a whole notice, a compressed one), and
+    its pieces never join the text message after it (nor its RSV1)."""
+    notice = {"type": "system", "action": "broadcast", "data": {"text": "after"}}
+    stray = json.dumps({"type": "system", "action": "broadcast", "data": {"text": "stray"}})
+    frames = [
+        build_frame(Op.BINARY, b"", fin=False, mask=False),
+        build_frame(Op.CONT, stray.encode(), mask=False),
+        build_frame(Op.BINARY, deflated(stray)[:10], fin=False, rsv=4, mask=False),
+        build_frame(Op.CONT, deflated(stray)[10:], mask=False),
+        server_frame(json.dumps(notice).encode()),
+        build_frame(Op.PING, b"still there?", mask=False),
+    ]
+
+    async def main() -> None:
+        async with FakeServer("permessage-deflate", frames) as fake:
+            got: list[dict[str, Any]] = []
+            client = AetherClient(fake.url, token="t", on_system=got.append, backoff_initial=30)
+            task = asyncio.ensure_future(client.connect())
+            await until(lambda: fake.pongs == [b"still there?"])
+            assert got == [notice]
+            assert fake.closes == []
+            await client.close()
+            with pytest.raises(AetherError):
+                await task
+
+    run(main())
