@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import orjson
 
+from aether_fast.brokers.redis_cluster import CHANNELS_HASH
+from aether_fast.brokers.redis_slots import STATE_PREFIX
 from aether_fast.config import Config, ConfigError, load_config, masked
 
 #: serve's flags -> Config field names
@@ -194,7 +196,7 @@ def _health(config: Config, args: argparse.Namespace) -> int:
 def _not_sqlite(config: Config) -> str | None:
     """Why backup/restore do not apply to this config (the channel configs live in Redis)."""
     if config.broker_url:
-        key = "aether:{aether}:channels" if config.broker_cluster else "aether:channels"
+        key = (STATE_PREFIX + "channels") if config.broker_cluster else CHANNELS_HASH
         where = f"with BROKER_URL set the channel configs live in Redis (hash {key})"
     elif config.workers > 1:
         where = (

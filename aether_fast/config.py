@@ -94,15 +94,16 @@ class Config:
     @property
     def broker_cluster(self) -> bool:
         """BROKER_URL names a Redis Cluster's seed nodes (`redis+cluster://`)."""
-        return bool(
-            self.broker_url and self.broker_url.startswith((CLUSTER_SCHEME, CLUSTER_TLS_SCHEME))
-        )
+        return bool(self.broker_url and self.broker_url.startswith(CLUSTER_SCHEMES))
 
     @property
     def broker_urls(self) -> tuple[str, ...]:
         """BROKER_URL's Redis servers (shards) in canonical order, the home first; () when
-        unset. One URL: a tuple of it alone."""
-        return tuple(self.broker_url.split(",")) if self.broker_url else ()
+        unset or a Redis Cluster (its seeds are `cluster_seed_urls`'). One URL: a tuple of it
+        alone."""
+        if not self.broker_url or self.broker_cluster:
+            return ()
+        return tuple(self.broker_url.split(","))
 
 
 # -- parsers: each takes the raw value (a str from the environment, or a typed CLI value) and
@@ -131,6 +132,7 @@ BROKER_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 CLUSTER_SCHEME: Final = "redis+cluster://"
 #: ... over TLS (every node, with the `ssl_*` options of rediss://).
 CLUSTER_TLS_SCHEME: Final = "rediss+cluster://"
+CLUSTER_SCHEMES: Final = (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)
 
 
 def _int(lo: int, hi: int = _INT32_MAX) -> Parser:
@@ -356,7 +358,7 @@ def cluster_seed_urls(url: str) -> list[str]:
     `rediss+cluster://` BROKER_URL (its credentials and options each), in the order given.
     ValueError (never quoting the URL: it may hold a password) when it is not one."""
     tls = url.startswith(CLUSTER_TLS_SCHEME)
-    if not url.startswith((CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)):
+    if not url.startswith(CLUSTER_SCHEMES):
         raise ValueError(f"must start with {CLUSTER_SCHEME} or {CLUSTER_TLS_SCHEME}")
     scheme = "rediss" if tls else "redis"
     allowed = ("username", "password", *(BROKER_TLS_OPTIONS if tls else ()))
@@ -412,7 +414,7 @@ def _broker_url(raw: object) -> str:
     URL is returned as given; a `redis+cluster://` URL (seed nodes) as given. The entries are
     never echoed (they may hold a password)."""
     text = _text(raw).strip()
-    if text.startswith(("redis+cluster://", "rediss+cluster://")):
+    if text.startswith(CLUSTER_SCHEMES):
         cluster_seed_urls(text)
         return text
     entries = [part.strip() for part in _text(raw).split(",")]
@@ -422,7 +424,7 @@ def _broker_url(raw: object) -> str:
         where = f"entry {i} of {len(entries)}: " if len(entries) > 1 else ""
         if not url:
             raise ValueError(f"{where}empty: a list is URLs separated by single commas")
-        if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        if url.startswith(CLUSTER_SCHEMES):
             raise ValueError(
                 f"{where}redis+cluster:// must be the only URL: "
                 "redis+cluster://host:port,host:port names a cluster's seed nodes"
@@ -945,11 +947,7 @@ def masked(config: Config) -> dict[str, object]:
         value = getattr(config, f.name)
         if value and f.name in _SECRET_FIELDS:
             value = "***"
-        elif (
-            value
-            and f.name == "broker_url"
-            and str(value).startswith((CLUSTER_SCHEME, CLUSTER_TLS_SCHEME))
-        ):
+        elif value and f.name == "broker_url" and str(value).startswith(CLUSTER_SCHEMES):
             value = _mask_cluster_url(str(value))
         elif value and f.name == "broker_url":
             value = ",".join(_mask_url(url) for url in str(value).split(","))

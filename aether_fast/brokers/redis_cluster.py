@@ -48,7 +48,6 @@ from aether_fast.stores.base import ChannelConfig
 
 CONFIG_CHANNEL = PREFIX + "config"
 CHANNELS_HASH = PREFIX + "channels"
-WORKERS_ZSET = PREFIX + "workers"
 #: Suffix of a worker's hash of connection counts by limit key (`u:<sub>` or `ip:<peer>`,
 #: node.limit_key). Earlier builds wrote `:conns`, keyed by the bare sub: during a rolling
 #: upgrade old and new workers do not read each other's counts (docs/operations.md §14), so
@@ -88,8 +87,8 @@ class RedisCluster:
         self._link: Home = link
         #: the keys of the cluster-wide state: `aether:...`, or `aether:{aether}:...` in Redis
         #: Cluster mode (one hash slot, so its MULTI and multi-key reads stay valid)
-        self._channels_hash = CHANNELS_HASH if prefix == PREFIX else prefix + "channels"
-        self._workers_zset = WORKERS_ZSET if prefix == PREFIX else prefix + "workers"
+        self._channels_hash = prefix + "channels"  # CHANNELS_HASH with the default prefix
+        self._workers_zset = prefix + "workers"
         self._prefix = prefix
         self.node_id = node_id or socket.gethostname()
         self.worker_id = f"{self.node_id}:{os.getpid()}:{secrets.token_hex(3)}"
