@@ -340,23 +340,26 @@ class Slots:
                 raise RedisConnectionError("redis cluster: the broker is closing")
             table, asked = await self._read_table()
             owners = slot_owners(table, asked)
-            for addr in sorted({a for a in owners if a is not None} - set(self.links)):
-                try:
-                    await self._open_link(addr)
+            # new masters' links opened together: one that does not answer costs the lock
+            # (and the joins waiting on `refreshed`) one connect timeout, not one per master
+            new = sorted({a for a in owners if a is not None} - set(self.links))
+            opened = await asyncio.gather(*map(self._open_link, new), return_exceptions=True)
+            for addr, exc in zip(new, opened, strict=True):
+                if not isinstance(exc, BaseException):
                     self._unreachable.discard(addr)
-                except (RedisError, OSError) as exc:
-                    if strict:
-                        raise
-                    if addr not in self._unreachable:  # once, not at each read of the table
-                        self._unreachable.add(addr)
-                        logs.log(
-                            "error",
-                            "broker_degraded",
-                            "broker",
-                            part="node",
-                            node=addr,
-                            reason=f"redis: {exc.__class__.__name__}: {exc}",
-                        )
+                    continue
+                if strict or not isinstance(exc, (RedisError, OSError)):
+                    raise exc
+                if addr not in self._unreachable:  # once, not at each read of the table
+                    self._unreachable.add(addr)
+                    logs.log(
+                        "error",
+                        "broker_degraded",
+                        "broker",
+                        part="node",
+                        node=addr,
+                        reason=f"redis: {exc.__class__.__name__}: {exc}",
+                    )
             self._owner = owners
             self._masters = frozenset(owners)
             self._refreshed_at = time.monotonic()
