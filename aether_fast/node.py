@@ -457,14 +457,8 @@ class Node:
     ) -> None:
         """The reply to a join, then the replay of missed publications (written as the
         socket drains; live publications of the channel wait for it, `Session.replay`).
-        `only_position` (a member's re-join without `since`): the reply alone."""
-        if only_position:
-            s.send_json(
-                protocol.connected(
-                    s.client_id, s.user_id, name, recovery.offset, recovery.epoch, None
-                )
-            )
-            return
+        `only_position` (a member's re-join without `since`, so no frames): the reply alone,
+        the member's live publications untouched."""
         frames, recovered = recovery.frames, recovery.recovered
         if frames and not s.replay_fits(name, frames):
             # the connection's replays already waiting, and this one, pass the cap: answered
@@ -481,7 +475,8 @@ class Node:
                 recovered if since is not None else None,
             )
         )
-        s.replay(name, frames, recovery.offset)
+        if not only_position:
+            s.replay(name, frames, recovery.offset)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
