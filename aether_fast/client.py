@@ -1249,7 +1249,7 @@ class AetherClient:
         if transport is None or not self._first_frame:
             return 0
         payload = json.dumps(obj, separators=(",", ":")).encode()
-        deflate = self._listener.deflate if self._listener is not None else None
+        deflate = self.deflate
         if deflate is not None and len(payload) >= self.compress_min_bytes:
             packed = _compress(payload, deflate.client_max_window_bits)
             if packed is not None and len(packed) < len(payload):
