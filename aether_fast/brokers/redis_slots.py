@@ -234,6 +234,17 @@ class Slots:
         addr = self._owner[slot]
         return None if addr is None else self.links.get(addr)
 
+    async def master(self, slot: int) -> RedisLink:
+        """The link of `slot`'s master; with none known, after the table is read again
+        (`refreshed`); raises when there is still none."""
+        link = self.link_of(slot)
+        if link is None:
+            await self.refreshed()
+            link = self.link_of(slot)
+            if link is None:
+                raise RedisConnectionError("redis cluster: the slot has no master")
+        return link
+
     def moved(self, slot: int, addr: str) -> None:
         """A MOVED reply: `slot` is served by `addr` now (the whole table is read again)."""
         self._owner[slot] = addr
@@ -704,10 +715,7 @@ class SlotsBroker:
         asking = False
         for _hop in range(MAX_HOPS + 1):
             if link is None:
-                await self._slots.refreshed()
-                link = self._slots.link_of(slot)
-                if link is None:
-                    raise RedisConnectionError("redis cluster: the slot has no master")
+                link = await self._slots.master(slot)
             conn = await link.commands()
             try:
                 if asking:
@@ -738,12 +746,7 @@ class SlotsBroker:
         slot = self._slots.slot(channel)
         target = pub_channel(channel)
         for _ in range(MAX_HOPS):
-            link = self._slots.link_of(slot)
-            if link is None:
-                await self._slots.refreshed()
-                link = self._slots.link_of(slot)
-                if link is None:
-                    raise RedisConnectionError("redis cluster: the slot has no master")
+            link = await self._slots.master(slot)
             old = self._subs.get(channel)
             if old is not None and old is not link and old in self._slots.links.values():
                 old.unsubscribe([target])
