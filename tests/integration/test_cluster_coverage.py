@@ -33,24 +33,24 @@ from tests.integration.test_redis_cluster import acks, channel_on, health, healt
 from tests.integration.wsclient import Client
 
 
-@pytest.fixture
-def no_replicas(tmp_path: Path) -> Iterator[ClusterProcs]:
-    """Three masters, no replicas (asked for before `make_server`: stopped after it)."""
-    procs = ClusterProcs(tmp_path / "norep", masters=3, replicas=0)
+def _three_masters(path: Path, replicas: int) -> Iterator[ClusterProcs]:
+    procs = ClusterProcs(path, masters=3, replicas=replicas)
     try:
         yield procs
     finally:
         procs.stop()
+
+
+@pytest.fixture
+def no_replicas(tmp_path: Path) -> Iterator[ClusterProcs]:
+    """Three masters, no replicas (asked for before `make_server`: stopped after it)."""
+    yield from _three_masters(tmp_path / "norep", 0)
 
 
 @pytest.fixture
 def with_replicas(tmp_path: Path) -> Iterator[ClusterProcs]:
     """Three masters with a replica each."""
-    procs = ClusterProcs(tmp_path / "rep", masters=3, replicas=1)
-    try:
-        yield procs
-    finally:
-        procs.stop()
+    yield from _three_masters(tmp_path / "rep", 1)
 
 
 def cluster_state(node: Node) -> str:

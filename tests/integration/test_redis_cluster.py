@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,6 +111,17 @@ def channel_on(procs: ClusterProcs, master: Node, prefix: str, skip: int = 0) ->
     raise AssertionError("no such channel name")
 
 
+def join_all(clients: Iterable[Client], chans: Iterable[str]) -> None:
+    """Each client's welcome, then each joins each channel (the reply awaited)."""
+    everyone = list(clients)
+    for c in everyone:
+        joined(c)
+    for ch in chans:
+        for c in everyone:
+            c.join(ch)
+            joined(c, ch)
+
+
 def acks(c: Client, n: int) -> list[dict[str, Any]]:
     return [expect(c, "message", "ack", timeout=10.0)["data"]["metadata"] for _ in range(n)]
 
@@ -166,12 +177,7 @@ def test_channels_on_every_master_work_across_machines(
         Client(a.ws_url, token=a.token("pub"), client_id="pub") as pub,
         Client(b.ws_url, token=b.token("mb")) as mb,
     ):
-        joined(pub)
-        joined(mb)
-        for ch in chans:
-            for c in (pub, mb):
-                c.join(ch)
-                joined(c, ch)
+        join_all((pub, mb), chans)
         for i in range(5):
             for ch in chans:
                 pub.publish(ch, f"{ch} m{i}")
@@ -263,12 +269,7 @@ def test_a_cluster_over_tls(tls_cluster: ClusterProcs, make_server: Callable[...
         Client(a.ws_url, token=a.token("pub"), client_id="pub") as pub,
         Client(b.ws_url, token=b.token("mb")) as mb,
     ):
-        joined(pub)
-        joined(mb)
-        for ch in chans:
-            for c in (pub, mb):
-                c.join(ch)
-                joined(c, ch)
+        join_all((pub, mb), chans)
         for ch in chans:
             pub.publish(ch, f"{ch} over tls")
         assert sorted(m["offset"] for m in acks(pub, len(chans))) == [1] * len(chans)
