@@ -123,7 +123,7 @@ def test_deflate_answers_the_client_refuses() -> None:
         (["permessage-deflate; server_max_window_bits=16"], True),
         (["permessage-deflate; client_max_window_bits"], True),  # the answer needs a value
         (["permessage-deflate; client_max_window_bits=015"], True),
-        (["permessage-deflate; server_max_window_bits=09"], True),  # no leading zero (§7.1.2.1)
+        (["permessage-deflate; server_max_window_bits=09"], True),  # RFC 7692 §7.1.2.1: no 0 first
         (["permessage-deflate; server_no_context_takeover=yes"], True),
         (["permessage-deflate; mystery"], True),
     ]:
